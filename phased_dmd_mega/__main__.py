@@ -1,0 +1,3 @@
+from phased_dmd_mega.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Logging with the rank in every line; only rank 0 prints unless asked otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_HANDLER_NAME = "phased_dmd_mega"
+
+
+def current_rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, all_ranks: bool):
+        super().__init__()
+        self.all_ranks = all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = current_rank()
+        return self.all_ranks or record.rank == 0
+
+
+def setup_logging(level: str = "INFO", all_ranks: bool = False) -> logging.Logger:
+    """Configure the project's logger ("phased_dmd_mega"); safe to call more than once."""
+    logger = logging.getLogger("phased_dmd_mega")
+    logger.setLevel(level)
+    logger.propagate = False
+    for handler in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(_RankFilter(all_ranks))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    logger.addHandler(handler)
+    return logger
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A child of the project's logger, e.g. get_logger(__name__)."""
+    if not name.startswith("phased_dmd_mega"):
+        name = f"phased_dmd_mega.{name}"
+    return logging.getLogger(name)

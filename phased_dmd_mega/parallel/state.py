@@ -1,0 +1,181 @@
+"""Process groups: tensor parallel, Ulysses sequence parallel, and data parallel over the rest.
+
+megatron-core's ``parallel_state`` owns every group. The Ulysses group is megatron's
+context-parallel group: both hold different tokens of the same samples, so megatron's data
+parallel groups "with context parallel" are exactly the groups that must average gradients.
+Rank order (fastest first): tensor parallel, Ulysses, data parallel.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from phased_dmd_mega.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """What one rank knows about the layout after ``initialize``."""
+
+    world_size: int
+    rank: int
+    tensor_parallel: int
+    ulysses_parallel: int
+    data_parallel: int
+    sequence_parallel: bool
+    backend: str
+    device: torch.device
+
+    @property
+    def tensor_parallel_rank(self) -> int:
+        return self.rank % self.tensor_parallel
+
+    @property
+    def ulysses_rank(self) -> int:
+        return (self.rank // self.tensor_parallel) % self.ulysses_parallel
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // (self.tensor_parallel * self.ulysses_parallel)
+
+
+_layout: Optional[ParallelLayout] = None
+_owns_process_group = False
+
+
+def _check_size(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _start_process_group(backend: str, timeout: datetime.timedelta) -> bool:
+    """Start torch.distributed from torchrun's environment, or as one process. Returns True
+    when this call created the default group (and so ``destroy`` must end it)."""
+    if dist.is_initialized():
+        return False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    return True
+
+
+def initialize(
+    tensor_parallel: int = 1,
+    ulysses_parallel: int = 1,
+    sequence_parallel: bool = False,
+    seed: int = 0,
+    timeout_s: float = 1800.0,
+) -> ParallelLayout:
+    """Start torch.distributed (gloo without CUDA, nccl with it) and megatron-core's groups.
+
+    ``sequence_parallel`` is Megatron sequence parallelism inside the tensor-parallel group;
+    ``ulysses_parallel`` is the size of the Ulysses (all-to-all) sequence-parallel group.
+    """
+    global _layout, _owns_process_group
+    if _layout is not None:
+        raise RuntimeError("parallel.initialize() was already called; call parallel.destroy() first")
+    _check_size("tensor_parallel", tensor_parallel)
+    _check_size("ulysses_parallel", ulysses_parallel)
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        cpu_compat.apply()
+    backend = "nccl" if use_cuda else "gloo"
+    owns = _start_process_group(backend, datetime.timedelta(seconds=timeout_s))
+
+    world_size = dist.get_world_size()
+    model_parallel = tensor_parallel * ulysses_parallel
+    if world_size % model_parallel != 0:
+        if owns:
+            dist.destroy_process_group()
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel ({tensor_parallel}) "
+            f"x ulysses_parallel ({ulysses_parallel}) = {model_parallel}"
+        )
+
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        context_parallel_size=ulysses_parallel,
+    )
+    _seed_everything(seed)
+    mcore_tp.model_parallel_cuda_manual_seed(seed)
+
+    _owns_process_group = owns
+    _layout = ParallelLayout(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tensor_parallel=tensor_parallel,
+        ulysses_parallel=ulysses_parallel,
+        data_parallel=world_size // model_parallel,
+        sequence_parallel=sequence_parallel,
+        backend=backend,
+        device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+    )
+    return _layout
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is a dependency, but seeding must never be the failure
+        pass
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and, if ``initialize`` started it, torch.distributed."""
+    global _layout, _owns_process_group
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if _owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _layout = None
+    _owns_process_group = False
+
+
+def is_initialized() -> bool:
+    return _layout is not None
+
+
+def layout() -> ParallelLayout:
+    if _layout is None:
+        raise RuntimeError("parallel.initialize() has not been called")
+    return _layout
+
+
+def tensor_parallel_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def ulysses_group() -> dist.ProcessGroup:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_group()
+
+
+def data_parallel_group(with_ulysses: bool = True) -> dist.ProcessGroup:
+    """Ranks holding different samples; ``with_ulysses`` adds the Ulysses ranks, which hold
+    different tokens of the same samples: the group over which gradients are averaged."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=with_ulysses)

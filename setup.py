@@ -1,0 +1,57 @@
+"""Packaging for phased-dmd-mega.
+
+The Triton kernels live in the top-level ``kernels/`` folder but are imported as
+``phased_dmd_mega.kernels``: an unrelated PyPI package called ``kernels`` exists (transformers
+imports it when installed), so the folder is never put on ``sys.path`` under its own name.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (ROOT / "phased_dmd_mega" / "__init__.py").read_text()
+).group(1)
+
+# Pinned ranges; the Dockerfile pins versions inside them (tests/test_packaging.py checks).
+INSTALL_REQUIRES = [
+    "torch>=2.6,<2.14",
+    "megatron-core>=0.16.1,<0.17",
+    "triton>=3.3,<3.10",
+    "deepspeed>=0.19.8,<0.20",
+    "safetensors>=0.6,<0.9",
+    "numpy>=1.26,<3",
+    "pyyaml>=6.0,<7",
+    "einops>=0.8,<0.9",
+]
+
+EXTRAS_REQUIRE = {
+    # Numerical references for the tests (diffusers' own models) and the test runner.
+    "test": [
+        "pytest>=8,<10",
+        "diffusers>=0.42.1,<0.43",
+        "transformers>=5.23,<5.24",
+        "accelerate>=1.10,<2",
+        "matplotlib>=3.8,<4",
+    ],
+}
+
+PACKAGES = find_packages(include=["phased_dmd_mega", "phased_dmd_mega.*"]) + [
+    "phased_dmd_mega.kernels"
+]
+
+setup(
+    name="phased-dmd-mega",
+    version=VERSION,
+    description="Megatron-style Phased DMD distillation of Wan 2.x and Qwen-Image DiTs",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"phased_dmd_mega.kernels": "kernels"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["phased-dmd = phased_dmd_mega.cli:main"]},
+)
