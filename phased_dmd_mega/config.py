@@ -309,10 +309,13 @@ def _apply_override(data: Dict[str, Any], override: str, origins: Dict[str, str]
     node = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{origin}: {'.'.join(parts[: depth + 1])} is a value, not a section")
-        node = child
+        prefix = ".".join(parts[: depth + 1])
+        if part not in node:  # a section this override brings in: errors about it name the override
+            node[part] = {}
+            origins[prefix] = origin
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"{origin}: {prefix} is a value, not a section")
+        node = node[part]
     node[parts[-1]] = value
     origins[key] = origin
     if isinstance(value, dict):
@@ -327,12 +330,10 @@ class _Builder:
         self.default_origin = default_origin
 
     def origin_of(self, key: str) -> str:
-        # The nearest enclosing key that was written somewhere ("a.b[0].c" -> "a.b[0]" -> "a.b").
-        while key:
-            if key in self.origins:
-                return self.origins[key]
-            key = key[: max(key.rfind("."), key.rfind("["), 0)]
-        return self.default_origin
+        # Keys inside list items were written with their list ("a.b[0].c" -> "a.b[0]" -> "a.b").
+        while key not in self.origins and "[" in key:
+            key = key[: max(key.rfind("."), key.rfind("["))]
+        return self.origins.get(key, self.default_origin)
 
     def fail(self, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message} (from {self.origin_of(key)})")
