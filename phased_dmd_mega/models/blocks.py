@@ -1,0 +1,356 @@
+"""Pieces both DiTs share: linear-layer specs (local megatron vs Transformer Engine), TP-aware
+norms, adaLN modulation, rotary embeddings, token sharding and the attention core.
+
+Activations follow megatron's layout: tokens first, ``[S, B, ...]``. Under Megatron sequence
+parallelism and Ulysses each rank holds a contiguous slice of the (padded) token sequence.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- parallel sizes
+
+
+def tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def ulysses_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_group()
+
+
+def ulysses_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_world_size()
+
+
+def ulysses_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_rank()
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what}: {numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+# ----------------------------------------------------------------------------- linear specs
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Which column-/row-parallel linear classes a model is built from (megatron's ModuleSpec
+    idea reduced to what a DiT needs): one layer definition, local or Transformer Engine."""
+
+    column: type
+    row: type
+    name: str
+
+
+def has_transformer_engine() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def linear_spec(transformer_impl: str = "local") -> LinearSpec:
+    if transformer_impl == "local":
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        return LinearSpec(ColumnParallelLinear, RowParallelLinear, "local")
+    if transformer_impl == "transformer_engine":
+        if not has_transformer_engine():
+            raise RuntimeError(
+                "model.transformer_impl=transformer_engine needs CUDA and the transformer_engine "
+                "package (shipped in the NGC PyTorch image); use transformer_impl=local here"
+            )
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return LinearSpec(TEColumnParallelLinear, TERowParallelLinear, "transformer_engine")
+    raise ValueError(f"unknown transformer_impl {transformer_impl!r}; expected local or transformer_engine")
+
+
+def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, initialize: bool):
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size(),
+        sequence_parallel=sequence_parallel and tp_size() > 1,
+        params_dtype=params_dtype,
+        # Full weights initialised on CPU then sliced: the same model at any TP size.
+        use_cpu_initialization=True,
+        perform_initialization=initialize,
+    )
+
+
+def mark_sequence_parallel(module: nn.Module) -> None:
+    """Tag replicated parameters that only see this rank's tokens: their gradients are partial
+    sums that the trainer all-reduces over the tensor-parallel group (megatron's convention)."""
+    for param in module.parameters(recurse=True):
+        param.sequence_parallel = True
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (modulation maths stays fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+class RMSNormAcrossHeads(nn.Module):
+    """RMSNorm over the full hidden size when the heads are split across tensor-parallel ranks:
+    the sum of squares is all-reduced over the TP group, so the result equals the unsplit norm.
+    The all-reduce's backward is an all-reduce too (every rank's output depends on the sum)."""
+
+    def __init__(self, full_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.full_size = full_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(divide(full_size, tp_size(), "q/k norm size"), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
+        if tp_size() > 1:
+            import torch.distributed.nn.functional as dist_fn
+
+            sum_sq = dist_fn.all_reduce(sum_sq, group=tp_group())
+        normed = xf * torch.rsqrt(sum_sq / self.full_size + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, in fp32."""
+    return x.float() * (1 + scale.float()) + shift.float()
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos, sin] of ``timesteps * 10000^(-i/half)``, computed in fp32 as diffusers does."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps.float()[..., None] * torch.exp(exponent)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_frequencies(positions: torch.Tensor, axis_dims: Tuple[int, ...], theta: float) -> torch.Tensor:
+    """Rotation angles [S, sum(axis_dims)/2] (float64) for integer positions [S, n_axes]: each
+    axis of size n rotates pairs with frequencies theta^(-arange(0, n, 2)/n)."""
+    angles = []
+    for axis, n in enumerate(axis_dims):
+        freqs = 1.0 / theta ** (torch.arange(0, n, 2, dtype=torch.float64, device=positions.device) / n)
+        angles.append(positions[:, axis].to(torch.float64)[:, None] * freqs[None, :])
+    return torch.cat(angles, dim=-1)
+
+
+def apply_rope_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [S, B, H, D] by angles [S, D/2]."""
+    cos = torch.cos(angles).float()[:, None, None, :]
+    sin = torch.sin(angles).float()[:, None, None, :]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- token sharding
+
+
+@dataclass(frozen=True)
+class TokenSharding:
+    """How a sequence of ``num_tokens`` is padded and split: first into Ulysses shards, then,
+    under Megatron sequence parallelism, each Ulysses shard into tensor-parallel pieces."""
+
+    num_tokens: int
+    ulysses: int
+    ulysses_rank: int
+    tp: int  # 1 without sequence parallelism
+    tp_rank: int
+
+    @classmethod
+    def current(cls, num_tokens: int, sequence_parallel: bool) -> "TokenSharding":
+        sp = sequence_parallel and tp_size() > 1
+        return cls(num_tokens, ulysses_size(), ulysses_rank(), tp_size() if sp else 1, tp_rank() if sp else 0)
+
+    @property
+    def padded_tokens(self) -> int:
+        parts = self.ulysses * self.tp
+        return -(-self.num_tokens // parts) * parts
+
+    @property
+    def ulysses_tokens(self) -> int:
+        return self.padded_tokens // self.ulysses
+
+    @property
+    def local_tokens(self) -> int:
+        return self.ulysses_tokens // self.tp
+
+    @property
+    def ulysses_start(self) -> int:
+        return self.ulysses_rank * self.ulysses_tokens
+
+    @property
+    def local_start(self) -> int:
+        return self.ulysses_start + self.tp_rank * self.local_tokens
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the token dimension (0) of a full sequence."""
+        extra = self.padded_tokens - x.shape[0]
+        if extra == 0:
+            return x
+        return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))], dim=0)
+
+    def local_slice(self, x_full: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a full (unpadded) sequence [L, ...]."""
+        return self.pad(x_full)[self.local_start : self.local_start + self.local_tokens]
+
+    def ulysses_slice(self, x_full: torch.Tensor) -> torch.Tensor:
+        return self.pad(x_full)[self.ulysses_start : self.ulysses_start + self.ulysses_tokens]
+
+    def key_padding_mask(self, device) -> Optional[torch.Tensor]:
+        """[padded_tokens] True for real tokens; None when nothing is padded."""
+        if self.padded_tokens == self.num_tokens:
+            return None
+        return torch.arange(self.padded_tokens, device=device) < self.num_tokens
+
+    def gather(self, x_local: torch.Tensor) -> torch.Tensor:
+        """Full unpadded sequence from every rank's tokens; backward hands each rank its slice."""
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        if self.tp > 1:
+            x_local = gather_from_sequence_parallel_region(x_local, tensor_parallel_output_grad=False)
+        if self.ulysses > 1:
+            x_local = gather_from_sequence_parallel_region(
+                x_local, tensor_parallel_output_grad=False, group=ulysses_group()
+            )
+        return x_local[: self.num_tokens]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")
+
+
+def has_flash_attention() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention_backend(requested: str, transformer_impl: str = "local") -> str:
+    """auto: flash-attn when installed with CUDA, TE attention with the TE spec, else SDPA.
+    A backend asked for explicitly that cannot run here is an error, never a silent fallback."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "auto":
+        if has_flash_attention():
+            return "flash"
+        if transformer_impl == "transformer_engine" and has_transformer_engine():
+            return "te"
+        return "sdpa"
+    if requested == "flash" and not has_flash_attention():
+        raise RuntimeError("attention_backend=flash needs CUDA and the flash_attn package; use sdpa or auto")
+    if requested == "te" and not has_transformer_engine():
+        raise RuntimeError("attention_backend=te needs CUDA and transformer_engine; use sdpa or auto")
+    return requested
+
+
+class AttentionCore(nn.Module):
+    """Softmax attention over [S, B, H, D] tensors with a selectable backend. Self-attention
+    under Ulysses exchanges sequence shards for head shards around the kernel (all-to-all), so
+    every rank attends over the whole sequence with a subset of the heads."""
+
+    def __init__(self, backend: str, num_local_heads: int, head_dim: int, ulysses: bool):
+        super().__init__()
+        self.backend = backend
+        self.head_dim = head_dim
+        self.ulysses = ulysses and ulysses_size() > 1
+        if self.ulysses:
+            divide(num_local_heads, ulysses_size(), "attention heads per tensor-parallel rank vs Ulysses size")
+        self._te_attention = None
+        if backend == "te":
+            import transformer_engine.pytorch as te
+
+            local = num_local_heads // (ulysses_size() if self.ulysses else 1)
+            self._te_attention = te.DotProductAttention(local, head_dim, attn_mask_type="padding", qkv_format="sbhd")
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """q [Sq, B, H, D], k/v [Sk, B, H, D]; key_mask [Sk] or [B, Sk] True where a key is real
+        (for Ulysses self-attention: over the full gathered sequence)."""
+        if self.ulysses:
+            from phased_dmd_mega.parallel.ulysses import seq_all_to_all
+
+            q, k, v = (seq_all_to_all(t, scatter_dim=2, gather_dim=0, batch_dim=1) for t in (q, k, v))
+        out = self._attend(q, k, v, key_mask)
+        if self.ulysses:
+            out = seq_all_to_all(out, scatter_dim=0, gather_dim=2, batch_dim=1)
+        return out
+
+    def _attend(self, q, k, v, key_mask):
+        if self.backend == "flash":
+            return self._flash(q, k, v, key_mask)
+        if self.backend == "te":
+            return self._te(q, k, v, key_mask)
+        mask = None
+        if key_mask is not None:
+            mask = key_mask.reshape(-1 if key_mask.dim() == 2 else 1, 1, 1, key_mask.shape[-1])
+        out = F.scaled_dot_product_attention(
+            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask
+        )
+        return out.permute(2, 0, 1, 3)
+
+    def _flash(self, q, k, v, key_mask):
+        from flash_attn import flash_attn_func
+
+        if key_mask is not None:
+            # Padded keys: mask through SDPA rather than re-packing into varlen form.
+            return F.scaled_dot_product_attention(
+                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                attn_mask=key_mask.reshape(-1 if key_mask.dim() == 2 else 1, 1, 1, key_mask.shape[-1]),
+            ).permute(2, 0, 1, 3)
+        out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        return out.transpose(0, 1)
+
+    def _te(self, q, k, v, key_mask):
+        batch = q.shape[1]
+        if key_mask is None:
+            key_mask = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
+        keys = key_mask.expand(batch, -1) if key_mask.dim() == 1 else key_mask
+        queries = torch.ones(batch, q.shape[0], dtype=torch.bool, device=q.device)
+        # TE's padding masks are True where a position is masked out, shaped [B, 1, 1, S].
+        masks = (~queries[:, None, None, :], ~keys[:, None, None, :])
+        out = self._te_attention(q, k, v, attention_mask=masks)
+        return out.view(q.shape[0], batch, -1, self.head_dim)

@@ -1,0 +1,446 @@
+"""Wan 2.1 / 2.2 DiT on megatron-core (spec: models.md, "Wan 2.1 / 2.2").
+
+One block: adaLN-modulated self-attention with 3D RoPE, un-modulated cross-attention to the text
+(plus the image branch of Wan2.1 I2V), adaLN-modulated GELU(tanh) MLP. Heads and the MLP are
+split over tensor-parallel ranks; tokens over Megatron sequence-parallel and Ulysses ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phased_dmd_mega.models import blocks
+from phased_dmd_mega.models.blocks import (
+    AttentionCore,
+    FP32LayerNorm,
+    RMSNormAcrossHeads,
+    TokenSharding,
+    divide,
+    modulate,
+)
+
+
+@dataclass(frozen=True)
+class WanArch:
+    """Architecture numbers of one Wan variant."""
+
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: Tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    image_dim: Optional[int] = None  # Wan2.1 I2V/FLF2V image branch (CLIP features, 1280)
+    pos_embed_seq_len: Optional[int] = None  # FLF2V: learned positions of the image tokens
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_axis_dims(self) -> Tuple[int, int, int]:
+        d = self.head_dim
+        return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+
+    @classmethod
+    def from_diffusers_config(cls, config: Dict[str, Any]) -> "WanArch":
+        """From a diffusers ``WanTransformer3DModel`` config.json."""
+        known = {
+            "dim": config["num_attention_heads"] * config["attention_head_dim"],
+            "ffn_dim": config["ffn_dim"],
+            "num_heads": config["num_attention_heads"],
+            "num_layers": config["num_layers"],
+            "in_channels": config["in_channels"],
+            "out_channels": config.get("out_channels") or config["in_channels"],
+            "text_dim": config.get("text_dim", 4096),
+            "freq_dim": config.get("freq_dim", 256),
+            "patch_size": tuple(config.get("patch_size", (1, 2, 2))),
+            "eps": config.get("eps", 1e-6),
+            "cross_attn_norm": config.get("cross_attn_norm", True),
+            "image_dim": config.get("image_dim"),
+            "pos_embed_seq_len": config.get("pos_embed_seq_len"),
+        }
+        if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+            raise ValueError(f"unsupported Wan qk_norm {config.get('qk_norm')!r}")
+        return cls(**known)
+
+    def to_diffusers_config(self) -> Dict[str, Any]:
+        return {
+            "_class_name": "WanTransformer3DModel",
+            "patch_size": list(self.patch_size),
+            "num_attention_heads": self.num_heads,
+            "attention_head_dim": self.head_dim,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "text_dim": self.text_dim,
+            "freq_dim": self.freq_dim,
+            "ffn_dim": self.ffn_dim,
+            "num_layers": self.num_layers,
+            "cross_attn_norm": self.cross_attn_norm,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": self.eps,
+            "image_dim": self.image_dim,
+            "added_kv_proj_dim": self.dim if self.image_dim is not None else None,
+            "rope_max_seq_len": 1024,
+            "pos_embed_seq_len": self.pos_embed_seq_len,
+        }
+
+
+_14B = WanArch()
+WAN_PRESETS: Dict[str, WanArch] = {
+    "wan2.1-t2v-1.3b": WanArch(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": _14B,
+    "wan2.1-i2v-14b": replace(_14B, in_channels=36, image_dim=1280),
+    "wan2.2-t2v-a14b": _14B,
+    "wan2.2-i2v-a14b": replace(_14B, in_channels=36),
+    "wan2.2-ti2v-5b": WanArch(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48),
+    # For tests and the CPU demo.
+    "tiny": WanArch(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
+}
+
+
+@dataclass(frozen=True)
+class WanParallel:
+    """How the model is split and run (not part of the architecture)."""
+
+    sequence_parallel: bool = False
+    attention_backend: str = "auto"
+    transformer_impl: str = "local"
+    dtype: torch.dtype = torch.float32
+    initialize: bool = True  # False when weights are loaded right after construction
+
+
+def _init_method(par: WanParallel):
+    # Weights are normally loaded; random initialisation (tests, from-scratch toys) stays small.
+    return (lambda w: nn.init.normal_(w, std=0.02)) if par.initialize else nn.init.zeros_
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config):
+        super().__init__()
+        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = arch.head_dim
+        init = _init_method(par)
+        self.linear_qkv = spec.column(arch.dim, 3 * arch.dim, config=config, init_method=init, bias=True, gather_output=False)
+        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.core = AttentionCore(
+            blocks.resolve_attention_backend(par.attention_backend, par.transformer_impl),
+            self.num_local_heads, self.head_dim, ulysses=True,
+        )
+        self.linear_proj = spec.row(arch.dim, arch.dim, config=config, init_method=init, bias=True,
+                                    input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x, rope_angles, key_mask):
+        qkv, _ = self.linear_qkv(x)
+        # Megatron's fused layout interleaves per head: [q_h, k_h, v_h] for each local head.
+        q, k, v = qkv.unflatten(-1, (self.num_local_heads, 3, self.head_dim)).unbind(-2)
+        q = self.q_norm(q.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        k = self.k_norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        q = blocks.apply_rope_interleaved(q, rope_angles)
+        k = blocks.apply_rope_interleaved(k, rope_angles)
+        out = self.core(q, k, v, key_mask)
+        out, _ = self.linear_proj(out.flatten(2))
+        return out
+
+
+class WanCrossAttention(nn.Module):
+    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config, context_config):
+        super().__init__()
+        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = arch.head_dim
+        init = _init_method(par)
+        self.linear_q = spec.column(arch.dim, arch.dim, config=config, init_method=init, bias=True, gather_output=False)
+        # The text is short and whole on every rank: no sequence-parallel gather for it.
+        self.linear_kv = spec.column(arch.dim, 2 * arch.dim, config=context_config, init_method=init, bias=True, gather_output=False)
+        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.has_image = arch.image_dim is not None
+        if self.has_image:
+            self.linear_kv_img = spec.column(arch.dim, 2 * arch.dim, config=context_config, init_method=init, bias=True, gather_output=False)
+            self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.core = AttentionCore(
+            blocks.resolve_attention_backend(par.attention_backend, par.transformer_impl),
+            self.num_local_heads, self.head_dim, ulysses=False,
+        )
+        self.linear_proj = spec.row(arch.dim, arch.dim, config=config, init_method=init, bias=True,
+                                    input_is_parallel=True, skip_bias_add=False)
+
+    def _keys_values(self, linear, norm, context):
+        kv, _ = linear(context)
+        k, v = kv.unflatten(-1, (self.num_local_heads, 2, self.head_dim)).unbind(-2)
+        k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        return k, v
+
+    def forward(self, x, context, image_context):
+        q, _ = self.linear_q(x)
+        q = self.q_norm(q).unflatten(-1, (self.num_local_heads, self.head_dim))
+        k, v = self._keys_values(self.linear_kv, self.k_norm, context)
+        out = self.core(q, k, v)
+        if self.has_image and image_context is not None:
+            k_img, v_img = self._keys_values(self.linear_kv_img, self.k_img_norm, image_context)
+            out = out + self.core(q, k_img, v_img)
+        out, _ = self.linear_proj(out.flatten(2))
+        return out
+
+
+class WanMLP(nn.Module):
+    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config):
+        super().__init__()
+        init = _init_method(par)
+        self.linear_fc1 = spec.column(arch.dim, arch.ffn_dim, config=config, init_method=init, bias=True, gather_output=False)
+        self.linear_fc2 = spec.row(arch.ffn_dim, arch.dim, config=config, init_method=init, bias=True,
+                                   input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x):
+        hidden, _ = self.linear_fc1(x)
+        out, _ = self.linear_fc2(_gelu_tanh(hidden))
+        return out
+
+
+class WanBlock(nn.Module):
+    def __init__(self, arch: WanArch, par: WanParallel, spec, config, context_config):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.self_attention = WanSelfAttention(arch, par, spec, config)
+        self.cross_attention_norm = (
+            FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype) if arch.cross_attn_norm else nn.Identity()
+        )
+        self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
+        self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.mlp = WanMLP(arch, par, spec, config)
+        self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
+        if par.sequence_parallel:
+            blocks.mark_sequence_parallel(self.cross_attention_norm)
+            self.modulation.sequence_parallel = True
+
+    def forward(self, x, e0, context, image_context, rope_angles, key_mask):
+        """x [S, B, D]; e0 [B, 6, D] or per token [S, B, 6, D]."""
+        e = (self.modulation.float() + e0.float()).unbind(-2)
+        shift, scale, gate, c_shift, c_scale, c_gate = e
+        h = modulate(self.norm1(x), shift, scale).type_as(x)
+        x = (x.float() + self.self_attention(h, rope_angles, key_mask).float() * gate).type_as(x)
+        x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
+        h = modulate(self.norm2(x), c_shift, c_scale).type_as(x)
+        return (x.float() + self.mlp(h).float() * c_gate).type_as(x)
+
+
+class WanImageEmbedding(nn.Module):
+    def __init__(self, arch: WanArch, dtype):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(arch.image_dim, dtype=dtype)
+        self.linear_1 = nn.Linear(arch.image_dim, arch.image_dim, dtype=dtype)
+        self.linear_2 = nn.Linear(arch.image_dim, arch.dim, dtype=dtype)
+        self.norm2 = FP32LayerNorm(arch.dim, dtype=dtype)
+        self.pos_embed = None
+        if arch.pos_embed_seq_len is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_embed_seq_len, arch.image_dim, dtype=dtype))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:  # FLF2V: first and last frame features side by side
+            image = image.reshape(-1, 2 * image.shape[1], image.shape[2]) + self.pos_embed
+        return self.norm2(self.linear_2(F.gelu(self.linear_1(self.norm1(image)))))
+
+
+class WanModel(nn.Module):
+    """The Wan DiT for the current parallel state (call ``parallel.initialize`` first)."""
+
+    def __init__(self, arch: WanArch, par: WanParallel = WanParallel()):
+        super().__init__()
+        self.arch, self.par = arch, par
+        dtype = par.dtype
+        spec = blocks.linear_spec(par.transformer_impl)
+        config = blocks.model_parallel_config(par.sequence_parallel, dtype, par.initialize)
+        context_config = blocks.model_parallel_config(False, dtype, par.initialize)
+        self.sequence_parallel = config.sequence_parallel
+
+        self.patch_embedding = nn.Conv3d(arch.in_channels, arch.dim, arch.patch_size, arch.patch_size, dtype=dtype)
+        self.time_embedding = nn.ModuleDict(
+            {"linear_1": nn.Linear(arch.freq_dim, arch.dim, dtype=dtype), "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype)}
+        )
+        self.time_projection = nn.Linear(arch.dim, 6 * arch.dim, dtype=dtype)
+        self.text_embedding = nn.ModuleDict(
+            {"linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype), "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype)}
+        )
+        self.image_embedding = WanImageEmbedding(arch, dtype) if arch.image_dim is not None else None
+        self.blocks = nn.ModuleList(WanBlock(arch, par, spec, config, context_config) for _ in range(arch.num_layers))
+        self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.head_modulation = nn.Parameter(torch.randn(1, 2, arch.dim, dtype=dtype) / arch.dim**0.5)
+        self.head = nn.Linear(arch.dim, arch.out_channels * self.patch_volume, dtype=dtype)
+        if self.sequence_parallel:
+            # Replicated parameters that only see this rank's tokens under sequence parallelism.
+            for module in (self.patch_embedding, self.time_embedding, self.time_projection, self.head):
+                blocks.mark_sequence_parallel(module)
+            self.head_modulation.sequence_parallel = True
+
+    @property
+    def patch_volume(self) -> int:
+        p = self.arch.patch_size
+        return p[0] * p[1] * p[2]
+
+    # ------------------------------------------------------------------ pieces of the forward
+
+    def grid(self, latents_shape) -> Tuple[int, int, int]:
+        _, _, frames, height, width = latents_shape
+        p = self.arch.patch_size
+        for size, patch, name in ((frames, p[0], "frames"), (height, p[1], "height"), (width, p[2], "width")):
+            if size % patch:
+                raise ValueError(f"latent {name} {size} is not divisible by the patch size {patch}")
+        return frames // p[0], height // p[1], width // p[2]
+
+    def rope_angles(self, grid, sharding: TokenSharding, device) -> torch.Tensor:
+        """Angles for this Ulysses shard's tokens (its true positions; padding gets position 0)."""
+        f, h, w = grid
+        index = torch.arange(sharding.ulysses_start, sharding.ulysses_start + sharding.ulysses_tokens, device=device)
+        index = torch.where(index < f * h * w, index, torch.zeros_like(index))
+        positions = torch.stack([index // (h * w), (index // w) % h, index % w], dim=-1)
+        return blocks.rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
+
+    def embed_time(self, timestep: torch.Tensor, dtype):
+        """timestep [B] or per token [B, L] on the 0..1000 scale -> (e, e0)."""
+        sinusoid = blocks.sinusoidal_embedding(timestep, self.arch.freq_dim)
+        linear_1 = self.time_embedding["linear_1"]
+        e = self.time_embedding["linear_2"](F.silu(linear_1(sinusoid.to(linear_1.weight.dtype))))
+        e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.arch.dim))
+        return e.to(dtype), e0
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        text = self.text_embedding
+        return text["linear_2"](_gelu_tanh(text["linear_1"](context)))
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] -> tokens [L, B, D] in (f, h, w) order."""
+        return self.patch_embedding(latents).flatten(2).permute(2, 0, 1)
+
+    def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """[L, B, out * prod(patch)] (channel fastest) -> [B, out, F, H, W]."""
+        f, h, w = grid
+        pt, ph, pw = self.arch.patch_size
+        x = tokens.permute(1, 0, 2).reshape(tokens.shape[1], f, h, w, pt, ph, pw, self.arch.out_channels)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[1], self.arch.out_channels, f * pt, h * ph, w * pw)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        e: torch.Tensor,
+        e0: torch.Tensor,
+        context: torch.Tensor,
+        image_context: Optional[torch.Tensor],
+        grid: Tuple[int, int, int],
+        sharding: TokenSharding,
+    ) -> torch.Tensor:
+        """The blocks and the head on this rank's tokens [S_local, B, D]; returns this rank's
+        output tokens [S_local, B, out * prod(patch)]. ``e``/``e0`` are [B, D] / [B, 6, D], or
+        per token [S_local, B, D] / [S_local, B, 6, D] already sharded like the tokens."""
+        angles = self.rope_angles(grid, sharding, tokens.device)
+        key_mask = sharding.key_padding_mask(tokens.device)
+        for block in self.blocks:
+            tokens = block(tokens, e0, context, image_context, angles, key_mask)
+        shift, scale = (self.head_modulation.float() + e.float().unsqueeze(-2)).unbind(-2)
+        return self.head(modulate(self.head_norm(tokens), shift, scale).type_as(tokens))
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Full latents [B, C, F, H, W], timestep [B] (or [B, L] per token) on the 0..1000
+        scale, context [B, L_text, text_dim], identical on every rank -> full velocity
+        [B, C_out, F, H, W] on every rank.
+
+        Backward: a loss computed from the full output on every rank gives each tensor-parallel
+        weight shard its exact gradient. Work done before the tokens are split (patch and time
+        embeddings, the latents themselves) sees only this rank's tokens under sequence
+        parallelism or Ulysses: those gradients are partial sums over the group, added up by
+        the trainer (parameters tagged ``sequence_parallel`` over the TP group, all of them
+        over the Ulysses ranks through the data-parallel reduction)."""
+        grid = self.grid(latents.shape)
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patchify(latents.to(dtype))
+        sharding = TokenSharding.current(tokens.shape[0], self.sequence_parallel)
+        e, e0 = self.embed_time(timestep, dtype)
+        if timestep.dim() == 2:  # per-token timesteps (TI2V): shard like the tokens
+            e, e0 = sharding.local_slice(e.transpose(0, 1)), sharding.local_slice(e0.transpose(0, 1))
+        text = self.embed_text(context.to(dtype)).transpose(0, 1)
+        image = None
+        if self.image_embedding is not None and encoder_hidden_states_image is not None:
+            image = self.image_embedding(encoder_hidden_states_image.to(dtype)).transpose(0, 1)
+        out = self.forward_tokens(sharding.local_slice(tokens), e, e0, text, image, grid, sharding)
+        return self.unpatchify(sharding.gather(out), grid)
+
+
+
+# ----------------------------------------------------------------------------- weight names
+
+
+def diffusers_weight_rules(arch: WanArch):
+    """The adapter between diffusers' ``WanTransformer3DModel`` and ``WanModel`` names."""
+    from phased_dmd_mega.models.weights import COLUMN, ROW, WeightRule
+
+    def linear(own, source, split=None, sources=None):
+        srcs = sources or (source,)
+        weight = WeightRule(f"{own}.weight", tuple(f"{s}.weight" for s in srcs), split or "replicated", arch.head_dim)
+        bias_split = "replicated" if split == ROW else (split or "replicated")
+        bias = WeightRule(f"{own}.bias", tuple(f"{s}.bias" for s in srcs), bias_split, arch.head_dim)
+        return [weight, bias]
+
+    def single(own, source, split="replicated"):
+        return [WeightRule(own, (source,), split, arch.head_dim)]
+
+    rules = linear("patch_embedding", "patch_embedding")
+    rules += linear("time_embedding.linear_1", "condition_embedder.time_embedder.linear_1")
+    rules += linear("time_embedding.linear_2", "condition_embedder.time_embedder.linear_2")
+    rules += linear("time_projection", "condition_embedder.time_proj")
+    rules += linear("text_embedding.linear_1", "condition_embedder.text_embedder.linear_1")
+    rules += linear("text_embedding.linear_2", "condition_embedder.text_embedder.linear_2")
+    if arch.image_dim is not None:
+        image = "condition_embedder.image_embedder"
+        rules += linear("image_embedding.norm1", f"{image}.norm1")
+        rules += linear("image_embedding.linear_1", f"{image}.ff.net.0.proj")
+        rules += linear("image_embedding.linear_2", f"{image}.ff.net.2")
+        rules += linear("image_embedding.norm2", f"{image}.norm2")
+        if arch.pos_embed_seq_len is not None:
+            rules += single("image_embedding.pos_embed", f"{image}.pos_embed")
+    for i in range(arch.num_layers):
+        own, hf = f"blocks.{i}", f"blocks.{i}"
+        rules += linear(f"{own}.self_attention.linear_qkv", None, COLUMN,
+                        (f"{hf}.attn1.to_q", f"{hf}.attn1.to_k", f"{hf}.attn1.to_v"))
+        rules += single(f"{own}.self_attention.q_norm.weight", f"{hf}.attn1.norm_q.weight", COLUMN)
+        rules += single(f"{own}.self_attention.k_norm.weight", f"{hf}.attn1.norm_k.weight", COLUMN)
+        rules += linear(f"{own}.self_attention.linear_proj", f"{hf}.attn1.to_out.0", ROW)
+        rules += linear(f"{own}.cross_attention.linear_q", f"{hf}.attn2.to_q", COLUMN)
+        rules += linear(f"{own}.cross_attention.linear_kv", None, COLUMN, (f"{hf}.attn2.to_k", f"{hf}.attn2.to_v"))
+        rules += single(f"{own}.cross_attention.q_norm.weight", f"{hf}.attn2.norm_q.weight", COLUMN)
+        rules += single(f"{own}.cross_attention.k_norm.weight", f"{hf}.attn2.norm_k.weight", COLUMN)
+        if arch.image_dim is not None:
+            rules += linear(f"{own}.cross_attention.linear_kv_img", None, COLUMN,
+                            (f"{hf}.attn2.add_k_proj", f"{hf}.attn2.add_v_proj"))
+            rules += single(f"{own}.cross_attention.k_img_norm.weight", f"{hf}.attn2.norm_added_k.weight", COLUMN)
+        rules += linear(f"{own}.cross_attention.linear_proj", f"{hf}.attn2.to_out.0", ROW)
+        if arch.cross_attn_norm:
+            rules += linear(f"{own}.cross_attention_norm", f"{hf}.norm2")
+        rules += linear(f"{own}.mlp.linear_fc1", f"{hf}.ffn.net.0.proj", COLUMN)
+        rules += linear(f"{own}.mlp.linear_fc2", f"{hf}.ffn.net.2", ROW)
+        rules += single(f"{own}.modulation", f"{hf}.scale_shift_table")
+    rules += single("head_modulation", "scale_shift_table")
+    rules += linear("head", "proj_out")
+    return rules

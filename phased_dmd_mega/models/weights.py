@@ -1,0 +1,143 @@
+"""State-dict adapters: Hugging Face (diffusers) names <-> the trainer's own names.
+
+One table of rules per architecture says, for each of the model's parameters, which Hugging
+Face tensors it is made of and how it is split over tensor-parallel ranks. The loader reads
+only this rank's slices (safetensors slicing), so no rank ever holds the full weights; the
+converter uses the same table with one rank.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+REPLICATED, COLUMN, ROW = "replicated", "column", "row"
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """``own`` is built from ``sources``. Column-parallel tensors are split along dim 0, row-
+    parallel ones along dim 1. Several sources are interleaved per head, megatron's fused
+    layout: [src0_h0, src1_h0, ..., src0_h1, ...] with ``head_dim`` rows each."""
+
+    own: str
+    sources: Tuple[str, ...]
+    split: str = REPLICATED
+    head_dim: int = 0
+
+
+class TensorReader:
+    """Reads named tensors, or slices of them, from a folder of safetensors files (sharded with
+    an index JSON, or single), without loading whole files."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = sorted(self.folder.glob("*.safetensors.index.json"))
+        if index:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no safetensors files in {self.folder}")
+            weight_map = None
+        self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
+        if weight_map is None:
+            weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
+        self.weight_map: Dict[str, str] = weight_map
+
+    def keys(self) -> List[str]:
+        return sorted(self.weight_map)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._handles[self._file(name)].get_slice(name).get_shape())
+
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        handle = self._handles[self._file(name)]
+        if dim is None:
+            return handle.get_tensor(name)
+        tensor_slice = handle.get_slice(name)
+        index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
+        return tensor_slice[index]
+
+    def _file(self, name: str) -> str:
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} is missing from {self.folder}")
+        return self.weight_map[name]
+
+
+def _rank_rows(total: int, rank: int, size: int) -> Tuple[int, int]:
+    per = total // size
+    return rank * per, (rank + 1) * per
+
+
+def build_local_tensor(rule: WeightRule, reader, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece of ``rule.own`` read from ``reader`` (a TensorReader or a dict)."""
+    read = _reader_function(reader)
+    if rule.split == REPLICATED:
+        (source,) = rule.sources
+        return read(source, None, 0, None)
+    if rule.split == ROW:
+        (source,) = rule.sources
+        start, stop = _rank_rows(_shape(reader, source)[1], rank, size)
+        return read(source, 1, start, stop)
+    start, stop = _rank_rows(_shape(reader, rule.sources[0])[0], rank, size)
+    pieces = [read(source, 0, start, stop) for source in rule.sources]
+    if len(pieces) == 1:
+        return pieces[0]
+    return interleave_heads(pieces, rule.head_dim)
+
+
+def interleave_heads(pieces: List[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """[q, k, v] row blocks -> [q_h0, k_h0, v_h0, q_h1, ...] (megatron's fused layout)."""
+    heads = pieces[0].shape[0] // head_dim
+    stacked = torch.stack([p.reshape(heads, head_dim, *p.shape[1:]) for p in pieces], dim=1)
+    return stacked.reshape(len(pieces) * pieces[0].shape[0], *pieces[0].shape[1:])
+
+
+def split_interleaved_heads(fused: torch.Tensor, parts: int, head_dim: int) -> List[torch.Tensor]:
+    """Inverse of ``interleave_heads``."""
+    heads = fused.shape[0] // (parts * head_dim)
+    grouped = fused.reshape(heads, parts, head_dim, *fused.shape[1:])
+    return [grouped[:, i].reshape(heads * head_dim, *fused.shape[1:]) for i in range(parts)]
+
+
+def _reader_function(reader) -> Callable:
+    if isinstance(reader, TensorReader):
+        return reader.read
+
+    def read_dict(name, dim, start, stop):
+        if name not in reader:
+            raise KeyError(f"tensor {name!r} is missing")
+        tensor = reader[name]
+        return tensor if dim is None else tensor.narrow(dim, start, (stop or tensor.shape[dim]) - start)
+
+    return read_dict
+
+
+def _shape(reader, name: str) -> Tuple[int, ...]:
+    return reader.shape(name) if isinstance(reader, TensorReader) else tuple(reader[name].shape)
+
+
+def check_source_keys(rules: Iterable[WeightRule], available: Iterable[str], where: str) -> None:
+    """Missing and unexpected Hugging Face keys, listed, before anything is loaded."""
+    needed = {source for rule in rules for source in rule.sources}
+    available = set(available)
+    missing, unexpected = sorted(needed - available), sorted(available - needed)
+    if missing or unexpected:
+        lines = [f"weights in {where} do not match the architecture:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        raise KeyError("\n".join(lines))
+
+
+def load_rank_state(rules: Iterable[WeightRule], reader, rank: int, size: int) -> Dict[str, torch.Tensor]:
+    return {rule.own: build_local_tensor(rule, reader, rank, size) for rule in rules}
