@@ -7,6 +7,7 @@ parallelism and Ulysses each rank holds a contiguous slice of the (padded) token
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -93,6 +94,44 @@ def linear_spec(transformer_impl: str = "local") -> LinearSpec:
 
         return LinearSpec(TEColumnParallelLinear, TERowParallelLinear, "transformer_engine")
     raise ValueError(f"unknown transformer_impl {transformer_impl!r}; expected local or transformer_engine")
+
+
+FP8_RECIPES = ("delayed", "current", "mxfp8")
+
+
+def fp8_autocast(recipe_name: Optional[str]):
+    """Transformer Engine's FP8 autocast for the TE layers inside it (modulation, embeddings
+    and head are plain torch layers and stay in bf16); a no-op context without a recipe."""
+    if recipe_name is None:
+        return contextlib.nullcontext()
+    if recipe_name not in FP8_RECIPES:
+        raise ValueError(f"fp8_recipe {recipe_name!r} is not one of {', '.join(FP8_RECIPES)}")
+    import transformer_engine.pytorch as te
+    from transformer_engine.common import recipe
+
+    recipes = {
+        "delayed": recipe.DelayedScaling,
+        "current": recipe.Float8CurrentScaling,
+        "mxfp8": recipe.MXFP8BlockScaling,
+    }
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipes[recipe_name]())
+
+
+RECOMPUTE_MODES = ("none", "full", "blocks")
+
+
+def run_blocks(block_modules, x, *args, recompute: str = "none", recompute_num_blocks: int = 0):
+    """Run the blocks in order; with activation recompute, the chosen blocks keep only their
+    inputs and are re-run in the backward (megatron's checkpoint, RNG states included)."""
+    from megatron.core.tensor_parallel import checkpoint
+
+    for index, block in enumerate(block_modules):
+        recomputed = recompute == "full" or (recompute == "blocks" and index < recompute_num_blocks)
+        if recomputed and torch.is_grad_enabled():
+            x = checkpoint(block, False, x, *args)
+        else:
+            x = block(x, *args)
+    return x
 
 
 def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, initialize: bool):

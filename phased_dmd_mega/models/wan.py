@@ -119,6 +119,17 @@ class WanParallel:
     transformer_impl: str = "local"
     dtype: torch.dtype = torch.float32
     initialize: bool = True  # False when weights are loaded right after construction
+    fp8_recipe: Optional[str] = None  # delayed | current | mxfp8, with transformer_engine only
+    recompute: str = "none"  # none | full | blocks (the first recompute_num_blocks blocks)
+    recompute_num_blocks: int = 0
+
+    def validate(self) -> None:
+        if self.fp8_recipe is not None and self.transformer_impl != "transformer_engine":
+            raise ValueError(f"fp8_recipe={self.fp8_recipe!r} needs transformer_impl='transformer_engine'")
+        if self.recompute not in blocks.RECOMPUTE_MODES:
+            raise ValueError(f"recompute {self.recompute!r} is not one of {', '.join(blocks.RECOMPUTE_MODES)}")
+        if self.recompute == "blocks" and self.recompute_num_blocks < 1:
+            raise ValueError("recompute='blocks' needs recompute_num_blocks >= 1")
 
 
 def _init_method(par: WanParallel):
@@ -262,6 +273,7 @@ class WanModel(nn.Module):
 
     def __init__(self, arch: WanArch, par: WanParallel = WanParallel()):
         super().__init__()
+        par.validate()
         self.arch, self.par = arch, par
         dtype = par.dtype
         spec = blocks.linear_spec(par.transformer_impl)
@@ -351,8 +363,11 @@ class WanModel(nn.Module):
         per token [S_local, B, D] / [S_local, B, 6, D] already sharded like the tokens."""
         angles = self.rope_angles(grid, sharding, tokens.device)
         key_mask = sharding.key_padding_mask(tokens.device)
-        for block in self.blocks:
-            tokens = block(tokens, e0, context, image_context, angles, key_mask)
+        with blocks.fp8_autocast(self.par.fp8_recipe):
+            tokens = blocks.run_blocks(
+                self.blocks, tokens, e0, context, image_context, angles, key_mask,
+                recompute=self.par.recompute, recompute_num_blocks=self.par.recompute_num_blocks,
+            )
         shift, scale = (self.head_modulation.float() + e.float().unsqueeze(-2)).unbind(-2)
         return self.head(modulate(self.head_norm(tokens), shift, scale).type_as(tokens))
 
