@@ -1,0 +1,58 @@
+"""Rectified-flow conversions (spec section 1 and 4): alpha_t = 1 - t, sigma_t = t, and a
+network that predicts the flow psi(x_t, t) ~ eps - x_0.
+
+Time arguments are floats or tensors broadcastable against the data: a [B] tensor is reshaped
+to [B, 1, ..., 1]. Everything here is differentiable and elementwise.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+Time = Union[float, torch.Tensor]
+
+
+def per_sample(time: Time, like: torch.Tensor) -> Time:
+    """A [B] time tensor as [B, 1, ..., 1] so it broadcasts over each sample; floats pass."""
+    if isinstance(time, torch.Tensor) and time.dim() == 1 and like.dim() > 1:
+        return time.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+    return time
+
+
+def x0_from_flow(x_t: torch.Tensor, flow: torch.Tensor, t: Time) -> torch.Tensor:
+    """x0_hat = x_t - sigma_t * psi: the Euler step from t straight to 0."""
+    return x_t - per_sample(t, x_t) * flow
+
+
+def eps_from_flow(x_t: torch.Tensor, flow: torch.Tensor, t: Time) -> torch.Tensor:
+    """eps_hat = x_t + alpha_t * psi (so that x_t = alpha_t x0_hat + sigma_t eps_hat)."""
+    return x_t + (1 - per_sample(t, x_t)) * flow
+
+
+def score_from_flow(x_t: torch.Tensor, flow: torch.Tensor, t: Time) -> torch.Tensor:
+    """grad log p_t(x_t) = -(alpha_t psi + x_t) / (sigma_t (alpha_t + sigma_t)); here
+    alpha_t + sigma_t = 1."""
+    t = per_sample(t, x_t)
+    return -((1 - t) * flow + x_t) / t
+
+
+def subinterval_tweedie(x_t: torch.Tensor, flow: torch.Tensor, s: Time, t: Time) -> torch.Tensor:
+    """E[x_s | x_t] under the model: (x_t + sigma_{t|s}^2 score(x_t)) / alpha_{t|s} (spec
+    section 4). With s = 0 this is x0_hat."""
+    s_b, t_b = per_sample(s, x_t), per_sample(t, x_t)
+    alpha_ts = (1 - t_b) / (1 - s_b)
+    sigma_ts_sq = t_b**2 - alpha_ts**2 * s_b**2
+    return (x_t + sigma_ts_sq * score_from_flow(x_t, flow, t)) / alpha_ts
+
+
+def euler_step(x_t: torch.Tensor, flow: torch.Tensor, t: Time, t_next: Time) -> torch.Tensor:
+    """Deterministic ODE step from t to t_next (the official Phased DMD step rule)."""
+    return x_t + (per_sample(t_next, x_t) - per_sample(t, x_t)) * flow
+
+
+def renoise_step(x_t: torch.Tensor, flow: torch.Tensor, t: Time, t_next: Time, noise: torch.Tensor) -> torch.Tensor:
+    """Stochastic step (DMD2 / Self-Forcing): predict x0, then fresh noise to level t_next."""
+    t_next = per_sample(t_next, x_t)
+    return (1 - t_next) * x0_from_flow(x_t, flow, t) + t_next * noise
