@@ -1,5 +1,16 @@
 """DiT backbones on megatron-core and their Hugging Face weight adapters."""
 
+from phased_dmd_mega.models.blocks import ModelParallelOptions
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
 from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel, WanParallel
 
-__all__ = ["WAN_PRESETS", "WanArch", "WanModel", "WanParallel"]
+__all__ = [
+    "ModelParallelOptions",
+    "QWEN_IMAGE_PRESETS",
+    "QwenImageArch",
+    "QwenImageModel",
+    "WAN_PRESETS",
+    "WanArch",
+    "WanModel",
+    "WanParallel",
+]

@@ -122,16 +122,50 @@ RECOMPUTE_MODES = ("none", "full", "blocks")
 
 def run_blocks(block_modules, x, *args, recompute: str = "none", recompute_num_blocks: int = 0):
     """Run the blocks in order; with activation recompute, the chosen blocks keep only their
-    inputs and are re-run in the backward (megatron's checkpoint, RNG states included)."""
+    inputs and are re-run in the backward (megatron's checkpoint, RNG states included).
+
+    ``x`` is one token tensor, or a tuple of them for multi-stream blocks (each block then
+    takes the streams as its first arguments and returns them as a tuple): the streams are
+    passed to the checkpoint as separate tensors so that each gets its gradient."""
     from megatron.core.tensor_parallel import checkpoint
 
+    streams = isinstance(x, tuple)
     for index, block in enumerate(block_modules):
+        inputs = x if streams else (x,)
         recomputed = recompute == "full" or (recompute == "blocks" and index < recompute_num_blocks)
         if recomputed and torch.is_grad_enabled():
-            x = checkpoint(block, False, x, *args)
+            x = checkpoint(block, False, *inputs, *args)
         else:
-            x = block(x, *args)
+            x = block(*inputs, *args)
     return x
+
+
+@dataclass(frozen=True)
+class ModelParallelOptions:
+    """How a DiT is split and run (not part of its architecture); the same for every model."""
+
+    sequence_parallel: bool = False
+    attention_backend: str = "auto"
+    transformer_impl: str = "local"
+    dtype: torch.dtype = torch.float32
+    initialize: bool = True  # False when weights are loaded right after construction
+    fp8_recipe: Optional[str] = None  # delayed | current | mxfp8, with transformer_engine only
+    recompute: str = "none"  # none | full | blocks (the first recompute_num_blocks blocks)
+    recompute_num_blocks: int = 0
+
+    def validate(self) -> None:
+        if self.fp8_recipe is not None and self.transformer_impl != "transformer_engine":
+            raise ValueError(f"fp8_recipe={self.fp8_recipe!r} needs transformer_impl='transformer_engine'")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute {self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
+        if self.recompute == "blocks" and self.recompute_num_blocks < 1:
+            raise ValueError("recompute='blocks' needs recompute_num_blocks >= 1")
+
+
+def init_method(options: ModelParallelOptions):
+    """Initialiser for the megatron linears."""
+    # Weights are normally loaded; random initialisation (tests, from-scratch toys) stays small.
+    return (lambda w: nn.init.normal_(w, std=0.02)) if options.initialize else nn.init.zeros_
 
 
 def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, initialize: bool):
@@ -188,20 +222,85 @@ class RMSNormAcrossHeads(nn.Module):
         return (normed * self.weight.float()).type_as(x)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight over the last dimension, computed in fp32 (diffusers' RMSNorm in
+    fp32). Used per head on q/k (weight [head_dim], shared by all heads) and on whole vectors."""
+
+    def __init__(self, size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x * (1 + scale) + shift, in fp32."""
     return x.float() * (1 + scale.float()) + shift.float()
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class ParallelMLP(nn.Module):
+    """Linear(dim, ffn) -> GELU(tanh) -> Linear(ffn, dim), column- then row-parallel: the
+    hidden units are split over tensor-parallel ranks and summed back by the second linear."""
+
+    def __init__(self, dim: int, ffn_dim: int, options: ModelParallelOptions, spec: LinearSpec, config):
+        super().__init__()
+        init = init_method(options)
+        self.linear_fc1 = spec.column(dim, ffn_dim, config=config, init_method=init, bias=True, gather_output=False)
+        self.linear_fc2 = spec.row(ffn_dim, dim, config=config, init_method=init, bias=True,
+                                   input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.linear_fc1(x)
+        out, _ = self.linear_fc2(gelu_tanh(hidden))
+        return out
+
+
+def split_fused_heads(fused: torch.Tensor, num_heads: int, parts: int, head_dim: int) -> Tuple[torch.Tensor, ...]:
+    """[..., num_heads * parts * head_dim] in megatron's per-head interleaved layout
+    ([q_h, k_h, v_h] for each head) -> ``parts`` tensors [..., num_heads, head_dim]."""
+    return fused.unflatten(-1, (num_heads, parts, head_dim)).unbind(-2)
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 
-def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos, sin] of ``timesteps * 10000^(-i/half)``, computed in fp32 as diffusers does."""
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """[cos, sin] of ``scale * (timesteps * 10000^(-i/half))``, computed in fp32 as diffusers
+    does (its ``Timesteps(scale=...)`` multiplies after the product, kept in that order)."""
     half = dim // 2
     exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     args = timesteps.float()[..., None] * torch.exp(exponent)
+    if scale != 1.0:
+        args = scale * args
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """sinusoid -> Linear -> SiLU -> Linear (diffusers' TimestepEmbedding)."""
+
+    def __init__(self, freq_dim: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim, dtype=dtype)
+        self.linear_2 = nn.Linear(dim, dim, dtype=dtype)
+
+    def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(sinusoid.to(self.linear_1.weight.dtype))))
+
+
+def grid_positions(index: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
+    """Integer (f, h, w) positions [S, 3] of flat token indices in (f, h, w) order; indices
+    past the grid (sharding padding) get position 0."""
+    f, h, w = grid
+    index = torch.where(index < f * h * w, index, torch.zeros_like(index))
+    return torch.stack([index // (h * w), (index // w) % h, index % w], dim=-1)
 
 
 def rope_frequencies(positions: torch.Tensor, axis_dims: Tuple[int, ...], theta: float) -> torch.Tensor:
@@ -284,6 +383,10 @@ class TokenSharding:
             return None
         return torch.arange(self.padded_tokens, device=device) < self.num_tokens
 
+    def ulysses_index(self, device) -> torch.Tensor:
+        """Token indices of this Ulysses shard (past ``num_tokens``: padding)."""
+        return torch.arange(self.ulysses_start, self.ulysses_start + self.ulysses_tokens, device=device)
+
     def gather(self, x_local: torch.Tensor) -> torch.Tensor:
         """Full unpadded sequence from every rank's tokens; backward hands each rank its slice."""
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -295,6 +398,26 @@ class TokenSharding:
                 x_local, tensor_parallel_output_grad=False, group=ulysses_group()
             )
         return x_local[: self.num_tokens]
+
+
+def joint_key_mask(streams, batch: int, device) -> Optional[torch.Tensor]:
+    """Key mask for one attention over several token streams (e.g. text and image), each
+    sharded by its own TokenSharding (same Ulysses size) and concatenated per rank in the
+    order given: [stream0 shard, stream1 shard, ...]. The Ulysses all-to-all gathers rank by
+    rank, so the keys come as [rank0: s0, s1, ..., rank1: s0, s1, ...]; attention does not care
+    about key order as long as RoPE and this mask follow the tokens.
+
+    ``streams``: (sharding, mask) pairs, mask [B, num_tokens] True for real tokens or None
+    (all real). Returns [B, keys] (sharding padding is False), or None if every key is real."""
+    if all(mask is None and sharding.padded_tokens == sharding.num_tokens for sharding, mask in streams):
+        return None
+    pieces = []
+    for sharding, mask in streams:
+        if mask is None:
+            mask = torch.ones(batch, sharding.num_tokens, dtype=torch.bool, device=device)
+        padded = sharding.pad(mask.to(device=device, dtype=torch.bool).transpose(0, 1)).transpose(0, 1)
+        pieces.append(padded.unflatten(1, (sharding.ulysses, sharding.ulysses_tokens)))
+    return torch.cat(pieces, dim=2).flatten(1)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -328,11 +451,17 @@ def resolve_attention_backend(requested: str, transformer_impl: str = "local") -
 class AttentionCore(nn.Module):
     """Softmax attention over [S, B, H, D] tensors with a selectable backend. Self-attention
     under Ulysses exchanges sequence shards for head shards around the kernel (all-to-all), so
-    every rank attends over the whole sequence with a subset of the heads."""
+    every rank attends over the whole sequence with a subset of the heads.
 
-    def __init__(self, backend: str, num_local_heads: int, head_dim: int, ulysses: bool):
+    ``masked_keys_anywhere``: the key mask may have holes (joint text+image sequences), not only
+    padding at the end. TE's padding masks are turned into sequence lengths, which assumes the
+    latter, so such masked calls go through SDPA (as masked calls with flash already do)."""
+
+    def __init__(self, backend: str, num_local_heads: int, head_dim: int, ulysses: bool,
+                 masked_keys_anywhere: bool = False):
         super().__init__()
         self.backend = backend
+        self.masked_keys_anywhere = masked_keys_anywhere
         self.head_dim = head_dim
         self.ulysses = ulysses and ulysses_size() > 1
         if self.ulysses:
@@ -361,7 +490,7 @@ class AttentionCore(nn.Module):
     def _attend(self, q, k, v, key_mask):
         if self.backend == "flash":
             return self._flash(q, k, v, key_mask)
-        if self.backend == "te":
+        if self.backend == "te" and not (self.masked_keys_anywhere and key_mask is not None):
             return self._te(q, k, v, key_mask)
         mask = None
         if key_mask is not None:

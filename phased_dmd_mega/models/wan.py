@@ -18,9 +18,12 @@ from phased_dmd_mega.models import blocks
 from phased_dmd_mega.models.blocks import (
     AttentionCore,
     FP32LayerNorm,
+    ModelParallelOptions,
     RMSNormAcrossHeads,
     TokenSharding,
     divide,
+    gelu_tanh,
+    init_method,
     modulate,
 )
 
@@ -110,35 +113,8 @@ WAN_PRESETS: Dict[str, WanArch] = {
 }
 
 
-@dataclass(frozen=True)
-class WanParallel:
-    """How the model is split and run (not part of the architecture)."""
-
-    sequence_parallel: bool = False
-    attention_backend: str = "auto"
-    transformer_impl: str = "local"
-    dtype: torch.dtype = torch.float32
-    initialize: bool = True  # False when weights are loaded right after construction
-    fp8_recipe: Optional[str] = None  # delayed | current | mxfp8, with transformer_engine only
-    recompute: str = "none"  # none | full | blocks (the first recompute_num_blocks blocks)
-    recompute_num_blocks: int = 0
-
-    def validate(self) -> None:
-        if self.fp8_recipe is not None and self.transformer_impl != "transformer_engine":
-            raise ValueError(f"fp8_recipe={self.fp8_recipe!r} needs transformer_impl='transformer_engine'")
-        if self.recompute not in blocks.RECOMPUTE_MODES:
-            raise ValueError(f"recompute {self.recompute!r} is not one of {', '.join(blocks.RECOMPUTE_MODES)}")
-        if self.recompute == "blocks" and self.recompute_num_blocks < 1:
-            raise ValueError("recompute='blocks' needs recompute_num_blocks >= 1")
-
-
-def _init_method(par: WanParallel):
-    # Weights are normally loaded; random initialisation (tests, from-scratch toys) stays small.
-    return (lambda w: nn.init.normal_(w, std=0.02)) if par.initialize else nn.init.zeros_
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+# The parallel options are the same for every DiT; the old name stays for existing imports.
+WanParallel = ModelParallelOptions
 
 
 class WanSelfAttention(nn.Module):
@@ -146,7 +122,7 @@ class WanSelfAttention(nn.Module):
         super().__init__()
         self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
         self.head_dim = arch.head_dim
-        init = _init_method(par)
+        init = init_method(par)
         self.linear_qkv = spec.column(arch.dim, 3 * arch.dim, config=config, init_method=init, bias=True, gather_output=False)
         self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
         self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
@@ -175,7 +151,7 @@ class WanCrossAttention(nn.Module):
         super().__init__()
         self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
         self.head_dim = arch.head_dim
-        init = _init_method(par)
+        init = init_method(par)
         self.linear_q = spec.column(arch.dim, arch.dim, config=config, init_method=init, bias=True, gather_output=False)
         # The text is short and whole on every rank: no sequence-parallel gather for it.
         self.linear_kv = spec.column(arch.dim, 2 * arch.dim, config=context_config, init_method=init, bias=True, gather_output=False)
@@ -210,20 +186,6 @@ class WanCrossAttention(nn.Module):
         return out
 
 
-class WanMLP(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config):
-        super().__init__()
-        init = _init_method(par)
-        self.linear_fc1 = spec.column(arch.dim, arch.ffn_dim, config=config, init_method=init, bias=True, gather_output=False)
-        self.linear_fc2 = spec.row(arch.ffn_dim, arch.dim, config=config, init_method=init, bias=True,
-                                   input_is_parallel=True, skip_bias_add=False)
-
-    def forward(self, x):
-        hidden, _ = self.linear_fc1(x)
-        out, _ = self.linear_fc2(_gelu_tanh(hidden))
-        return out
-
-
 class WanBlock(nn.Module):
     def __init__(self, arch: WanArch, par: WanParallel, spec, config, context_config):
         super().__init__()
@@ -234,7 +196,7 @@ class WanBlock(nn.Module):
         )
         self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
         self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.mlp = WanMLP(arch, par, spec, config)
+        self.mlp = blocks.ParallelMLP(arch.dim, arch.ffn_dim, par, spec, config)
         self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
         if par.sequence_parallel:
             blocks.mark_sequence_parallel(self.cross_attention_norm)
@@ -282,9 +244,7 @@ class WanModel(nn.Module):
         self.sequence_parallel = config.sequence_parallel
 
         self.patch_embedding = nn.Conv3d(arch.in_channels, arch.dim, arch.patch_size, arch.patch_size, dtype=dtype)
-        self.time_embedding = nn.ModuleDict(
-            {"linear_1": nn.Linear(arch.freq_dim, arch.dim, dtype=dtype), "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype)}
-        )
+        self.time_embedding = blocks.TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
         self.time_projection = nn.Linear(arch.dim, 6 * arch.dim, dtype=dtype)
         self.text_embedding = nn.ModuleDict(
             {"linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype), "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype)}
@@ -317,23 +277,19 @@ class WanModel(nn.Module):
 
     def rope_angles(self, grid, sharding: TokenSharding, device) -> torch.Tensor:
         """Angles for this Ulysses shard's tokens (its true positions; padding gets position 0)."""
-        f, h, w = grid
-        index = torch.arange(sharding.ulysses_start, sharding.ulysses_start + sharding.ulysses_tokens, device=device)
-        index = torch.where(index < f * h * w, index, torch.zeros_like(index))
-        positions = torch.stack([index // (h * w), (index // w) % h, index % w], dim=-1)
+        positions = blocks.grid_positions(sharding.ulysses_index(device), grid)
         return blocks.rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype):
         """timestep [B] or per token [B, L] on the 0..1000 scale -> (e, e0)."""
         sinusoid = blocks.sinusoidal_embedding(timestep, self.arch.freq_dim)
-        linear_1 = self.time_embedding["linear_1"]
-        e = self.time_embedding["linear_2"](F.silu(linear_1(sinusoid.to(linear_1.weight.dtype))))
+        e = self.time_embedding(sinusoid)
         e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.arch.dim))
         return e.to(dtype), e0
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         text = self.text_embedding
-        return text["linear_2"](_gelu_tanh(text["linear_1"](context)))
+        return text["linear_2"](gelu_tanh(text["linear_1"](context)))
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, F, H, W] -> tokens [L, B, D] in (f, h, w) order."""
