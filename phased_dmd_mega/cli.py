@@ -30,6 +30,63 @@ def _run_train(args: argparse.Namespace) -> int:
     return _unavailable("train", "the Phased DMD trainer")
 
 
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    to_mega = directions.add_parser(
+        "hf-to-mega", help="a diffusers or original Wan checkpoint -> the trainer's format",
+        description="Convert a diffusers or original Wan checkpoint (one model or the two Wan2.2 "
+        "A14B experts; sharded or not) to the trainer's own format.",
+    )
+    _add_convert_common(to_mega)
+    to_mega.add_argument("--tp", type=int, default=1, help="tensor parallel size to check and record (default 1)")
+    to_mega.add_argument("--boundary-ratio", type=float, help="two experts: override the stored/default boundary")
+    to_hf = directions.add_parser(
+        "mega-to-hf", help="the trainer's format -> a diffusers or original Wan checkpoint",
+        description="Convert the trainer's own format back to a Hugging Face layout.",
+    )
+    _add_convert_common(to_hf)
+    to_hf.add_argument("--layout", choices=("diffusers", "original"), default="diffusers",
+                       help="diffusers (WanTransformer3DModel) or original Wan names (default diffusers)")
+
+
+def _add_convert_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="wan", help="wan (from the source's config) or a preset it must match")
+    parser.add_argument("--src", required=True, help="source folder")
+    parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="per safetensors file (default 5GB)")
+
+
+def _shard_size(text: str) -> int:
+    from phased_dmd_mega.models.shards import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from phased_dmd_mega import convert
+    from phased_dmd_mega.log import setup_logging
+    from phased_dmd_mega.models.wan_formats import CheckpointError
+
+    setup_logging()
+    try:
+        if args.direction == "hf-to-mega":
+            dst = convert.hf_to_mega(args.src, args.dst, arch=args.arch, tensor_parallel=args.tp,
+                                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                                     boundary_ratio=args.boundary_ratio)
+        else:
+            dst = convert.mega_to_hf(args.src, args.dst, layout=args.layout, arch=args.arch,
+                                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
+    except CheckpointError as err:
+        print(f"phased-dmd convert {args.direction}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(dst)
+    return 0
+
+
 def _unavailable(command: str, what: str) -> int:
     # Stated plainly rather than pretending: these subcommands are filled in as the pieces land.
     print(f"phased-dmd {command}: {what} is not available in version {__version__} yet", file=sys.stderr)
@@ -44,7 +101,7 @@ _SUBCOMMANDS: Dict[str, str] = {
     "encode-prompts": "encode prompts into a prompt-embedding cache",
 }
 
-_RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {"train": _run_train}
+_RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {"train": _run_train, "convert": _run_convert}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == "train":
             _add_config_arguments(sub)
+        elif name == "convert":
+            _add_convert_arguments(sub)
     return parser
 
 

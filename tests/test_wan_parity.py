@@ -21,12 +21,9 @@ from phased_dmd_mega.models.weights import (
     load_rank_state,
 )
 from phased_dmd_mega.testing import run_distributed
+from tiny_models import WAN_TINY
 
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
-    text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
-)
+TINY = WAN_TINY
 TOLERANCE = 1e-5
 
 

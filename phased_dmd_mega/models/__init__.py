@@ -1,6 +1,7 @@
 """DiT backbones on megatron-core and their Hugging Face weight adapters."""
 
 from phased_dmd_mega.models.blocks import ModelParallelOptions
+from phased_dmd_mega.models.loading import load_pretrained
 from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
 from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel, WanParallel
 
@@ -13,4 +14,5 @@ __all__ = [
     "WanArch",
     "WanModel",
     "WanParallel",
+    "load_pretrained",
 ]

@@ -1,0 +1,303 @@
+"""Weight conversion between Wan's Hugging Face layouts and the trainer's own ("mega") format.
+
+``hf_to_mega`` reads a diffusers or original Wan checkpoint (one model, or the two Wan2.2 A14B
+experts) and writes the mega format: full tensors under the model's parameter names, fused per
+head exactly as the weight rule table builds them at TP 1, sharded safetensors with an index,
+and a config.json describing the architecture and where it came from. ``mega_to_hf`` writes a
+diffusers or original folder back; the round trip is bitwise (dtypes kept per tensor).
+
+Everything is checked before anything is written (layout, config against weights, keys,
+shapes, dtypes, tensor parallel size); the output is built in a hidden folder beside the
+destination and renamed at the end, so a failure leaves no destination behind. Tensors are
+read and written one rule at a time: memory is bounded by the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+from phased_dmd_mega import __version__
+from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.models.checkpoints import (
+    EXPERT_FOLDERS,
+    MEGA_FORMAT,
+    MEGA_FORMAT_VERSION,
+    SINGLE,
+    Checkpoint,
+    ModelFiles,
+    check_tensor_parallel,
+    expert_boundary_ratio,
+    inspect_checkpoint,
+    open_model,
+)
+from phased_dmd_mega.models.shards import DEFAULT_MAX_SHARD_BYTES, TensorEntry, write_sharded
+from phased_dmd_mega.models.wan_formats import (
+    DIFFUSERS_CLASS,
+    CheckpointError,
+    arch_to_json,
+    diffusers_config,
+    original_config,
+    original_names,
+)
+from phased_dmd_mega.models.weights import split_interleaved_heads
+
+log = get_logger(__name__)
+
+PathLike = Union[str, Path]
+TARGETS = ("mega", "diffusers", "original")
+SHARD_PREFIX = {"mega": "model", "diffusers": "diffusion_pytorch_model", "original": "diffusion_pytorch_model"}
+
+
+def hf_to_mega(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    arch: str = "wan",
+    tensor_parallel: int = 1,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    boundary_ratio: Optional[float] = None,
+) -> Path:
+    """A diffusers or original Wan checkpoint -> the mega format in ``dst``. ``tensor_parallel``
+    is checked against the heads and recorded; ``boundary_ratio`` overrides the source's (two
+    experts only)."""
+    checkpoint = inspect_checkpoint(src)
+    if checkpoint.layout == "mega":
+        raise CheckpointError(f"{src} is already in the trainer's format ({MEGA_FORMAT}); use mega-to-hf")
+    return convert(checkpoint, dst, to="mega", arch=arch, tensor_parallel=tensor_parallel, overwrite=overwrite,
+                   max_shard_bytes=max_shard_bytes, boundary_ratio=boundary_ratio)
+
+
+def mega_to_hf(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    layout: str = "diffusers",
+    arch: str = "wan",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """The mega format -> a diffusers or original (``layout``) Wan checkpoint in ``dst``."""
+    if layout not in ("diffusers", "original"):
+        raise CheckpointError(f"unknown layout {layout!r}: expected diffusers or original")
+    checkpoint = inspect_checkpoint(src)
+    if checkpoint.layout != "mega":
+        raise CheckpointError(
+            f"{src} is a {checkpoint.layout} checkpoint, not {MEGA_FORMAT}; mega-to-hf reads the "
+            f"trainer's format (hf-to-mega goes the other way)"
+        )
+    return convert(checkpoint, dst, to=layout, arch=arch, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def convert(
+    source: Union[PathLike, Checkpoint],
+    dst: PathLike,
+    *,
+    to: str,
+    arch: str = "wan",
+    tensor_parallel: int = 1,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    boundary_ratio: Optional[float] = None,
+) -> Path:
+    """Any layout -> ``to`` (mega, diffusers or original); see the module docstring."""
+    if to not in TARGETS:
+        raise CheckpointError(f"unknown target layout {to!r}: expected one of {TARGETS}")
+    checkpoint = source if isinstance(source, Checkpoint) else inspect_checkpoint(source)
+    dst = Path(dst)
+    _check_destination(checkpoint.root, dst, overwrite)
+    models = {name: open_model(folder, checkpoint.layout, arch) for name, folder in checkpoint.folders.items()}
+    for files in models.values():
+        check_tensor_parallel(files.arch, tensor_parallel)
+    ratio = _experts_boundary(checkpoint, models, boundary_ratio)
+    with _staging(dst, overwrite) as staging:
+        for name, files in models.items():
+            folder = staging if name == SINGLE else staging / EXPERT_FOLDERS[to][name]
+            log.info("converting %s (%s) -> %s", files.folder, files.layout, to)
+            _write_model(folder, files, to, tensor_parallel, max_shard_bytes)
+        if checkpoint.has_experts:
+            _write_experts_index(staging, checkpoint, models, to, ratio, tensor_parallel)
+    log.info("wrote %s", dst)
+    return dst
+
+
+def _experts_boundary(checkpoint: Checkpoint, models: Dict[str, ModelFiles], override: Optional[float]):
+    if not checkpoint.has_experts:
+        if override is not None:
+            raise CheckpointError(f"boundary_ratio given, but {checkpoint.root} holds a single model")
+        return None
+    ratio = override if override is not None else expert_boundary_ratio(checkpoint, models["high"].arch)
+    if not 0.0 < ratio < 1.0:
+        raise CheckpointError(f"boundary_ratio {ratio} must be between 0 and 1")
+    return ratio
+
+
+# ----------------------------------------------------------------------------- destination
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    source, target = src.resolve(), dst.resolve()
+    if source == target or source in target.parents or target in source.parents:
+        raise CheckpointError(f"destination {dst} overlaps the source {src}")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"destination {dst} already exists; pass --overwrite to replace it")
+        if not dst.is_dir():
+            raise CheckpointError(f"destination {dst} exists and is not a folder; not replacing it")
+
+
+@contextmanager
+def _staging(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden folder beside ``dst``, renamed to ``dst`` on success and removed on failure."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        _move_into_place(staging, dst, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, dst: Path, overwrite: bool) -> None:
+    if not dst.exists():
+        staging.rename(dst)
+        return
+    if not overwrite:  # appeared while converting
+        raise CheckpointError(f"destination {dst} appeared during the conversion; not replacing it")
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    dst.rename(old)
+    staging.rename(dst)
+    shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+def _write_model(folder: Path, files: ModelFiles, to: str, tensor_parallel: int, max_shard_bytes: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if to == "mega":
+        entries, tensors = _mega_tensors(files)
+    else:
+        entries, tensors = _hf_tensors(files, to)
+    write_sharded(folder, SHARD_PREFIX[to], entries, tensors, max_shard_bytes, progress=log.info)
+    config = _mega_config(files, tensor_parallel) if to == "mega" else _hf_config(files, to)
+    _write_json(folder / "config.json", config)
+
+
+def _mega_tensors(files: ModelFiles) -> Tuple[List[TensorEntry], Iterator[Tuple[str, torch.Tensor]]]:
+    view = files.view
+    entries = [TensorEntry(rule.own, view.dtype(rule.sources[0]), view.own_shape(rule)) for rule in files.rules]
+    return entries, ((rule.own, view.read_full(rule)) for rule in files.rules)
+
+
+def _hf_tensors(files: ModelFiles, to: str) -> Tuple[List[TensorEntry], Iterator[Tuple[str, torch.Tensor]]]:
+    view = files.view
+    sources = [source for rule in files.rules for source in rule.sources]
+    names = original_names(sources) if to == "original" else {source: source for source in sources}
+    entries = [TensorEntry(names[s], view.dtype(s), view.shape(s)) for s in sources]
+
+    def tensors():
+        for rule in files.rules:
+            full = view.read_full(rule)
+            parts = split_interleaved_heads(full, len(rule.sources), rule.head_dim) if len(rule.sources) > 1 else [full]
+            for source, part in zip(rule.sources, parts):
+                yield names[source], part
+
+    return entries, tensors()
+
+
+def _mega_config(files: ModelFiles, tensor_parallel: int) -> Dict[str, Any]:
+    return {
+        "format": MEGA_FORMAT,
+        "format_version": MEGA_FORMAT_VERSION,
+        "arch": "wan",
+        "architecture": arch_to_json(files.arch),
+        "tensor_parallel": tensor_parallel,
+        "provenance": _provenance(files),
+    }
+
+
+def _provenance(files: ModelFiles) -> Dict[str, Any]:
+    if files.layout == "mega":  # mega -> mega keeps the first source
+        return files.config.get("provenance", {})
+    return {
+        "source": str(files.folder.resolve()),
+        "source_layout": files.layout,
+        "source_config": files.config,
+        "converter": f"phased-dmd-mega {__version__}",
+    }
+
+
+def _hf_config(files: ModelFiles, to: str) -> Dict[str, Any]:
+    source = _source_config(files, to)
+    return diffusers_config(files.arch, source) if to == "diffusers" else original_config(files.arch, source)
+
+
+def _source_config(files: ModelFiles, layout: str) -> Optional[Dict[str, Any]]:
+    """The config the weights came from, when it was in ``layout`` (its non-architecture fields
+    such as model_type or rope_max_seq_len are kept)."""
+    if files.layout == layout:
+        return files.config
+    provenance = files.config.get("provenance", {}) if files.layout == "mega" else {}
+    return provenance.get("source_config") if provenance.get("source_layout") == layout else None
+
+
+# ----------------------------------------------------------------------------- two experts
+
+
+def _write_experts_index(staging: Path, checkpoint: Checkpoint, models: Dict[str, ModelFiles], to: str,
+                         ratio: float, tensor_parallel: int) -> None:
+    if to == "mega":
+        _write_json(staging / "config.json", {
+            "format": MEGA_FORMAT,
+            "format_version": MEGA_FORMAT_VERSION,
+            "arch": "wan",
+            "experts": dict(EXPERT_FOLDERS["mega"]),
+            "boundary_ratio": ratio,
+            "tensor_parallel": tensor_parallel,
+            "provenance": _experts_provenance(checkpoint),
+        })
+    elif to == "diffusers":
+        _write_json(staging / "model_index.json", _model_index(checkpoint, models["high"], ratio))
+    else:
+        log.warning("the original Wan layout stores no boundary_ratio (it was %s)", ratio)
+
+
+def _experts_provenance(checkpoint: Checkpoint) -> Dict[str, Any]:
+    if checkpoint.layout == "mega":
+        return (checkpoint.top_config or {}).get("provenance", {})
+    return {
+        "source": str(checkpoint.root.resolve()),
+        "source_layout": checkpoint.layout,
+        "source_index": checkpoint.top_config,
+        "converter": f"phased-dmd-mega {__version__}",
+    }
+
+
+def _model_index(checkpoint: Checkpoint, high: ModelFiles, ratio: float) -> Dict[str, Any]:
+    """A model_index.json for the two transformers only (the other pipeline components are
+    not part of the conversion)."""
+    source = checkpoint.top_config if checkpoint.layout == "diffusers" else None
+    if checkpoint.layout == "mega":
+        provenance = (checkpoint.top_config or {}).get("provenance", {})
+        source = provenance.get("source_index") if provenance.get("source_layout") == "diffusers" else None
+    default_class = "WanImageToVideoPipeline" if high.arch.in_channels == 36 else "WanPipeline"
+    index = {"_class_name": (source or {}).get("_class_name", default_class)}
+    if source and "_diffusers_version" in source:
+        index["_diffusers_version"] = source["_diffusers_version"]
+    index.update(boundary_ratio=ratio, transformer=["diffusers", DIFFUSERS_CLASS],
+                 transformer_2=["diffusers", DIFFUSERS_CLASS])
+    return index
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

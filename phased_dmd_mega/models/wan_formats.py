@@ -1,0 +1,316 @@
+"""Wan's two Hugging Face layouts: original (Wan-Video) and diffusers names, configs and shapes.
+
+The weight rule table (``wan.diffusers_weight_rules``) speaks diffusers names. An original Wan
+folder is read through the renames of models.md (original -> diffusers, applied in order as
+substring replacements); writing one needs the inverse, which is checked against the forward
+renames for every key so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, fields
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from phased_dmd_mega.models.wan import WanArch
+
+Shape = Tuple[int, ...]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (folder, config or weights) that cannot be loaded or converted as asked."""
+
+
+# ----------------------------------------------------------------------------- key renames
+
+# Applied in this order, before the norm2 <-> norm3 swap.
+_EMBEDDING_AND_HEAD_RENAMES: Tuple[Tuple[str, str], ...] = (
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
+    ("modulation", "scale_shift_table"),
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+)
+
+# Applied in this order, after the swap (so the image embedder's norm2 is not swapped). The
+# image-branch fragments come before their prefixes (cross_attn.k before cross_attn.k_img
+# would turn k_img into to_k_img).
+_IMAGE_AND_ATTENTION_RENAMES: Tuple[Tuple[str, str], ...] = (
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
+    ("self_attn.q", "attn1.to_q"),
+    ("self_attn.k", "attn1.to_k"),
+    ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"),
+    ("self_attn.norm_q", "attn1.norm_q"),
+    ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
+    ("cross_attn.q", "attn2.to_q"),
+    ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"),
+    ("cross_attn.norm_q", "attn2.norm_q"),
+    ("cross_attn.norm_k", "attn2.norm_k"),
+)
+
+_NORM_2_OR_3 = re.compile(r"\bnorm([23])\b")
+
+
+def _swap_norm2_norm3(name: str) -> str:
+    # The original block's affine cross-attention norm is norm3; diffusers calls it norm2.
+    return _NORM_2_OR_3.sub(lambda m: "norm3" if m.group(1) == "2" else "norm2", name)
+
+
+def _replace_in_order(name: str, renames: Iterable[Tuple[str, str]]) -> str:
+    for old, new in renames:
+        name = name.replace(old, new)
+    return name
+
+
+def original_to_diffusers_name(name: str) -> str:
+    """An original Wan key -> its diffusers key (models.md's renames, in order)."""
+    name = _replace_in_order(name, _EMBEDDING_AND_HEAD_RENAMES)
+    name = _swap_norm2_norm3(name)
+    return _replace_in_order(name, _IMAGE_AND_ATTENTION_RENAMES)
+
+
+def _inverted(renames: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[str, str], ...]:
+    return tuple((new, old) for old, new in reversed(renames))
+
+
+def _diffusers_to_original_candidate(name: str) -> str:
+    # "scale_shift_table" is the one rename that is not one-to-one on fragments: the head's
+    # (top level) and the blocks' (block.N.scale_shift_table) come from different names.
+    if name == "scale_shift_table":
+        return "head.modulation"
+    name = _replace_in_order(name, _inverted(_IMAGE_AND_ATTENTION_RENAMES))
+    name = _swap_norm2_norm3(name)
+    return _replace_in_order(name, _inverted(_EMBEDDING_AND_HEAD_RENAMES))
+
+
+def original_names(diffusers_names: Iterable[str]) -> Dict[str, str]:
+    """{diffusers key: original key}, each checked to rename forward to its diffusers key."""
+    mapping: Dict[str, str] = {}
+    for name in diffusers_names:
+        original = _diffusers_to_original_candidate(name)
+        if original_to_diffusers_name(original) != name:
+            raise AssertionError(f"no original Wan name renames to {name!r} (tried {original!r})")
+        mapping[name] = original
+    if len(set(mapping.values())) != len(mapping):
+        raise AssertionError("two diffusers keys map to one original Wan key")
+    return mapping
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def diffusers_shapes(arch: WanArch) -> Dict[str, Shape]:
+    """The shape of every diffusers ``WanTransformer3DModel`` tensor of ``arch``."""
+    d, shapes = arch.dim, {}
+
+    def linear(name: str, out_features: int, in_features: int) -> None:
+        shapes[f"{name}.weight"] = (out_features, in_features)
+        shapes[f"{name}.bias"] = (out_features,)
+
+    def affine_norm(name: str, size: int) -> None:
+        shapes[f"{name}.weight"] = (size,)
+        shapes[f"{name}.bias"] = (size,)
+
+    shapes["patch_embedding.weight"] = (d, arch.in_channels, *arch.patch_size)
+    shapes["patch_embedding.bias"] = (d,)
+    linear("condition_embedder.time_embedder.linear_1", d, arch.freq_dim)
+    linear("condition_embedder.time_embedder.linear_2", d, d)
+    linear("condition_embedder.time_proj", 6 * d, d)
+    linear("condition_embedder.text_embedder.linear_1", d, arch.text_dim)
+    linear("condition_embedder.text_embedder.linear_2", d, d)
+    if arch.image_dim is not None:
+        image = "condition_embedder.image_embedder"
+        affine_norm(f"{image}.norm1", arch.image_dim)
+        linear(f"{image}.ff.net.0.proj", arch.image_dim, arch.image_dim)
+        linear(f"{image}.ff.net.2", d, arch.image_dim)
+        affine_norm(f"{image}.norm2", d)
+        if arch.pos_embed_seq_len is not None:
+            shapes[f"{image}.pos_embed"] = (1, arch.pos_embed_seq_len, arch.image_dim)
+    for i in range(arch.num_layers):
+        block = f"blocks.{i}"
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                linear(f"{block}.{attn}.{proj}", d, d)
+            shapes[f"{block}.{attn}.norm_q.weight"] = (d,)
+            shapes[f"{block}.{attn}.norm_k.weight"] = (d,)
+        if arch.image_dim is not None:
+            linear(f"{block}.attn2.add_k_proj", d, d)
+            linear(f"{block}.attn2.add_v_proj", d, d)
+            shapes[f"{block}.attn2.norm_added_k.weight"] = (d,)
+        if arch.cross_attn_norm:
+            affine_norm(f"{block}.norm2", d)
+        linear(f"{block}.ffn.net.0.proj", arch.ffn_dim, d)
+        linear(f"{block}.ffn.net.2", d, arch.ffn_dim)
+        shapes[f"{block}.scale_shift_table"] = (1, 6, d)
+    shapes["scale_shift_table"] = (1, 2, d)
+    volume = arch.patch_size[0] * arch.patch_size[1] * arch.patch_size[2]
+    linear("proj_out", arch.out_channels * volume, d)
+    return shapes
+
+
+# ----------------------------------------------------------------------------- configs
+
+DIFFUSERS_CLASS = "WanTransformer3DModel"
+ORIGINAL_CLASS = "WanModel"
+# diffusers config fields that do not change the weights: kept from the source when exporting.
+DIFFUSERS_NON_ARCH_FIELDS = ("_diffusers_version", "rope_max_seq_len")
+ORIGINAL_NON_ARCH_FIELDS = ("_diffusers_version", "model_type", "text_len")
+
+
+def is_original_config(config: Mapping[str, Any]) -> bool:
+    return config.get("_class_name") == ORIGINAL_CLASS or ("dim" in config and "num_heads" in config)
+
+
+def is_diffusers_config(config: Mapping[str, Any]) -> bool:
+    return config.get("_class_name") == DIFFUSERS_CLASS or "num_attention_heads" in config
+
+
+def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> WanArch:
+    """WanArch of a diffusers config.json, refusing what WanModel does not implement."""
+    name = config.get("_class_name", DIFFUSERS_CLASS)
+    if name != DIFFUSERS_CLASS:
+        raise CheckpointError(f"{where}: model class {name!r} is not supported (expected {DIFFUSERS_CLASS})")
+    required = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels")
+    _require_fields(config, required, where)
+    try:
+        arch = WanArch.from_diffusers_config(dict(config))
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from err
+    added_kv = config.get("added_kv_proj_dim")
+    expected_added_kv = arch.dim if arch.image_dim is not None else None
+    if added_kv != expected_added_kv:
+        raise CheckpointError(
+            f"{where}: added_kv_proj_dim {added_kv} with image_dim {arch.image_dim}: Wan's image branch "
+            f"needs added_kv_proj_dim = dim ({arch.dim}) with an image_dim, and neither without"
+        )
+    return arch
+
+
+def arch_from_original_config(config: Mapping[str, Any], weight_shapes: Mapping[str, Shape], where: str) -> WanArch:
+    """WanArch of an original Wan config.json. The config cannot tell Wan2.1 I2V (with an image
+    branch) from Wan2.2 I2V (without): both say model_type "i2v" with 36 input channels, so the
+    presence of ``img_emb`` weights decides."""
+    _require_fields(config, ("dim", "ffn_dim", "num_heads", "num_layers"), where)
+    if not config.get("qk_norm", True):
+        raise CheckpointError(f"{where}: qk_norm false is not supported (Wan normalises q and k)")
+    if list(config.get("window_size", (-1, -1))) != [-1, -1]:
+        raise CheckpointError(f"{where}: window_size {config['window_size']} is not supported (full attention only)")
+    dim, heads = config["dim"], config["num_heads"]
+    if dim % heads:
+        raise CheckpointError(f"{where}: dim {dim} is not divisible by num_heads {heads}")
+    model_type = config.get("model_type", "t2v")
+    image_dim = pos_embed_seq_len = None
+    if "img_emb.proj.0.weight" in weight_shapes:
+        image_dim = weight_shapes["img_emb.proj.0.weight"][0]
+    elif model_type == "flf2v":
+        image_dim = 1280  # so that the missing image branch is reported as missing keys
+    if "img_emb.emb_pos" in weight_shapes:
+        pos_embed_seq_len = weight_shapes["img_emb.emb_pos"][1]
+    elif model_type == "flf2v":
+        pos_embed_seq_len = 514
+    return WanArch(
+        dim=dim,
+        ffn_dim=config["ffn_dim"],
+        num_heads=heads,
+        num_layers=config["num_layers"],
+        in_channels=config.get("in_dim", 16),
+        out_channels=config.get("out_dim", 16),
+        text_dim=config.get("text_dim", 4096),
+        freq_dim=config.get("freq_dim", 256),
+        patch_size=tuple(config.get("patch_size", (1, 2, 2))),
+        eps=config.get("eps", 1e-6),
+        cross_attn_norm=config.get("cross_attn_norm", True),
+        image_dim=image_dim,
+        pos_embed_seq_len=pos_embed_seq_len,
+    )
+
+
+def default_model_type(arch: WanArch) -> str:
+    if arch.pos_embed_seq_len is not None:
+        return "flf2v"
+    if arch.image_dim is not None or arch.in_channels == 36:
+        return "i2v"
+    return "ti2v" if arch.in_channels == 48 else "t2v"
+
+
+def original_config(arch: WanArch, source: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """An original Wan config.json for ``arch``; fields that do not shape the weights
+    (model_type, text_len) are taken from ``source`` (an original config) when given."""
+    config: Dict[str, Any] = {
+        "_class_name": ORIGINAL_CLASS,
+        "model_type": default_model_type(arch),
+        "patch_size": list(arch.patch_size),
+        "text_len": 512,
+        "in_dim": arch.in_channels,
+        "dim": arch.dim,
+        "ffn_dim": arch.ffn_dim,
+        "freq_dim": arch.freq_dim,
+        "text_dim": arch.text_dim,
+        "out_dim": arch.out_channels,
+        "num_heads": arch.num_heads,
+        "num_layers": arch.num_layers,
+        "window_size": [-1, -1],
+        "qk_norm": True,
+        "cross_attn_norm": arch.cross_attn_norm,
+        "eps": arch.eps,
+    }
+    return _keep_non_arch_fields(config, source, ORIGINAL_NON_ARCH_FIELDS)
+
+
+def diffusers_config(arch: WanArch, source: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """A diffusers config.json for ``arch``, keeping ``source``'s non-architecture fields."""
+    return _keep_non_arch_fields(arch.to_diffusers_config(), source, DIFFUSERS_NON_ARCH_FIELDS)
+
+
+def _keep_non_arch_fields(config: Dict[str, Any], source, names) -> Dict[str, Any]:
+    for name in names:
+        if source is not None and name in source:
+            config[name] = source[name]
+    return config
+
+
+def arch_to_json(arch: WanArch) -> Dict[str, Any]:
+    data = asdict(arch)
+    data["patch_size"] = list(arch.patch_size)
+    return data
+
+
+def arch_from_json(data: Mapping[str, Any], where: str) -> WanArch:
+    known = {f.name for f in fields(WanArch)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"{where}: unknown architecture fields {unknown} (known: {sorted(known)})")
+    values = dict(data)
+    if "patch_size" in values:
+        values["patch_size"] = tuple(values["patch_size"])
+    return WanArch(**values)
+
+
+def arch_differences(found: WanArch, wanted: WanArch) -> str:
+    """'field found (wanted)' for every field that differs."""
+    return ", ".join(
+        f"{f.name} {getattr(found, f.name)!r} (preset {getattr(wanted, f.name)!r})"
+        for f in fields(WanArch)
+        if getattr(found, f.name) != getattr(wanted, f.name)
+    )
+
+
+def _require_fields(config: Mapping[str, Any], names: Iterable[str], where: str) -> None:
+    missing = [name for name in names if name not in config]
+    if missing:
+        raise CheckpointError(f"{where}: missing config fields {missing}")
