@@ -47,6 +47,7 @@ class TensorReader:
             if not files:
                 raise FileNotFoundError(f"no safetensors files in {self.folder}")
             weight_map = None
+        # Kept open for the headers (names, shapes, dtypes); tensor data goes through read().
         self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
         if weight_map is None:
             weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
@@ -59,12 +60,16 @@ class TensorReader:
         return tuple(self._handles[self._file(name)].get_slice(name).get_shape())
 
     def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        handle = self._handles[self._file(name)]
-        if dim is None:
-            return handle.get_tensor(name)
-        tensor_slice = handle.get_slice(name)
-        index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
-        return tensor_slice[index]
+        """The tensor, or its [start, stop) slice along ``dim``. Data is read through a mapping
+        opened for this read alone: the file pages it touched leave this process's memory when
+        it closes (a slice along dim 1 touches every page of the tensor)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self._file(name)), framework="pt") as handle:
+            if dim is None:
+                return handle.get_tensor(name)
+            index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
+            return handle.get_slice(name)[index]
 
     def _file(self, name: str) -> str:
         if name not in self.weight_map:
