@@ -1,0 +1,1 @@
+"""Phased DMD distillation: roles, the phased rollout, the objectives and the training loop."""

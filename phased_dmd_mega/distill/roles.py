@@ -1,0 +1,114 @@
+"""The roles of a Phased DMD run, as velocity functions of (x_t, t, condition).
+
+Every DiT of the project is called as ``model(latents, 1000 * t, context, **extras)`` and returns
+the flow ``psi ~ eps - x0``. A role wraps one model (or a pair of experts split at a noise
+boundary, Wan2.2-A14B) behind ``velocity(x_t, t, condition)`` with ``t`` in [0, 1], shape [B].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from phased_dmd_mega.schedule import expert_for_t
+
+
+@dataclass
+class Condition:
+    """What a DiT is conditioned on, batched like the latents."""
+
+    context: torch.Tensor  # prompt embeddings [B, L, D]
+    context_mask: Optional[torch.Tensor] = None  # [B, L], Qwen-Image
+    concat_latents: Optional[torch.Tensor] = None  # extra input channels (Wan2.2 I2V: 20 more)
+    model_kwargs: Dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. image embeddings
+
+    @property
+    def batch(self) -> int:
+        return self.context.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Condition":
+        """The samples at ``index`` (expert routing splits a batch)."""
+        pick = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
+        return Condition(
+            pick(self.context), pick(self.context_mask), pick(self.concat_latents),
+            {k: v.index_select(0, index) for k, v in self.model_kwargs.items()},
+        )
+
+    def with_context(self, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> "Condition":
+        """The same condition with other prompt embeddings (the negative prompt for CFG)."""
+        return replace(self, context=context, context_mask=context_mask if context_mask is not None else self.context_mask)
+
+    @staticmethod
+    def cat(first: "Condition", second: "Condition") -> "Condition":
+        """Both conditions in one batch (conditional and unconditional CFG branches in one call)."""
+        join = lambda a, b: None if a is None else torch.cat([a, b], 0)  # noqa: E731
+        kwargs = {k: torch.cat([v, second.model_kwargs[k]], 0) for k, v in first.model_kwargs.items()}
+        return Condition(
+            join(first.context, second.context), join(first.context_mask, second.context_mask),
+            join(first.concat_latents, second.concat_latents), kwargs,
+        )
+
+
+def call_dit(model: Callable, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+    """One DiT evaluation on the 0..1000 timestep scale; extra channels are concatenated."""
+    latents = x_t if condition.concat_latents is None else torch.cat([x_t, condition.concat_latents], dim=1)
+    kwargs = dict(condition.model_kwargs)
+    if condition.context_mask is not None:
+        kwargs["context_mask"] = condition.context_mask
+    out = model(latents, 1000.0 * t, condition.context, **kwargs)
+    return out.to(x_t.dtype)
+
+
+class Experts(nn.Module):
+    """One velocity model, or a high-noise and a low-noise expert split at ``boundary``
+    (t >= boundary goes to the high-noise expert). Samples of one batch may go to different
+    experts: each expert runs on its own samples."""
+
+    def __init__(self, high: nn.Module, low: Optional[nn.Module] = None, boundary: Optional[float] = None):
+        super().__init__()
+        if (low is None) != (boundary is None):
+            raise ValueError("two experts need a boundary, and a boundary needs two experts")
+        self.high, self.low, self.boundary = high, low, boundary
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        if self.low is None:
+            return call_dit(self.high, x_t, t, condition)
+        high = expert_for_t(t, self.boundary)
+        if bool(high.all()):
+            return call_dit(self.high, x_t, t, condition)
+        if not bool(high.any()):
+            return call_dit(self.low, x_t, t, condition)
+        out = torch.empty_like(x_t)
+        for model, mask in ((self.high, high), (self.low, ~high)):
+            index = mask.nonzero().squeeze(1)
+            out[index] = call_dit(model, x_t[index], t[index], condition.select(index))
+        return out
+
+
+class GuidedTeacher(nn.Module):
+    """The frozen teacher with classifier-free guidance:
+    psi = psi(x, t, null) + g * (psi(x, t, c) - psi(x, t, null)), with its own scale per expert."""
+
+    def __init__(self, experts: Experts, guidance_scale: float, guidance_scale_low_noise: Optional[float] = None):
+        super().__init__()
+        self.experts = experts
+        self.guidance_scale = guidance_scale
+        self.guidance_scale_low_noise = guidance_scale if guidance_scale_low_noise is None else guidance_scale_low_noise
+
+    def scales(self, t: torch.Tensor) -> torch.Tensor:
+        if self.experts.boundary is None:
+            return torch.full_like(t, self.guidance_scale)
+        high = expert_for_t(t, self.experts.boundary)
+        return torch.where(high, torch.full_like(t, self.guidance_scale), torch.full_like(t, self.guidance_scale_low_noise))
+
+    @torch.no_grad()
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, negative: Condition) -> torch.Tensor:
+        scale = self.scales(t).reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+        if bool((scale == 1).all()):
+            return self.experts(x_t, t, condition)
+        both = self.experts(torch.cat([x_t, x_t]), torch.cat([t, t]), Condition.cat(condition, negative))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + scale * (conditional - unconditional)
