@@ -126,3 +126,18 @@ def test_te_spec_with_fp8_runs_forward_and_backward(single_process):
     out = model(latents, torch.tensor([500.0], device="cuda"), torch.randn(1, 16, 64, device="cuda"))
     out.float().square().mean().backward()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("model_name", ["wan", "qwen_image"])
+def test_split_weights_are_tagged_whether_initialised_or_built_for_loading(single_process, model_name):
+    """Gradient norms and optimizers find the tensor-parallel shards by megatron's tags."""
+    from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, QwenImageModel
+
+    def tags(initialize):
+        options = WanParallel(initialize=initialize)
+        model = WanModel(TINY, options) if model_name == "wan" else QwenImageModel(QWEN_IMAGE_PRESETS["tiny"], options)
+        return {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None)) for n, p in model.named_parameters()}
+
+    loaded = tags(False)
+    assert loaded == tags(True)
+    assert loaded["blocks.0.mlp.linear_fc2.weight" if model_name == "wan" else next(n for n in loaded if n.endswith("fc2.weight"))] == (True, 1)

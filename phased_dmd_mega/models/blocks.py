@@ -181,6 +181,24 @@ def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, in
     )
 
 
+def tag_tensor_parallel_parameters(module: nn.Module) -> None:
+    """megatron tags its split weights (``tensor_model_parallel``, ``partition_dim``) only when
+    it initialises them; a model built to be loaded needs the same tags, since gradient norms,
+    clipping and megatron's optimizers rely on them."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    for layer in module.modules():
+        if isinstance(layer, ColumnParallelLinear):
+            split = [(layer.weight, 0), (layer.bias, 0)]
+        elif isinstance(layer, RowParallelLinear):
+            split = [(layer.weight, 1)]  # the bias is replicated
+        else:
+            continue
+        for param, dim in split:
+            if param is not None and not getattr(param, "tensor_model_parallel", False):
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+
+
 def mark_sequence_parallel(module: nn.Module) -> None:
     """Tag replicated parameters that only see this rank's tokens: their gradients are partial
     sums that the trainer all-reduces over the tensor-parallel group (megatron's convention)."""
@@ -200,6 +218,24 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group. Every rank's output depends on every rank's input, so the backward
+    sums the incoming gradients over the group as well."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class RMSNormAcrossHeads(nn.Module):
     """RMSNorm over the full hidden size when the heads are split across tensor-parallel ranks:
     the sum of squares is all-reduced over the TP group, so the result equals the unsplit norm.
@@ -210,14 +246,14 @@ class RMSNormAcrossHeads(nn.Module):
         self.full_size = full_size
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(divide(full_size, tp_size(), "q/k norm size"), dtype=dtype))
+        # Split over the heads like the column-parallel q/k projections (megatron's tag).
+        self.weight.tensor_model_parallel = tp_size() > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
         if tp_size() > 1:
-            import torch.distributed.nn.functional as dist_fn
-
-            sum_sq = dist_fn.all_reduce(sum_sq, group=tp_group())
+            sum_sq = _AllReduceSum.apply(sum_sq, tp_group())
         normed = xf * torch.rsqrt(sum_sq / self.full_size + self.eps)
         return (normed * self.weight.float()).type_as(x)
 

@@ -291,6 +291,7 @@ class QwenImageModel(nn.Module):
             embeddings = (self.img_in, self.txt_norm, self.txt_in, self.time_embedding)
             for module in (*embeddings, self.head_modulation, self.head):
                 blocks.mark_sequence_parallel(module)
+        blocks.tag_tensor_parallel_parameters(self)
 
     # ------------------------------------------------------------------ pieces of the forward
 

@@ -259,6 +259,7 @@ class WanModel(nn.Module):
             for module in (self.patch_embedding, self.time_embedding, self.time_projection, self.head):
                 blocks.mark_sequence_parallel(module)
             self.head_modulation.sequence_parallel = True
+        blocks.tag_tensor_parallel_parameters(self)
 
     @property
     def patch_volume(self) -> int:
