@@ -1,0 +1,127 @@
+"""One Phased DMD iteration: fake-score updates, then one generator update (two time scales).
+
+The same code runs the paper's baselines: one-phase N-step DMD with SGTS (a layout with one
+phase) and naive N-step DMD (``method="dmd_naive"``: gradient through every step).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
+from phased_dmd_mega.distill.optim import RoleOptimizer
+from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.rollout import Anchor, rollout_to_phase_end
+from phased_dmd_mega.schedule import PhaseLayout, sample_renoise_t, sgts_exit_step
+
+
+@dataclass
+class Batch:
+    condition: Condition
+    negative: Condition
+    latent_shape: tuple  # of the generated latents [B, C, F, H, W]
+
+
+@dataclass
+class PhasedDMDSettings:
+    method: str = "phased_dmd"  # phased_dmd | dmd_sgts | dmd_naive
+    step_rule: str = "euler"
+    dmd_form: str = "subinterval"
+    fake_updates_per_generator_update: int = 5
+    weight_clamp: Optional[float] = None
+    norm_min: float = 1e-4
+    renoise: Dict = None  # keyword arguments of schedule.sample_renoise_t
+    seed: int = 0
+
+
+class PhasedDMD:
+    """Holds the roles of every phase and runs iterations of one phase at a time."""
+
+    def __init__(
+        self,
+        layout: PhaseLayout,
+        teacher: GuidedTeacher,
+        generators: List[RoleOptimizer],
+        fakes: List[RoleOptimizer],
+        settings: PhasedDMDSettings,
+        device: torch.device = torch.device("cpu"),
+        sequence_group=None,
+    ):
+        if len(generators) != layout.num_phases or len(fakes) != layout.num_phases:
+            raise ValueError(f"{layout.num_phases} phases need as many generators and fakes")
+        self.layout, self.teacher, self.generators, self.fakes = layout, teacher, generators, fakes
+        self.settings, self.device, self.sequence_group = settings, device, sequence_group
+
+    def _generator_fns(self) -> List[Experts]:
+        return [role.model for role in self.generators]
+
+    def _random(self, iteration: int, phase: int, purpose: int) -> torch.Generator:
+        # The same numbers on every rank of a parallel group (data parallel ranks offset their
+        # seed through the data), so no communication is needed.
+        return torch.Generator(device="cpu").manual_seed(hash((self.settings.seed, iteration, phase, purpose)) % 2**63)
+
+    def _exit_step(self, phase: int, iteration: int, purpose: int) -> Optional[int]:
+        if self.settings.method == "dmd_naive":
+            return None
+        steps = len(self.layout.steps_of_phase(phase))
+        return sgts_exit_step(steps, self.settings.seed + purpose, iteration, phase)
+
+    def _noise(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(batch.latent_shape, generator=generator).to(self.device)
+
+    def _anchor(self, phase: int, batch: Batch, iteration: int, purpose: int, with_grad: bool) -> Anchor:
+        gen = self._random(iteration, phase, purpose)
+        return rollout_to_phase_end(
+            self._generator_fns(), self.layout, phase, self._noise(batch, gen), batch.condition,
+            self._exit_step(phase, iteration, purpose), self.settings.step_rule, with_grad, gen,
+        )
+
+    def _renoised(self, anchor: Anchor, phase: int, iteration: int, purpose: int):
+        gen = self._random(iteration, phase, purpose + 1000)
+        t = sample_renoise_t(self.layout, phase, anchor.x_s.shape[0], gen, **(self.settings.renoise or {}))
+        return renoise(anchor.x_s, anchor.s, t.to(self.device), gen)
+
+    def fake_update(self, phase: int, batch: Batch, iteration: int, index: int) -> Dict[str, float]:
+        purpose = 1 + index
+        anchor = self._anchor(phase, batch, iteration, purpose, with_grad=False)
+        noised = self._renoised(anchor, phase, iteration, purpose)
+        role = self.fakes[phase]
+        loss = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition, self.settings.weight_clamp)
+        loss.backward()
+        norm = role.step()
+        return {"fake_loss": loss.item(), "fake_grad_norm": norm}
+
+    def generator_update(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
+        anchor = self._anchor(phase, batch, iteration, 0, with_grad=True)
+        noised = self._renoised(anchor, phase, iteration, 0)
+        out = generator_dmd_loss(
+            anchor, noised, self.teacher, self.fakes[phase].model, batch.condition, batch.negative,
+            self.settings.dmd_form, self.settings.norm_min, self.sequence_group,
+        )
+        out["loss"].backward()
+        norm = self.generators[phase].step()
+        return {"dmd_loss": out["loss"].item(), "real_fake_gap": out["real_fake_gap"].item(), "generator_grad_norm": norm}
+
+    def iteration(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
+        start = time.perf_counter()
+        logs: Dict[str, float] = {}
+        for index in range(self.settings.fake_updates_per_generator_update):
+            logs.update(self.fake_update(phase, batch, iteration, index))
+        logs.update(self.generator_update(phase, batch, iteration))
+        logs["step_seconds"] = time.perf_counter() - start
+        return logs
+
+
+@torch.no_grad()
+def sample(generators: List[Experts], layout: PhaseLayout, noise: torch.Tensor, condition: Condition,
+           step_rule: str = "euler", noise_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Few-step sampling: every step uses the generator of its phase (a mixture of experts over
+    noise levels, at no extra inference cost)."""
+    last = layout.num_phases - 1
+    return rollout_to_phase_end(
+        generators, layout, last, noise, condition, len(layout.steps_of_phase(last)), step_rule, False, noise_generator
+    ).x_s
