@@ -33,24 +33,28 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     to_mega = directions.add_parser(
-        "hf-to-mega", help="a diffusers or original Wan checkpoint -> the trainer's format",
-        description="Convert a diffusers or original Wan checkpoint (one model or the two Wan2.2 "
-        "A14B experts; sharded or not) to the trainer's own format.",
+        "hf-to-mega", help="a Wan or Qwen-Image Hugging Face checkpoint -> the trainer's format",
+        description="Convert a Hugging Face checkpoint to the trainer's own format: Wan in the diffusers "
+        "or original layout (one model or the two Wan2.2 A14B experts), Qwen-Image in the diffusers "
+        "layout (a transformer folder or a pipeline root); sharded or not.",
     )
     _add_convert_common(to_mega)
     to_mega.add_argument("--tp", type=int, default=1, help="tensor parallel size to check and record (default 1)")
     to_mega.add_argument("--boundary-ratio", type=float, help="two experts: override the stored/default boundary")
     to_hf = directions.add_parser(
-        "mega-to-hf", help="the trainer's format -> a diffusers or original Wan checkpoint",
+        "mega-to-hf", help="the trainer's format -> a Hugging Face (diffusers, or original Wan) checkpoint",
         description="Convert the trainer's own format back to a Hugging Face layout.",
     )
     _add_convert_common(to_hf)
     to_hf.add_argument("--layout", choices=("diffusers", "original"), default="diffusers",
-                       help="diffusers (WanTransformer3DModel) or original Wan names (default diffusers)")
+                       help="diffusers (WanTransformer3DModel, QwenImageTransformer2DModel) or original "
+                       "Wan names (Wan only; default diffusers)")
 
 
 def _add_convert_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="wan", help="wan (from the source's config) or a preset it must match")
+    parser.add_argument("--arch", default="wan",
+                        help="wan or qwen_image (the numbers come from the source's config), or a preset of "
+                        "either that the source must match (default wan)")
     parser.add_argument("--src", required=True, help="source folder")
     parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -69,7 +73,7 @@ def _shard_size(text: str) -> int:
 def _run_convert(args: argparse.Namespace) -> int:
     from phased_dmd_mega import convert
     from phased_dmd_mega.log import setup_logging
-    from phased_dmd_mega.models.wan_formats import CheckpointError
+    from phased_dmd_mega.models.architectures import CheckpointError
 
     setup_logging()
     try:

@@ -1,10 +1,12 @@
-"""Weight conversion between Wan's Hugging Face layouts and the trainer's own ("mega") format.
+"""Weight conversion between Hugging Face layouts and the trainer's own ("mega") format, for
+every registered architecture (``models.architectures``: Wan, Qwen-Image).
 
-``hf_to_mega`` reads a diffusers or original Wan checkpoint (one model, or the two Wan2.2 A14B
-experts) and writes the mega format: full tensors under the model's parameter names, fused per
-head exactly as the weight rule table builds them at TP 1, sharded safetensors with an index,
-and a config.json describing the architecture and where it came from. ``mega_to_hf`` writes a
-diffusers or original folder back; the round trip is bitwise (dtypes kept per tensor).
+``hf_to_mega`` reads a diffusers checkpoint (a transformer folder or a pipeline root), or an
+original Wan one (one model, or the two Wan2.2 A14B experts), and writes the mega format: full
+tensors under the model's parameter names, fused per head exactly as the weight rule table
+builds them at TP 1, sharded safetensors with an index, and a config.json naming the
+architecture ("arch") with its numbers and where it came from. ``mega_to_hf`` writes a diffusers
+(or, for Wan, original) folder back; the round trip is bitwise (dtypes kept per tensor).
 
 Everything is checked before anything is written (layout, config against weights, keys,
 shapes, dtypes, tensor parallel size); the output is built in a hidden folder beside the
@@ -25,6 +27,7 @@ import torch
 
 from phased_dmd_mega import __version__
 from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.models.architectures import CheckpointError
 from phased_dmd_mega.models.checkpoints import (
     EXPERT_FOLDERS,
     MEGA_FORMAT,
@@ -38,14 +41,6 @@ from phased_dmd_mega.models.checkpoints import (
     open_model,
 )
 from phased_dmd_mega.models.shards import DEFAULT_MAX_SHARD_BYTES, TensorEntry, write_sharded
-from phased_dmd_mega.models.wan_formats import (
-    DIFFUSERS_CLASS,
-    CheckpointError,
-    arch_to_json,
-    diffusers_config,
-    original_config,
-    original_names,
-)
 from phased_dmd_mega.models.weights import split_interleaved_heads
 
 log = get_logger(__name__)
@@ -59,16 +54,17 @@ def hf_to_mega(
     src: PathLike,
     dst: PathLike,
     *,
-    arch: str = "wan",
+    arch: Optional[str] = "wan",
     tensor_parallel: int = 1,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     boundary_ratio: Optional[float] = None,
 ) -> Path:
-    """A diffusers or original Wan checkpoint -> the mega format in ``dst``. ``tensor_parallel``
-    is checked against the heads and recorded; ``boundary_ratio`` overrides the source's (two
-    experts only)."""
-    checkpoint = inspect_checkpoint(src)
+    """A Hugging Face checkpoint of ``arch`` -> the mega format in ``dst``. ``arch``: "wan",
+    "qwen_image", a preset name of either (the source must be that preset), or None (whatever
+    the source's config says). ``tensor_parallel`` is checked against the heads and recorded;
+    ``boundary_ratio`` overrides the source's (two experts only)."""
+    checkpoint = inspect_checkpoint(src, arch)
     if checkpoint.layout == "mega":
         raise CheckpointError(f"{src} is already in the trainer's format ({MEGA_FORMAT}); use mega-to-hf")
     return convert(checkpoint, dst, to="mega", arch=arch, tensor_parallel=tensor_parallel, overwrite=overwrite,
@@ -80,14 +76,15 @@ def mega_to_hf(
     dst: PathLike,
     *,
     layout: str = "diffusers",
-    arch: str = "wan",
+    arch: Optional[str] = "wan",
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """The mega format -> a diffusers or original (``layout``) Wan checkpoint in ``dst``."""
+    """The mega format -> a diffusers or (Wan only) original (``layout``) checkpoint in ``dst``;
+    ``arch`` as for ``hf_to_mega``."""
     if layout not in ("diffusers", "original"):
         raise CheckpointError(f"unknown layout {layout!r}: expected diffusers or original")
-    checkpoint = inspect_checkpoint(src)
+    checkpoint = inspect_checkpoint(src, arch)
     if checkpoint.layout != "mega":
         raise CheckpointError(
             f"{src} is a {checkpoint.layout} checkpoint, not {MEGA_FORMAT}; mega-to-hf reads the "
@@ -101,7 +98,7 @@ def convert(
     dst: PathLike,
     *,
     to: str,
-    arch: str = "wan",
+    arch: Optional[str] = "wan",
     tensor_parallel: int = 1,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -110,10 +107,17 @@ def convert(
     """Any layout -> ``to`` (mega, diffusers or original); see the module docstring."""
     if to not in TARGETS:
         raise CheckpointError(f"unknown target layout {to!r}: expected one of {TARGETS}")
-    checkpoint = source if isinstance(source, Checkpoint) else inspect_checkpoint(source)
+    checkpoint = source if isinstance(source, Checkpoint) else inspect_checkpoint(source, arch)
+    architecture = checkpoint.architecture
+    layouts = architecture.hf_layouts + ("mega",)
+    if to not in layouts:
+        raise CheckpointError(
+            f"{checkpoint.root} is {architecture.title}, which has no {to} layout (it has {', '.join(layouts)})"
+        )
     dst = Path(dst)
     _check_destination(checkpoint.root, dst, overwrite)
-    models = {name: open_model(folder, checkpoint.layout, arch) for name, folder in checkpoint.folders.items()}
+    models = {name: open_model(folder, checkpoint.layout, arch, architecture)
+              for name, folder in checkpoint.folders.items()}
     for files in models.values():
         check_tensor_parallel(files.arch, tensor_parallel)
     ratio = _experts_boundary(checkpoint, models, boundary_ratio)
@@ -202,7 +206,7 @@ def _mega_tensors(files: ModelFiles) -> Tuple[List[TensorEntry], Iterator[Tuple[
 def _hf_tensors(files: ModelFiles, to: str) -> Tuple[List[TensorEntry], Iterator[Tuple[str, torch.Tensor]]]:
     view = files.view
     sources = [source for rule in files.rules for source in rule.sources]
-    names = original_names(sources) if to == "original" else {source: source for source in sources}
+    names = files.architecture.original.names(sources) if to == "original" else {s: s for s in sources}
     entries = [TensorEntry(names[s], view.dtype(s), view.shape(s)) for s in sources]
 
     def tensors():
@@ -219,8 +223,8 @@ def _mega_config(files: ModelFiles, tensor_parallel: int) -> Dict[str, Any]:
     return {
         "format": MEGA_FORMAT,
         "format_version": MEGA_FORMAT_VERSION,
-        "arch": "wan",
-        "architecture": arch_to_json(files.arch),
+        "arch": files.architecture.name,
+        "architecture": files.architecture.arch_to_json(files.arch),
         "tensor_parallel": tensor_parallel,
         "provenance": _provenance(files),
     }
@@ -239,7 +243,9 @@ def _provenance(files: ModelFiles) -> Dict[str, Any]:
 
 def _hf_config(files: ModelFiles, to: str) -> Dict[str, Any]:
     source = _source_config(files, to)
-    return diffusers_config(files.arch, source) if to == "diffusers" else original_config(files.arch, source)
+    if to == "diffusers":
+        return files.architecture.diffusers_config(files.arch, source)
+    return files.architecture.original.config(files.arch, source)
 
 
 def _source_config(files: ModelFiles, layout: str) -> Optional[Dict[str, Any]]:
@@ -260,7 +266,7 @@ def _write_experts_index(staging: Path, checkpoint: Checkpoint, models: Dict[str
         _write_json(staging / "config.json", {
             "format": MEGA_FORMAT,
             "format_version": MEGA_FORMAT_VERSION,
-            "arch": "wan",
+            "arch": checkpoint.architecture.name,
             "experts": dict(EXPERT_FOLDERS["mega"]),
             "boundary_ratio": ratio,
             "tensor_parallel": tensor_parallel,
@@ -290,12 +296,13 @@ def _model_index(checkpoint: Checkpoint, high: ModelFiles, ratio: float) -> Dict
     if checkpoint.layout == "mega":
         provenance = (checkpoint.top_config or {}).get("provenance", {})
         source = provenance.get("source_index") if provenance.get("source_layout") == "diffusers" else None
-    default_class = "WanImageToVideoPipeline" if high.arch.in_channels == 36 else "WanPipeline"
+    architecture = checkpoint.architecture
+    default_class = architecture.experts.pipeline_class(high.arch)
     index = {"_class_name": (source or {}).get("_class_name", default_class)}
     if source and "_diffusers_version" in source:
         index["_diffusers_version"] = source["_diffusers_version"]
-    index.update(boundary_ratio=ratio, transformer=["diffusers", DIFFUSERS_CLASS],
-                 transformer_2=["diffusers", DIFFUSERS_CLASS])
+    transformer = ["diffusers", architecture.diffusers_class]
+    index.update(boundary_ratio=ratio, transformer=transformer, transformer_2=transformer)
     return index
 
 

@@ -27,11 +27,9 @@ from phased_dmd_mega.models.weights import (
     split_interleaved_heads,
 )
 from phased_dmd_mega.testing import run_distributed
+from tiny_models import QWEN_TINY
 
-TINY = dict(
-    patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
-    num_attention_heads=4, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
-)
+TINY = QWEN_TINY
 TOLERANCE = 1e-5
 LATENT_HW = (6, 10)  # -> a 3 x 5 grid of packed tokens
 TEXT_LENGTHS = (7, 4)  # real text tokens per sample; the context has 7

@@ -1,18 +1,22 @@
-"""Wan checkpoint folders in any of their three layouts, opened for reading and checked.
+"""Checkpoint folders of any registered architecture (Wan, Qwen-Image) in any of their layouts,
+opened for reading and checked.
 
-Layouts (see also wan_formats):
-- ``diffusers``: a ``WanTransformer3DModel`` folder (config.json + safetensors), or a pipeline
-  root (model_index.json) with ``transformer/`` and, for Wan2.2 A14B, ``transformer_2/`` (the
-  low-noise expert) and ``boundary_ratio`` in model_index.json;
-- ``original``: Wan-Video's own names and config fields; Wan2.2 A14B as ``high_noise_model/`` +
-  ``low_noise_model/``;
+Layouts (the architecture's adapter, ``architectures``, says which it has):
+- ``diffusers``: a transformer folder (config.json + safetensors: ``WanTransformer3DModel``,
+  ``QwenImageTransformer2DModel``), or a pipeline root (model_index.json) with ``transformer/``
+  and, for Wan2.2 A14B, ``transformer_2/`` (the low-noise expert) and ``boundary_ratio`` in
+  model_index.json;
+- ``original`` (Wan only): Wan-Video's own names and config fields; Wan2.2 A14B as
+  ``high_noise_model/`` + ``low_noise_model/``;
 - ``mega``: the trainer's own format written by the converter: full tensors under the model's
-  parameter names, config.json ``{"format": "phased-dmd-mega", "arch": "wan", "architecture":
-  {...}}``; two experts as ``high_noise/`` + ``low_noise/`` with ``boundary_ratio`` on top.
+  parameter names, config.json ``{"format": "phased-dmd-mega", "arch": "wan" | "qwen_image",
+  "architecture": {...}}``; two experts (Wan) as ``high_noise/`` + ``low_noise/`` with
+  ``boundary_ratio`` on top.
 
+The config says which architecture a folder holds (its ``_class_name``, or the mega ``arch``).
 Whatever the layout, a model's tensors are presented under diffusers names (``CheckpointView``),
-so the one rule table of ``wan.diffusers_weight_rules`` builds the model's parameters, and every
-tensor-parallel rank reads only its own slices.
+so the architecture's one rule table builds the model's parameters, and every tensor-parallel
+rank reads only its own slices.
 """
 
 from __future__ import annotations
@@ -24,20 +28,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from phased_dmd_mega.models.shards import TORCH_DTYPES
-from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, diffusers_weight_rules
-from phased_dmd_mega.models.wan_formats import (
+from phased_dmd_mega.models.architectures import (
+    MEGA_FORMAT,
+    Architecture,
     CheckpointError,
     Shape,
-    arch_differences,
-    arch_from_diffusers_config,
-    arch_from_json,
-    arch_from_original_config,
-    diffusers_shapes,
-    is_diffusers_config,
-    is_original_config,
-    original_names,
+    architecture_of,
+    check_requested_family,
+    check_requested_name,
+    get_architecture,
+    registry,
 )
+from phased_dmd_mega.models.shards import TORCH_DTYPES
 from phased_dmd_mega.models.weights import (
     COLUMN,
     REPLICATED,
@@ -48,17 +50,15 @@ from phased_dmd_mega.models.weights import (
 )
 
 LAYOUTS = ("diffusers", "original", "mega")
-MEGA_FORMAT = "phased-dmd-mega"
 MEGA_FORMAT_VERSION = 1
 SINGLE = "model"  # the key of a checkpoint's only model; two experts are "high" and "low"
 EXPERTS = ("high", "low")
+# Two-expert checkpoints (architectures with ExpertPairs: Wan2.2 A14B): each expert's folder per layout.
 EXPERT_FOLDERS = {
     "mega": {"high": "high_noise", "low": "low_noise"},
     "original": {"high": "high_noise_model", "low": "low_noise_model"},
     "diffusers": {"high": "transformer", "low": "transformer_2"},
 }
-# Wan2.2 A14B: the expert boundary on the 0..1 noise scale, by input channels (T2V, I2V).
-DEFAULT_BOUNDARY_RATIO = {16: 0.875, 36: 0.9}
 _KEYS_LISTED = 50
 
 
@@ -137,10 +137,11 @@ class CheckpointView(TensorReader):
     """A model's tensors under diffusers names, whatever the layout on disk. It is a
     TensorReader, so ``weights.build_local_tensor`` reads this rank's slices through it."""
 
-    def __init__(self, files: SafetensorsFolder, layout: str, rules: List[WeightRule]):
-        self.files, self.layout, self.rules = files, layout, rules
+    def __init__(self, files: SafetensorsFolder, layout: str, architecture: Architecture, arch):
+        self.files, self.layout, self.architecture = files, layout, architecture
+        self.rules: List[WeightRule] = architecture.weight_rules(arch)
         self.folder = files.folder
-        self.stored = _stored_names(layout, rules)
+        self.stored = _stored_names(layout, self.rules, architecture)
 
     # TensorReader's interface, diffusers names
     def keys(self) -> List[str]:
@@ -187,33 +188,35 @@ class CheckpointView(TensorReader):
         return (first[0] * len(rule.sources), *first[1:])
 
 
-def _stored_names(layout: str, rules: Iterable[WeightRule]) -> Dict[str, StoredAs]:
+def _stored_names(layout: str, rules: Iterable[WeightRule], architecture: Architecture) -> Dict[str, StoredAs]:
     rules = list(rules)
     sources = [source for rule in rules for source in rule.sources]
     if layout == "diffusers":
         return {name: StoredAs(name) for name in sources}
-    if layout == "original":
-        return {name: StoredAs(original) for name, original in original_names(sources).items()}
+    if layout == "original" and architecture.original is not None:
+        return {name: StoredAs(original) for name, original in architecture.original.names(sources).items()}
     if layout == "mega":
         stored = {}
         for rule in rules:
             for part, name in enumerate(rule.sources):
                 stored[name] = StoredAs(rule.own, part, len(rule.sources), rule.head_dim)
         return stored
-    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    raise ValueError(f"unknown layout {layout!r} for {architecture.title}; expected one of "
+                     f"{architecture.hf_layouts + ('mega',)}")
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def check_weights(view: CheckpointView, arch: WanArch, where: str) -> None:
+def check_weights(view: CheckpointView, arch, where: str) -> None:
     """Keys (missing and unexpected, listed), shapes (key, file's and config's) and dtypes
     (floating point; one dtype per fused tensor) against the architecture of ``where``."""
     expected = _expected_file_shapes(view, arch)
+    summary = view.architecture.summary(arch)
     available = set(view.files.weight_map)
     missing, unexpected = sorted(set(expected) - available), sorted(available - set(expected))
     if missing or unexpected:
-        lines = [f"weights in {view.folder} do not match {where} ({_summary(arch)}):"]
+        lines = [f"weights in {view.folder} do not match {where} ({summary}):"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {_listed(missing)}")
         if unexpected:
@@ -226,13 +229,13 @@ def check_weights(view: CheckpointView, arch: WanArch, where: str) -> None:
     ]
     if wrong:
         raise CheckpointError(
-            f"tensor shapes in {view.folder} do not match {where} ({_summary(arch)}):\n" + "\n".join(wrong)
+            f"tensor shapes in {view.folder} do not match {where} ({summary}):\n" + "\n".join(wrong)
         )
     _check_dtypes(view)
 
 
-def _expected_file_shapes(view: CheckpointView, arch: WanArch) -> Dict[str, Shape]:
-    shapes = diffusers_shapes(arch)
+def _expected_file_shapes(view: CheckpointView, arch) -> Dict[str, Shape]:
+    shapes = view.architecture.diffusers_shapes(arch)
     expected: Dict[str, Shape] = {}
     for name, at in view.stored.items():
         shape = shapes[name]
@@ -254,8 +257,9 @@ def _check_dtypes(view: CheckpointView) -> None:
             )
 
 
-def check_tensor_parallel(arch: WanArch, tensor_parallel: int, ulysses_parallel: int = 1) -> None:
-    """Heads (and the MLP) must split evenly over the ranks."""
+def check_tensor_parallel(arch, tensor_parallel: int, ulysses_parallel: int = 1) -> None:
+    """Heads (and the MLP) must split evenly over the ranks (any architecture: both have
+    num_heads, dim, head_dim and ffn_dim)."""
     if tensor_parallel < 1:
         raise CheckpointError(f"tensor parallel size must be positive, got {tensor_parallel}")
     ranks = tensor_parallel * ulysses_parallel
@@ -264,19 +268,11 @@ def check_tensor_parallel(arch: WanArch, tensor_parallel: int, ulysses_parallel:
     )
     if arch.num_heads % ranks:
         raise CheckpointError(
-            f"{what} does not divide the {arch.num_heads} attention heads of this Wan model "
+            f"{what} does not divide the {arch.num_heads} attention heads of this {architecture_of(arch).title} model "
             f"(dim {arch.dim}, head_dim {arch.head_dim}); choose a size that divides {arch.num_heads}"
         )
     if arch.ffn_dim % tensor_parallel:
         raise CheckpointError(f"tensor parallel size {tensor_parallel} does not divide ffn_dim {arch.ffn_dim}")
-
-
-def _summary(arch: WanArch) -> str:
-    image = f", image_dim {arch.image_dim}" if arch.image_dim is not None else ""
-    return (
-        f"dim {arch.dim}, {arch.num_heads} heads, {arch.num_layers} layers, ffn_dim {arch.ffn_dim}, "
-        f"in/out channels {arch.in_channels}/{arch.out_channels}{image}"
-    )
 
 
 def _listed(names: List[str]) -> str:
@@ -289,11 +285,12 @@ def _listed(names: List[str]) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a folder holds: its layout, one folder per model (``{"model": ...}`` or
-    ``{"high": ..., "low": ...}`` for Wan2.2 A14B) and the experts' boundary when stored."""
+    """What a folder holds: its layout and architecture, one folder per model (``{"model": ...}``
+    or ``{"high": ..., "low": ...}`` for Wan2.2 A14B) and the experts' boundary when stored."""
 
     root: Path
     layout: str
+    architecture: Architecture
     folders: Dict[str, Path]
     boundary_ratio: Optional[float] = None
     top_config: Optional[Dict[str, Any]] = None  # model_index.json or the mega top config
@@ -316,8 +313,11 @@ class Checkpoint:
         return self.folders[SINGLE]
 
 
-def inspect_checkpoint(path) -> Checkpoint:
-    """Tell the layout of ``path`` and find its models, without reading any weights."""
+def inspect_checkpoint(path, arch: Optional[str] = None) -> Checkpoint:
+    """Tell the layout and architecture of ``path`` and find its models, reading configs but no
+    weights. ``arch`` (an architecture or preset name; None: any) must name the folder's
+    architecture; whether the folder is that preset is checked when a model is opened."""
+    check_requested_name(arch)
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}")
@@ -325,16 +325,17 @@ def inspect_checkpoint(path) -> Checkpoint:
     if len(found) > 1:
         raise CheckpointError(f"the layout of {root} is ambiguous: it has {' and '.join(found)}")
     if not found:
+        configs = ", ".join(_config_descriptions())
         raise CheckpointError(
-            f"cannot tell the layout of {root}: expected a config.json (diffusers WanTransformer3DModel, "
-            f"original Wan, or {MEGA_FORMAT}), a diffusers pipeline (model_index.json with transformer/), "
-            f"or Wan2.2 A14B expert folders (high_noise_model/ and low_noise_model/)"
+            f"cannot tell the layout of {root}: expected a config.json ({configs} or a {MEGA_FORMAT} config), a "
+            f"diffusers pipeline (model_index.json with transformer/), or Wan2.2 A14B expert folders "
+            f"(high_noise_model/ and low_noise_model/)"
         )
     if found[0] == "model_index.json":
-        return _diffusers_pipeline(root)
+        return _diffusers_pipeline(root, arch)
     if found[0] == "config.json":
-        return _single_config_folder(root)
-    return _original_experts(root)
+        return _single_config_folder(root, arch)
+    return _original_experts(root, arch)
 
 
 def _layout_markers(root: Path) -> List[str]:
@@ -357,48 +358,78 @@ def read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
-def config_layout(config: Mapping[str, Any], path: Path) -> str:
+def config_kind(config: Mapping[str, Any], path: Path, requested: Optional[str] = None) -> Tuple[str, Architecture]:
+    """The layout ("diffusers", "original", "mega") and architecture of a model's config.json;
+    ``requested`` (an architecture or preset name, or None) must name that architecture."""
+    layout, architecture = _classify_config(config, path)
+    check_requested_family(architecture, f"{path} is {_described(layout, architecture)}", requested)
+    return layout, architecture
+
+
+def _classify_config(config: Mapping[str, Any], path: Path) -> Tuple[str, Architecture]:
     if "format" in config:
         if config["format"] != MEGA_FORMAT:
             raise CheckpointError(f"{path}: unknown format {config['format']!r} (expected {MEGA_FORMAT!r})")
-        return "mega"
-    if is_diffusers_config(config):
-        return "diffusers"
-    if is_original_config(config):
-        return "original"
-    raise CheckpointError(
-        f"{path} is neither a diffusers WanTransformer3DModel config, an original Wan config "
-        f"(dim, num_heads, ...) nor a {MEGA_FORMAT} config (_class_name: {config.get('_class_name')!r})"
-    )
+        return "mega", get_architecture(config.get("arch"), str(path))
+    kinds = [(adapter.hf_layout_of(config), adapter) for adapter in registry().values()]
+    kinds = [(layout, adapter) for layout, adapter in kinds if layout is not None]
+    if len(kinds) > 1:
+        claims = " or ".join(_described(layout, adapter) for layout, adapter in kinds)
+        raise CheckpointError(f"{path} is ambiguous: it could be {claims}; give its _class_name")
+    if not kinds:
+        configs = _config_descriptions()
+        raise CheckpointError(
+            f"{path} is neither {', '.join(configs)} nor a {MEGA_FORMAT} config "
+            f"(_class_name: {config.get('_class_name')!r})"
+        )
+    return kinds[0]
 
 
-def _single_config_folder(root: Path) -> Checkpoint:
+def _config_descriptions() -> List[str]:
+    return [description for adapter in registry().values() for description in adapter.config_descriptions()]
+
+
+def _described(layout: str, architecture: Architecture) -> str:
+    if layout == "mega":
+        return f"a {MEGA_FORMAT} {architecture.name!r} config"
+    if layout == "original":
+        return architecture.original.description
+    return f"a diffusers {architecture.diffusers_class} config"
+
+
+def _single_config_folder(root: Path, requested: Optional[str]) -> Checkpoint:
     config = read_json(root / "config.json")
-    layout = config_layout(config, root / "config.json")
+    layout, architecture = config_kind(config, root / "config.json", requested)
     if layout == "mega" and "experts" in config:
+        _require_expert_pairs(architecture, root)
         experts = config["experts"]
         if not isinstance(experts, dict) or set(experts) != set(EXPERTS):
             raise CheckpointError(f"{root / 'config.json'}: experts must map 'high' and 'low' to folders")
         folders = {name: root / sub for name, sub in experts.items()}
         _require_folders(folders, root)
-        return Checkpoint(root, layout, folders, config.get("boundary_ratio"), config)
-    return Checkpoint(root, layout, {SINGLE: root}, None, config if layout == "mega" else None)
+        return Checkpoint(root, layout, architecture, folders, config.get("boundary_ratio"), config)
+    return Checkpoint(root, layout, architecture, {SINGLE: root}, None, config if layout == "mega" else None)
 
 
-def _diffusers_pipeline(root: Path) -> Checkpoint:
+def _diffusers_pipeline(root: Path, requested: Optional[str]) -> Checkpoint:
     index = read_json(root / "model_index.json")
     high, low = (root / EXPERT_FOLDERS["diffusers"][e] for e in EXPERTS)
     if not high.is_dir():
         raise CheckpointError(f"{root} has a model_index.json but no transformer/ folder")
+    _, architecture = config_kind(read_json(high / "config.json"), high / "config.json", requested)
     if not low.is_dir():
-        return Checkpoint(root, "diffusers", {SINGLE: high}, None, index)
-    return Checkpoint(root, "diffusers", {"high": high, "low": low}, index.get("boundary_ratio"), index)
+        return Checkpoint(root, "diffusers", architecture, {SINGLE: high}, None, index)
+    _require_expert_pairs(architecture, root)
+    return Checkpoint(root, "diffusers", architecture, {"high": high, "low": low}, index.get("boundary_ratio"), index)
 
 
-def _original_experts(root: Path) -> Checkpoint:
+def _original_experts(root: Path, requested: Optional[str]) -> Checkpoint:
     folders = {name: root / sub for name, sub in EXPERT_FOLDERS["original"].items()}
     _require_folders(folders, root)
-    return Checkpoint(root, "original", folders, None, None)
+    config_path = folders["high"] / "config.json"
+    _, architecture = config_kind(read_json(config_path), config_path, requested)
+    _require_expert_pairs(architecture, root)
+    return Checkpoint(root, "original", architecture, folders, None, None)
 
 
 def _require_folders(folders: Mapping[str, Path], root: Path) -> None:
@@ -407,16 +438,25 @@ def _require_folders(folders: Mapping[str, Path], root: Path) -> None:
         raise CheckpointError(f"{root} holds two experts but {', '.join(absent)} is missing")
 
 
-def expert_boundary_ratio(checkpoint: Checkpoint, arch: WanArch) -> float:
-    """The stored boundary, or Wan2.2's default for the input channels (0.875 T2V, 0.9 I2V)."""
+def _require_expert_pairs(architecture: Architecture, root: Path) -> None:
+    if architecture.experts is None:
+        raise CheckpointError(
+            f"{root} is laid out as two experts (high and low noise), but a {architecture.title} checkpoint "
+            f"holds one model"
+        )
+
+
+def expert_boundary_ratio(checkpoint: Checkpoint, arch) -> float:
+    """The stored boundary, or the architecture's default (Wan2.2: 0.875 T2V, 0.9 I2V)."""
     if checkpoint.boundary_ratio is not None:
         return float(checkpoint.boundary_ratio)
-    if arch.in_channels not in DEFAULT_BOUNDARY_RATIO:
+    default = checkpoint.architecture.experts.default_boundary_ratio(arch)
+    if default is None:
         raise CheckpointError(
-            f"{checkpoint.root} stores no boundary_ratio and Wan has no default for {arch.in_channels} "
-            f"input channels (known: {DEFAULT_BOUNDARY_RATIO}); give one explicitly"
+            f"{checkpoint.root} stores no boundary_ratio and {checkpoint.architecture.title} has no default for "
+            f"{arch.in_channels} input channels; give one explicitly"
         )
-    return DEFAULT_BOUNDARY_RATIO[arch.in_channels]
+    return default
 
 
 # ----------------------------------------------------------------------------- models
@@ -429,56 +469,50 @@ class ModelFiles:
 
     folder: Path
     layout: str
-    arch: WanArch
+    arch: Any  # the architecture's arch class (WanArch, QwenImageArch)
     config: Dict[str, Any]
     view: CheckpointView
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.view.architecture
 
     @property
     def rules(self) -> List[WeightRule]:
         return self.view.rules
 
 
-def open_model(folder: Path, layout: str, arch: Optional[str] = None) -> ModelFiles:
+def open_model(
+    folder: Path, layout: str, arch: Optional[str] = None, architecture: Optional[Architecture] = None
+) -> ModelFiles:
     """Read ``folder``'s config, check its weights against it, and (with a preset name in
-    ``arch``) that it is that preset. Nothing but safetensors headers is read."""
+    ``arch``) that it is that preset. ``architecture``: the one its checkpoint was found to be
+    (every model of a checkpoint is of one architecture). Nothing but safetensors headers is read."""
     config_path = Path(folder) / "config.json"
     config = read_json(config_path)
-    found = config_layout(config, config_path)
+    found, found_architecture = config_kind(config, config_path, arch)
     if found != layout:
         raise CheckpointError(f"{config_path} is a {found} config inside a {layout} checkpoint")
+    if architecture is not None and found_architecture is not architecture:
+        raise CheckpointError(
+            f"{config_path} is a {found_architecture.title} model inside a {architecture.title} checkpoint"
+        )
     files = SafetensorsFolder(folder)
-    if layout == "diffusers":
-        found_arch = arch_from_diffusers_config(config, str(config_path))
-    elif layout == "original":
-        image_shapes = {key: files.shape(key) for key in files.weight_map if key.startswith("img_emb.")}
-        found_arch = arch_from_original_config(config, image_shapes, str(config_path))
-    else:
-        found_arch = _mega_arch(config, config_path)
-    found_arch = resolve_arch(found_arch, arch, str(config_path))
-    view = CheckpointView(files, layout, diffusers_weight_rules(found_arch))
+    found_arch = _arch_from_config(found_architecture, layout, config, files, config_path)
+    found_arch = found_architecture.check_preset(found_arch, arch, str(config_path))
+    view = CheckpointView(files, layout, found_architecture, found_arch)
     check_weights(view, found_arch, str(config_path))
     return ModelFiles(Path(folder), layout, found_arch, config, view)
 
 
-def _mega_arch(config: Mapping[str, Any], path: Path) -> WanArch:
-    if config.get("arch") != "wan":
-        raise CheckpointError(f"{path}: arch {config.get('arch')!r} is not supported (only 'wan')")
+def _arch_from_config(architecture: Architecture, layout: str, config: Mapping[str, Any],
+                      files: SafetensorsFolder, path: Path):
+    if layout == "diffusers":
+        return architecture.arch_from_diffusers_config(config, str(path))
+    if layout == "original":
+        # Some original configs leave a choice to the weights (Wan2.1 vs Wan2.2 I2V): their shapes go along.
+        shapes = {key: files.shape(key) for key in files.weight_map}
+        return architecture.original.arch_from_config(config, shapes, str(path))
     if "architecture" not in config:
         raise CheckpointError(f"{path}: no 'architecture' in a {MEGA_FORMAT} model config")
-    try:
-        return arch_from_json(config["architecture"], str(path))
-    except TypeError as err:
-        raise CheckpointError(f"{path}: bad architecture: {err}") from err
-
-
-def resolve_arch(found: WanArch, requested: Optional[str], where: str) -> WanArch:
-    """``requested`` None or "wan": the folder's own architecture; a preset name: the folder's
-    architecture must be that preset."""
-    if requested in (None, "wan"):
-        return found
-    if requested not in WAN_PRESETS:
-        raise CheckpointError(f"unknown arch {requested!r}: expected 'wan' or a preset ({', '.join(WAN_PRESETS)})")
-    preset = WAN_PRESETS[requested]
-    if found != preset:
-        raise CheckpointError(f"{where} is not preset {requested!r}: {arch_differences(found, preset)}")
-    return found
+    return architecture.arch_from_json(config["architecture"], str(path))

@@ -1,4 +1,5 @@
-"""``load_pretrained``: a Wan checkpoint in any layout -> a WanModel for this parallel state.
+"""``load_pretrained``: a checkpoint of any registered architecture (Wan, Qwen-Image), in any of
+its layouts -> that architecture's model for this parallel state.
 
 Each tensor-parallel rank reads only its own slices of the weights (safetensors slicing through
 the checkpoint's view), one parameter at a time, straight into the model's parameters.
@@ -11,20 +12,21 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from torch import nn
 
 from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.models.architectures import CheckpointError
+from phased_dmd_mega.models.blocks import ModelParallelOptions
 from phased_dmd_mega.models.checkpoints import (
     CheckpointView,
     check_tensor_parallel,
     inspect_checkpoint,
     open_model,
 )
-from phased_dmd_mega.models.wan import WanModel, WanParallel
-from phased_dmd_mega.models.wan_formats import CheckpointError
 
 log = get_logger(__name__)
 
-# WanParallel fields set by load_pretrained itself rather than passed through.
+# ModelParallelOptions fields set by load_pretrained itself rather than passed through.
 _SET_HERE = ("dtype", "initialize")
 
 
@@ -35,33 +37,35 @@ def load_pretrained(
     expert: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
     **model_options: Any,
-) -> WanModel:
-    """Build a WanModel for the current parallel state (``parallel.initialize`` first) from
-    ``path``: a diffusers folder or pipeline root, an original Wan folder, or the converter's
-    own format; sharded or not. ``arch`` is None / "wan" (the folder's config decides) or a
-    preset name the config must match. ``expert`` ("high" / "low") picks a Wan2.2 A14B expert
-    and is required for such a checkpoint. ``model_options`` go to WanParallel
-    (sequence_parallel, attention_backend, transformer_impl); sequence_parallel defaults to
-    the parallel layout's. The model is built on the CPU (megatron's CPU initialisation);
+) -> nn.Module:
+    """Build the model of ``path``'s architecture (a WanModel or a QwenImageModel) for the
+    current parallel state (``parallel.initialize`` first): a diffusers folder or pipeline root,
+    an original Wan folder, or the converter's own format; sharded or not. ``arch`` is None (the
+    folder's config decides), an architecture ("wan", "qwen_image") or a preset name, which the
+    folder must be. ``expert`` ("high" / "low") picks a Wan2.2 A14B expert and is required for
+    such a checkpoint. ``model_options`` go to ModelParallelOptions (sequence_parallel,
+    attention_backend, transformer_impl, fp8_recipe, recompute, ...); sequence_parallel defaults
+    to the parallel layout's. The model is built on the CPU (megatron's CPU initialisation);
     move it with ``.to(parallel.layout().device)``."""
     from phased_dmd_mega import parallel
 
     if not parallel.is_initialized():
         raise RuntimeError("load_pretrained needs the parallel state: call parallel.initialize() first")
     layout = parallel.layout()
-    checkpoint = inspect_checkpoint(path)
-    files = open_model(checkpoint.model_folder(expert), checkpoint.layout, arch)
+    checkpoint = inspect_checkpoint(path, arch)
+    files = open_model(checkpoint.model_folder(expert), checkpoint.layout, arch, checkpoint.architecture)
     check_tensor_parallel(files.arch, layout.tensor_parallel, layout.ulysses_parallel)
     options = {"sequence_parallel": layout.sequence_parallel, **model_options}
-    model = WanModel(files.arch, WanParallel(dtype=dtype, initialize=False, **_checked_options(options)))
+    par = ModelParallelOptions(dtype=dtype, initialize=False, **_checked_options(options))
+    model = files.architecture.model_class(files.arch, par)
     _load_rank_weights(model, files.view, layout.tensor_parallel_rank, layout.tensor_parallel)
-    log.info("loaded %s (%s layout%s) at tensor parallel %d", files.folder, files.layout,
-             f", {expert} noise expert" if expert else "", layout.tensor_parallel)
+    log.info("loaded %s (%s %s layout%s) at tensor parallel %d", files.folder, files.architecture.title,
+             files.layout, f", {expert} noise expert" if expert else "", layout.tensor_parallel)
     return model
 
 
 def _checked_options(options: dict) -> dict:
-    allowed = sorted(f.name for f in fields(WanParallel) if f.name not in _SET_HERE)
+    allowed = sorted(f.name for f in fields(ModelParallelOptions) if f.name not in _SET_HERE)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"load_pretrained: unknown model options {unknown}; allowed: {allowed} (and dtype)")
@@ -69,7 +73,7 @@ def _checked_options(options: dict) -> dict:
 
 
 @torch.no_grad()
-def _load_rank_weights(model: WanModel, view: CheckpointView, rank: int, size: int) -> None:
+def _load_rank_weights(model: nn.Module, view: CheckpointView, rank: int, size: int) -> None:
     params = dict(model.named_parameters())
     wanted = {rule.own for rule in view.rules}
     if wanted != set(params):  # the rule table and the model must describe the same parameters

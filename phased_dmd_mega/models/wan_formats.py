@@ -1,4 +1,5 @@
-"""Wan's two Hugging Face layouts: original (Wan-Video) and diffusers names, configs and shapes.
+"""Wan's two Hugging Face layouts: original (Wan-Video) and diffusers names, configs and shapes,
+and ``WAN``, the adapter through which the checkpoint code handles Wan (see ``architectures``).
 
 The weight rule table (``wan.diffusers_weight_rules``) speaks diffusers names. An original Wan
 folder is read through the renames of models.md (original -> diffusers, applied in order as
@@ -9,16 +10,21 @@ renames for every key so the two can never drift apart.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, fields
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from phased_dmd_mega.models.wan import WanArch
+from phased_dmd_mega.models.architectures import (
+    Architecture,
+    CheckpointError,
+    ExpertPairs,
+    OriginalLayout,
+    Shape,
+    add_linear,
+    keep_fields,
+    require_fields,
+)
+from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel, diffusers_weight_rules
 
-Shape = Tuple[int, ...]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (folder, config or weights) that cannot be loaded or converted as asked."""
+__all__ = ["CheckpointError", "Shape", "WAN"]  # the first two are re-exported for existing imports
 
 
 # ----------------------------------------------------------------------------- key renames
@@ -119,8 +125,7 @@ def diffusers_shapes(arch: WanArch) -> Dict[str, Shape]:
     d, shapes = arch.dim, {}
 
     def linear(name: str, out_features: int, in_features: int) -> None:
-        shapes[f"{name}.weight"] = (out_features, in_features)
-        shapes[f"{name}.bias"] = (out_features,)
+        add_linear(shapes, name, out_features, in_features)
 
     def affine_norm(name: str, size: int) -> None:
         shapes[f"{name}.weight"] = (size,)
@@ -176,17 +181,13 @@ def is_original_config(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") == ORIGINAL_CLASS or ("dim" in config and "num_heads" in config)
 
 
-def is_diffusers_config(config: Mapping[str, Any]) -> bool:
-    return config.get("_class_name") == DIFFUSERS_CLASS or "num_attention_heads" in config
-
-
 def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> WanArch:
     """WanArch of a diffusers config.json, refusing what WanModel does not implement."""
     name = config.get("_class_name", DIFFUSERS_CLASS)
     if name != DIFFUSERS_CLASS:
         raise CheckpointError(f"{where}: model class {name!r} is not supported (expected {DIFFUSERS_CLASS})")
     required = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels")
-    _require_fields(config, required, where)
+    require_fields(config, required, where)
     try:
         arch = WanArch.from_diffusers_config(dict(config))
     except ValueError as err:
@@ -205,7 +206,7 @@ def arch_from_original_config(config: Mapping[str, Any], weight_shapes: Mapping[
     """WanArch of an original Wan config.json. The config cannot tell Wan2.1 I2V (with an image
     branch) from Wan2.2 I2V (without): both say model_type "i2v" with 36 input channels, so the
     presence of ``img_emb`` weights decides."""
-    _require_fields(config, ("dim", "ffn_dim", "num_heads", "num_layers"), where)
+    require_fields(config, ("dim", "ffn_dim", "num_heads", "num_layers"), where)
     if not config.get("qk_norm", True):
         raise CheckpointError(f"{where}: qk_norm false is not supported (Wan normalises q and k)")
     if list(config.get("window_size", (-1, -1))) != [-1, -1]:
@@ -269,48 +270,52 @@ def original_config(arch: WanArch, source: Optional[Mapping[str, Any]] = None) -
         "cross_attn_norm": arch.cross_attn_norm,
         "eps": arch.eps,
     }
-    return _keep_non_arch_fields(config, source, ORIGINAL_NON_ARCH_FIELDS)
+    return keep_fields(config, source, ORIGINAL_NON_ARCH_FIELDS)
 
 
-def diffusers_config(arch: WanArch, source: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """A diffusers config.json for ``arch``, keeping ``source``'s non-architecture fields."""
-    return _keep_non_arch_fields(arch.to_diffusers_config(), source, DIFFUSERS_NON_ARCH_FIELDS)
-
-
-def _keep_non_arch_fields(config: Dict[str, Any], source, names) -> Dict[str, Any]:
-    for name in names:
-        if source is not None and name in source:
-            config[name] = source[name]
-    return config
-
-
-def arch_to_json(arch: WanArch) -> Dict[str, Any]:
-    data = asdict(arch)
-    data["patch_size"] = list(arch.patch_size)
-    return data
-
-
-def arch_from_json(data: Mapping[str, Any], where: str) -> WanArch:
-    known = {f.name for f in fields(WanArch)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CheckpointError(f"{where}: unknown architecture fields {unknown} (known: {sorted(known)})")
-    values = dict(data)
-    if "patch_size" in values:
-        values["patch_size"] = tuple(values["patch_size"])
-    return WanArch(**values)
-
-
-def arch_differences(found: WanArch, wanted: WanArch) -> str:
-    """'field found (wanted)' for every field that differs."""
-    return ", ".join(
-        f"{f.name} {getattr(found, f.name)!r} (preset {getattr(wanted, f.name)!r})"
-        for f in fields(WanArch)
-        if getattr(found, f.name) != getattr(wanted, f.name)
+def summary(arch: WanArch) -> str:
+    image = f", image_dim {arch.image_dim}" if arch.image_dim is not None else ""
+    return (
+        f"dim {arch.dim}, {arch.num_heads} heads, {arch.num_layers} layers, ffn_dim {arch.ffn_dim}, "
+        f"in/out channels {arch.in_channels}/{arch.out_channels}{image}"
     )
 
 
-def _require_fields(config: Mapping[str, Any], names: Iterable[str], where: str) -> None:
-    missing = [name for name in names if name not in config]
-    if missing:
-        raise CheckpointError(f"{where}: missing config fields {missing}")
+# ----------------------------------------------------------------------------- Wan2.2 A14B experts
+
+# The expert boundary on the 0..1 noise scale, by input channels (T2V, I2V).
+DEFAULT_BOUNDARY_RATIO = {16: 0.875, 36: 0.9}
+
+
+def default_boundary_ratio(arch: WanArch) -> Optional[float]:
+    return DEFAULT_BOUNDARY_RATIO.get(arch.in_channels)
+
+
+def pipeline_class(arch: WanArch) -> str:
+    return "WanImageToVideoPipeline" if arch.in_channels == 36 else "WanPipeline"
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+WAN = Architecture(
+    name="wan",
+    title="Wan",
+    arch_class=WanArch,
+    model_class=WanModel,
+    presets=WAN_PRESETS,
+    diffusers_class=DIFFUSERS_CLASS,
+    weight_rules=diffusers_weight_rules,
+    diffusers_shapes=diffusers_shapes,
+    arch_from_diffusers_config=arch_from_diffusers_config,
+    diffusers_fields=("num_attention_heads", "ffn_dim"),
+    diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
+    summary=summary,
+    original=OriginalLayout(
+        description="an original Wan config (dim, num_heads, ...)",
+        is_config=is_original_config,
+        arch_from_config=arch_from_original_config,
+        names=original_names,
+        config=original_config,
+    ),
+    experts=ExpertPairs(default_boundary_ratio=default_boundary_ratio, pipeline_class=pipeline_class),
+)

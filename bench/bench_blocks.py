@@ -1,0 +1,225 @@
+"""One DiT block, forward + backward, at production length: achieved TFLOP/s per attention backend
+(and FP8 against bf16 where Transformer Engine exists), against the device's measured dense bf16
+matrix-multiply rate.
+
+    python bench/bench_blocks.py                                   # Wan-14B, 81 frames at 480x832: 32,760 tokens
+    python bench/bench_blocks.py --backends sdpa flash --fp8 delayed
+    python bench/bench_blocks.py --model qwen_image                # Qwen-Image, 1664x928: 6,032 + 512 text tokens
+    python bench/bench_blocks.py --model qwen_image --flops-only   # the FLOP count alone (no GPU needed)
+
+--model wan: one Wan2.1-T2V-14B block (self-attention over the video tokens, cross-attention to
+--text embedded text tokens, MLP). --model qwen_image: one block of the qwen-image preset (two
+streams, joint attention over [text, image]) at --size W H pixels (VAE factor 8, 2x2 packing:
+(H/16) * (W/16) image tokens) with --text text tokens of which --text-real are real: the rest is
+masked padding, and a masked joint attention runs through SDPA whatever the backend (see
+blocks.AttentionCore); --text-real equal to --text gives no mask.
+
+FLOPs count the matrix multiplies only (linears and the two attention products, masked keys
+included since the kernels compute them), backward = 2 x forward. Needs CUDA (exit 2 without),
+except --flops-only. Prints a markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from typing import Callable, Optional, Tuple
+
+import torch
+
+VAE_FACTOR = 8  # pixels per latent, Qwen-Image's VAE
+PATCH = 2  # Qwen-Image's 2x2 packing
+
+
+def measured_matmul_tflops(dtype=torch.bfloat16, size=8192, iters=20) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+
+def wan_block_flops(tokens: int, dim: int, ffn: int, text: int) -> float:
+    """Matrix-multiply FLOPs of one Wan block, forward + backward (backward = 2 x forward)."""
+    self_attn = 2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim + 4 * tokens * tokens * dim
+    cross_attn = 4 * tokens * dim * dim + 2 * text * dim * 2 * dim + 4 * tokens * text * dim
+    mlp = 4 * tokens * dim * ffn
+    return 3.0 * (self_attn + cross_attn + mlp)
+
+
+def qwen_block_flops(image_tokens: int, text_tokens: int, dim: int, ffn: int, batch: int = 1) -> float:
+    """Matrix-multiply FLOPs of one Qwen-Image block, forward + backward (backward = 2 x forward):
+    per stream its modulation (one [B, dim] row), fused QKV, output projection and MLP; then one
+    attention over the joint [text, image] sequence."""
+    joint = image_tokens + text_tokens
+    per_token = 2 * dim * 3 * dim + 2 * dim * dim + 4 * dim * ffn  # qkv, out, mlp fc1 + fc2
+    streams = joint * per_token + 2 * (2 * dim * 6 * dim)  # both streams' tokens, both modulations
+    attention = 4 * joint * joint * dim  # q k^T and p v over all heads
+    return 3.0 * batch * (streams + attention)
+
+
+def qwen_tokens(width: int, height: int) -> Tuple[int, int]:
+    """Packed image token grid (h, w) of a width x height image."""
+    step = VAE_FACTOR * PATCH
+    if width % step or height % step:
+        raise SystemExit(f"--size {width} {height}: both must be multiples of {step} (VAE 8 x patch 2)")
+    return height // step, width // step
+
+
+# ----------------------------------------------------------------------------- one block's step
+
+
+def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> Callable[[], None]:
+    from phased_dmd_mega.models.blocks import TokenSharding, fp8_autocast
+    from phased_dmd_mega.models.wan import WAN_PRESETS, WanModel, WanParallel
+
+    arch = replace(WAN_PRESETS["wan2.1-t2v-14b"], num_layers=1)
+    par = WanParallel(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
+                      dtype=torch.bfloat16, initialize=False)
+    model = WanModel(arch, par).cuda()
+    grid = tuple(args.grid)
+    tokens = grid[0] * grid[1] * grid[2]
+    angles = model.rope_angles(grid, TokenSharding.current(tokens, False), "cuda")
+    x = torch.randn(tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    e0 = torch.randn(1, 6, arch.dim, device="cuda")
+    context = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16)
+    block = model.blocks[0]
+
+    def step():
+        with fp8_autocast(fp8):
+            out = block(x, e0, context, None, angles, None)
+        out.float().sum().backward()
+
+    return step
+
+
+def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> Callable[[], None]:
+    from phased_dmd_mega.models import blocks
+    from phased_dmd_mega.models.blocks import ModelParallelOptions, TokenSharding, fp8_autocast
+    from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageModel
+
+    arch = replace(QWEN_IMAGE_PRESETS["qwen-image"], num_layers=1)
+    par = ModelParallelOptions(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
+                               dtype=torch.bfloat16, initialize=False)
+    model = QwenImageModel(arch, par).cuda()
+    grid = qwen_tokens(*args.size)
+    image_tokens = grid[0] * grid[1]
+    img_sharding = TokenSharding.current(image_tokens, False)
+    txt_sharding = TokenSharding.current(args.text, False)
+    img_angles, txt_angles = model.rope_angles(grid, img_sharding, txt_sharding, "cuda")
+    mask = None
+    if args.text_real < args.text:
+        mask = (torch.arange(args.text, device="cuda") < args.text_real)[None, :]
+    key_mask = blocks.joint_key_mask([(txt_sharding, mask), (img_sharding, None)], 1, "cuda")
+    img = torch.randn(image_tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    txt = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # As in the model, where temb comes from trainable layers: the modulations get input gradients too.
+    temb = torch.randn(1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block = model.blocks[0]
+
+    def step():
+        with fp8_autocast(fp8):
+            img_out, txt_out = block(img, txt, temb, img_angles, txt_angles, key_mask)
+        (img_out.float().sum() + txt_out.float().sum()).backward()
+
+    return step
+
+
+def time_step(step: Callable[[], None], iters: int) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def workload(args) -> Tuple[str, float]:
+    """(description, FLOPs of one forward + backward) of the chosen block."""
+    if args.model == "wan":
+        tokens = args.grid[0] * args.grid[1] * args.grid[2]
+        return f"Wan-14B block, {tokens} tokens, {args.text} text", wan_block_flops(tokens, 5120, 13824, args.text)
+    from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS
+
+    arch = QWEN_IMAGE_PRESETS["qwen-image"]
+    h, w = qwen_tokens(*args.size)
+    described = (f"Qwen-Image block, {args.size[0]}x{args.size[1]}: {h * w} image tokens, {args.text} text "
+                 f"({args.text_real} real)")
+    return described, qwen_block_flops(h * w, args.text, arch.dim, arch.ffn_dim)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("wan", "qwen_image"), default="wan")
+    parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52],
+                        help="wan: latent tokens f h w after patching")
+    parser.add_argument("--size", type=int, nargs=2, default=[1664, 928], metavar=("W", "H"),
+                        help="qwen_image: image width and height in pixels")
+    parser.add_argument("--text", type=int, default=512, help="text tokens")
+    parser.add_argument("--text-real", type=int, default=448, help="qwen_image: real text tokens (the rest is masked)")
+    parser.add_argument("--backends", nargs="+", default=["sdpa", "flash", "te"])
+    parser.add_argument("--fp8", default=None, help="also time the TE spec with this FP8 recipe")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--flops-only", action="store_true", help="print the FLOP count and stop (no GPU needed)")
+    args = parser.parse_args(argv)
+    if not 0 < args.text_real <= args.text:
+        parser.error(f"--text-real {args.text_real} must be between 1 and --text {args.text}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    described, flops = workload(args)
+    if args.flops_only:
+        print(f"{described}: {flops / 1e12:.2f} TFLOP per forward + backward")
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_blocks needs CUDA (no GPU visible); --flops-only prints the FLOP count without one",
+              file=sys.stderr)
+        return 2
+    from phased_dmd_mega import parallel
+    from phased_dmd_mega.models.blocks import has_flash_attention, has_transformer_engine
+
+    make_step = wan_step if args.model == "wan" else qwen_step
+    parallel.initialize()
+    peak = measured_matmul_tflops()
+    rows = []
+    runs = [(b, "transformer_engine" if b == "te" else "local", None) for b in args.backends]
+    if args.fp8:
+        runs.append(("te", "transformer_engine", args.fp8))
+    for backend, impl, fp8 in runs:
+        if (backend == "flash" and not has_flash_attention()) or (impl == "transformer_engine" and not has_transformer_engine()):
+            rows.append((backend, impl, fp8, None))
+            continue
+        rows.append((backend, impl, fp8, time_step(make_step(backend, impl, fp8, args), args.iters)))
+        torch.cuda.empty_cache()
+    print(f"device: {torch.cuda.get_device_name()}, {described}, dense bf16 matmul {peak:.0f} TFLOP/s\n")
+    print("| attention | layers | fp8 | ms / fwd+bwd | TFLOP/s | of matmul rate |")
+    print("|---|---|---|---|---|---|")
+    for backend, impl, fp8, seconds in rows:
+        if seconds is None:
+            print(f"| {backend} | {impl} | {fp8 or '-'} | not installed | - | - |")
+            continue
+        tflops = flops / seconds / 1e12
+        print(f"| {backend} | {impl} | {fp8 or '-'} | {seconds * 1e3:.1f} | {tflops:.0f} | {100 * tflops / peak:.0f}% |")
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Qwen-Image's Hugging Face layout (diffusers ``QwenImageTransformer2DModel``): config and tensor
+shapes, and ``QWEN_IMAGE``, the adapter through which the checkpoint code handles Qwen-Image
+(see ``architectures``). There is no other layout: Qwen-Image is released in diffusers form, as a
+transformer folder or as a pipeline root with ``transformer/``.
+
+The shapes are written out rather than read off a diffusers model built on the meta device: the
+same answer without importing diffusers or building 60 blocks, and the tests check the table
+against diffusers' own parameters (tiny and full size).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+from phased_dmd_mega.models.architectures import Architecture, CheckpointError, Shape, add_linear
+from phased_dmd_mega.models.qwen_image import (
+    QWEN_IMAGE_PRESETS,
+    QwenImageArch,
+    QwenImageModel,
+    diffusers_weight_rules,
+)
+
+DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
+# diffusers config fields that do not change the weights: kept from the source when exporting.
+DIFFUSERS_NON_ARCH_FIELDS = ("_diffusers_version",)
+# The two attention streams of a block: (q, k, v, out, q norm, k norm) under diffusers' names.
+_STREAMS = (
+    ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
+    ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_q", "norm_added_k"),
+)
+
+
+def diffusers_shapes(arch: QwenImageArch) -> Dict[str, Shape]:
+    """The shape of every diffusers ``QwenImageTransformer2DModel`` tensor of ``arch``."""
+    d, shapes = arch.dim, {}
+    add_linear(shapes, "time_text_embed.timestep_embedder.linear_1", d, arch.freq_dim)
+    add_linear(shapes, "time_text_embed.timestep_embedder.linear_2", d, d)
+    shapes["txt_norm.weight"] = (arch.text_dim,)
+    add_linear(shapes, "img_in", d, arch.packed_channels)
+    add_linear(shapes, "txt_in", d, arch.text_dim)
+    for i in range(arch.num_layers):
+        block = f"transformer_blocks.{i}"
+        for stream in ("img", "txt"):
+            add_linear(shapes, f"{block}.{stream}_mod.1", 6 * d, d)
+            add_linear(shapes, f"{block}.{stream}_mlp.net.0.proj", arch.ffn_dim, d)
+            add_linear(shapes, f"{block}.{stream}_mlp.net.2", d, arch.ffn_dim)
+        for *projections, norm_q, norm_k in _STREAMS:
+            for projection in projections:
+                add_linear(shapes, f"{block}.attn.{projection}", d, d)
+            shapes[f"{block}.attn.{norm_q}.weight"] = (arch.head_dim,)
+            shapes[f"{block}.attn.{norm_k}.weight"] = (arch.head_dim,)
+    add_linear(shapes, "norm_out.linear", 2 * d, d)
+    add_linear(shapes, "proj_out", arch.out_features, d)
+    return shapes
+
+
+def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> QwenImageArch:
+    """QwenImageArch of a diffusers config.json (absent fields take diffusers' defaults, as
+    diffusers itself does), refusing the variants QwenImageModel does not implement."""
+    try:
+        return QwenImageArch.from_diffusers_config(dict(config))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {err}") from err
+
+
+def summary(arch: QwenImageArch) -> str:
+    return (
+        f"dim {arch.dim} ({arch.num_heads} heads of {arch.head_dim}), {arch.num_layers} layers, "
+        f"text_dim {arch.text_dim}, in/out channels {arch.in_channels}/{arch.out_channels}"
+    )
+
+
+QWEN_IMAGE = Architecture(
+    name="qwen_image",
+    title="Qwen-Image",
+    arch_class=QwenImageArch,
+    model_class=QwenImageModel,
+    presets=QWEN_IMAGE_PRESETS,
+    diffusers_class=DIFFUSERS_CLASS,
+    weight_rules=diffusers_weight_rules,
+    diffusers_shapes=diffusers_shapes,
+    arch_from_diffusers_config=arch_from_diffusers_config,
+    diffusers_fields=("num_attention_heads", "joint_attention_dim"),
+    diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
+    summary=summary,
+)
