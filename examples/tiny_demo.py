@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -124,7 +125,8 @@ def pretrain_teacher(teacher: Experts, data: Patterns, steps: int, batch: int, l
 
 
 def teacher_cache_path(out: Path, settings: Dict) -> Path:
-    key = abs(hash(json.dumps(settings, sort_keys=True))) % 10**10
+    # A content hash: Python's hash() of a string changes from process to process.
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"teacher-{key}-rank{parallel.layout().rank}.pt"
 
 

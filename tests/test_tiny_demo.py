@@ -1,0 +1,40 @@
+"""The README's main job end to end, shortened: two gloo processes at TP=2 through teacher
+pretraining, both distillations and the evaluation. Quality is measured by `make demo`
+(BENCHMARKS.md); this checks that every stage runs and reports."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("teacher_40_steps", "teacher_4_steps", "phased_dmd", "dmd_sgts")
+
+
+def run_demo(out: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "examples" / "tiny_demo.py"), "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+        "--teacher-steps", "20", "--iterations", "2", "--eval-per-class", "8",
+        f"run.output_dir={out}", "phases.fake_updates_per_generator_update=1",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_every_stage_and_reuses_its_teacher(tmp_path):
+    first = run_demo(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for method in METHODS:
+        assert set(summary[method]) >= {"distance_to_data", "mode_coverage", "seconds"}
+        assert math.isfinite(summary[method]["distance_to_data"]) and 0 <= summary[method]["mode_coverage"] <= 1
+    assert summary["settings"]["tensor_parallel"] == 2
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    assert "Phased DMD distance / teacher 4-step distance" in first.stdout
+    second = run_demo(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "teacher: reusing" in second.stderr
