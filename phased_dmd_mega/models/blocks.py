@@ -168,6 +168,12 @@ def init_method(options: ModelParallelOptions):
     return (lambda w: nn.init.normal_(w, std=0.02)) if options.initialize else nn.init.zeros_
 
 
+def layer_setup(par) -> Tuple[LinearSpec, object]:
+    """Checked options -> the linear classes and megatron's config that a model's layers share."""
+    par.validate()
+    return linear_spec(par.transformer_impl), model_parallel_config(par.sequence_parallel, par.dtype, par.initialize)
+
+
 def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, initialize: bool):
     from megatron.core import ModelParallelConfig
 

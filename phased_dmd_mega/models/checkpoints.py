@@ -46,6 +46,7 @@ from phased_dmd_mega.models.weights import (
     TensorReader,
     WeightRule,
     build_local_tensor,
+    key_mismatch_lines,
     split_interleaved_heads,
 )
 
@@ -213,15 +214,9 @@ def check_weights(view: CheckpointView, arch, where: str) -> None:
     (floating point; one dtype per fused tensor) against the architecture of ``where``."""
     expected = _expected_file_shapes(view, arch)
     summary = view.architecture.summary(arch)
-    available = set(view.files.weight_map)
-    missing, unexpected = sorted(set(expected) - available), sorted(available - set(expected))
-    if missing or unexpected:
-        lines = [f"weights in {view.folder} do not match {where} ({summary}):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_listed(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
-        raise CheckpointError("\n".join(lines))
+    lines = key_mismatch_lines(expected, view.files.weight_map, _listed)
+    if lines:
+        raise CheckpointError("\n".join([f"weights in {view.folder} do not match {where} ({summary}):", *lines]))
     wrong = [
         f"  {key}: {view.files.shape(key)} in the weights, {shape} from the config"
         for key, shape in expected.items()

@@ -270,11 +270,9 @@ class QwenImageModel(nn.Module):
 
     def __init__(self, arch: QwenImageArch, par: ModelParallelOptions = ModelParallelOptions()):
         super().__init__()
-        par.validate()
+        spec, config = blocks.layer_setup(par)
         self.arch, self.par = arch, par
         dtype = par.dtype
-        spec = blocks.linear_spec(par.transformer_impl)
-        config = blocks.model_parallel_config(par.sequence_parallel, dtype, par.initialize)
         self.sequence_parallel = config.sequence_parallel
 
         self.img_in = nn.Linear(arch.packed_channels, arch.dim, dtype=dtype)

@@ -235,11 +235,9 @@ class WanModel(nn.Module):
 
     def __init__(self, arch: WanArch, par: WanParallel = WanParallel()):
         super().__init__()
-        par.validate()
+        spec, config = blocks.layer_setup(par)
         self.arch, self.par = arch, par
         dtype = par.dtype
-        spec = blocks.linear_spec(par.transformer_impl)
-        config = blocks.model_parallel_config(par.sequence_parallel, dtype, par.initialize)
         context_config = blocks.model_parallel_config(False, dtype, par.initialize)
         self.sequence_parallel = config.sequence_parallel
 

@@ -130,18 +130,23 @@ def _shape(reader, name: str) -> Tuple[int, ...]:
     return reader.shape(name) if isinstance(reader, TensorReader) else tuple(reader[name].shape)
 
 
+def key_mismatch_lines(expected: Iterable[str], available: Iterable[str], listed: Callable = ", ".join) -> List[str]:
+    """Report lines for missing and unexpected keys; empty when the key sets agree."""
+    expected, available = set(expected), set(available)
+    missing, unexpected = sorted(expected - available), sorted(available - expected)
+    lines = []
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {listed(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {listed(unexpected)}")
+    return lines
+
+
 def check_source_keys(rules: Iterable[WeightRule], available: Iterable[str], where: str) -> None:
     """Missing and unexpected Hugging Face keys, listed, before anything is loaded."""
-    needed = {source for rule in rules for source in rule.sources}
-    available = set(available)
-    missing, unexpected = sorted(needed - available), sorted(available - needed)
-    if missing or unexpected:
-        lines = [f"weights in {where} do not match the architecture:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        raise KeyError("\n".join(lines))
+    lines = key_mismatch_lines({source for rule in rules for source in rule.sources}, available)
+    if lines:
+        raise KeyError("\n".join([f"weights in {where} do not match the architecture:", *lines]))
 
 
 def load_rank_state(rules: Iterable[WeightRule], reader, rank: int, size: int) -> Dict[str, torch.Tensor]:
