@@ -33,10 +33,11 @@ def _roles(teacher_state, options, count, lr, clip):
     return roles
 
 
-def _distill(tp, sequence_parallel, guidance):
+def build_trainer(tp, sequence_parallel=False, guidance=3.0):
+    """A tiny two-phase Phased DMD set-up, the same at any TP size (CPU initialisation)."""
     parallel.initialize(tensor_parallel=tp, sequence_parallel=sequence_parallel, seed=3)
     options = ModelParallelOptions(attention_backend="sdpa", sequence_parallel=sequence_parallel)
-    teacher = _model(options)  # CPU initialisation: the same full weights at any TP size
+    teacher = _model(options)
     teacher.requires_grad_(False)
     layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
     generators = _roles(teacher.state_dict(), options, 2, 1e-3, 1.0)
@@ -46,10 +47,22 @@ def _distill(tp, sequence_parallel, guidance):
     gen = torch.Generator().manual_seed(0)
     cond = Condition(torch.randn(SHAPE[0], 4, ARCH.text_dim, generator=gen))
     batch = Batch(cond, Condition(torch.zeros_like(cond.context)), SHAPE)
-    logs = [trainer.iteration(phase, batch, it) for phase, it in ((0, 0), (0, 1), (1, 2))]
-    out = sample([g.model for g in generators], layout, torch.randn(SHAPE, generator=gen), cond)
+    return trainer, batch
+
+
+def run_iterations(trainer, batch, schedule):
+    """Logs of the (phase, iteration) pairs in ``schedule``, timings left out."""
+    logs = [trainer.iteration(phase, batch, it) for phase, it in schedule]
+    return [{k: v for k, v in log.items() if k != "step_seconds"} for log in logs]
+
+
+def _distill(tp, sequence_parallel, guidance):
+    trainer, batch = build_trainer(tp, sequence_parallel, guidance)
+    logs = run_iterations(trainer, batch, ((0, 0), (0, 1), (1, 2)))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    out = sample([g.model for g in trainer.generators], trainer.layout, noise, batch.condition)
     parallel.destroy()
-    return [{k: v for k, v in log.items() if k != "step_seconds"} for log in logs], out
+    return logs, out
 
 
 @pytest.mark.slow

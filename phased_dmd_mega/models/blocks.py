@@ -252,8 +252,8 @@ class RMSNormAcrossHeads(nn.Module):
         self.full_size = full_size
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(divide(full_size, tp_size(), "q/k norm size"), dtype=dtype))
-        # Split over the heads like the column-parallel q/k projections (megatron's tag).
-        self.weight.tensor_model_parallel = tp_size() > 1
+        # Split over the heads like the column-parallel q/k projections (megatron's tags).
+        self.weight.tensor_model_parallel, self.weight.partition_dim, self.weight.partition_stride = True, 0, 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

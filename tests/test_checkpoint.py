@@ -1,0 +1,112 @@
+"""Checkpoints: resume reproduces the uninterrupted run exactly, a checkpoint written at TP=2
+resumes at TP=1 and at another data-parallel size, a crash during a save damages nothing, and
+old checkpoints are pruned."""
+
+import json
+
+import pytest
+import torch
+
+from phased_dmd_mega import checkpoint, parallel
+from phased_dmd_mega.testing import run_distributed
+from test_distill_parallel import build_trainer, run_iterations
+
+SCHEDULE = ((0, 0), (0, 1), (1, 2), (1, 3))
+
+
+def roles_of(trainer):
+    roles = {f"generator{k}": role for k, role in enumerate(trainer.generators)}
+    roles.update({f"fake{k}": role for k, role in enumerate(trainer.fakes)})
+    return roles
+
+
+def _uninterrupted(tp):
+    trainer, batch = build_trainer(tp)
+    logs = run_iterations(trainer, batch, SCHEDULE)
+    parallel.destroy()
+    return logs
+
+
+def _first_half_then_save(tp, root):
+    trainer, batch = build_trainer(tp)
+    logs = run_iterations(trainer, batch, SCHEDULE[:2])
+    checkpoint.save_checkpoint(root, 1, roles_of(trainer), {"phase": 0, "note": "half"})
+    parallel.destroy()
+    return logs
+
+
+def _resume_second_half(tp, root):
+    trainer, batch = build_trainer(tp)
+    metadata = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(root), roles_of(trainer))
+    logs = run_iterations(trainer, batch, SCHEDULE[2:])
+    parallel.destroy()
+    return metadata, logs
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    reference = run_distributed(_uninterrupted, 2, 2)[0]
+    first = run_distributed(_first_half_then_save, 2, 2, tmp_path)[0]
+    metadata, second = run_distributed(_resume_second_half, 2, 2, tmp_path)[0]
+    assert metadata == {"phase": 0, "note": "half", "iteration": 1}
+    assert first + second == reference  # bit for bit: every loss and gradient norm
+
+
+@pytest.mark.slow
+def test_a_tp2_checkpoint_resumes_at_tp1_and_at_data_parallel_2(tmp_path):
+    reference = run_distributed(_uninterrupted, 1, 1)[0]
+    run_distributed(_first_half_then_save, 2, 2, tmp_path)
+    for world_size in (1, 2):  # TP=1 alone, and TP=1 x DP=2
+        for _, logs in run_distributed(_resume_second_half, world_size, 1, tmp_path):
+            for ref, got in zip(reference[2:], logs):
+                for key in ref:
+                    assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.fixture
+def one_process():
+    yield build_trainer(1)
+    parallel.destroy()
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint(one_process, tmp_path, monkeypatch):
+    trainer, batch = one_process
+    roles = roles_of(trainer)
+    run_iterations(trainer, batch, SCHEDULE[:1])
+    saved = checkpoint.save_checkpoint(tmp_path, 1, roles, {})
+    weights = {n: p.detach().clone() for n, p in trainer.generators[0].model.named_parameters()}
+    run_iterations(trainer, batch, SCHEDULE[1:2])
+
+    from megatron.core import dist_checkpointing
+
+    def crash(state, directory, **kwargs):
+        (tmp_path / ".iter_0000002.tmp" / "half-written").write_text("x")
+        raise RuntimeError("node lost during save")
+
+    monkeypatch.setattr(dist_checkpointing, "save", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        checkpoint.save_checkpoint(tmp_path, 2, roles, {})
+    monkeypatch.undo()
+    assert checkpoint.latest_checkpoint(tmp_path) == saved
+    assert not (tmp_path / "iter_0000002").exists()
+    checkpoint.load_checkpoint(saved, roles)
+    for name, param in trainer.generators[0].model.named_parameters():
+        assert torch.equal(param, weights[name])
+    checkpoint.save_checkpoint(tmp_path, 2, roles, {})  # the next save clears the debris
+    assert not (tmp_path / ".iter_0000002.tmp").exists()
+    assert json.loads((tmp_path / "latest").read_text()) == {"checkpoint": "iter_0000002"}
+
+
+def test_only_the_last_checkpoints_are_kept(one_process, tmp_path):
+    trainer, _ = one_process
+    for iteration in range(1, 5):
+        checkpoint.save_checkpoint(tmp_path, iteration, roles_of(trainer), {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
+    assert checkpoint.latest_checkpoint(tmp_path).name == "iter_0000004"
+
+
+def test_no_checkpoint_yet_and_a_dangling_pointer(tmp_path):
+    assert checkpoint.latest_checkpoint(tmp_path) is None
+    (tmp_path / "latest").write_text(json.dumps({"checkpoint": "iter_0000009"}))
+    with pytest.raises(FileNotFoundError, match="points at iter_0000009, which does not exist"):
+        checkpoint.latest_checkpoint(tmp_path)
