@@ -27,7 +27,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    return _unavailable("train", "the Phased DMD trainer")
+    from phased_dmd_mega.distill.trainer import train
+    from phased_dmd_mega.log import setup_logging
+
+    setup_logging(cfg.logging.level, cfg.logging.all_ranks)
+    return train(cfg)
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:

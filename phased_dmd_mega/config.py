@@ -185,12 +185,14 @@ class ResolutionConfig:
 class DataConfig:
     prompt_cache: Optional[str] = None  # folder written by `phased-dmd encode-prompts`
     negative_prompt_cache: Optional[str] = None
+    synthetic_prompts: int = 0  # > 0: random prompt embeddings instead of a cache (smoke tests)
     batch_size: int = 1  # per data-parallel rank
     resolutions: List[ResolutionConfig] = field(default_factory=lambda: [ResolutionConfig()])
     seed: int = 0
 
     def validate(self, check):
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.synthetic_prompts >= 0, "synthetic_prompts", "must be >= 0")
         check(len(self.resolutions) >= 1, "resolutions", "needs at least one entry")
         total = sum(r.probability for r in self.resolutions)
         check(abs(total - 1.0) < 1e-6, "resolutions", f"probabilities sum to {total:g}, not 1")

@@ -66,6 +66,16 @@ def gradient_norm(model: nn.Module) -> float:
     return math.sqrt(float(sharded + replicated))
 
 
+def all_ranks_agree(ok: bool) -> bool:
+    """True only if every rank says so: a step skipped on one data-parallel rank must be
+    skipped on all, or their gradient all-reduces would no longer pair up."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 @dataclass
 class RoleOptimizer:
     """A trainable role, its optimizer and its clipping."""

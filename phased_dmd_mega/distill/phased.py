@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
-from phased_dmd_mega.distill.optim import RoleOptimizer
+from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree
 from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
 from phased_dmd_mega.distill.rollout import Anchor, rollout_to_phase_end
 from phased_dmd_mega.schedule import PhaseLayout, sample_renoise_t, sgts_exit_step
@@ -91,8 +91,7 @@ class PhasedDMD:
         noised = self._renoised(anchor, phase, iteration, purpose)
         role = self.fakes[phase]
         loss = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition, self.settings.weight_clamp)
-        loss.backward()
-        norm = role.step()
+        norm = self._update(role, loss, [loss])
         return {"fake_loss": loss.item(), "fake_grad_norm": norm}
 
     def generator_update(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
@@ -102,9 +101,20 @@ class PhasedDMD:
             anchor, noised, self.teacher, self.fakes[phase].model, batch.condition, batch.negative,
             self.settings.dmd_form, self.settings.norm_min, self.sequence_group,
         )
-        out["loss"].backward()
-        norm = self.generators[phase].step()
+        # The guard inside dmd_loss zeroes NaN directions; a teacher or fake model gone
+        # non-finite shows in the estimate gap and must skip the update, not step on zeros.
+        norm = self._update(self.generators[phase], out["loss"], [out["loss"], out["real_fake_gap"]])
         return {"dmd_loss": out["loss"].item(), "real_fake_gap": out["real_fake_gap"].item(), "generator_grad_norm": norm}
+
+    @staticmethod
+    def _update(role: RoleOptimizer, loss: torch.Tensor, watched) -> float:
+        """Backward and step, unless anything watched is non-finite on any rank (skipped:
+        no update at all, NaN gradient norm reported)."""
+        if not all_ranks_agree(all(bool(torch.isfinite(v).all()) for v in watched)):
+            role.zero_grad()
+            return float("nan")
+        loss.backward()
+        return role.step()
 
     def iteration(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
         start = time.perf_counter()

@@ -34,24 +34,33 @@ class TensorReader:
     """Reads named tensors, or slices of them, from a folder of safetensors files (sharded with
     an index JSON, or single), without loading whole files."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: Optional[List[str]] = None):
+        """All safetensors files of ``folder`` (or only ``files`` of it)."""
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        index = sorted(self.folder.glob("*.safetensors.index.json"))
+        index = [] if files else sorted(self.folder.glob("*.safetensors.index.json"))
+        weight_map = None
         if index:
             weight_map = json.loads(index[0].read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
-        else:
+        elif not files:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"no safetensors files in {self.folder}")
-            weight_map = None
         # Kept open for the headers (names, shapes, dtypes); tensor data goes through read().
         self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
         if weight_map is None:
             weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
         self.weight_map: Dict[str, str] = weight_map
+
+    @classmethod
+    def for_file(cls, path) -> "TensorReader":
+        """One safetensors file on its own (e.g. one shard of a prompt cache)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        return cls(path.parent, [path.name])
 
     def keys(self) -> List[str]:
         return sorted(self.weight_map)

@@ -1,0 +1,301 @@
+"""The Phased DMD training loop behind ``phased-dmd train``.
+
+Reads top to bottom: build the roles from the teacher, then for each step of the schedule
+(phase by phase, or alternating) draw a batch, run one iteration (fake updates, then the
+generator update), log, and checkpoint. A run resumes from ``checkpoint.dir/latest`` by itself;
+non-finite steps are skipped and counted; SIGTERM (cluster preemption) checkpoints and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from phased_dmd_mega import checkpoint, parallel
+from phased_dmd_mega.config import Config
+from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
+from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
+from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
+from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
+from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.schedule import PhaseLayout, renoise_kwargs, renoise_range
+
+log = get_logger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite steps in a row (the run stops with a checkpoint)."""
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A trainable copy of a DiT (megatron layers hold process groups, so: build, then load)."""
+    fresh = type(model)(model.arch, replace(model.par, initialize=False))
+    fresh.load_state_dict(model.state_dict())
+    return fresh.requires_grad_(True)
+
+
+def phase_layout(cfg: Config) -> PhaseLayout:
+    """The paper's baselines are one-phase layouts of the same steps."""
+    phases = cfg.phases
+    if phases.method == "phased_dmd":
+        return PhaseLayout.build(phases.num_steps, num_phases=phases.num_phases,
+                                 steps_per_phase=phases.steps_per_phase, shift=phases.shift)
+    return PhaseLayout.build(phases.num_steps, num_phases=1, shift=phases.shift)
+
+
+def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int) -> Experts:
+    """Initialised from the teacher expert for the phase's noise range."""
+    if teacher.low is None or layout.phase_is_high_noise(phase, teacher.boundary):
+        return Experts(trainable_copy(teacher.high))
+    return Experts(trainable_copy(teacher.low))
+
+
+def fake_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
+    """One fake model per teacher expert that the phase's re-noise times reach."""
+    if teacher.low is None:
+        return Experts(trainable_copy(teacher.high))
+    low_t, _ = renoise_range(layout, phase, **renoise_kwargs(cfg.phases))
+    if low_t >= teacher.boundary:
+        return Experts(trainable_copy(teacher.high))
+    return Experts(trainable_copy(teacher.high), trainable_copy(teacher.low), teacher.boundary)
+
+
+def role_optimizer(model: nn.Module, adam, grad_clip) -> RoleOptimizer:
+    return RoleOptimizer(model, make_adamw(model, adam.lr, adam.betas, adam.eps, adam.weight_decay), grad_clip)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def step_schedule(cfg: Config, num_phases: int) -> List[int]:
+    """The phase trained at each step: phase by phase (earlier experts frozen), or in turn."""
+    per_phase = cfg.phases.iterations_per_phase
+    if cfg.phases.phase_order == "sequential":
+        return [phase for phase in range(num_phases) for _ in range(per_phase)]
+    return [step % num_phases for step in range(per_phase * num_phases)]
+
+
+def learning_rate_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, cfg: Config, teacher: Experts, prompts: PromptSource, geometry: LatentGeometry):
+        self.cfg, self.prompts, self.geometry = cfg, prompts, geometry
+        self.layout = phase_layout(cfg)
+        opt = cfg.optimizer
+        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k), opt.generator, opt.grad_clip)
+                           for k in range(self.layout.num_phases)]
+        self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg), opt.fake, opt.grad_clip)
+                      for k in range(self.layout.num_phases)]
+        phases = cfg.phases
+        settings = PhasedDMDSettings(
+            method=phases.method, step_rule=phases.step_rule, dmd_form=phases.dmd_form,
+            fake_updates_per_generator_update=phases.fake_updates_per_generator_update,
+            weight_clamp=phases.weight_clamp, norm_min=phases.norm_min, renoise=renoise_kwargs(phases),
+            seed=cfg.run.seed,
+        )
+        guided = GuidedTeacher(teacher, phases.guidance_scale, phases.guidance_scale_low_noise)
+        device = parallel.layout().device
+        self.phased = PhasedDMD(self.layout, guided, self.generators, self.fakes, settings, device)
+        self.schedule = step_schedule(cfg, self.layout.num_phases)
+        self.output = Path(cfg.run.output_dir)
+        self._stop_requested = False
+
+    def roles(self) -> Dict[str, RoleOptimizer]:
+        roles = {f"generator{k}": role for k, role in enumerate(self.generators)}
+        roles.update({f"fake{k}": role for k, role in enumerate(self.fakes)})
+        return roles
+
+    def batch(self, step: int) -> Tuple[Batch, int]:
+        cfg, rank = self.cfg, parallel.layout().data_parallel_rank
+        resolution = pick_resolution(cfg.data.resolutions, cfg.data.seed, step)
+        shape = (cfg.data.batch_size, *self.geometry.latent_shape(resolution.frames, resolution.height, resolution.width))
+        condition, negative = self.prompts.sample(cfg.data.batch_size, step_generator(cfg.data.seed, step, rank))
+        tokens = shape[0] * shape[2] * shape[3] * shape[4]
+        return Batch(condition, negative, shape), tokens
+
+    # -------------------------------------------------------------- run
+
+    def run(self) -> int:
+        """Train to the end of the schedule (or to SIGTERM); returns the next step to run."""
+        start = self.resume()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._loop(start)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def resume(self) -> int:
+        if self.cfg.checkpoint.resume == "none":
+            return 0
+        path = (checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume == "auto"
+                else Path(self.cfg.checkpoint.resume))
+        if path is None:
+            return 0
+        metadata = checkpoint.load_checkpoint(path, self.roles())
+        log.info("resumed from %s (iteration %d)", path, metadata["iteration"])
+        return metadata["iteration"] + 1
+
+    def _loop(self, start: int) -> int:
+        cfg = self.cfg
+        nonfinite = 0
+        total = len(self.schedule)
+        for step in range(start, total):
+            self._set_learning_rates(step, total)
+            batch, tokens = self.batch(step)
+            logs = self.phased.iteration(self.schedule[step], batch, step)
+            finite = all(math.isfinite(v) for v in logs.values())
+            nonfinite = 0 if finite else nonfinite + 1
+            self._record(step, logs, tokens, finite)
+            if nonfinite >= cfg.run.max_consecutive_nonfinite:
+                self.save(step)
+                raise NonFiniteLossError(f"{nonfinite} non-finite steps in a row (up to iteration {step}); "
+                                         f"stopped with a checkpoint in {cfg.checkpoint.dir}")
+            stop = self._stop_everywhere()  # every step, on every rank: they must agree
+            if (step + 1) % cfg.checkpoint.save_every == 0 or step == total - 1 or stop:
+                self.save(step)
+            if stop:
+                log.warning("SIGTERM: stopped after iteration %d with a checkpoint", step)
+                return step + 1
+        return total
+
+    def save(self, step: int) -> None:
+        checkpoint.save_checkpoint(self.cfg.checkpoint.dir, step, self.roles(),
+                                   {"phase": self.schedule[step]}, self.cfg.checkpoint.keep_last)
+
+    def _set_learning_rates(self, step: int, total: int) -> None:
+        opt = self.cfg.optimizer
+        factor = learning_rate_factor(step, total, opt.warmup_iterations, opt.schedule)
+        for roles, adam in ((self.generators, opt.generator), (self.fakes, opt.fake)):
+            for role in roles:
+                for group in role.optimizer.param_groups:
+                    group["lr"] = adam.lr * factor
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _stop_everywhere(self) -> bool:
+        """Every rank stops at the same step if any rank was asked to."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_requested = bool(flag.item())
+        return self._stop_requested
+
+    def _record(self, step: int, logs: Dict[str, float], tokens: int, finite: bool) -> None:
+        if not finite:
+            log.warning("iteration %d: non-finite loss or gradient, update skipped (%s)", step, logs)
+        if parallel.layout().rank != 0:
+            return
+        entry = {"iteration": step, "phase": self.schedule[step], **logs, "tokens_per_second": tokens / logs["step_seconds"],
+                 "peak_memory_gib": peak_memory_gib()}
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if step % self.cfg.logging.log_every == 0 or step == len(self.schedule) - 1:
+            log.info("iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  peak %.2f GiB", step + 1,
+                     len(self.schedule), self.schedule[step], logs["dmd_loss"], logs["fake_loss"],
+                     logs["step_seconds"], entry["tokens_per_second"], entry["peak_memory_gib"])
+
+
+# ----------------------------------------------------------------------------- set-up from a config
+
+
+def build_teacher(cfg: Config) -> Experts:
+    """The frozen teacher: a Hugging Face or converted checkpoint (two experts for Wan2.2-A14B),
+    or, without ``model.teacher_path``, a randomly initialised preset (smoke tests only)."""
+    from phased_dmd_mega.models import load_pretrained
+    from phased_dmd_mega.models.architectures import registry
+    from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
+
+    model_cfg = cfg.model
+    options = dict(attention_backend=model_cfg.attention_backend, transformer_impl=model_cfg.transformer_impl,
+                   fp8_recipe=model_cfg.fp8_recipe, recompute=model_cfg.recompute,
+                   recompute_num_blocks=model_cfg.recompute_num_blocks)
+    dtype = getattr(torch, model_cfg.dtype)
+    if model_cfg.teacher_path is None:
+        architecture = registry()[model_cfg.arch]
+        preset = model_cfg.preset or "tiny"
+        log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.arch, preset)
+        from phased_dmd_mega.models.blocks import ModelParallelOptions
+
+        par = ModelParallelOptions(sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, **options)
+        teacher = Experts(architecture.model_class(architecture.presets[preset], par))
+    elif inspect_checkpoint(model_cfg.teacher_path).has_experts:
+        found = inspect_checkpoint(model_cfg.teacher_path)
+        high, low = (load_pretrained(model_cfg.teacher_path, expert=e, dtype=dtype, **options) for e in ("high", "low"))
+        teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.arch))
+    else:
+        teacher = Experts(load_pretrained(model_cfg.teacher_path, dtype=dtype, **options))
+    return teacher.to(parallel.layout().device).requires_grad_(False)
+
+
+def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
+    from phased_dmd_mega.data import PromptCache, SyntheticPrompts
+
+    if cfg.data.prompt_cache is not None:
+        return PromptCache(cfg.data.prompt_cache)
+    if cfg.data.synthetic_prompts > 0:
+        arch = teacher.high.arch
+        dim = getattr(arch, "text_dim", None) or getattr(arch, "joint_attention_dim")
+        return SyntheticPrompts(cfg.data.synthetic_prompts, 16, dim, seed=cfg.data.seed)
+    raise ValueError("data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), "
+                     "and data.synthetic_prompts is 0")
+
+
+def latent_geometry(teacher: Experts) -> LatentGeometry:
+    arch = teacher.high.arch
+    in_channels = getattr(arch, "in_channels", 16)
+    out_channels = getattr(arch, "out_channels", in_channels)
+    if in_channels != out_channels:
+        raise ValueError(f"the teacher takes {in_channels} input channels for {out_channels} output channels: "
+                         "image-conditioned distillation (extra latent channels) is not supported by the trainer yet")
+    return LatentGeometry(channels=out_channels)
+
+
+def train(cfg: Config) -> int:
+    """``phased-dmd train``: one process per GPU (torchrun), or one process on CPU."""
+    layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel,
+                                 cfg.parallel.sequence_parallel, cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher, build_prompts(cfg, teacher), latent_geometry(teacher))
+        log.info("training %s: %d phases, %d iterations, %d processes (TP %d, Ulysses %d, DP %d)",
+                 cfg.phases.method, trainer.layout.num_phases, len(trainer.schedule), layout.world_size,
+                 layout.tensor_parallel, layout.ulysses_parallel, layout.data_parallel)
+        trainer.run()
+    finally:
+        parallel.destroy()
+    return 0

@@ -1,0 +1,148 @@
+"""`phased-dmd train` end to end on a tiny random teacher: metrics and checkpoints, automatic
+resume after SIGKILL with the same losses as an uninterrupted run, SIGTERM checkpoints and
+exits, non-finite steps are skipped and too many stop the run with a checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from phased_dmd_mega import parallel
+from phased_dmd_mega.config import load_config
+from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
+from phased_dmd_mega.distill.trainer import NonFiniteLossError, Trainer, build_teacher, learning_rate_factor, step_schedule
+
+TINY_RUN = {
+    "run": {"seed": 1, "max_consecutive_nonfinite": 2},
+    "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
+    "phases": {"num_steps": 4, "num_phases": 2, "iterations_per_phase": 3, "fake_updates_per_generator_update": 1,
+               "guidance_scale": 2.0, "weight_clamp": 10.0},
+    "optimizer": {"generator": {"lr": 1e-3}, "fake": {"lr": 1e-3}},
+    "data": {"synthetic_prompts": 4, "batch_size": 2, "resolutions": [{"frames": 1, "height": 32, "width": 48}]},
+    "checkpoint": {"save_every": 1, "keep_last": 10},
+    "logging": {"log_every": 1},
+}
+
+
+def write_config(tmp_path: Path, name="run", **sections) -> Path:
+    config = json.loads(json.dumps(TINY_RUN))
+    config["run"]["output_dir"] = str(tmp_path / name)
+    config["checkpoint"]["dir"] = str(tmp_path / name / "checkpoints")
+    for section, values in sections.items():
+        config[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(folder: Path):
+    """The last record of each iteration (a killed run may have logged one it did not save)."""
+    last = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        last[entry["iteration"]] = {k: v for k, v in entry.items() if k not in ("step_seconds", "tokens_per_second", "peak_memory_gib")}
+    return [last[i] for i in sorted(last)]
+
+
+def launch(config: Path, processes: int, *overrides) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "phased_dmd_mega", "train", "--config", str(config), *overrides]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_schedules_and_learning_rate():
+    cfg = load_config(None, ["phases.iterations_per_phase=2", "phases.num_phases=2"])
+    assert step_schedule(cfg, 2) == [0, 0, 1, 1]
+    cfg = load_config(None, ["phases.iterations_per_phase=2", "phases.phase_order=alternating"])
+    assert step_schedule(cfg, 2) == [0, 1, 0, 1]
+    assert [learning_rate_factor(s, 10, 2, "constant") for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
+    assert learning_rate_factor(2, 10, 2, "cosine") == 1.0 and learning_rate_factor(10, 10, 2, "linear") == 0.0
+
+
+def test_a_tiny_run_logs_every_iteration_and_checkpoints(tmp_path):
+    cfg = load_config(write_config(tmp_path), ["checkpoint.save_every=4"])
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+        assert trainer.run() == 6
+    finally:
+        parallel.destroy()
+    records = metrics(tmp_path / "run")
+    assert [r["iteration"] for r in records] == list(range(6)) and [r["phase"] for r in records] == [0, 0, 0, 1, 1, 1]
+    assert all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in records)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
+    assert checkpoints == ["iter_0000003", "iter_0000005"]
+
+
+class NaNTeacher(torch.nn.Module):
+    def forward(self, x, *args, **kwargs):
+        return torch.full_like(x, float("nan"))
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_path, caplog):
+    cfg = load_config(write_config(tmp_path), ["checkpoint.save_every=100"])
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+        before = {n: p.detach().clone() for n, p in trainer.generators[0].model.named_parameters()}
+        trainer.phased.teacher.experts.high = NaNTeacher()
+        with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row"):
+            trainer.run()
+    finally:
+        parallel.destroy()
+    for name, param in trainer.generators[0].model.named_parameters():  # NaN updates were skipped
+        assert torch.equal(param, before[name])
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000001").is_dir()
+
+
+@pytest.mark.slow
+def test_sigkill_then_automatic_resume_gives_the_uninterrupted_losses(tmp_path):
+    reference = launch(write_config(tmp_path, "reference"), 2, "parallel.tensor_parallel=2")
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
+    interrupted_config = write_config(tmp_path, "interrupted")
+    run = launch(interrupted_config, 2, "parallel.tensor_parallel=2")
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not (checkpoints / "iter_0000002").is_dir():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    for child in _children(run.pid):
+        os.kill(child, signal.SIGKILL)
+    run.kill()
+    run.wait(timeout=60)
+    resumed = launch(interrupted_config, 2, "parallel.tensor_parallel=2")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    assert metrics(tmp_path / "interrupted") == metrics(tmp_path / "reference")
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out] + [g for p in out for g in _children(int(p))]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    config = write_config(tmp_path, "preempted", phases={**TINY_RUN["phases"], "iterations_per_phase": 50})
+    run = launch(config, 1, "checkpoint.save_every=1000")
+    records = tmp_path / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not records.exists() or len(records.read_text().splitlines()) < 2:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    for child in _children(run.pid):  # torchrun forwards SIGTERM too; the trainer gets it
+        os.kill(child, signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert "SIGTERM: stopped after iteration" in output
+    saved = sorted((tmp_path / "preempted" / "checkpoints").glob("iter_*"))
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < 99
