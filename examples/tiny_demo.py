@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,12 +29,14 @@ import torch
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
+from phased_dmd_mega.data import LatentGeometry, PromptSource
 from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
-from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings, sample
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.phased import sample
+from phased_dmd_mega.distill.roles import Condition, Experts
+from phased_dmd_mega.distill.trainer import Trainer
 from phased_dmd_mega.log import get_logger, setup_logging
 from phased_dmd_mega.models import WAN_PRESETS, ModelParallelOptions, WanModel
-from phased_dmd_mega.schedule import PhaseLayout, renoise_kwargs, shift
+from phased_dmd_mega.schedule import PhaseLayout, shift
 
 log = get_logger("demo")
 
@@ -133,42 +136,38 @@ def teacher_cache_path(out: Path, settings: Dict) -> Path:
 # ----------------------------------------------------------------------------- distillation
 
 
-def copy_of(teacher: Experts, options: ModelParallelOptions) -> Experts:
-    """A trainable copy (megatron layers hold process groups: build, then load the weights)."""
-    model = build_model(replace(options, initialize=False))
-    model.load_state_dict(teacher.state_dict())
-    return model.requires_grad_(True)
+class PatternPrompts(PromptSource):
+    """The synthetic prompts as the trainer's prompt source."""
+
+    def __init__(self, data: Patterns):
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.classes
+
+    def rows(self, indices):
+        return self.data.condition(torch.tensor(indices))
+
+    def negative(self, batch):
+        return self.data.negative(batch)
 
 
-def distill(method: str, teacher: Experts, options, data: Patterns, cfg, iterations: int, batch: int) -> List[Experts]:
-    phases = cfg.phases
-    num_phases = phases.num_phases if method == "phased_dmd" else 1
-    layout = PhaseLayout.build(phases.num_steps, num_phases=num_phases, shift=phases.shift)
-    opt = cfg.optimizer
-    roles = lambda c: [  # noqa: E731 - one trainable copy of the teacher per phase
-        RoleOptimizer(m, make_adamw(m, c.lr, c.betas, c.eps, c.weight_decay), opt.grad_clip)
-        for m in (copy_of(teacher, options) for _ in range(num_phases))
-    ]
-    generators, fakes = roles(opt.generator), roles(opt.fake)
-    guided = GuidedTeacher(teacher, phases.guidance_scale)
-    settings = PhasedDMDSettings(
-        method=method, step_rule=phases.step_rule, dmd_form=phases.dmd_form,
-        fake_updates_per_generator_update=phases.fake_updates_per_generator_update,
-        weight_clamp=phases.weight_clamp, norm_min=phases.norm_min, renoise=renoise_kwargs(phases),
-        seed=cfg.run.seed,
+def distill(method: str, teacher: Experts, data: Patterns, geometry: LatentGeometry, cfg, iterations: int):
+    """The same Trainer as `phased-dmd train`, with the same number of generator updates for
+    every method; each method writes its metrics and final checkpoint under its own folder."""
+    num_phases = cfg.phases.num_phases if method == "phased_dmd" else 1
+    folder = Path(cfg.run.output_dir) / method
+    if parallel.layout().rank == 0:  # a fresh run: no metrics or checkpoints of an earlier one
+        shutil.rmtree(folder, ignore_errors=True)
+    method_cfg = replace(
+        cfg,
+        run=replace(cfg.run, output_dir=str(folder)),
+        phases=replace(cfg.phases, method=method, iterations_per_phase=max(1, iterations // num_phases)),
+        checkpoint=replace(cfg.checkpoint, dir=str(folder / "checkpoints"), resume="none", save_every=10**9),
     )
-    trainer = PhasedDMD(layout, guided, generators, fakes, settings)
-    per_phase = max(1, iterations // num_phases)  # the same number of generator updates in total
-    for phase in range(num_phases):
-        for it in range(per_phase):
-            gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + phase * 100003 + it)
-            labels = torch.randint(0, data.classes, (batch,), generator=gen)
-            step_batch = Batch(data.condition(labels), data.negative(batch), (batch, *data.means.shape[2:]))
-            logs = trainer.iteration(phase, step_batch, phase * per_phase + it)
-            if it % cfg.logging.log_every == 0 or it == per_phase - 1:
-                log.info("%s phase %d/%d iteration %d/%d  dmd %.4f  fake %.4f  %.2fs/it", method, phase + 1,
-                         num_phases, it + 1, per_phase, logs["dmd_loss"], logs["fake_loss"], logs["step_seconds"])
-    return [role.model for role in generators], layout
+    trainer = Trainer(method_cfg, teacher, PatternPrompts(data), geometry)
+    trainer.run()
+    return [role.model for role in trainer.generators], trainer.layout
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -225,7 +224,9 @@ def main() -> int:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = cfg.data.resolutions[0]
-    data_settings = {"classes": args.classes, "modes": args.modes, "channels": 4, "size": res.height, "noise": args.data_noise}
+    geometry = LatentGeometry(channels=4, temporal=1, spatial=8)
+    channels, _, size, _ = geometry.latent_shape(res.frames, res.height, res.width)
+    data_settings = {"classes": args.classes, "modes": args.modes, "channels": channels, "size": size, "noise": args.data_noise}
     data = Patterns.make(**data_settings, text_dim=WAN_PRESETS["tiny"].text_dim)
     options = ModelParallelOptions(attention_backend=cfg.model.attention_backend, sequence_parallel=cfg.parallel.sequence_parallel)
     log.info("tiny demo: %d processes, tensor parallel %d", layout.world_size, layout.tensor_parallel)
@@ -247,7 +248,7 @@ def main() -> int:
         rows[name] = samples
     for method in ("phased_dmd", "dmd_sgts"):
         start = time.perf_counter()
-        generators, method_layout = distill(method, teacher, options, data, cfg, args.iterations, cfg.data.batch_size)
+        generators, method_layout = distill(method, teacher, data, geometry, cfg, args.iterations)
         train_seconds = time.perf_counter() - start
         samples, _, summary[method] = evaluate(generators, method_layout, data, args.eval_per_class, 99)
         summary[method]["train_seconds"] = train_seconds
