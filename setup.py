@@ -35,7 +35,10 @@ EXTRAS_REQUIRE = {
         "transformers>=5.23,<5.24",
         "accelerate>=1.10,<2",
         "matplotlib>=3.8,<4",
+        "tensorboard>=2.16,<3",
     ],
+    # TensorBoard scalars during training (logging.tensorboard_dir).
+    "tensorboard": ["tensorboard>=2.16,<3"],
 }
 
 PACKAGES = find_packages(include=["phased_dmd_mega", "phased_dmd_mega.*"]) + [

@@ -67,7 +67,8 @@ def test_schedules_and_learning_rate():
 
 
 def test_a_tiny_run_logs_every_iteration_and_checkpoints(tmp_path):
-    cfg = load_config(write_config(tmp_path), ["checkpoint.save_every=4"])
+    board = tmp_path / "tensorboard"
+    cfg = load_config(write_config(tmp_path), ["checkpoint.save_every=4", f"logging.tensorboard_dir={board}"])
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
@@ -80,6 +81,13 @@ def test_a_tiny_run_logs_every_iteration_and_checkpoints(tmp_path):
     assert all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in records)
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
     assert checkpoints == ["iter_0000003", "iter_0000005"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    dmd = events.Scalars("train/dmd_loss")
+    assert [e.step for e in dmd] == list(range(6))
+    assert [e.value for e in dmd] == pytest.approx([r["dmd_loss"] for r in records], rel=1e-6)
 
 
 class NaNTeacher(torch.nn.Module):

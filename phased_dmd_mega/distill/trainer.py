@@ -132,6 +132,18 @@ class Trainer:
         self.schedule = step_schedule(cfg, self.layout.num_phases)
         self.output = Path(cfg.run.output_dir)
         self._stop_requested = False
+        self._tensorboard = self._open_tensorboard()
+
+    def _open_tensorboard(self):
+        folder = self.cfg.logging.tensorboard_dir
+        if folder is None or parallel.layout().rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise RuntimeError("logging.tensorboard_dir is set but the tensorboard package is missing: "
+                               "pip install 'phased-dmd-mega[tensorboard]'") from err
+        return SummaryWriter(folder)
 
     def roles(self) -> Dict[str, RoleOptimizer]:
         roles = {f"generator{k}": role for k, role in enumerate(self.generators)}
@@ -224,6 +236,11 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         with open(self.output / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(entry) + "\n")
+        if self._tensorboard is not None:
+            for key, value in entry.items():
+                if key != "iteration" and math.isfinite(value):
+                    self._tensorboard.add_scalar(f"train/{key}", value, step)
+            self._tensorboard.flush()
         if step % self.cfg.logging.log_every == 0 or step == len(self.schedule) - 1:
             log.info("iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  peak %.2f GiB", step + 1,
                      len(self.schedule), self.schedule[step], logs["dmd_loss"], logs["fake_loss"],
