@@ -167,7 +167,7 @@ def distill(method: str, teacher: Experts, data: Patterns, geometry: LatentGeome
     )
     trainer = Trainer(method_cfg, teacher, PatternPrompts(data), geometry)
     trainer.run()
-    return [role.model for role in trainer.generators], trainer.layout
+    return trainer.sampling_generators(), trainer.layout
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -50,16 +50,18 @@ def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def sharded_state_dict(roles: Mapping[str, Any], metadata: Dict[str, Any]) -> Dict[str, Any]:
-    """``roles`` maps a name to an object with ``.model`` and ``.optimizer`` (RoleOptimizer)."""
+    """``roles`` maps a name to an object with ``.model`` and ``.optimizer`` (RoleOptimizer);
+    an optimizer of None saves weights alone (e.g. an EMA copy)."""
     state: Dict[str, Any] = {"metadata": dict(metadata)}
     for role_name, role in roles.items():
         optimizer = role.optimizer
-        _ensure_adam_state(optimizer)
+        if optimizer is not None:
+            _ensure_adam_state(optimizer)
         steps = {}
         for name, param in role.model.named_parameters():
             key = f"{role_name}.model.{name}"
             state[key] = _sharded(param.data, key, param)
-            if param in optimizer.state:
+            if optimizer is not None and param in optimizer.state:
                 for state_name in ADAM_STATES:
                     skey = f"{role_name}.optimizer.{name}.{state_name}"
                     state[skey] = _sharded(optimizer.state[param][state_name], skey, param)
@@ -141,7 +143,7 @@ def load_checkpoint(path, roles: Mapping[str, Any]) -> Dict[str, Any]:
             steps = loaded[f"{role_name}.optimizer_steps"]
             for name, param in role.model.named_parameters():
                 param.copy_(loaded[f"{role_name}.model.{name}"])
-                if name in steps:
+                if optimizer is not None and name in steps:
                     state = optimizer.state[param]
                     for state_name in ADAM_STATES:
                         state[state_name].copy_(loaded[f"{role_name}.optimizer.{name}.{state_name}"])

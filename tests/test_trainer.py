@@ -154,3 +154,25 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert "SIGTERM: stopped after iteration" in output
     saved = sorted((tmp_path / "preempted" / "checkpoints").glob("iter_*"))
     assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < 99
+
+
+@pytest.mark.parametrize("decay, follows", [(1e-9, "generator"), (1 - 1e-9, "teacher")])
+def test_generator_ema_moves_from_the_teacher_toward_the_generator(tmp_path, decay, follows):
+    cfg = load_config(write_config(tmp_path), [f"optimizer.ema_decay={decay}", "checkpoint.save_every=100"])
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+        trainer.run()
+        roles = trainer.roles()  # what a checkpoint holds: the EMA copies too
+        assert "generator0_ema" in roles and "generator1_ema" in roles
+    finally:
+        parallel.destroy()
+    target = trainer.generators[0].model if follows == "generator" else teacher
+    moved = False
+    for (name, ema), param in zip(trainer.ema[0].named_parameters(), target.parameters()):
+        torch.testing.assert_close(ema, param.detach(), rtol=1e-6, atol=1e-7, msg=name)
+    for ema, gen in zip(trainer.ema[0].parameters(), trainer.generators[0].model.parameters()):
+        moved |= not torch.equal(ema, gen)
+    assert moved is (follows == "teacher")
+    assert trainer.sampling_generators() is trainer.ema

@@ -12,7 +12,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -36,6 +36,20 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row (the run stops with a checkpoint)."""
 
 
+@dataclass
+class WeightsOnly:
+    """A model saved without optimizer states (the EMA copies)."""
+
+    model: nn.Module
+    optimizer: None = None
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for shadow, param in zip(ema.parameters(), model.parameters()):
+        shadow.lerp_(param.detach(), 1.0 - decay)
+
+
 # ----------------------------------------------------------------------------- roles
 
 
@@ -44,6 +58,11 @@ def trainable_copy(model: nn.Module) -> nn.Module:
     fresh = type(model)(model.arch, replace(model.par, initialize=False))
     fresh.load_state_dict(model.state_dict())
     return fresh.requires_grad_(True)
+
+
+def trainable_copy_of_experts(experts: Experts) -> Experts:
+    low = trainable_copy(experts.low) if experts.low is not None else None
+    return Experts(trainable_copy(experts.high), low, experts.boundary)
 
 
 def phase_layout(cfg: Config) -> PhaseLayout:
@@ -130,6 +149,9 @@ class Trainer:
         device = parallel.layout().device
         self.phased = PhasedDMD(self.layout, guided, self.generators, self.fakes, settings, device)
         self.schedule = step_schedule(cfg, self.layout.num_phases)
+        # Generator EMA: a frozen copy per phase, moved toward the generator after each update.
+        self.ema = ([trainable_copy_of_experts(role.model).requires_grad_(False) for role in self.generators]
+                    if opt.ema_decay is not None else None)
         self.output = Path(cfg.run.output_dir)
         self._stop_requested = False
         self._tensorboard = self._open_tensorboard()
@@ -148,7 +170,13 @@ class Trainer:
     def roles(self) -> Dict[str, RoleOptimizer]:
         roles = {f"generator{k}": role for k, role in enumerate(self.generators)}
         roles.update({f"fake{k}": role for k, role in enumerate(self.fakes)})
+        for k, ema in enumerate(self.ema or []):
+            roles[f"generator{k}_ema"] = WeightsOnly(ema)
         return roles
+
+    def sampling_generators(self) -> List[Experts]:
+        """The generators to sample with: their EMA copies when EMA is on."""
+        return self.ema if self.ema is not None else [role.model for role in self.generators]
 
     def batch(self, step: int) -> Tuple[Batch, int]:
         cfg, rank = self.cfg, parallel.layout().data_parallel_rank
@@ -188,6 +216,9 @@ class Trainer:
             self._set_learning_rates(step, total)
             batch, tokens = self.batch(step)
             logs = self.phased.iteration(self.schedule[step], batch, step)
+            if self.ema is not None and math.isfinite(logs["generator_grad_norm"]):
+                phase = self.schedule[step]
+                update_ema(self.ema[phase], self.generators[phase].model, cfg.optimizer.ema_decay)
             finite = all(math.isfinite(v) for v in logs.values())
             nonfinite = 0 if finite else nonfinite + 1
             self._record(step, logs, tokens, finite)
