@@ -407,18 +407,12 @@ class QwenImageModel(nn.Module):
 def diffusers_weight_rules(arch: QwenImageArch):
     """The adapter between diffusers' ``QwenImageTransformer2DModel`` and ``QwenImageModel``
     names. Per-head q/k norm weights are whole on every rank ([head_dim], shared by the heads)."""
-    from phased_dmd_mega.models.weights import COLUMN, ROW, WeightRule
+    from functools import partial
 
-    def linear(own, sources, split=None):
-        sources = (sources,) if isinstance(sources, str) else sources
-        bias_split = "replicated" if split == ROW else (split or "replicated")
-        return [
-            WeightRule(f"{own}.weight", tuple(f"{s}.weight" for s in sources), split or "replicated", arch.head_dim),
-            WeightRule(f"{own}.bias", tuple(f"{s}.bias" for s in sources), bias_split, arch.head_dim),
-        ]
+    from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
-    def single(own, source):
-        return [WeightRule(own, (source,), "replicated", arch.head_dim)]
+    linear = partial(linear_rules, head_dim=arch.head_dim)
+    single = partial(tensor_rules, head_dim=arch.head_dim)
 
     def stream(own, attn, q, k, v, out, norm_q, norm_k):
         return (

@@ -364,17 +364,12 @@ class WanModel(nn.Module):
 
 def diffusers_weight_rules(arch: WanArch):
     """The adapter between diffusers' ``WanTransformer3DModel`` and ``WanModel`` names."""
-    from phased_dmd_mega.models.weights import COLUMN, ROW, WeightRule
+    from functools import partial
 
-    def linear(own, source, split=None, sources=None):
-        srcs = sources or (source,)
-        weight = WeightRule(f"{own}.weight", tuple(f"{s}.weight" for s in srcs), split or "replicated", arch.head_dim)
-        bias_split = "replicated" if split == ROW else (split or "replicated")
-        bias = WeightRule(f"{own}.bias", tuple(f"{s}.bias" for s in srcs), bias_split, arch.head_dim)
-        return [weight, bias]
+    from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
-    def single(own, source, split="replicated"):
-        return [WeightRule(own, (source,), split, arch.head_dim)]
+    linear = partial(linear_rules, head_dim=arch.head_dim)
+    single = partial(tensor_rules, head_dim=arch.head_dim)
 
     rules = linear("patch_embedding", "patch_embedding")
     rules += linear("time_embedding.linear_1", "condition_embedder.time_embedder.linear_1")
@@ -392,18 +387,16 @@ def diffusers_weight_rules(arch: WanArch):
             rules += single("image_embedding.pos_embed", f"{image}.pos_embed")
     for i in range(arch.num_layers):
         own, hf = f"blocks.{i}", f"blocks.{i}"
-        rules += linear(f"{own}.self_attention.linear_qkv", None, COLUMN,
-                        (f"{hf}.attn1.to_q", f"{hf}.attn1.to_k", f"{hf}.attn1.to_v"))
+        rules += linear(f"{own}.self_attention.linear_qkv", (f"{hf}.attn1.to_q", f"{hf}.attn1.to_k", f"{hf}.attn1.to_v"), COLUMN)
         rules += single(f"{own}.self_attention.q_norm.weight", f"{hf}.attn1.norm_q.weight", COLUMN)
         rules += single(f"{own}.self_attention.k_norm.weight", f"{hf}.attn1.norm_k.weight", COLUMN)
         rules += linear(f"{own}.self_attention.linear_proj", f"{hf}.attn1.to_out.0", ROW)
         rules += linear(f"{own}.cross_attention.linear_q", f"{hf}.attn2.to_q", COLUMN)
-        rules += linear(f"{own}.cross_attention.linear_kv", None, COLUMN, (f"{hf}.attn2.to_k", f"{hf}.attn2.to_v"))
+        rules += linear(f"{own}.cross_attention.linear_kv", (f"{hf}.attn2.to_k", f"{hf}.attn2.to_v"), COLUMN)
         rules += single(f"{own}.cross_attention.q_norm.weight", f"{hf}.attn2.norm_q.weight", COLUMN)
         rules += single(f"{own}.cross_attention.k_norm.weight", f"{hf}.attn2.norm_k.weight", COLUMN)
         if arch.image_dim is not None:
-            rules += linear(f"{own}.cross_attention.linear_kv_img", None, COLUMN,
-                            (f"{hf}.attn2.add_k_proj", f"{hf}.attn2.add_v_proj"))
+            rules += linear(f"{own}.cross_attention.linear_kv_img", (f"{hf}.attn2.add_k_proj", f"{hf}.attn2.add_v_proj"), COLUMN)
             rules += single(f"{own}.cross_attention.k_img_norm.weight", f"{hf}.attn2.norm_added_k.weight", COLUMN)
         rules += linear(f"{own}.cross_attention.linear_proj", f"{hf}.attn2.to_out.0", ROW)
         if arch.cross_attn_norm:

@@ -91,6 +91,22 @@ def _rank_rows(total: int, rank: int, size: int) -> Tuple[int, int]:
     return rank * per, (rank + 1) * per
 
 
+def linear_rules(own: str, sources, split: str = REPLICATED, head_dim: int = 0) -> List[WeightRule]:
+    """Weight and bias of one linear layer built from ``sources`` (a name, or several to fuse
+    per head); the bias of a row-parallel layer is replicated."""
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)
+    bias_split = REPLICATED if split == ROW else split
+    return [
+        WeightRule(f"{own}.weight", tuple(f"{s}.weight" for s in sources), split, head_dim),
+        WeightRule(f"{own}.bias", tuple(f"{s}.bias" for s in sources), bias_split, head_dim),
+    ]
+
+
+def tensor_rules(own: str, source: str, split: str = REPLICATED, head_dim: int = 0) -> List[WeightRule]:
+    """One tensor taken as it is (or split over tensor-parallel ranks)."""
+    return [WeightRule(own, (source,), split, head_dim)]
+
+
 def build_local_tensor(rule: WeightRule, reader, rank: int, size: int) -> torch.Tensor:
     """This rank's piece of ``rule.own`` read from ``reader`` (a TensorReader or a dict)."""
     read = _reader_function(reader)
