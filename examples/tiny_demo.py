@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 import signal
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
