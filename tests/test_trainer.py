@@ -176,3 +176,25 @@ def test_generator_ema_moves_from_the_teacher_toward_the_generator(tmp_path, dec
         moved |= not torch.equal(ema, gen)
     assert moved is (follows == "teacher")
     assert trainer.sampling_generators() is trainer.ema
+
+
+def test_lora_roles_train_adapters_on_the_shared_frozen_teacher(tmp_path):
+    cfg = load_config(write_config(tmp_path), ["model.lora.rank=4", "optimizer.ema_decay=0.5", "checkpoint.save_every=100"])
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        base = [(p, p.detach().clone()) for p in teacher.high.parameters()]  # before any adapter exists
+        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+        trainer.run()
+        roles = trainer.roles()
+    finally:
+        parallel.destroy()
+    # Every role is adapters only, all on the one teacher model, whose own weights never move.
+    for name, role in roles.items():
+        params = dict(role.model.named_parameters())
+        assert params and all("adapters" in n for n in params), name
+        assert role.model.high.shared is teacher.high
+    assert all(torch.equal(param, before) for param, before in base)
+    generator_b = [p for n, p in trainer.generators[1].model.named_parameters() if n.endswith("lora_B")]
+    assert any(p.abs().sum() > 0 for p in generator_b)  # the generator's adapters learned
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000005").is_dir()

@@ -59,9 +59,26 @@ def trainable_copy(model: nn.Module) -> nn.Module:
     return fresh.requires_grad_(True)
 
 
-def trainable_copy_of_experts(experts: Experts) -> Experts:
-    low = trainable_copy(experts.low) if experts.low is not None else None
-    return Experts(trainable_copy(experts.high), low, experts.boundary)
+def role_model(expert: nn.Module, name: str, lora) -> nn.Module:
+    """A trainable role initialised from a teacher expert: a full copy, or, with LoRA, an
+    adapter on the teacher's own (frozen, shared) weights."""
+    if lora.rank > 0:
+        from phased_dmd_mega.models.lora import add_adapter
+
+        return add_adapter(expert, name, lora.rank, lora.alpha, lora.target_modules)
+    return trainable_copy(expert)
+
+
+def frozen_copy(model: nn.Module, name: str, lora) -> nn.Module:
+    """A frozen copy of a role's current weights (the EMA starts from the generator)."""
+    if lora.rank > 0:
+        copy = role_model(model.shared, name, lora)
+        with torch.no_grad():
+            for mine, theirs in zip(copy.parameters(), model.parameters()):
+                mine.copy_(theirs)
+    else:
+        copy = trainable_copy(model)
+    return copy.requires_grad_(False)
 
 
 def phase_layout(cfg: Config) -> PhaseLayout:
@@ -73,21 +90,29 @@ def phase_layout(cfg: Config) -> PhaseLayout:
     return PhaseLayout.build(phases.num_steps, num_phases=1, shift=phases.shift)
 
 
-def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int) -> Experts:
+def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
     """Initialised from the teacher expert for the phase's noise range."""
+    lora, name = cfg.model.lora, f"generator{phase}"
     if teacher.low is None or layout.phase_is_high_noise(phase, teacher.boundary):
-        return Experts(trainable_copy(teacher.high))
-    return Experts(trainable_copy(teacher.low))
+        return Experts(role_model(teacher.high, name, lora))
+    return Experts(role_model(teacher.low, name, lora))
 
 
 def fake_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
     """One fake model per teacher expert that the phase's re-noise times reach."""
+    lora = cfg.model.lora
+    high = lambda: role_model(teacher.high, f"fake{phase}_high", lora)  # noqa: E731
     if teacher.low is None:
-        return Experts(trainable_copy(teacher.high))
+        return Experts(high())
     low_t, _ = renoise_range(layout, phase, **renoise_kwargs(cfg.phases))
     if low_t >= teacher.boundary:
-        return Experts(trainable_copy(teacher.high))
-    return Experts(trainable_copy(teacher.high), trainable_copy(teacher.low), teacher.boundary)
+        return Experts(high())
+    return Experts(high(), role_model(teacher.low, f"fake{phase}_low", lora), teacher.boundary)
+
+
+def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
+    low = frozen_copy(generator.low, f"generator{phase}_ema_low", cfg.model.lora) if generator.low is not None else None
+    return Experts(frozen_copy(generator.high, f"generator{phase}_ema", cfg.model.lora), low, generator.boundary)
 
 
 def role_optimizer(model: nn.Module, adam, grad_clip) -> RoleOptimizer:
@@ -133,7 +158,7 @@ class Trainer:
         self.cfg, self.prompts, self.geometry = cfg, prompts, geometry
         self.layout = phase_layout(cfg)
         opt = cfg.optimizer
-        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k), opt.generator, opt.grad_clip)
+        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg), opt.generator, opt.grad_clip)
                            for k in range(self.layout.num_phases)]
         self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg), opt.fake, opt.grad_clip)
                       for k in range(self.layout.num_phases)]
@@ -149,7 +174,7 @@ class Trainer:
         self.phased = PhasedDMD(self.layout, guided, self.generators, self.fakes, settings, device)
         self.schedule = step_schedule(cfg, self.layout.num_phases)
         # Generator EMA: a frozen copy per phase, moved toward the generator after each update.
-        self.ema = ([trainable_copy_of_experts(role.model).requires_grad_(False) for role in self.generators]
+        self.ema = ([ema_of(role.model, k, cfg) for k, role in enumerate(self.generators)]
                     if opt.ema_decay is not None else None)
         self.output = Path(cfg.run.output_dir)
         self._stop_requested = False
