@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 from torch import nn
