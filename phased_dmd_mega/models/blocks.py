@@ -72,7 +72,6 @@ class LinearSpec:
 
     column: type
     row: type
-    name: str
 
 
 def has_transformer_engine() -> bool:
@@ -83,7 +82,7 @@ def linear_spec(transformer_impl: str = "local") -> LinearSpec:
     if transformer_impl == "local":
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        return LinearSpec(ColumnParallelLinear, RowParallelLinear, "local")
+        return LinearSpec(ColumnParallelLinear, RowParallelLinear)
     if transformer_impl == "transformer_engine":
         if not has_transformer_engine():
             raise RuntimeError(
@@ -92,7 +91,7 @@ def linear_spec(transformer_impl: str = "local") -> LinearSpec:
             )
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-        return LinearSpec(TEColumnParallelLinear, TERowParallelLinear, "transformer_engine")
+        return LinearSpec(TEColumnParallelLinear, TERowParallelLinear)
     raise ValueError(f"unknown transformer_impl {transformer_impl!r}; expected local or transformer_engine")
 
 
@@ -416,9 +415,6 @@ class TokenSharding:
         """This rank's tokens of a full (unpadded) sequence [L, ...]."""
         return self.pad(x_full)[self.local_start : self.local_start + self.local_tokens]
 
-    def ulysses_slice(self, x_full: torch.Tensor) -> torch.Tensor:
-        return self.pad(x_full)[self.ulysses_start : self.ulysses_start + self.ulysses_tokens]
-
     def key_padding_mask(self, device) -> Optional[torch.Tensor]:
         """[padded_tokens] True for real tokens; None when nothing is padded."""
         if self.padded_tokens == self.num_tokens:
@@ -497,7 +493,7 @@ class AttentionCore(nn.Module):
 
     ``masked_keys_anywhere``: the key mask may have holes (joint text+image sequences), not only
     padding at the end. TE's padding masks are turned into sequence lengths, which assumes the
-    latter, so such masked calls go through SDPA (as masked calls with flash already do)."""
+    latter, so such masked calls go through SDPA (as every masked call with flash does)."""
 
     def __init__(self, backend: str, num_local_heads: int, head_dim: int, ulysses: bool,
                  masked_keys_anywhere: bool = False):
@@ -530,10 +526,16 @@ class AttentionCore(nn.Module):
         return out
 
     def _attend(self, q, k, v, key_mask):
-        if self.backend == "flash":
-            return self._flash(q, k, v, key_mask)
+        # Masked keys go through SDPA with flash (no varlen re-packing yet) and, when the mask
+        # may have holes, with TE too (its padding masks assume padding at the end).
+        if self.backend == "flash" and key_mask is None:
+            return self._flash(q, k, v)
         if self.backend == "te" and not (self.masked_keys_anywhere and key_mask is not None):
             return self._te(q, k, v, key_mask)
+        return self._sdpa(q, k, v, key_mask)
+
+    @staticmethod
+    def _sdpa(q, k, v, key_mask):
         mask = None
         if key_mask is not None:
             mask = key_mask.reshape(-1 if key_mask.dim() == 2 else 1, 1, 1, key_mask.shape[-1])
@@ -542,17 +544,11 @@ class AttentionCore(nn.Module):
         )
         return out.permute(2, 0, 1, 3)
 
-    def _flash(self, q, k, v, key_mask):
+    @staticmethod
+    def _flash(q, k, v):
         from flash_attn import flash_attn_func
 
-        if key_mask is not None:
-            # Padded keys: mask through SDPA rather than re-packing into varlen form.
-            return F.scaled_dot_product_attention(
-                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                attn_mask=key_mask.reshape(-1 if key_mask.dim() == 2 else 1, 1, 1, key_mask.shape[-1]),
-            ).permute(2, 0, 1, 3)
-        out = flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
-        return out.transpose(0, 1)
+        return flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
 
     def _te(self, q, k, v, key_mask):
         batch = q.shape[1]

@@ -135,8 +135,7 @@ class WanSelfAttention(nn.Module):
 
     def forward(self, x, rope_angles, key_mask):
         qkv, _ = self.linear_qkv(x)
-        # Megatron's fused layout interleaves per head: [q_h, k_h, v_h] for each local head.
-        q, k, v = qkv.unflatten(-1, (self.num_local_heads, 3, self.head_dim)).unbind(-2)
+        q, k, v = blocks.split_fused_heads(qkv, self.num_local_heads, 3, self.head_dim)
         q = self.q_norm(q.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
         k = self.k_norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
         q = blocks.apply_rope_interleaved(q, rope_angles)
@@ -170,7 +169,7 @@ class WanCrossAttention(nn.Module):
 
     def _keys_values(self, linear, norm, context):
         kv, _ = linear(context)
-        k, v = kv.unflatten(-1, (self.num_local_heads, 2, self.head_dim)).unbind(-2)
+        k, v = blocks.split_fused_heads(kv, self.num_local_heads, 2, self.head_dim)
         k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
         return k, v
 
