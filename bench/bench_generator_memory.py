@@ -32,10 +32,12 @@ METHODS = {
 
 
 def _status_mib(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from phased_dmd_mega.log import process_memory_mib
+
+    value = process_memory_mib(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return value
 
 
 def _reset_peak() -> None:

@@ -61,10 +61,10 @@ def write_random_checkpoint(folder: Path, preset: str, dtype: torch.dtype, shard
 def _memory_mib(field: str) -> float:
     """VmRSS (now) or VmHWM (this process's peak) from /proc: unlike ru_maxrss, VmHWM does not
     inherit the parent's peak across fork and exec."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from phased_dmd_mega.log import process_memory_mib
+
+    value = process_memory_mib(field)
+    return value if value is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_and_measure(folder: str, tp: int, dtype_name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 _HANDLER_NAME = "phased_dmd_mega"
 
@@ -52,3 +53,16 @@ def get_logger(name: str) -> logging.Logger:
     if not name.startswith("phased_dmd_mega"):
         name = f"phased_dmd_mega.{name}"
     return logging.getLogger(name)
+
+
+def process_memory_mib(field: str) -> Optional[float]:
+    """This process's memory from /proc/self/status: ``VmRSS`` (now) or ``VmHWM`` (peak), in
+    MiB; None where /proc is not available."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
-from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
+from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_adamw
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
-from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.log import get_logger, process_memory_mib
 from phased_dmd_mega.schedule import PhaseLayout, renoise_kwargs, renoise_range
 
 log = get_logger(__name__)
@@ -144,10 +143,8 @@ def learning_rate_factor(step: int, total: int, warmup: int, schedule: str) -> f
 def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    peak = process_memory_mib("VmHWM")
+    return float("nan") if peak is None else peak / 1024
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -275,10 +272,7 @@ class Trainer:
 
     def _stop_everywhere(self) -> bool:
         """Every rank stops at the same step if any rank was asked to."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._stop_requested = bool(flag.item())
+        self._stop_requested = not all_ranks_agree(not self._stop_requested)
         return self._stop_requested
 
     def _record(self, step: int, logs: Dict[str, float], tokens: int, finite: bool) -> None:
