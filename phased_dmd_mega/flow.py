@@ -7,7 +7,7 @@ to [B, 1, ..., 1]. Everything here is differentiable and elementwise.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 
@@ -38,13 +38,26 @@ def score_from_flow(x_t: torch.Tensor, flow: torch.Tensor, t: Time) -> torch.Ten
     return -((1 - t) * flow + x_t) / t
 
 
+def subinterval_coefficients(s: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``(alpha_{t|s}, sigma_{t|s}, sigma_{t|s}^2, c_eps, 1/alpha_s)`` for times s < t (tensors,
+    elementwise; spec sections 2 and 3), in the times' dtype (callers pass float64):
+    x_t = alpha_{t|s} x_s + sigma_{t|s} eps, and the flow target is c_eps eps - x_s / alpha_s."""
+    alpha_s, alpha_t = 1.0 - s, 1.0 - t
+    sigma_s, sigma_t = s, t
+    alpha_ts = alpha_t / alpha_s
+    sigma_ts_sq = sigma_t**2 - alpha_ts**2 * sigma_s**2
+    sigma_ts = sigma_ts_sq.sqrt()
+    c_eps = (alpha_s**2 * sigma_t + alpha_t * sigma_s**2) / (alpha_s**2 * sigma_ts)
+    return alpha_ts, sigma_ts, sigma_ts_sq, c_eps, 1.0 / alpha_s
+
+
 def subinterval_tweedie(x_t: torch.Tensor, flow: torch.Tensor, s: Time, t: Time) -> torch.Tensor:
     """E[x_s | x_t] under the model: (x_t + sigma_{t|s}^2 score(x_t)) / alpha_{t|s} (spec
     section 4). With s = 0 this is x0_hat."""
-    s_b, t_b = per_sample(s, x_t), per_sample(t, x_t)
-    alpha_ts = (1 - t_b) / (1 - s_b)
-    sigma_ts_sq = t_b**2 - alpha_ts**2 * s_b**2
-    return (x_t + sigma_ts_sq * score_from_flow(x_t, flow, t)) / alpha_ts
+    s64, t64 = (torch.as_tensor(per_sample(v, x_t), dtype=torch.float64, device=x_t.device) for v in (s, t))
+    alpha_ts, _, sigma_ts_sq, _, _ = subinterval_coefficients(s64, t64)
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    return (x_t + sigma_ts_sq.to(dtype) * score_from_flow(x_t, flow, t)) / alpha_ts.to(dtype)
 
 
 def euler_step(x_t: torch.Tensor, flow: torch.Tensor, t: Time, t_next: Time) -> torch.Tensor:

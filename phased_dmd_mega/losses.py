@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
+
+from phased_dmd_mega.flow import subinterval_coefficients
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "PHASED_DMD_LOSS_BACKEND"
@@ -103,17 +105,6 @@ def _as_times(value: Time, batch: int, device: torch.device) -> torch.Tensor:
     return times
 
 
-def _subinterval_coefficients(s: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """``(alpha_{t|s}, sigma_{t|s}, sigma_{t|s}^2, c_eps, 1/alpha_s)`` in float64, each ``[B]``."""
-    alpha_s, alpha_t = 1.0 - s, 1.0 - t
-    sigma_s, sigma_t = s, t
-    alpha_ts = alpha_t / alpha_s
-    sigma_ts_sq = sigma_t**2 - alpha_ts**2 * sigma_s**2
-    sigma_ts = sigma_ts_sq.sqrt()
-    c_eps = (alpha_s**2 * sigma_t + alpha_t * sigma_s**2) / (alpha_s**2 * sigma_ts)
-    return alpha_ts, sigma_ts, sigma_ts_sq, c_eps, 1.0 / alpha_s
-
-
 def _per_sample(coefficient: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B]`` -> ``[B, 1, ..., 1]`` so it broadcasts over one sample's elements."""
     return coefficient.to(dtype).reshape((-1,) + (1,) * (like.dim() - 1))
@@ -131,7 +122,7 @@ def subinterval_weight(s: Time, t: Time, weight_clamp: Optional[float] = None) -
     """The loss weight ``w = min(1, C * sigma_{t|s}^2)`` in float64; ``C = None`` gives ``w = 1``."""
     s64 = torch.as_tensor(s, dtype=torch.float64)
     t64 = torch.as_tensor(t, dtype=torch.float64, device=s64.device)
-    sigma_ts_sq = _subinterval_coefficients(s64, t64)[2]
+    sigma_ts_sq = subinterval_coefficients(s64, t64)[2]
     if weight_clamp is None:
         return torch.ones_like(sigma_ts_sq)
     return torch.clamp(float(weight_clamp) * sigma_ts_sq, max=1.0)
@@ -140,7 +131,7 @@ def subinterval_weight(s: Time, t: Time, weight_clamp: Optional[float] = None) -
 def subinterval_noise(x_s: torch.Tensor, eps: torch.Tensor, s: Time, t: Time) -> torch.Tensor:
     """``x_t = alpha_{t|s} x_s + sigma_{t|s} eps``: the forward process from time s to time t."""
     batch, device = x_s.shape[0], x_s.device
-    alpha_ts, sigma_ts, *_ = _subinterval_coefficients(
+    alpha_ts, sigma_ts, *_ = subinterval_coefficients(
         _as_times(s, batch, device), _as_times(t, batch, device)
     )
     dtype = _compute_dtype(x_s, eps)
@@ -157,7 +148,7 @@ def subinterval_target(x_s: torch.Tensor, eps: torch.Tensor, s: Time, t: Time) -
     With ``s = 0`` this is the flow-matching target ``eps - x0``.
     """
     batch, device = x_s.shape[0], x_s.device
-    *_, c_eps, inv_alpha_s = _subinterval_coefficients(
+    *_, c_eps, inv_alpha_s = subinterval_coefficients(
         _as_times(s, batch, device), _as_times(t, batch, device)
     )
     dtype = _compute_dtype(x_s, eps)
