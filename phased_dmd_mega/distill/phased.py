@@ -60,8 +60,8 @@ class PhasedDMD:
         return [role.model for role in self.generators]
 
     def _random(self, iteration: int, phase: int, purpose: int) -> torch.Generator:
-        # The same numbers on every rank of a parallel group (data parallel ranks offset their
-        # seed through the data), so no communication is needed.
+        # The same numbers on every rank, so no communication is needed. Data-parallel ranks
+        # differ only in their prompts (data.step_generator); the noise is shared by them.
         return torch.Generator(device="cpu").manual_seed(hash((self.settings.seed, iteration, phase, purpose)) % 2**63)
 
     def _exit_step(self, phase: int, iteration: int, purpose: int) -> Optional[int]:
