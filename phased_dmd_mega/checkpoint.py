@@ -27,6 +27,7 @@ from phased_dmd_mega.log import get_logger
 log = get_logger(__name__)
 
 LATEST = "latest"
+CONFIG_FILE = "config.yaml"  # the resolved run configuration, inside every checkpoint the trainer writes
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
@@ -83,8 +84,11 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save_checkpoint(root, iteration: int, roles: Mapping[str, Any], metadata: Dict[str, Any], keep_last: int = 3) -> Path:
-    """Write, publish atomically, point ``latest`` at it, keep the last ``keep_last``."""
+def save_checkpoint(root, iteration: int, roles: Mapping[str, Any], metadata: Dict[str, Any], keep_last: int = 3,
+                    files: Optional[Mapping[str, str]] = None) -> Path:
+    """Write, publish atomically, point ``latest`` at it, keep the last ``keep_last``.
+    ``files`` (name -> text, e.g. the run's ``config.yaml``) are written beside the tensors by
+    rank 0, so that every checkpoint describes itself."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -94,6 +98,8 @@ def save_checkpoint(root, iteration: int, roles: Mapping[str, Any], metadata: Di
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # a save that crashed before
         staging.mkdir()
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
     _barrier()
     dist_checkpointing.save(sharded_state_dict(roles, {**metadata, "iteration": iteration}), str(staging))
     _barrier()

@@ -81,6 +81,8 @@ def test_a_tiny_run_logs_every_iteration_and_checkpoints(tmp_path):
     assert all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in records)
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
     assert checkpoints == ["iter_0000003", "iter_0000005"]
+    saved = load_config(tmp_path / "run" / "checkpoints" / "iter_0000005" / "config.yaml")
+    assert saved == cfg  # every checkpoint describes the run that wrote it
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(board))

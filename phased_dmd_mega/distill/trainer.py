@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from phased_dmd_mega import checkpoint, parallel
-from phased_dmd_mega.config import Config
+from phased_dmd_mega.config import Config, dump_yaml
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_adamw
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
@@ -257,7 +257,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         checkpoint.save_checkpoint(self.cfg.checkpoint.dir, step, self.roles(),
-                                   {"phase": self.schedule[step]}, self.cfg.checkpoint.keep_last)
+                                   {"phase": self.schedule[step]}, self.cfg.checkpoint.keep_last,
+                                   files={checkpoint.CONFIG_FILE: dump_yaml(self.cfg)})
 
     def _set_learning_rates(self, step: int, total: int) -> None:
         opt = self.cfg.optimizer
