@@ -27,6 +27,16 @@ def _uninterrupted(tp):
     return logs
 
 
+def _uninterrupted_from_dp1(tp):
+    trainer, batch = build_trainer(tp)
+    own_rank, trainer._data_parallel_rank = trainer._data_parallel_rank, 0
+    logs = run_iterations(trainer, batch, SCHEDULE[:2])
+    trainer._data_parallel_rank = own_rank
+    logs += run_iterations(trainer, batch, SCHEDULE[2:])
+    parallel.destroy()
+    return logs
+
+
 def _first_half_then_save(tp, root):
     trainer, batch = build_trainer(tp)
     logs = run_iterations(trainer, batch, SCHEDULE[:2])
@@ -54,13 +64,18 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_a_tp2_checkpoint_resumes_at_tp1_and_at_data_parallel_2(tmp_path):
-    reference = run_distributed(_uninterrupted, 1, 1)[0]
     run_distributed(_first_half_then_save, 2, 2, tmp_path)
     for world_size in (1, 2):  # TP=1 alone, and TP=1 x DP=2
-        for _, logs in run_distributed(_resume_second_half, world_size, 1, tmp_path):
+        # The reference: an uninterrupted run at the resumed layout whose first half draws
+        # what the TP=2 (DP=1) run drew, i.e. every data-parallel rank draws rank 0's noise.
+        references = run_distributed(_uninterrupted_from_dp1, world_size, 1)
+        resumed = run_distributed(_resume_second_half, world_size, 1, tmp_path)
+        for reference, (_, logs) in zip(references, resumed):
             for ref, got in zip(reference[2:], logs):
                 for key in ref:
                     assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+        if world_size == 2:
+            assert resumed[0][1] != resumed[1][1]  # each data-parallel rank drew its own noise
 
 
 @pytest.fixture

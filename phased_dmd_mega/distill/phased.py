@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from phased_dmd_mega import parallel
 from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree
 from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
@@ -55,14 +56,17 @@ class PhasedDMD:
             raise ValueError(f"{layout.num_phases} phases need as many generators and fakes")
         self.layout, self.teacher, self.generators, self.fakes = layout, teacher, generators, fakes
         self.settings, self.device, self.sequence_group = settings, device, sequence_group
+        self._data_parallel_rank = parallel.layout().data_parallel_rank if parallel.is_initialized() else 0
 
     def _generator_fns(self) -> List[Experts]:
         return [role.model for role in self.generators]
 
     def _random(self, iteration: int, phase: int, purpose: int) -> torch.Generator:
-        # The same numbers on every rank, so no communication is needed. Data-parallel ranks
-        # differ only in their prompts (data.step_generator); the noise is shared by them.
-        return torch.Generator(device="cpu").manual_seed(hash((self.settings.seed, iteration, phase, purpose)) % 2**63)
+        # The ranks that hold one sample (tensor- and sequence-parallel) draw the same numbers
+        # without communicating; data-parallel ranks draw their own noise and re-noise times.
+        # Integers hash the same in every process (unlike strings).
+        key = (self.settings.seed, iteration, phase, purpose, self._data_parallel_rank)
+        return torch.Generator(device="cpu").manual_seed(hash(key) % 2**63)
 
     def _exit_step(self, phase: int, iteration: int, purpose: int) -> Optional[int]:
         if self.settings.method == "dmd_naive":
