@@ -180,7 +180,8 @@ def test_fake_loss_is_the_subinterval_flow_loss_and_trains_only_the_fake():
     x_s = torch.randn(B, 6, requires_grad=True)
     t = torch.tensor([0.9, 0.95, 0.99])
     noised = renoise(x_s, 0.625, t, torch.Generator().manual_seed(2))
-    loss = fake_score_loss(Experts(fake_model), x_s, 0.625, noised, condition())
+    loss, logged = fake_score_loss(Experts(fake_model), x_s, 0.625, noised, condition())
+    assert torch.equal(logged, loss.detach())  # one process: the partial is the whole value
     expected = losses.subinterval_flow_loss(
         0.2 * noised.x_t, x_s.detach(), noised.eps, torch.full((B,), 0.625), t
     ).mean()

@@ -1,5 +1,6 @@
 """Phased DMD iterations on a tiny Wan: the TP=2 runs (with and without sequence parallelism)
-must reproduce the TP=1 run: every loss, every gradient norm, and the trained generator."""
+and the Ulysses runs must reproduce the one-process run: every loss, every gradient norm, and
+the trained generator. Under a token split each rank's losses cover its own tokens only."""
 
 from dataclasses import replace
 
@@ -15,7 +16,8 @@ from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.testing import run_distributed
 
 ARCH = replace(WAN_PRESETS["tiny"], in_channels=4, out_channels=4)
-SHAPE = (2, 4, 1, 6, 8)  # 12 tokens: padded under TP=2 with SP? no, divisible; shapes stay small
+SHAPE = (2, 4, 1, 6, 8)  # 12 tokens: split evenly over 2 ranks
+PADDED_SHAPE = (2, 4, 1, 6, 6)  # 9 tokens: the second of 2 ranks holds 4 real tokens and padding
 
 
 def _model(options, state=None):
@@ -33,9 +35,9 @@ def _roles(teacher_state, options, count, lr, clip):
     return roles
 
 
-def build_trainer(tp, sequence_parallel=False, guidance=3.0):
+def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SHAPE):
     """A tiny two-phase Phased DMD set-up, the same at any TP size (CPU initialisation)."""
-    parallel.initialize(tensor_parallel=tp, sequence_parallel=sequence_parallel, seed=3)
+    parallel.initialize(tensor_parallel=tp, ulysses_parallel=ulysses, sequence_parallel=sequence_parallel, seed=3)
     options = ModelParallelOptions(attention_backend="sdpa", sequence_parallel=sequence_parallel)
     teacher = _model(options)
     teacher.requires_grad_(False)
@@ -45,8 +47,8 @@ def build_trainer(tp, sequence_parallel=False, guidance=3.0):
     settings = PhasedDMDSettings(fake_updates_per_generator_update=2, weight_clamp=10.0, seed=5)
     trainer = PhasedDMD(layout, GuidedTeacher(teacher, guidance), generators, fakes, settings)
     gen = torch.Generator().manual_seed(0)
-    cond = Condition(torch.randn(SHAPE[0], 4, ARCH.text_dim, generator=gen))
-    batch = Batch(cond, Condition(torch.zeros_like(cond.context)), SHAPE)
+    cond = Condition(torch.randn(shape[0], 4, ARCH.text_dim, generator=gen))
+    batch = Batch(cond, Condition(torch.zeros_like(cond.context)), shape)
     return trainer, batch
 
 
@@ -56,20 +58,24 @@ def run_iterations(trainer, batch, schedule):
     return [{k: v for k, v in log.items() if k != "step_seconds"} for log in logs]
 
 
-def _distill(tp, sequence_parallel, guidance):
-    trainer, batch = build_trainer(tp, sequence_parallel, guidance)
+def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE):
+    trainer, batch = build_trainer(tp, sequence_parallel, guidance, ulysses, shape)
     logs = run_iterations(trainer, batch, ((0, 0), (0, 1), (1, 2)))
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     out = sample([g.model for g in trainer.generators], trainer.layout, noise, batch.condition)
     parallel.destroy()
     return logs, out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
-def test_tp2_distillation_reproduces_tp1(sequence_parallel):
-    reference_logs, reference_out = run_distributed(_distill, 1, 1, False, 3.0)[0]
-    for logs, out in run_distributed(_distill, 2, 2, sequence_parallel, 3.0):
+@pytest.mark.parametrize(
+    "tp, sequence_parallel, ulysses, shape",
+    [(2, False, 1, SHAPE), (2, True, 1, SHAPE), (2, True, 1, PADDED_SHAPE), (1, False, 2, PADDED_SHAPE)],
+    ids=["tp2", "tp2_sp", "tp2_sp_padded", "ulysses2_padded"],
+)
+def test_split_distillation_reproduces_one_process(tp, sequence_parallel, ulysses, shape):
+    reference_logs, reference_out = run_distributed(_distill, 1, 1, False, 3.0, 1, shape)[0]
+    for logs, out in run_distributed(_distill, 2, tp, sequence_parallel, 3.0, ulysses, shape):
         for ref, got in zip(reference_logs, logs):
             assert set(ref) == set(got)
             for key in ref:

@@ -9,12 +9,13 @@ the teacher's and the fake model's in-subinterval Tweedie estimates of x_s, ``lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from phased_dmd_mega import flow, losses
 from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.loss_shard import LossShard
 from phased_dmd_mega.distill.rollout import Anchor
 
 DMD_FORMS = ("subinterval", "x0")
@@ -42,12 +43,21 @@ def fake_score_loss(
     noised: Renoised,
     condition: Condition,
     weight_clamp: Optional[float] = None,
-) -> torch.Tensor:
-    """Mean over the batch of the subinterval flow-matching loss of the fake model."""
+    shard: LossShard = LossShard(),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the batch of the subinterval flow-matching loss of the fake model, on this
+    rank's shard: (the partial to back-propagate, the whole-sample value to log)."""
     x_s = anchor_x_s.detach()
     velocity = fake(noised.x_t, noised.t, condition)
     s_batch = torch.full_like(noised.t, s)
-    return losses.subinterval_flow_loss(velocity, x_s, noised.eps, s_batch, noised.t, weight_clamp).mean()
+    if shard.fraction == 0.0:  # only padding here: nothing to add, but stay in the graph
+        partial = velocity.sum() * 0.0
+    else:
+        per_sample = losses.subinterval_flow_loss(
+            shard.take(velocity), shard.take(x_s), shard.take(noised.eps), s_batch, noised.t, weight_clamp
+        )
+        partial = per_sample.mean() * shard.fraction  # the shard's share of the whole-sample mean
+    return partial, shard.sum(partial)
 
 
 def generator_dmd_loss(
@@ -59,7 +69,7 @@ def generator_dmd_loss(
     negative: Condition,
     dmd_form: str = "subinterval",
     norm_min: float = 1e-4,
-    group=None,
+    shard: LossShard = LossShard(),
 ) -> Dict[str, torch.Tensor]:
     """The DMD loss of the generator at the anchor; also the quantities worth logging."""
     if dmd_form not in DMD_FORMS:
@@ -74,5 +84,6 @@ def generator_dmd_loss(
             real = flow.x0_from_flow(noised.x_t, real_flow, noised.t)
             fake_estimate = flow.x0_from_flow(noised.x_t, fake_flow, noised.t)
     student = anchor.x_s if dmd_form == "subinterval" else anchor.x0_student
-    loss = losses.dmd_loss(student, fake_estimate, real, norm_min=norm_min, group=group)
-    return {"loss": loss, "real_fake_gap": (real - fake_estimate).abs().mean()}
+    student, fake_estimate, real = shard.take(student), shard.take(fake_estimate), shard.take(real)
+    loss = losses.dmd_loss(student, fake_estimate, real, norm_min=norm_min, group=shard.group)
+    return {"loss": loss, "real_fake_gap": shard.mean((real - fake_estimate).abs())}

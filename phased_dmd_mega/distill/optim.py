@@ -2,7 +2,8 @@
 
 Gradients are finalised the way megatron does it: replicated parameters that only saw this
 rank's tokens (tagged ``sequence_parallel``) are summed over the tensor-parallel group, then
-every gradient is averaged over the data-parallel group that includes the Ulysses ranks. The
+every gradient is summed over the Ulysses ranks (each saw its own tokens of the same samples)
+and averaged over the data-parallel ranks (different samples). The
 gradient norm for clipping counts each tensor-parallel shard once and each replicated
 parameter once.
 """
@@ -33,7 +34,7 @@ def _group_size(group) -> int:
 
 
 def finalize_gradients(model: nn.Module) -> None:
-    """Sum sequence-parallel partial gradients over TP; average all over DP (with Ulysses)."""
+    """Sum sequence-parallel partial gradients over TP and all over Ulysses; average over DP."""
     if not parallel.is_initialized():
         return
     params = [p for p in trainable_parameters(model) if p.grad is not None]
@@ -42,12 +43,15 @@ def finalize_gradients(model: nn.Module) -> None:
         for p in params:
             if getattr(p, "sequence_parallel", False):
                 dist.all_reduce(p.grad, group=tp_group)
+    # Ulysses ranks hold partial gradients of the same samples (each saw its own tokens): they
+    # are summed; data-parallel ranks saw different samples: they are averaged.
     dp_group = parallel.data_parallel_group(with_ulysses=True)
-    size = _group_size(dp_group)
-    if size > 1:
+    if _group_size(dp_group) > 1:
+        samples_split = parallel.layout().data_parallel
         for p in params:
             dist.all_reduce(p.grad, group=dp_group)
-            p.grad.div_(size)
+            if samples_split > 1:
+                p.grad.div_(samples_split)
 
 
 def gradient_norm(model: nn.Module) -> float:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.distill.loss_shard import LossShard
 from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree
 from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
@@ -50,12 +51,11 @@ class PhasedDMD:
         fakes: List[RoleOptimizer],
         settings: PhasedDMDSettings,
         device: torch.device = torch.device("cpu"),
-        sequence_group=None,
     ):
         if len(generators) != layout.num_phases or len(fakes) != layout.num_phases:
             raise ValueError(f"{layout.num_phases} phases need as many generators and fakes")
         self.layout, self.teacher, self.generators, self.fakes = layout, teacher, generators, fakes
-        self.settings, self.device, self.sequence_group = settings, device, sequence_group
+        self.settings, self.device = settings, device
         self._data_parallel_rank = parallel.layout().data_parallel_rank if parallel.is_initialized() else 0
 
     def _generator_fns(self) -> List[Experts]:
@@ -73,6 +73,10 @@ class PhasedDMD:
             return None
         steps = len(self.layout.steps_of_phase(phase))
         return sgts_exit_step(steps, self.settings.seed + purpose, iteration, phase)
+
+    def _loss_shard(self, batch: Batch) -> LossShard:
+        """This rank's tokens of each sample in the losses (all roles share one token split)."""
+        return LossShard.for_model(self.teacher.experts.high, batch.latent_shape)
 
     def _noise(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(batch.latent_shape, generator=generator).to(self.device)
@@ -94,16 +98,17 @@ class PhasedDMD:
         anchor = self._anchor(phase, batch, iteration, purpose, with_grad=False)
         noised = self._renoised(anchor, phase, iteration, purpose)
         role = self.fakes[phase]
-        loss = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition, self.settings.weight_clamp)
+        loss, whole = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition,
+                                      self.settings.weight_clamp, self._loss_shard(batch))
         norm = self._update(role, loss, [loss])
-        return {"fake_loss": loss.item(), "fake_grad_norm": norm}
+        return {"fake_loss": whole.item(), "fake_grad_norm": norm}
 
     def generator_update(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
         anchor = self._anchor(phase, batch, iteration, 0, with_grad=True)
         noised = self._renoised(anchor, phase, iteration, 0)
         out = generator_dmd_loss(
             anchor, noised, self.teacher, self.fakes[phase].model, batch.condition, batch.negative,
-            self.settings.dmd_form, self.settings.norm_min, self.sequence_group,
+            self.settings.dmd_form, self.settings.norm_min, self._loss_shard(batch),
         )
         # The guard inside dmd_loss zeroes NaN directions; a teacher or fake model gone
         # non-finite shows in the estimate gap and must skip the update, not step on zeros.

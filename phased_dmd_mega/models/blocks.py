@@ -438,6 +438,15 @@ class TokenSharding:
         return x_local[: self.num_tokens]
 
 
+def latent_tokens(latents: torch.Tensor, patch: Tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, F, H, W] -> [B, L, C * pt * ph * pw], tokens in (f, h, w) raster order: the order
+    of the DiTs' token sequences, so token ranges here are the ranges TokenSharding splits."""
+    b, c, f, h, w = latents.shape
+    pt, ph, pw = patch
+    x = latents.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (f // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
+
+
 def joint_key_mask(streams, batch: int, device) -> Optional[torch.Tensor]:
     """Key mask for one attention over several token streams (e.g. text and image), each
     sharded by its own TokenSharding (same Ulysses size) and concatenated per rank in the

@@ -291,6 +291,11 @@ class QwenImageModel(nn.Module):
                 blocks.mark_sequence_parallel(module)
         blocks.tag_tensor_parallel_parameters(self)
 
+    @property
+    def token_patch(self) -> Tuple[int, int, int]:
+        """The (frames, height, width) latent patch of one token (blocks.latent_tokens)."""
+        return 1, self.arch.patch_size, self.arch.patch_size
+
     # ------------------------------------------------------------------ pieces of the forward
 
     def grid(self, latents_shape) -> Tuple[int, int]:

@@ -259,6 +259,11 @@ class WanModel(nn.Module):
         blocks.tag_tensor_parallel_parameters(self)
 
     @property
+    def token_patch(self) -> Tuple[int, int, int]:
+        """The (frames, height, width) latent patch of one token (blocks.latent_tokens)."""
+        return tuple(self.arch.patch_size)
+
+    @property
     def patch_volume(self) -> int:
         p = self.arch.patch_size
         return p[0] * p[1] * p[2]

@@ -8,6 +8,7 @@ from phased_dmd_mega.parallel.state import (
     is_initialized,
     layout,
     tensor_parallel_group,
+    token_split_group,
     ulysses_group,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "is_initialized",
     "layout",
     "tensor_parallel_group",
+    "token_split_group",
     "ulysses_group",
 ]

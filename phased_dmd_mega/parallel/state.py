@@ -173,6 +173,16 @@ def ulysses_group() -> dist.ProcessGroup:
     return parallel_state.get_context_parallel_group()
 
 
+def token_split_group(tensor_parallel_split: bool) -> dist.ProcessGroup:
+    """The ranks that hold different tokens of the same samples: the Ulysses ranks, times the
+    tensor-parallel ranks when sequence parallelism splits tokens over them too."""
+    from megatron.core import parallel_state
+
+    if tensor_parallel_split:
+        return parallel_state.get_tensor_and_context_parallel_group()
+    return parallel_state.get_context_parallel_group()
+
+
 def data_parallel_group(with_ulysses: bool = True) -> dist.ProcessGroup:
     """Ranks holding different samples; ``with_ulysses`` adds the Ulysses ranks, which hold
     different tokens of the same samples: the group over which gradients are averaged."""

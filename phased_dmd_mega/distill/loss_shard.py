@@ -1,0 +1,75 @@
+"""Which part of each sample this rank's losses cover (spec section 5).
+
+Under sequence parallelism (Megatron SP and/or Ulysses) a DiT splits its tokens over a group of
+ranks and gathers its output at the end; the gather's backward hands each rank the gradient of
+its own tokens only. So each rank computes the losses on exactly those tokens, with the group's
+sums making the normalisers and the logged values cover whole samples. Without a token split
+the shard is the whole sample and nothing communicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from phased_dmd_mega import parallel
+from phased_dmd_mega.models.blocks import TokenSharding, latent_tokens
+
+
+@dataclass(frozen=True)
+class LossShard:
+    patch: Sequence[int] = (1, 1, 1)
+    start: int = 0  # this rank's real tokens (padding excluded): [start, stop)
+    stop: int = 0
+    num_tokens: int = 0
+    group: Optional[dist.ProcessGroup] = None  # None: the whole sample is here
+
+    @classmethod
+    def for_model(cls, model, latent_shape) -> "LossShard":
+        """The shard of ``model``'s token split (a WanModel or QwenImageModel) for latents of
+        ``latent_shape`` [B, C, F, H, W], under the current parallel state."""
+        if not parallel.is_initialized():
+            return cls()
+        layout = parallel.layout()
+        if layout.ulysses_parallel == 1 and not (layout.sequence_parallel and layout.tensor_parallel > 1):
+            return cls()  # no rank splits tokens
+        patch = model.token_patch
+        num_tokens = 1
+        for size, p in zip(latent_shape[2:], patch):
+            num_tokens *= size // p
+        sharding = TokenSharding.current(num_tokens, model.sequence_parallel)
+        if sharding.ulysses * sharding.tp == 1:
+            return cls()
+        start = min(sharding.local_start, num_tokens)
+        stop = min(sharding.local_start + sharding.local_tokens, num_tokens)
+        return cls(tuple(patch), start, stop, num_tokens, parallel.token_split_group(sharding.tp > 1))
+
+    @property
+    def is_whole(self) -> bool:
+        return self.group is None
+
+    @property
+    def fraction(self) -> float:
+        """This rank's share of every sample's elements."""
+        return 1.0 if self.is_whole else (self.stop - self.start) / self.num_tokens
+
+    def take(self, latents: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a latent-shaped [B, C, F, H, W] tensor, as [B, tokens, features]."""
+        if self.is_whole:
+            return latents
+        return latent_tokens(latents, self.patch)[:, self.start : self.stop]
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """A detached per-shard partial summed over the group (for logging)."""
+        value = value.detach().clone()
+        if not self.is_whole:
+            dist.all_reduce(value, group=self.group)
+        return value
+
+    def mean(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole-batch mean of a quantity of which this rank holds ``take``'s elements."""
+        per_sample = local.numel() // max(local.shape[0], 1) if self.is_whole else self.num_tokens * local.shape[-1]
+        return self.sum(local.detach().sum(dtype=torch.float64) / (local.shape[0] * per_sample)).float()
