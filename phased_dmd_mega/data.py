@@ -201,10 +201,16 @@ class PromptCache(PromptSource):
         return self._padded([self.row(i) for i in indices], length)
 
     def negative(self, batch, length: Optional[int] = None):
-        return self._padded([self.negative_row()] * batch, length)
+        return self._repeated(self._padded([self.negative_row()], length), batch)
+
+    @staticmethod
+    def _repeated(one: Condition, batch: int) -> Condition:
+        # One padded copy, expanded over the batch (read-only, like SyntheticPrompts' negative).
+        expand = lambda x: None if x is None else x.expand(batch, *x.shape[1:])  # noqa: E731
+        return Condition(expand(one.context), expand(one.context_mask))
 
     def conditions(self, indices):
         # Both CFG branches run in one batch (Condition.cat): they share one padded length.
         rows, negative = [self.row(i) for i in indices], self.negative_row()
         length = max(r.shape[0] for r in rows + [negative])
-        return self._padded(rows, length), self._padded([negative] * len(indices), length)
+        return self._padded(rows, length), self.negative(len(indices), length)
