@@ -14,7 +14,8 @@ RUN pip install \
         "safetensors==0.8.0" \
         "numpy==1.26.4" \
         "pyyaml==6.0.2" \
-        "einops==0.8.1"
+        "einops==0.8.1" \
+        "transformers==5.23.0"
 
 WORKDIR /opt/phased-dmd-mega
 COPY . .

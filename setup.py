@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "pyyaml>=6.0,<7",
     "einops>=0.8,<0.9",
+    # Text encoders and tokenizers of `phased-dmd encode-prompts` (umT5, Qwen2.5-VL).
+    "transformers>=5.23,<5.24",
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,7 +34,6 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8,<10",
         "diffusers>=0.42.1,<0.43",
-        "transformers>=5.23,<5.24",
         "accelerate>=1.10,<2",
         "matplotlib>=3.8,<4",
         "tensorboard>=2.16,<3",

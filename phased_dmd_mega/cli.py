@@ -95,6 +95,54 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Encode prompts into the prompt-embedding cache that `phased-dmd train` reads (data.prompt_cache), "
+        "exactly as the family's diffusers pipeline encodes them. Re-running the same command resumes "
+        "an interrupted run; launch it with torchrun to encode shards on several GPUs."
+    )
+    parser.add_argument("--family", required=True, choices=("wan", "qwen_image"),
+                        help="wan (umT5, zero-padded to 512 tokens) or qwen_image (Qwen2.5-VL, masked)")
+    parser.add_argument("--text-encoder", required=True, metavar="PATH",
+                        help="the text encoder folder, or a diffusers pipeline root with text_encoder/ and tokenizer/")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer folder (default: the pipeline's tokenizer/, or beside the text encoder)")
+    parser.add_argument("--prompts", required=True, metavar="FILE",
+                        help=".txt (one prompt per line), .jsonl or .json (objects with a prompt field), .csv")
+    parser.add_argument("--prompt-field", default="prompt", help="field or column of .jsonl/.json/.csv (default prompt)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache folder to write (or to finish)")
+    parser.add_argument("--negative-prompt", metavar="TEXT",
+                        help="negative prompt for classifier-free guidance (default: '' for wan, ' ' for qwen_image)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per encoder call (default 8)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="prompts per safetensors shard (default 1000)")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
+                        help="encoder and stored dtype (default bf16)")
+    parser.add_argument("--device", help="e.g. cuda:0 or cpu (default: this rank's GPU, else the CPU)")
+    parser.add_argument("--max-sequence-length", type=int,
+                        help="text tokens kept (default: 512, the pipelines' default; qwen_image up to 1024)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs in --out")
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from phased_dmd_mega.log import setup_logging
+    from phased_dmd_mega.prompt_encoding import EncodeOptions, PromptEncodingError, encode_prompts
+
+    setup_logging()
+    options = EncodeOptions(
+        family=args.family, text_encoder=args.text_encoder, tokenizer=args.tokenizer, prompts=args.prompts,
+        prompt_field=args.prompt_field, out=args.out, negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
+        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
+    )
+    try:
+        folder = encode_prompts(options)
+    except PromptEncodingError as err:
+        print(f"phased-dmd encode-prompts: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(folder)
+    return 0
+
+
 def _unavailable(command: str, what: str) -> int:
     # Stated plainly rather than pretending: these subcommands are filled in as the pieces land.
     print(f"phased-dmd {command}: {what} is not available in version {__version__} yet", file=sys.stderr)
@@ -109,7 +157,9 @@ _SUBCOMMANDS: Dict[str, str] = {
     "encode-prompts": "encode prompts into a prompt-embedding cache",
 }
 
-_RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {"train": _run_train, "convert": _run_convert}
+_RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _run_train, "convert": _run_convert, "encode-prompts": _run_encode,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_config_arguments(sub)
         elif name == "convert":
             _add_convert_arguments(sub)
+        elif name == "encode-prompts":
+            _add_encode_arguments(sub)
     return parser
 
 

@@ -184,7 +184,7 @@ class ResolutionConfig:
 @dataclass
 class DataConfig:
     prompt_cache: Optional[str] = None  # folder written by `phased-dmd encode-prompts`
-    negative_prompt_cache: Optional[str] = None
+    negative_prompt_cache: Optional[str] = None  # another cache whose negative prompt replaces prompt_cache's
     synthetic_prompts: int = 0  # > 0: random prompt embeddings instead of a cache (smoke tests)
     batch_size: int = 1  # per data-parallel rank
     resolutions: List[ResolutionConfig] = field(default_factory=lambda: [ResolutionConfig()])

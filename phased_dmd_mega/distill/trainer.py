@@ -332,11 +332,13 @@ def build_teacher(cfg: Config) -> Experts:
 def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
     from phased_dmd_mega.data import PromptCache, SyntheticPrompts
 
+    arch = teacher.high.arch
+    dim = getattr(arch, "text_dim", None) or getattr(arch, "joint_attention_dim")
     if cfg.data.prompt_cache is not None:
-        return PromptCache(cfg.data.prompt_cache)
+        cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
+        cache.check_model(cfg.model.arch, dim)
+        return cache
     if cfg.data.synthetic_prompts > 0:
-        arch = teacher.high.arch
-        dim = getattr(arch, "text_dim", None) or getattr(arch, "joint_attention_dim")
         return SyntheticPrompts(cfg.data.synthetic_prompts, 16, dim, seed=cfg.data.seed)
     raise ValueError("data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), "
                      "and data.synthetic_prompts is 0")

@@ -1,0 +1,584 @@
+"""``phased-dmd encode-prompts``: prompts -> the prompt-embedding cache the trainer reads.
+
+Each family encodes exactly as its diffusers pipeline does before the DiT (diffusers 0.42.1):
+- Wan (``WanPipeline._get_t5_prompt_embeds``): the prompt is cleaned (ftfy when installed, HTML
+  unescaped twice, whitespace collapsed), tokenized to 512 tokens (padded, truncated), encoded by
+  umT5 (``last_hidden_state``) and trimmed to its true token count; the pipeline then zero-pads
+  to 512, which the cache reader does on load.
+- Qwen-Image (``QwenImagePipeline._get_qwen_prompt_embeds``): the prompt goes into the chat
+  template, is tokenized (at most 1024 + 34 tokens, padded to the batch's longest), encoded by
+  Qwen2.5-VL (last hidden state), the template's first 34 tokens are dropped, and at most
+  ``max_sequence_length`` tokens (512, the pipeline's default) are kept, with a mask.
+
+Writing: one safetensors shard per ``shard_size`` prompts (format: phased_dmd_mega/data.py),
+each published by an atomic rename and stamped with a fingerprint of the inputs (prompt list,
+encoder and tokenizer files, settings). ``prompts.json`` says ``complete: false`` until every
+shard is there; a re-run with the same inputs skips the finished shards, other inputs are refused
+(``overwrite`` replaces the cache). Under torchrun each rank encodes every world-size-th shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from phased_dmd_mega.data import PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION
+from phased_dmd_mega.log import get_logger
+
+log = get_logger(__name__)
+
+NEGATIVE_FILE = "negative.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+class PromptEncodingError(ValueError):
+    """Bad input to encode-prompts; the message names the file or option at fault."""
+
+
+# ----------------------------------------------------------------------------- prompt files
+
+
+def read_prompts(path, field: str = "prompt") -> List[str]:
+    """Prompts from a .txt file (one per line, blank lines skipped), a .jsonl file (one object
+    with ``field`` per line, or one string), a .csv file with a ``field`` column, or a .json list."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptEncodingError(f"--prompts {path} does not exist")
+    readers = {".txt": _text_prompts, ".jsonl": _jsonl_prompts, ".csv": _csv_prompts, ".json": _json_prompts}
+    if path.suffix.lower() not in readers:
+        raise PromptEncodingError(f"--prompts {path}: unknown kind {path.suffix!r} (use .txt, .jsonl, .csv or .json)")
+    try:
+        prompts = readers[path.suffix.lower()](path, field)
+    except UnicodeDecodeError as err:
+        raise PromptEncodingError(f"--prompts {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not prompts:
+        raise PromptEncodingError(f"--prompts {path} holds no prompts")
+    return prompts
+
+
+def _text_prompts(path: Path, field: str) -> List[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _prompt_of(item, where: str, field: str) -> str:
+    if isinstance(item, dict) and isinstance(item.get(field), str):
+        return item[field]
+    if isinstance(item, str):
+        return item
+    raise PromptEncodingError(f"{where}: expected a string or an object with a string {field!r} field")
+
+
+def _jsonl_prompts(path: Path, field: str) -> List[str]:
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptEncodingError(f"{path} line {number}: not JSON ({err.msg})") from err
+        prompts.append(_prompt_of(item, f"{path} line {number}", field))
+    return prompts
+
+
+def _json_prompts(path: Path, field: str) -> List[str]:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PromptEncodingError(f"{path} line {err.lineno}: not JSON ({err.msg})") from err
+    if not isinstance(items, list):
+        raise PromptEncodingError(f"{path}: expected a JSON list of prompts")
+    return [_prompt_of(item, f"{path} item {i}", field) for i, item in enumerate(items)]
+
+
+def _csv_prompts(path: Path, field: str) -> List[str]:
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        if field not in (reader.fieldnames or []):
+            raise PromptEncodingError(f"{path}: no {field!r} column (columns: {reader.fieldnames})")
+        return [row[field] for row in reader if row[field] is not None and row[field].strip()]
+
+
+# ----------------------------------------------------------------------------- encoder folders
+
+
+def resolve_encoder_folders(text_encoder, tokenizer=None) -> Tuple[Path, Path]:
+    """(text encoder folder, tokenizer folder) from a text encoder folder or a diffusers pipeline
+    root (``text_encoder/`` + ``tokenizer/``); the tokenizer defaults to the pipeline's
+    ``tokenizer/``, the encoder folder's ``tokenizer/``, the encoder folder itself, or its sibling."""
+    root = Path(text_encoder)
+    if not root.is_dir():
+        raise PromptEncodingError(f"--text-encoder {root} is not a folder")
+    encoder = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
+    if not (encoder / "config.json").is_file():
+        raise PromptEncodingError(f"--text-encoder {root}: no config.json (expected a Hugging Face text encoder "
+                                  "folder or a diffusers pipeline root with text_encoder/)")
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        if not tokenizer.is_dir():
+            raise PromptEncodingError(f"--tokenizer {tokenizer} is not a folder")
+        return encoder, tokenizer
+    for candidate in (root / "tokenizer", encoder / "tokenizer", encoder, encoder.parent / "tokenizer"):
+        if (candidate / "tokenizer_config.json").is_file():
+            return encoder, candidate
+    raise PromptEncodingError(f"no tokenizer found beside --text-encoder {root} (no tokenizer_config.json in "
+                              "tokenizer/, the folder itself or ../tokenizer); pass --tokenizer")
+
+
+def _is_weight(path: Path) -> bool:
+    return path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+
+
+def encoder_digest(folder: Path) -> str:
+    """Its config.json, and its weight files' names and sizes (reading gigabytes to hash them
+    would cost as much as a shard of encoding)."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and _is_weight(p)):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def tokenizer_digest(folder: Path) -> str:
+    """Every file of the tokenizer folder but weights."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not _is_weight(p)):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+
+class TextEncoder:
+    """One family's prompt -> trimmed [L, D] embeddings, as its diffusers pipeline computes them."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[Tuple[str, ...]]  # config.json model_type values accepted
+    wanted: ClassVar[str]  # for messages
+    masked: ClassVar[bool]  # rows are padded per batch with a mask (else zero-padded to pad_to)
+    default_negative: ClassVar[str]
+    default_max_length: ClassVar[int]
+    longest_max_length: ClassVar[int]
+
+    def __init__(self, encoder: Path, tokenizer: Path, max_sequence_length: Optional[int] = None):
+        self.encoder_folder, self.tokenizer_folder = Path(encoder), Path(tokenizer)
+        self.max_sequence_length = max_sequence_length or self.default_max_length
+        if not 1 <= self.max_sequence_length <= self.longest_max_length:
+            raise PromptEncodingError(f"--max-sequence-length {self.max_sequence_length}: {self.family} takes 1 to "
+                                      f"{self.longest_max_length} tokens")
+        self.config = json.loads((self.encoder_folder / "config.json").read_text())
+        model_type = self.config.get("model_type")
+        if model_type not in self.model_types:
+            raise PromptEncodingError(f"--text-encoder {self.encoder_folder} is a {model_type!r} model (config.json "
+                                      f"model_type); --family {self.family} needs {self.wanted}")
+        self.model = self.tokenizer = None
+
+    @property
+    def pad_to(self) -> Optional[int]:
+        return None if self.masked else self.max_sequence_length
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def settings(self) -> Dict[str, object]:
+        """Everything that decides the embeddings (the resume fingerprint covers it)."""
+        return {
+            "family": self.family,
+            "max_sequence_length": self.max_sequence_length,
+            "encoder": encoder_digest(self.encoder_folder),
+            "tokenizer": tokenizer_digest(self.tokenizer_folder),
+        }
+
+    def load(self, dtype: torch.dtype, device: torch.device) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_folder))
+        self.model = self.model_class().from_pretrained(str(self.encoder_folder), dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+
+    def model_class(self):
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[str]) -> List[torch.Tensor]:
+        """Trimmed embeddings [L_i, D] on the CPU, in the encoder's dtype."""
+        raise NotImplementedError
+
+
+def clean_wan_prompt(text: str) -> str:
+    """WanPipeline's prompt_clean: ftfy (when installed), HTML unescaped twice, whitespace collapsed."""
+    import regex  # a dependency of transformers; its \\s is the one diffusers uses
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
+def _ftfy_version() -> Optional[str]:
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return getattr(ftfy, "__version__", "unknown")
+
+
+class WanTextEncoder(TextEncoder):
+    family = "wan"
+    model_types = ("umt5",)
+    wanted = "umT5 (UMT5EncoderModel, model_type 'umt5')"
+    masked = False
+    default_negative = ""  # WanPipeline's default
+    default_max_length = 512
+    longest_max_length = 512
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["d_model"])
+
+    def settings(self):
+        return {**super().settings(), "cleaning": {"ftfy": _ftfy_version()}}
+
+    def model_class(self):
+        from transformers import UMT5EncoderModel
+
+        return UMT5EncoderModel
+
+    @torch.inference_mode()
+    def encode(self, prompts):
+        tokens = self.tokenizer([clean_wan_prompt(p) for p in prompts], padding="max_length",
+                                max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        hidden = self.model(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
+        lengths = tokens.attention_mask.gt(0).sum(dim=1).tolist()
+        return [h[:n].to("cpu", copy=True) for h, n in zip(hidden, lengths)]
+
+
+class QwenImageTextEncoder(TextEncoder):
+    family = "qwen_image"
+    model_types = ("qwen2_5_vl",)
+    wanted = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, model_type 'qwen2_5_vl')"
+    masked = True
+    default_negative = " "  # what Qwen-Image's examples pass; the pipeline has no CFG without one
+    default_max_length = 512  # QwenImagePipeline.__call__'s max_sequence_length
+    longest_max_length = 1024  # the pipeline refuses more
+    template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    drop_tokens = 34  # the template's system part and "<|im_start|>user\n"
+    tokenizer_max_length = 1024
+
+    @property
+    def dim(self) -> int:
+        text = self.config.get("text_config") or {}
+        return int(text.get("hidden_size") or self.config["hidden_size"])
+
+    def settings(self):
+        return {**super().settings(), "template": self.template, "drop_tokens": self.drop_tokens}
+
+    def model_class(self):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    @torch.inference_mode()
+    def encode(self, prompts):
+        tokens = self.tokenizer([self.template.format(p) for p in prompts], padding=True, truncation=True,
+                                max_length=self.tokenizer_max_length + self.drop_tokens, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device),
+                         output_hidden_states=True)
+        hidden, mask = out.hidden_states[-1], tokens.attention_mask.to(device).bool()
+        return [h[m][self.drop_tokens:][: self.max_sequence_length].to("cpu", copy=True) for h, m in zip(hidden, mask)]
+
+
+FAMILIES: Dict[str, type] = {cls.family: cls for cls in (WanTextEncoder, QwenImageTextEncoder)}
+
+
+# ----------------------------------------------------------------------------- the cache folder
+
+
+@dataclass(frozen=True)
+class Shard:
+    number: int
+    start: int
+    stop: int
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.number:05d}.safetensors"
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(count: int, shard_size: int) -> List[Shard]:
+    return [Shard(n, start, min(start + shard_size, count)) for n, start in enumerate(range(0, count, shard_size))]
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_rows(path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Trimmed rows -> one safetensors file (``context`` + ``offsets``), published atomically."""
+    from safetensors.torch import save_file
+
+    lengths = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.int64)
+    tensors = {"context": torch.cat(list(rows)).contiguous(), "offsets": lengths.cumsum(0)}
+    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _file_fingerprint(path: Path) -> Optional[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("fingerprint")
+    except Exception:  # a file that is not safetensors (or a torn one) counts as not written
+        return None
+
+
+def _write_index(folder: Path, index: Dict[str, object]) -> None:
+    _write_atomically(folder / PROMPT_CACHE_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"))
+
+
+def _cache_files(folder: Path) -> List[Path]:
+    return [p for p in folder.iterdir() if p.name == PROMPT_CACHE_INDEX or p.name == NEGATIVE_FILE
+            or (p.name.startswith("shard-") and p.suffix == ".safetensors") or ".tmp" in p.name]
+
+
+def prepare_folder(folder: Path, index: Dict[str, object], overwrite: bool) -> None:
+    """Create the cache folder, or check that the one there holds these inputs (resume)."""
+    index_file = folder / PROMPT_CACHE_INDEX
+    if index_file.is_file():
+        old = json.loads(index_file.read_text())
+        if old.get("fingerprint") == index["fingerprint"]:
+            if not old.get("complete"):
+                _write_index(folder, index)  # resume: the finished shards are found by their stamp
+            return
+        if not overwrite:
+            changed = sorted(k for k, v in index["settings"].items() if old.get("settings", {}).get(k) != v)
+            raise PromptEncodingError(f"--out {folder} holds a prompt cache of other inputs (differing: "
+                                      f"{', '.join(changed) or 'format'}); pass --overwrite to replace it, "
+                                      "or choose another --out")
+        for path in _cache_files(folder):
+            path.unlink()
+    elif folder.exists() and any(folder.iterdir()):
+        raise PromptEncodingError(f"--out {folder} exists, is not empty and is not a prompt cache; "
+                                  "choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_index(folder, index)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar on a terminal, else a log line every ``every`` seconds; both with prompts/s."""
+
+    def __init__(self, total: int, enabled: bool, every: float = 30.0):
+        self.total, self.done, self.enabled, self.every = total, 0, enabled, every
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and os.isatty(2):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="prompt", desc="encoding", dynamic_ncols=True)
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.enabled and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            log.info("encoded %d/%d prompts (%.1f prompts/s)", self.done, self.total, self.rate)
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class EncodeOptions:
+    family: str
+    text_encoder: str
+    prompts: str
+    out: str
+    tokenizer: Optional[str] = None
+    negative_prompt: Optional[str] = None  # None: the family's default
+    batch_size: int = 8
+    shard_size: int = 1000
+    dtype: str = "bf16"
+    device: Optional[str] = None  # None: this rank's GPU, else the CPU
+    max_sequence_length: Optional[int] = None  # None: the family's pipeline default
+    prompt_field: str = "prompt"
+    overwrite: bool = False
+
+
+def _check_options(opts: EncodeOptions) -> torch.dtype:
+    if opts.family not in FAMILIES:
+        raise PromptEncodingError(f"--family {opts.family!r}: choose one of {', '.join(FAMILIES)}")
+    if opts.batch_size < 1 or opts.shard_size < 1:
+        raise PromptEncodingError("--batch-size and --shard-size must be >= 1")
+    if opts.dtype not in DTYPES:
+        raise PromptEncodingError(f"--dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[opts.dtype]
+
+
+def _distributed() -> Tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size(), False) if dist.is_initialized() else (0, 1, False)
+    # Only barriers go through it; a rank's share of the encoding may take hours.
+    dist.init_process_group("gloo", timeout=timedelta(hours=48))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _on_rank_zero(step: Callable[[], None], rank: int, world: int) -> None:
+    """``step`` on rank 0 while the others wait; its PromptEncodingError is raised on every rank."""
+    error = [None]
+    if rank == 0:
+        try:
+            step()
+        except PromptEncodingError as err:
+            error = [str(err)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise PromptEncodingError(error[0])
+
+
+def _device(requested: Optional[str]) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _index(encoder: TextEncoder, opts: EncodeOptions, prompts: List[str], dtype: torch.dtype,
+           negative: str) -> Dict[str, object]:
+    prompts_digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+    settings = {**encoder.settings(), "dtype": str(dtype).removeprefix("torch."), "negative_prompt": negative,
+                "shard_size": opts.shard_size, "prompts": prompts_digest}
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return {
+        "format": PROMPT_CACHE_FORMAT, "version": PROMPT_CACHE_VERSION, "complete": False,
+        "family": encoder.family, "dim": encoder.dim, "pad_to": encoder.pad_to, "masked": encoder.masked,
+        "dtype": settings["dtype"], "count": len(prompts), "fingerprint": fingerprint, "settings": settings,
+        "source": {"prompts": str(Path(opts.prompts).resolve()), "text_encoder": str(encoder.encoder_folder.resolve()),
+                   "tokenizer": str(encoder.tokenizer_folder.resolve())},
+        "negative": {"file": NEGATIVE_FILE, "prompt": negative},
+        "shards": [],
+    }
+
+
+def encode_prompts(opts: EncodeOptions) -> Path:
+    """Write (or finish) the prompt cache ``opts.out``; returns its folder."""
+    dtype = _check_options(opts)
+    prompts = read_prompts(opts.prompts, opts.prompt_field)
+    encoder_folder, tokenizer_folder = resolve_encoder_folders(opts.text_encoder, opts.tokenizer)
+    encoder: TextEncoder = FAMILIES[opts.family](encoder_folder, tokenizer_folder, opts.max_sequence_length)
+    negative = encoder.default_negative if opts.negative_prompt is None else opts.negative_prompt
+    folder = Path(opts.out)
+    index = _index(encoder, opts, prompts, dtype, negative)
+    rank, world, started = _distributed()
+    try:
+        _on_rank_zero(lambda: prepare_folder(folder, index, opts.overwrite), rank, world)
+        shards = plan_shards(len(prompts), opts.shard_size)
+        _encode_missing(encoder, opts, prompts, shards, index, dtype, rank, world)
+        _barrier(world)
+        if rank == 0:
+            _publish_index(folder, index, shards)
+        _barrier(world)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    return folder
+
+
+def _encode_missing(encoder: TextEncoder, opts: EncodeOptions, prompts: List[str], shards: List[Shard],
+                    index: Dict[str, object], dtype: torch.dtype, rank: int, world: int) -> None:
+    folder, fingerprint = Path(opts.out), str(index["fingerprint"])
+    done = lambda path: _file_fingerprint(path) == fingerprint  # noqa: E731
+    todo = [s for s in shards[rank::world] if not done(folder / s.file)]
+    need_negative = rank == 0 and not done(folder / NEGATIVE_FILE)
+    skipped = len(shards[rank::world]) - len(todo)
+    if skipped:
+        log.info("resuming: %d of %d shards are already written", skipped, len(shards[rank::world]))
+    if not todo and not need_negative:
+        return
+    device = _device(opts.device)
+    log.info("loading the %s text encoder from %s on %s (%s)", encoder.family, encoder.encoder_folder, device, dtype)
+    encoder.load(dtype, device)
+    stamp = {"fingerprint": fingerprint}
+    if need_negative:
+        write_rows(folder / NEGATIVE_FILE, encoder.encode([index["negative"]["prompt"]]), stamp)
+    progress = Progress(sum(s.count for s in todo), enabled=rank == 0)
+    try:
+        for shard in todo:
+            rows: List[torch.Tensor] = []
+            for start in range(shard.start, shard.stop, opts.batch_size):
+                batch = prompts[start: min(start + opts.batch_size, shard.stop)]
+                rows.extend(encoder.encode(batch))
+                progress.update(len(batch))
+            write_rows(folder / shard.file, rows, {**stamp, "shard": str(shard.number), "first_row": str(shard.start)})
+    finally:
+        progress.close()
+    log.info("encoded %d prompts in %d shards (%.1f prompts/s on rank %d)",
+             progress.done, len(todo), progress.rate, rank)
+
+
+def _publish_index(folder: Path, index: Dict[str, object], shards: List[Shard]) -> None:
+    """The final index, once every shard carries this run's fingerprint."""
+    from safetensors import safe_open
+
+    entries = []
+    for shard in shards:
+        path = folder / shard.file
+        if _file_fingerprint(path) != index["fingerprint"]:
+            raise RuntimeError(f"{path} is missing or stale after encoding; re-run the command to finish the cache")
+        with safe_open(str(path), framework="pt") as handle:
+            tokens = int(handle.get_slice("context").get_shape()[0])
+        entries.append({"file": shard.file, "count": shard.count, "tokens": tokens})
+    _write_index(folder, {**index, "complete": True, "shards": entries})
+    size = sum((folder / e["file"]).stat().st_size for e in entries) / 1e9
+    log.info("prompt cache %s: %d prompts, %d shards, %.2f GB", folder, index["count"], len(entries), size)
+
