@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.data import PromptSource
+from phased_dmd_mega.distill.phased import sample as few_step_sample
 from phased_dmd_mega.distill.roles import Condition, Experts
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.schedule import PhaseLayout
@@ -63,7 +63,7 @@ def generate(generators: List[Experts], layout: PhaseLayout, condition: Conditio
         stochastic = None
         if step_rule == "stochastic":
             stochastic = torch.Generator(device=device).manual_seed(int(seeds[start]) if seeds is not None else start)
-        latents = sample(generators, layout, noise[index].to(device), condition.select(index).to(device),
+        latents = few_step_sample(generators, layout, noise[index].to(device), condition.select(index).to(device),
                          step_rule, stochastic)
         out.append(latents.float().cpu())
         log.info("sampled %d/%d", int(index[-1]) + 1, noise.shape[0])
