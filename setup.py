@@ -37,7 +37,10 @@ EXTRAS_REQUIRE = {
         "accelerate>=1.10,<2",
         "matplotlib>=3.8,<4",
         "tensorboard>=2.16,<3",
+        "peft>=0.21,<0.22",  # diffusers' load_lora_weights, for the LoRA export tests
     ],
+    # Decoding samples to frames (`phased-dmd sample --vae`, logging.sample_vae): diffusers' VAEs.
+    "sample": ["diffusers>=0.42.1,<0.43"],
     # TensorBoard scalars during training (logging.tensorboard_dir).
     "tensorboard": ["tensorboard>=2.16,<3"],
 }

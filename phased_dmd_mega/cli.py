@@ -143,9 +143,130 @@ def _run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unavailable(command: str, what: str) -> int:
-    # Stated plainly rather than pretending: these subcommands are filled in as the pieces land.
-    print(f"phased-dmd {command}: {what} is not available in version {__version__} yet", file=sys.stderr)
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training checkpoint: an iter_N folder, or a checkpoint root (its `latest` is used)")
+    parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
+    parser.add_argument("--layout", choices=("diffusers", "original"), default="diffusers",
+                        help="full weights as diffusers transformers or original Wan folders (Wan only; default diffusers)")
+    parser.add_argument("--ema", action="store_true", help="export the generators' EMA copies (optimizer.ema_decay runs)")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA runs: write full weights W + (alpha/r) B A instead of LoRA files")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="per safetensors file (default 5GB)")
+    _add_checkpoint_overrides(parser)
+
+
+def _add_checkpoint_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="changes to the checkpoint's stored config.yaml, e.g. model.teacher_path=/new/place")
+
+
+def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training checkpoint (iter_N folder or checkpoint root)")
+    source.add_argument("--exported", help="a folder written by `phased-dmd export` (full or merged weights)")
+    parser.add_argument("--output", "-o", required=True, help="folder for the samples (must not exist without --overwrite)")
+    parser.add_argument("--ema", action="store_true", help="--checkpoint: sample with the generators' EMA copies")
+    parser.add_argument("--prompts", help="prompt-embedding cache folder (default: the run's own prompts)")
+    parser.add_argument("--indices", type=_indices, help="prompt rows to sample, e.g. 0,3,7 (default 0..N-1)")
+    parser.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
+                        help="N random prompt embeddings instead of a cache (smoke tests)")
+    parser.add_argument("--num-samples", "-n", type=int, help="samples to draw without --indices (default 1)")
+    parser.add_argument("--resolution", type=_resolution,
+                        help="FRAMESxHEIGHTxWIDTH or HEIGHTxWIDTH in pixels (default: the run's first resolution)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded seed + i (default 0)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per generator call (default 1)")
+    parser.add_argument("--vae", help="diffusers VAE folder, or a pipeline root with vae/: decode to PNG (and mp4)")
+    parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--fps", type=int, default=16, help="frame rate of the mp4 files (default 16)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="--exported: the models' dtype (default: the exported weights')")
+    parser.add_argument("--attention-backend", choices=("auto", "flash", "te", "sdpa"), default="auto",
+                        help="--exported: attention implementation (a checkpoint's config says its own)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (launch as many processes)")
+    parser.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel size")
+    parser.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism inside TP")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_checkpoint_overrides(parser)
+
+
+def _indices(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"indices {text!r} are not comma-separated integers") from err
+
+
+def _resolution(text: str):
+    parts = text.lower().split("x")
+    try:
+        numbers = [int(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (2, 3) or any(n < 1 for n in numbers):
+        raise argparse.ArgumentTypeError(f"resolution {text!r} is not FRAMESxHEIGHTxWIDTH or HEIGHTxWIDTH")
+    return tuple(numbers) if len(numbers) == 3 else (1, *numbers)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import os
+
+    from phased_dmd_mega.distill.generators import open_generators
+    from phased_dmd_mega.export import export_generators
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _usage_error("export", "export runs in one process (checkpoints load at any tensor parallel size)")
+
+    def export():
+        distilled = open_generators(args.checkpoint, ema=args.ema, overrides=args.overrides)
+        return export_generators(distilled, args.dst, layout=args.layout, merge=args.merge, overwrite=args.overwrite,
+                                 max_shard_bytes=args.max_shard_size)
+
+    return _with_models("export", export)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from phased_dmd_mega.sample import SampleRequest, Samplers, sample_to_folder
+
+    if args.exported and args.overrides:
+        return _usage_error("sample", "key=value overrides change a checkpoint's config; --exported has none")
+    request = SampleRequest(
+        output=args.output, prompts=args.prompts, indices=args.indices, synthetic_prompts=args.synthetic_prompts,
+        num_samples=args.num_samples, resolution=args.resolution, seed=args.seed, batch_size=args.batch_size,
+        vae=args.vae, vae_dtype=args.vae_dtype, fps=args.fps, overwrite=args.overwrite,
+    )
+
+    def draw():
+        if args.checkpoint:
+            samplers = Samplers.from_checkpoint(args.checkpoint, ema=args.ema, overrides=args.overrides)
+        else:
+            samplers = Samplers.from_export(args.exported, args.dtype, args.attention_backend)
+        return sample_to_folder(samplers, request)
+
+    return _with_models("sample", draw, args.tp, args.ulysses, args.sequence_parallel, args.seed)
+
+
+def _with_models(command: str, work: Callable[[], object], *parallel_sizes) -> int:
+    """Run ``work`` inside a parallel state (``parallel_sizes``: initialize's arguments); print
+    what it returns (the folder written), or report bad input with exit status 2."""
+    from phased_dmd_mega import parallel
+    from phased_dmd_mega.log import setup_logging
+
+    setup_logging()
+    parallel.initialize(*parallel_sizes)
+    try:
+        result = work()
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError and ConfigError are ValueErrors
+        return _usage_error(command, str(err))
+    finally:
+        parallel.destroy()
+    print(result)
+    return 0
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"phased-dmd {command}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -158,7 +279,12 @@ _SUBCOMMANDS: Dict[str, str] = {
 }
 
 _RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _run_train, "convert": _run_convert, "encode-prompts": _run_encode,
+    "train": _run_train, "convert": _run_convert, "export": _run_export, "sample": _run_sample,
+    "encode-prompts": _run_encode,
+}
+_ARGUMENTS: Dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "train": _add_config_arguments, "convert": _add_convert_arguments, "export": _add_export_arguments,
+    "sample": _add_sample_arguments, "encode-prompts": _add_encode_arguments,
 }
 
 
@@ -170,23 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in _SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if name == "train":
-            _add_config_arguments(sub)
-        elif name == "convert":
-            _add_convert_arguments(sub)
-        elif name == "encode-prompts":
-            _add_encode_arguments(sub)
+        if name in _ARGUMENTS:
+            _ARGUMENTS[name](sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    runner = _RUNNERS.get(args.command)
     try:
-        if runner is None:
-            return _unavailable(args.command, _SUBCOMMANDS[args.command])
-        return runner(args)
+        return _RUNNERS[args.command](args)
     except ConfigError as err:
         print(f"phased-dmd {args.command}: configuration error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -216,9 +216,14 @@ class LoggingConfig:
     all_ranks: bool = False  # by default only rank 0 prints
     log_every: int = 10
     tensorboard_dir: Optional[str] = None
+    sample_every: int = 0  # > 0: write samples to run.output_dir/samples/iter_N every this many iterations
+    sample_count: int = 4  # prompts sampled each time (the first ones of the prompt source)
+    sample_vae: Optional[str] = None  # diffusers VAE folder (or pipeline root): also decode the samples
 
     def validate(self, check):
         check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.sample_every >= 0, "sample_every", "must be >= 0 (0 turns samples off)")
+        check(self.sample_count >= 1, "sample_count", "must be >= 1")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 
 from phased_dmd_mega import __version__
 from phased_dmd_mega.log import get_logger
-from phased_dmd_mega.models.architectures import CheckpointError
+from phased_dmd_mega.models.architectures import Architecture, CheckpointError
 from phased_dmd_mega.models.checkpoints import (
     EXPERT_FOLDERS,
     MEGA_FORMAT,
@@ -115,17 +115,17 @@ def convert(
             f"{checkpoint.root} is {architecture.title}, which has no {to} layout (it has {', '.join(layouts)})"
         )
     dst = Path(dst)
-    _check_destination(checkpoint.root, dst, overwrite)
+    check_destination(checkpoint.root, dst, overwrite)
     models = {name: open_model(folder, checkpoint.layout, arch, architecture)
               for name, folder in checkpoint.folders.items()}
     for files in models.values():
         check_tensor_parallel(files.arch, tensor_parallel)
     ratio = _experts_boundary(checkpoint, models, boundary_ratio)
-    with _staging(dst, overwrite) as staging:
+    with staging_folder(dst, overwrite) as staging:
         for name, files in models.items():
             folder = staging if name == SINGLE else staging / EXPERT_FOLDERS[to][name]
             log.info("converting %s (%s) -> %s", files.folder, files.layout, to)
-            _write_model(folder, files, to, tensor_parallel, max_shard_bytes)
+            write_model(folder, files, to, tensor_parallel, max_shard_bytes)
         if checkpoint.has_experts:
             _write_experts_index(staging, checkpoint, models, to, ratio, tensor_parallel)
     log.info("wrote %s", dst)
@@ -146,7 +146,7 @@ def _experts_boundary(checkpoint: Checkpoint, models: Dict[str, ModelFiles], ove
 # ----------------------------------------------------------------------------- destination
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     source, target = src.resolve(), dst.resolve()
     if source == target or source in target.parents or target in source.parents:
         raise CheckpointError(f"destination {dst} overlaps the source {src}")
@@ -158,7 +158,7 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def _staging(dst: Path, overwrite: bool) -> Iterator[Path]:
+def staging_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
     """A hidden folder beside ``dst``, renamed to ``dst`` on success and removed on failure."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -186,7 +186,7 @@ def _move_into_place(staging: Path, dst: Path, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------- one model
 
 
-def _write_model(folder: Path, files: ModelFiles, to: str, tensor_parallel: int, max_shard_bytes: int) -> None:
+def write_model(folder: Path, files: ModelFiles, to: str, tensor_parallel: int, max_shard_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if to == "mega":
         entries, tensors = _mega_tensors(files)
@@ -194,7 +194,7 @@ def _write_model(folder: Path, files: ModelFiles, to: str, tensor_parallel: int,
         entries, tensors = _hf_tensors(files, to)
     write_sharded(folder, SHARD_PREFIX[to], entries, tensors, max_shard_bytes, progress=log.info)
     config = _mega_config(files, tensor_parallel) if to == "mega" else _hf_config(files, to)
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config)
 
 
 def _mega_tensors(files: ModelFiles) -> Tuple[List[TensorEntry], Iterator[Tuple[str, torch.Tensor]]]:
@@ -263,7 +263,7 @@ def _source_config(files: ModelFiles, layout: str) -> Optional[Dict[str, Any]]:
 def _write_experts_index(staging: Path, checkpoint: Checkpoint, models: Dict[str, ModelFiles], to: str,
                          ratio: float, tensor_parallel: int) -> None:
     if to == "mega":
-        _write_json(staging / "config.json", {
+        write_json(staging / "config.json", {
             "format": MEGA_FORMAT,
             "format_version": MEGA_FORMAT_VERSION,
             "arch": checkpoint.architecture.name,
@@ -273,7 +273,8 @@ def _write_experts_index(staging: Path, checkpoint: Checkpoint, models: Dict[str
             "provenance": _experts_provenance(checkpoint),
         })
     elif to == "diffusers":
-        _write_json(staging / "model_index.json", _model_index(checkpoint, models["high"], ratio))
+        index = model_index(checkpoint.architecture, models["high"].arch, ratio, pipeline_source_index(checkpoint))
+        write_json(staging / "model_index.json", index)
     else:
         log.warning("the original Wan layout stores no boundary_ratio (it was %s)", ratio)
 
@@ -289,15 +290,22 @@ def _experts_provenance(checkpoint: Checkpoint) -> Dict[str, Any]:
     }
 
 
-def _model_index(checkpoint: Checkpoint, high: ModelFiles, ratio: float) -> Dict[str, Any]:
-    """A model_index.json for the two transformers only (the other pipeline components are
-    not part of the conversion)."""
-    source = checkpoint.top_config if checkpoint.layout == "diffusers" else None
+def pipeline_source_index(checkpoint: Checkpoint) -> Optional[Dict[str, Any]]:
+    """The diffusers model_index.json that ``checkpoint``'s weights came from: its own, or the
+    one a mega checkpoint recorded; None when there was none."""
+    if checkpoint.layout == "diffusers":
+        return checkpoint.top_config
     if checkpoint.layout == "mega":
         provenance = (checkpoint.top_config or {}).get("provenance", {})
-        source = provenance.get("source_index") if provenance.get("source_layout") == "diffusers" else None
-    architecture = checkpoint.architecture
-    default_class = architecture.experts.pipeline_class(high.arch)
+        return provenance.get("source_index") if provenance.get("source_layout") == "diffusers" else None
+    return None
+
+
+def model_index(architecture: Architecture, arch, ratio: float, source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A model_index.json for the two transformers only (the other pipeline components are
+    not part of the conversion); ``source``: the model_index.json the weights came from, whose
+    pipeline class and diffusers version are kept."""
+    default_class = architecture.experts.pipeline_class(arch)
     index = {"_class_name": (source or {}).get("_class_name", default_class)}
     if source and "_diffusers_version" in source:
         index["_diffusers_version"] = source["_diffusers_version"]
@@ -306,5 +314,5 @@ def _model_index(checkpoint: Checkpoint, high: ModelFiles, ratio: float) -> Dict
     return index
 
 
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
+def write_json(path: Path, data: Dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")

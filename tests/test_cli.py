@@ -47,9 +47,8 @@ def test_train_reports_a_bad_config_with_the_key_and_source():
     assert "command-line override 'phases.num_phases=3'" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["sample", "export"])
-def test_subcommands_not_in_this_version_say_so_and_fail(name):
-    # They must not pretend to work before their implementation lands.
+@pytest.mark.parametrize("name, required", [("sample", "--output"), ("export", "--checkpoint")])
+def test_sample_and_export_need_their_source_and_destination(name, required):
     result = phased_dmd(name)
-    assert result.returncode == 2
-    assert "is not available in version" in result.stderr
+    assert result.returncode == 2 and "the following arguments are required" in result.stderr
+    assert required in result.stderr

@@ -37,6 +37,12 @@ class Condition:
             {k: v.index_select(0, index) for k, v in self.model_kwargs.items()},
         )
 
+    def to(self, device) -> "Condition":
+        """The same condition on ``device`` (prompt embeddings are read on the CPU)."""
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Condition(move(self.context), move(self.context_mask), move(self.concat_latents),
+                         {k: v.to(device) for k, v in self.model_kwargs.items()})
+
     def with_context(self, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> "Condition":
         """The same condition with other prompt embeddings (the negative prompt for CFG)."""
         return replace(self, context=context, context_mask=context_mask if context_mask is not None else self.context_mask)

@@ -89,12 +89,17 @@ def phase_layout(cfg: Config) -> PhaseLayout:
     return PhaseLayout.build(phases.num_steps, num_phases=1, shift=phases.shift)
 
 
+def teacher_expert_for_phase(teacher: Experts, layout: PhaseLayout, phase: int) -> nn.Module:
+    """The teacher expert whose noise range holds the phase (its generator starts from it; a
+    LoRA generator stays an adapter on it)."""
+    if teacher.low is None or layout.phase_is_high_noise(phase, teacher.boundary):
+        return teacher.high
+    return teacher.low
+
+
 def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
     """Initialised from the teacher expert for the phase's noise range."""
-    lora, name = cfg.model.lora, f"generator{phase}"
-    if teacher.low is None or layout.phase_is_high_noise(phase, teacher.boundary):
-        return Experts(role_model(teacher.high, name, lora))
-    return Experts(role_model(teacher.low, name, lora))
+    return Experts(role_model(teacher_expert_for_phase(teacher, layout, phase), f"generator{phase}", cfg.model.lora))
 
 
 def fake_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
@@ -174,6 +179,11 @@ class Trainer:
         self.ema = ([ema_of(role.model, k, cfg) for k, role in enumerate(self.generators)]
                     if opt.ema_decay is not None else None)
         self.output = Path(cfg.run.output_dir)
+        self.samples = None
+        if cfg.logging.sample_every:
+            from phased_dmd_mega.sample import PeriodicSamples
+
+            self.samples = PeriodicSamples.for_run(cfg, prompts, geometry, teacher.high.arch)
         self._stop_requested = False
         self._tensorboard = self._open_tensorboard()
 
@@ -250,6 +260,9 @@ class Trainer:
             stop = self._stop_everywhere()  # every step, on every rank: they must agree
             if (step + 1) % cfg.checkpoint.save_every == 0 or step == total - 1 or stop:
                 self.save(step)
+            if self.samples is not None and not stop and ((step + 1) % cfg.logging.sample_every == 0 or step == total - 1):
+                self.samples.write(self.sampling_generators(), self.layout,
+                                   self.output / "samples" / checkpoint.checkpoint_name(step), step)
             if stop:
                 log.warning("SIGTERM: stopped after iteration %d with a checkpoint", step)
                 return step + 1
@@ -300,9 +313,11 @@ class Trainer:
 # ----------------------------------------------------------------------------- set-up from a config
 
 
-def build_teacher(cfg: Config) -> Experts:
+def build_teacher(cfg: Config, weights: bool = True) -> Experts:
     """The frozen teacher: a Hugging Face or converted checkpoint (two experts for Wan2.2-A14B),
-    or, without ``model.teacher_path``, a randomly initialised preset (smoke tests only)."""
+    or, without ``model.teacher_path``, a randomly initialised preset (smoke tests only).
+    ``weights=False``: the models' shapes only, no weights read (sampling and export of full
+    fine-tunes, whose generators' weights come from the training checkpoint)."""
     from phased_dmd_mega.models import load_pretrained
     from phased_dmd_mega.models.architectures import registry
     from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
@@ -318,14 +333,18 @@ def build_teacher(cfg: Config) -> Experts:
         log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.arch, preset)
         from phased_dmd_mega.models.blocks import ModelParallelOptions
 
-        par = ModelParallelOptions(sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, **options)
+        par = ModelParallelOptions(sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights,
+                                   **options)
         teacher = Experts(architecture.model_class(architecture.presets[preset], par))
     elif inspect_checkpoint(model_cfg.teacher_path).has_experts:
         found = inspect_checkpoint(model_cfg.teacher_path)
-        high, low = (load_pretrained(model_cfg.teacher_path, expert=e, dtype=dtype, **options) for e in ("high", "low"))
+        high, low = (load_pretrained(model_cfg.teacher_path, expert=e, dtype=dtype, weights=weights, **options)
+                     for e in ("high", "low"))
         teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.arch))
     else:
-        teacher = Experts(load_pretrained(model_cfg.teacher_path, dtype=dtype, **options))
+        teacher = Experts(load_pretrained(model_cfg.teacher_path, dtype=dtype, weights=weights, **options))
+    if not weights:  # a shell: left on the CPU, where its untouched pages cost no memory
+        return teacher.requires_grad_(False)
     return teacher.to(parallel.layout().device).requires_grad_(False)
 
 

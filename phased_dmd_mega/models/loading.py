@@ -36,6 +36,7 @@ def load_pretrained(
     arch: Optional[str] = None,
     expert: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
+    weights: bool = True,
     **model_options: Any,
 ) -> nn.Module:
     """Build the model of ``path``'s architecture (a WanModel or a QwenImageModel) for the
@@ -43,7 +44,9 @@ def load_pretrained(
     an original Wan folder, or the converter's own format; sharded or not. ``arch`` is None (the
     folder's config decides), an architecture ("wan", "qwen_image") or a preset name, which the
     folder must be. ``expert`` ("high" / "low") picks a Wan2.2 A14B expert and is required for
-    such a checkpoint. ``model_options`` go to ModelParallelOptions (sequence_parallel,
+    such a checkpoint. ``weights=False`` builds the model without reading its weights (its
+    parameters are left uninitialised: for weights that come from elsewhere, such as a training
+    checkpoint's generators). ``model_options`` go to ModelParallelOptions (sequence_parallel,
     attention_backend, transformer_impl, fp8_recipe, recompute, ...); sequence_parallel defaults
     to the parallel layout's. The model is built on the CPU (megatron's CPU initialisation);
     move it with ``.to(parallel.layout().device)``."""
@@ -58,6 +61,8 @@ def load_pretrained(
     options = {"sequence_parallel": layout.sequence_parallel, **model_options}
     par = ModelParallelOptions(dtype=dtype, initialize=False, **_checked_options(options))
     model = files.architecture.model_class(files.arch, par)
+    if not weights:
+        return model
     _load_rank_weights(model, files.view, layout.tensor_parallel_rank, layout.tensor_parallel)
     log.info("loaded %s (%s %s layout%s) at tensor parallel %d", files.folder, files.architecture.title,
              files.layout, f", {expert} noise expert" if expert else "", layout.tensor_parallel)

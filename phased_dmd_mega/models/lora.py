@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -166,3 +166,40 @@ def add_adapter(model: nn.Module, name: str, rank: int, alpha: float, target_mod
     if any(name in w.adapters for w in wrappers):
         raise ValueError(f"adapter {name!r} already exists")
     return AdapterView(model, name, [w.add(name, rank, alpha) for w in wrappers])
+
+
+# ----------------------------------------------------------------------------- reading a role out
+
+
+def adapter_layers(view: AdapterView) -> List[Tuple[str, LoRAPair]]:
+    """(path of the adapted linear in the shared model, this role's pair) for every adapted
+    layer, in the model's order."""
+    return [(m.path, m.adapters[view.name]) for m in view.shared.modules()
+            if isinstance(m, LoRALinear) and view.name in m.adapters]
+
+
+@torch.no_grad()
+def merged_parameters(view: AdapterView) -> Dict[str, torch.Tensor]:
+    """The role as a plain model: the shared model's parameters under the names they have
+    without adapters, each adapted weight replaced by W + (alpha / r) B A (computed in fp32,
+    stored in W's dtype). Under tensor parallelism every rank merges its own slices: B (column)
+    or A (row) is split exactly like W."""
+    pairs = dict(adapter_layers(view))
+    wrapped = {m.path for m in view.shared.modules() if isinstance(m, LoRALinear)}
+    merged: Dict[str, torch.Tensor] = {}
+    for name, param in view.shared.named_parameters():
+        owner, is_adapter, _ = name.partition(".adapters.")
+        if is_adapter and owner in wrapped:
+            continue  # some role's adapter
+        module, _, leaf = name.rpartition(".")
+        path = module[: -len(".base")] if module.endswith(".base") else None
+        if path not in wrapped:
+            merged[name] = param.detach()
+            continue
+        weight = param.detach()
+        if leaf == "weight" and path in pairs:
+            pair = pairs[path]
+            update = pair.scale * (pair.lora_B.float() @ pair.lora_A.float())
+            weight = (weight.float() + update).to(weight.dtype)
+        merged[f"{path}.{leaf}"] = weight
+    return merged

@@ -138,21 +138,43 @@ def split_interleaved_heads(fused: torch.Tensor, parts: int, head_dim: int) -> L
     return [grouped[:, i].reshape(heads * head_dim, *fused.shape[1:]) for i in range(parts)]
 
 
-def _reader_function(reader) -> Callable:
-    if isinstance(reader, TensorReader):
-        return reader.read
+class StateDictReader:
+    """TensorReader's interface over tensors already in memory (a model's own parameters on
+    their way out, e.g. a distilled generator being exported)."""
 
-    def read_dict(name, dim, start, stop):
-        if name not in reader:
-            raise KeyError(f"tensor {name!r} is missing")
-        tensor = reader[name]
+    def __init__(self, tensors: Dict[str, torch.Tensor], folder="<memory>"):
+        self.tensors, self.folder = tensors, Path(folder)
+        self.weight_map: Dict[str, str] = {name: "<memory>" for name in tensors}
+
+    def keys(self) -> List[str]:
+        return sorted(self.tensors)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._get(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._get(name).dtype
+
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        tensor = self._get(name)
         return tensor if dim is None else tensor.narrow(dim, start, (stop or tensor.shape[dim]) - start)
 
-    return read_dict
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KeyError(f"tensor {name!r} is missing")
+        return self.tensors[name]
+
+
+def _reader_function(reader) -> Callable:
+    if isinstance(reader, (TensorReader, StateDictReader)):
+        return reader.read
+    return StateDictReader(reader).read
 
 
 def _shape(reader, name: str) -> Tuple[int, ...]:
-    return reader.shape(name) if isinstance(reader, TensorReader) else tuple(reader[name].shape)
+    if isinstance(reader, (TensorReader, StateDictReader)):
+        return reader.shape(name)
+    return tuple(reader[name].shape)
 
 
 def key_mismatch_lines(expected: Iterable[str], available: Iterable[str], listed: Callable = ", ".join) -> List[str]:

@@ -1,0 +1,131 @@
+"""The distilled generators of a training checkpoint, opened for sampling and export.
+
+Every checkpoint the trainer publishes (``iter_N/``; a checkpoint root names its newest in
+``latest``) holds the resolved run configuration, ``config.yaml``, beside the sharded tensors.
+From it the generator roles are rebuilt exactly as the trainer builds them (its phase layout and
+``generator_for_phase``), then only their weights are read: ``generator{k}``, or the EMA copies
+``generator{k}_ema``. Fake models and optimizer states stay on disk (megatron's
+dist_checkpointing loads the keys asked for and ignores the others).
+
+A full fine-tune needs no teacher weights (the generators' own replace them): the teacher is built
+as a shell of the right shapes and never read. LoRA generators are adapters on the teacher's
+frozen weights, which are loaded from ``model.teacher_path`` as in training.
+
+The models are built for the current parallel state (call ``parallel.initialize`` first):
+checkpoints are stored by global layout, so a run trained at TP 8 opens at TP 1 for export, or at
+any TP that divides the heads for sampling under torchrun.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from phased_dmd_mega import checkpoint, parallel
+from phased_dmd_mega.config import Config, load_config
+from phased_dmd_mega.distill.roles import Experts
+from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.schedule import PhaseLayout
+
+log = get_logger(__name__)
+
+
+@dataclass
+class DistilledGenerators:
+    """One generator per phase of a trained run, ready to sample with or export."""
+
+    path: Path  # the iter_N folder read
+    config: Config  # the run's configuration (with the overrides given when opening)
+    layout: PhaseLayout
+    generators: List[Experts]  # generators[k] serves the steps of phase k
+    base_experts: List[str]  # per phase: the teacher expert its generator started from: "high", "low", or "model"
+    teacher: Optional[Experts]  # LoRA: the frozen base the adapters sit on; None for a full fine-tune
+    teacher_boundary: Optional[float]  # the teacher's expert boundary (two experts, Wan2.2 A14B), else None
+    iteration: int
+    ema: bool
+
+    @property
+    def lora(self) -> bool:
+        return self.config.model.lora.rank > 0
+
+    @property
+    def arch(self):
+        return self.generators[0].high.arch
+
+    @property
+    def architecture(self):
+        from phased_dmd_mega.models.architectures import architecture_of
+
+        return architecture_of(self.arch)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder (``iter_N``), or the one a checkpoint root's ``latest`` names."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} {'is not a folder' if path.exists() else 'does not exist'}")
+    if (path / checkpoint.LATEST).is_file():
+        return checkpoint.latest_checkpoint(path)
+    if not (path / checkpoint.CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a training checkpoint: it has neither {checkpoint.CONFIG_FILE} (an iter_N folder "
+            f"written by `phased-dmd train`) nor a `{checkpoint.LATEST}` pointer (a checkpoint root)"
+        )
+    return path
+
+
+def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -> DistilledGenerators:
+    """Rebuild and load the generators of the checkpoint at ``path`` (see the module docstring).
+    ``overrides``: dotted ``key=value`` changes to the stored configuration (e.g.
+    ``model.teacher_path=...`` when the teacher moved, ``model.attention_backend=sdpa``)."""
+    from phased_dmd_mega.distill.trainer import (
+        WeightsOnly,
+        build_teacher,
+        generator_for_phase,
+        phase_layout,
+        teacher_expert_for_phase,
+    )
+
+    if not parallel.is_initialized():
+        raise RuntimeError("open_generators builds models for the parallel state: call parallel.initialize() first")
+    folder = resolve_checkpoint(path)
+    cfg = _for_this_layout(load_config(folder / checkpoint.CONFIG_FILE, overrides))
+    if ema and cfg.optimizer.ema_decay is None:
+        raise ValueError(f"{folder} holds no generator EMA (the run had optimizer.ema_decay unset); drop --ema")
+    lora = cfg.model.lora.rank > 0
+    # A LoRA generator runs on the teacher's weights; a full fine-tune brings its own.
+    teacher = build_teacher(cfg, weights=lora)
+    layout = phase_layout(cfg)
+    bases = [teacher_expert_for_phase(teacher, layout, k) for k in range(layout.num_phases)]
+    generators = [generator_for_phase(teacher, layout, k, cfg) for k in range(layout.num_phases)]
+    suffix = "_ema" if ema else ""
+    roles = {f"generator{k}{suffix}": WeightsOnly(generator) for k, generator in enumerate(generators)}
+    metadata = checkpoint.load_checkpoint(folder, roles)
+    device = parallel.layout().device
+    generators = [generator.to(device).requires_grad_(False).eval() for generator in generators]
+    log.info("opened %d %s generator%s (%s) of %s, iteration %d", len(generators), "LoRA" if lora else "full",
+             "s" if len(generators) > 1 else "", ", ".join(roles), folder, metadata["iteration"])
+    return DistilledGenerators(
+        path=folder, config=cfg, layout=layout, generators=generators,
+        base_experts=[_expert_name(teacher, base) for base in bases],
+        teacher=teacher if lora else None, teacher_boundary=teacher.boundary,
+        iteration=int(metadata["iteration"]), ema=ema,
+    )
+
+
+def _expert_name(teacher: Experts, model) -> str:
+    from phased_dmd_mega.models.checkpoints import SINGLE
+
+    if teacher.low is None:
+        return SINGLE
+    return "high" if model is teacher.high else "low"
+
+
+def _for_this_layout(cfg: Config) -> Config:
+    """The stored configuration, with the parallel section of this process (the run's own may
+    have been TP 8 with sequence parallelism; the models are built for the current state)."""
+    layout = parallel.layout()
+    return replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=layout.tensor_parallel,
+                                         ulysses_parallel=layout.ulysses_parallel,
+                                         sequence_parallel=layout.sequence_parallel))

@@ -1,0 +1,109 @@
+"""Tiny training runs for the export and sampling tests.
+
+A teacher is a tiny random diffusers model saved with diffusers' own ``save_pretrained`` (Wan,
+a Wan2.2-A14B-style pair in a pipeline root, or Qwen-Image); the real ``Trainer`` trains it for a
+few iterations, writing real checkpoints. What the tests compare against is computed from the
+trainer's own models before the run's parallel state ends: each generator's (and EMA's)
+velocity on fixed inputs, and whatever else a test asks for (``extra``).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+
+from phased_dmd_mega import parallel
+from phased_dmd_mega.config import Config, load_config
+from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
+from test_trainer import write_config
+from tiny_models import QWEN_TINY, WAN_TINY
+
+# Fewer iterations than test_trainer's run; the generators still move away from the teacher.
+SHORT = ["phases.iterations_per_phase=2", "checkpoint.save_every=100"]
+
+
+def save_wan_teacher(folder: Path, seed: int = 0, **overrides) -> Path:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    WanTransformer3DModel(**{**WAN_TINY, **overrides}).save_pretrained(folder, max_shard_size="40KB")
+    return folder
+
+
+def save_a14b_teacher(root: Path, boundary_ratio: float) -> Path:
+    """A diffusers pipeline root with a high-noise (transformer/) and a low-noise
+    (transformer_2/) expert of different weights."""
+    save_wan_teacher(root / "transformer", seed=1)
+    save_wan_teacher(root / "transformer_2", seed=2)
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": boundary_ratio,
+             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def save_qwen_teacher(folder: Path, seed: int = 0) -> Path:
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    QwenImageTransformer2DModel(**QWEN_TINY).save_pretrained(folder)
+    return folder
+
+
+def velocity_inputs(arch) -> Dict[str, torch.Tensor]:
+    """Inputs of one velocity call on the 0..1000 timestep scale, for Wan (a video of 3 latent
+    frames, 512 text tokens as the pipeline pads them) or Qwen-Image (a 6 x 10 latent image,
+    masked text)."""
+    gen = torch.Generator().manual_seed(11)
+    timestep = torch.tensor([990.0, 300.0])
+    if hasattr(arch, "freq_dim") and hasattr(arch, "cross_attn_norm"):  # Wan
+        return {"latents": torch.randn(2, arch.in_channels, 3, 4, 6, generator=gen), "timestep": timestep,
+                "context": torch.randn(2, 512, arch.text_dim, generator=gen)}
+    mask = (torch.arange(7)[None, :] < torch.tensor([7, 4])[:, None]).long()
+    return {"latents": torch.randn(2, arch.in_channels, 6, 10, generator=gen), "timestep": timestep,
+            "context": torch.randn(2, 7, arch.text_dim, generator=gen), "context_mask": mask}
+
+
+@torch.no_grad()
+def velocity(model, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    extra = {"context_mask": inputs["context_mask"]} if "context_mask" in inputs else {}
+    return model(inputs["latents"], inputs["timestep"], inputs["context"], **extra)
+
+
+@dataclass
+class TinyRun:
+    root: Path  # the run's folder
+    checkpoints: Path  # checkpoint.dir (with `latest`)
+    config: Config
+    inputs: Dict[str, torch.Tensor]
+    outputs: Dict[str, torch.Tensor]  # "generator{k}" / "generator{k}_ema" -> velocity on inputs
+    teacher_outputs: Dict[str, torch.Tensor]  # "high" (and "low") -> the teacher's velocity on inputs
+    extra: Any = None
+
+
+def train_tiny(tmp: Path, name: str, teacher: Path, overrides: Sequence[str] = (), arch: str = "wan",
+               extra: Optional[Callable[[Trainer], Any]] = None) -> TinyRun:
+    """Train on ``teacher`` (of architecture ``arch``) in this process, one rank, and record
+    the references."""
+    cfg = load_config(write_config(tmp, name), [f"model.teacher_path={teacher}", f"model.arch={arch}", "model.preset=null",
+                                                *SHORT, *overrides])
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher_model = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher_model, build_prompts(cfg, teacher_model), latent_geometry(teacher_model))
+        trainer.run()
+        inputs = velocity_inputs(teacher_model.high.arch)
+        outputs = {f"generator{k}": velocity(role.model.high, inputs) for k, role in enumerate(trainer.generators)}
+        for k, ema in enumerate(trainer.ema or []):
+            outputs[f"generator{k}_ema"] = velocity(ema.high, inputs)
+        experts = {"high": teacher_model.high, "low": teacher_model.low}
+        teacher_outputs = {name: velocity(model, inputs) for name, model in experts.items() if model is not None}
+        result = extra(trainer) if extra is not None else None
+    finally:
+        parallel.destroy()
+    return TinyRun(tmp / name, Path(cfg.checkpoint.dir), cfg, inputs, outputs, teacher_outputs, result)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
