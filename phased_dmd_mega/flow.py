@@ -7,7 +7,7 @@ to [B, 1, ..., 1]. Everything here is differentiable and elementwise.
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -69,3 +69,10 @@ def renoise_step(x_t: torch.Tensor, flow: torch.Tensor, t: Time, t_next: Time, n
     """Stochastic step (DMD2 / Self-Forcing): predict x0, then fresh noise to level t_next."""
     t_next = per_sample(t_next, x_t)
     return (1 - t_next) * x0_from_flow(x_t, flow, t) + t_next * noise
+
+
+def seeded_normal(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """N(0, 1) noise shaped like ``like``, drawn where ``generator`` lives (the trainer's are CPU
+    generators, the same numbers on every rank and device) and then moved to ``like``'s device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)

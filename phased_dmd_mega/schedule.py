@@ -138,8 +138,11 @@ class PhaseLayout:
         return self.boundaries[phase + 1]
 
     def phase_is_high_noise(self, phase: int, expert_boundary: float) -> bool:
-        """Whether the phase lies wholly in the high-noise expert's range (its end >= b)."""
-        return self.phase_end(phase) >= expert_boundary - _TIME_TOLERANCE
+        """Whether the teacher's high-noise expert serves every step of the phase (each step's
+        time >= b). Where the phase ends does not matter: with shift 5 the first of two phases
+        ends at 0.833, below Wan2.2 A14B's 0.875, yet both its steps (t = 1, 0.9375) are
+        high-noise steps, so its generator starts from the high-noise expert."""
+        return all(self.times[i] >= expert_boundary - _TIME_TOLERANCE for i in self.steps_of_phase(phase))
 
     def _check_phase(self, phase: int) -> None:
         if not 0 <= phase < self.num_phases:
@@ -187,7 +190,7 @@ def renoise_range(
 
     Start from ``(s, 1]`` (``reverse_nested``, the spec's default) or ``(s, s_prev]``
     (``disjoint``), with ``s = layout.phase_end(phase)``; then keep ``t >= s + margin``; for a
-    high-noise phase of a two-expert model (``s >= expert_boundary``) keep ``t > b``; finally
+    high-noise phase of a two-expert model (``phase_is_high_noise``) keep ``t > b``; finally
     intersect with ``[t_min, t_max]``. Raises ValueError naming the numbers when nothing is left,
     so a trainer can check every phase before it starts.
     """

@@ -73,3 +73,13 @@ def test_steps_land_on_the_next_level():
     torch.testing.assert_close(flow.euler_step(x_t, v, t, t_next), (1 - t_next) * x0 + t_next * eps)
     fresh = torch.randn(5, dtype=torch.float64)
     torch.testing.assert_close(flow.renoise_step(x_t, v, t, t_next, fresh), (1 - t_next) * x0 + t_next * fresh)
+
+
+def test_seeded_normal_draws_on_the_generators_device_then_moves():
+    from phased_dmd_mega.flow import seeded_normal
+
+    like = torch.zeros(3, 4, dtype=torch.float64, device="meta")  # stands in for a GPU tensor
+    drawn = seeded_normal(like, torch.Generator().manual_seed(7))
+    assert drawn.device.type == "meta" and drawn.dtype == torch.float64
+    cpu = seeded_normal(torch.zeros(3, 4, dtype=torch.float64), torch.Generator().manual_seed(7))
+    assert torch.equal(cpu, torch.randn(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64))

@@ -221,10 +221,19 @@ def test_wan22_expert_boundary_clamps_high_noise_phase():
 def test_expert_boundary_clamp_tightens_a_phase_ending_above_the_boundary_only_when_looser():
     layout = PhaseLayout.build(4, num_phases=4, shift=7.0)  # phase 0 ends at 0.9545 > 0.875
     assert renoise_range(layout, 0, expert_boundary=0.875) == pytest.approx((0.9545, 1.0), abs=1e-4)
-    # I2V boundary 0.9 with shift 7 / 2 phases: phase 0 ends at 0.875 < 0.9, so it spans both
-    # experts and is left alone.
+    # I2V boundary 0.9 with shift 7 / 2 phases: phase 0 ends at 0.875 < 0.9, but both its steps
+    # (1, 0.9545) are high-noise steps: its re-noise times stay with the high-noise expert.
     layout2 = PhaseLayout.build(4, num_phases=2, shift=7.0)
-    assert renoise_range(layout2, 0, expert_boundary=0.9) == (0.875, 1.0)
+    assert renoise_range(layout2, 0, expert_boundary=0.9) == (0.9, 1.0)
+
+
+def test_a_phase_is_high_noise_when_every_step_of_it_is():
+    # The published Wan2.2 A14B setting: shift 5, 4 steps in 2 phases, boundary 0.875.
+    layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
+    assert layout.times[:3] == pytest.approx([1.0, 0.9375, 0.8333], abs=1e-4)
+    assert layout.phase_is_high_noise(0, 0.875) and not layout.phase_is_high_noise(1, 0.875)
+    assert renoise_range(layout, 0, expert_boundary=0.875) == (0.875, 1.0)
+    assert not layout.phase_is_high_noise(0, 0.95)  # its second step (0.9375) is a low-noise one
 
 
 def test_renoise_kwargs_follow_config_names():

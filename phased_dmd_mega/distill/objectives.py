@@ -31,7 +31,7 @@ class Renoised:
 
 
 def renoise(x_s: torch.Tensor, s: float, t: torch.Tensor, generator: Optional[torch.Generator] = None) -> Renoised:
-    eps = torch.randn(x_s.shape, generator=generator, device=x_s.device, dtype=x_s.dtype)
+    eps = flow.seeded_normal(x_s, generator)
     s_batch = torch.full_like(t, s)
     return Renoised(losses.subinterval_noise(x_s.detach(), eps, s_batch, t), t, eps)
 

@@ -45,7 +45,7 @@ def step(x: torch.Tensor, velocity: torch.Tensor, t: float, t_next: float, rule:
     if rule == "euler" or t_next == 0.0:
         return flow.euler_step(x, velocity, t, t_next)
     if rule == "stochastic":
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = flow.seeded_normal(x, generator)
         return flow.renoise_step(x, velocity, t, t_next, noise)
     raise ValueError(f"step rule {rule!r} is not one of {', '.join(STEP_RULES)}")
 

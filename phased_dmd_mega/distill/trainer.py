@@ -215,7 +215,8 @@ class Trainer:
         shape = (cfg.data.batch_size, *self.geometry.latent_shape(resolution.frames, resolution.height, resolution.width))
         condition, negative = self.prompts.sample(cfg.data.batch_size, step_generator(cfg.data.seed, step, rank))
         tokens = shape[0] * shape[2] * shape[3] * shape[4]
-        return Batch(condition, negative, shape), tokens
+        device = parallel.layout().device  # prompt embeddings are read on the CPU
+        return Batch(condition.to(device), negative.to(device), shape), tokens
 
     # -------------------------------------------------------------- run
 
