@@ -131,7 +131,7 @@ def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--image-field", default="image", help="field or column naming the image (default image)")
     images.add_argument("--resize-mode", default="default", choices=("default", "crop", "fill"),
                         help="default: resized to the resolution as the pipeline does; crop: aspect kept, centre "
-                        "cropped; fill: aspect kept, padded (diffusers' resize modes)")
+                        "cropped; fill: aspect kept, borders filled from the image (diffusers' resize modes)")
 
 
 def _run_encode(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@
   models, generators, EMA, sampling) sees 36 input channels whose last 20 are the cache's
   condition, and the generators' samples change with the image;
 - refusals: a teacher and a prompt source that disagree about the image condition, a resolution
-  that disagrees with the cache, and bad encoder inputs.
+  that disagrees with the cache, and bad encoder inputs;
+- (slow) an I2V training step at tensor parallel 2 with sequence parallelism gives the losses and
+  gradient norms of the one-process step.
 """
 
 import json
@@ -156,8 +158,6 @@ def test_rows_with_one_image_share_its_latents(cache):
 def i2v_config(tmp_path: Path, cache_folder, **data):
     import yaml
 
-    from phased_dmd_mega.config import load_config
-
     config = {
         "run": {"seed": 0, "output_dir": str(tmp_path / "run")},
         "model": {"arch": "wan", "dtype": "float32", "attention_backend": "sdpa"},
@@ -304,3 +304,34 @@ def test_a_cache_of_other_images_or_resolution_is_refused_and_the_same_inputs_re
     assert "holds a prompt cache of other inputs (differing: images)" in capsys.readouterr().err
     assert main([*args, "--resize-mode", "crop"]) == 2
     assert "differing: images" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def train_on_rank(config: str, overrides):
+    from phased_dmd_mega.config import load_config
+    from phased_dmd_mega.distill.trainer import train
+
+    torch.set_num_threads(1)
+    cfg = load_config(config, overrides)
+    train(cfg)
+    return [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_an_i2v_step_at_tensor_parallel_2_with_sequence_parallel_is_the_one_process_step(assets, cache, tmp_path):
+    from phased_dmd_mega.testing import run_distributed
+
+    config = str(i2v_config(tmp_path, cache.folder))
+    common = [f"model.teacher_path={assets['teacher']}", "phases.iterations_per_phase=1"]
+    runs = {}
+    for name, processes, parallel_options in (("tp1", 1, []),
+                                              ("tp2", 2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"])):
+        overrides = [*common, *parallel_options, f"run.output_dir={tmp_path / name}",
+                     f"checkpoint.dir={tmp_path / name / 'checkpoints'}"]
+        runs[name] = run_distributed(train_on_rank, processes, config, overrides, timeout_s=600)[0]
+    assert len(runs["tp1"]) == len(runs["tp2"]) == 2
+    for reference, split in zip(runs["tp1"], runs["tp2"]):
+        for key in ("dmd_loss", "fake_loss", "real_fake_gap", "generator_grad_norm", "fake_grad_norm"):
+            assert split[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-7), key
