@@ -121,6 +121,17 @@ def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequence-length", type=int,
                         help="text tokens kept (default: 512, the pipelines' default; qwen_image up to 1024)")
     parser.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs in --out")
+    images = parser.add_argument_group(
+        "first-frame images (Wan2.2 I2V)",
+        "rows of a .jsonl/.json/.csv prompt file that name an image (relative paths: from the file's folder) "
+        "also store WanImageToVideoPipeline's image condition: the first frame's VAE latents")
+    images.add_argument("--vae", metavar="PATH", help="AutoencoderKLWan folder, or a diffusers pipeline root with vae/")
+    images.add_argument("--resolution", metavar="FxHxW",
+                        help="frames x height x width to train at, e.g. 81x480x832 (the default)")
+    images.add_argument("--image-field", default="image", help="field or column naming the image (default image)")
+    images.add_argument("--resize-mode", default="default", choices=("default", "crop", "fill"),
+                        help="default: resized to the resolution as the pipeline does; crop: aspect kept, centre "
+                        "cropped; fill: aspect kept, borders filled from the image (diffusers' resize modes)")
 
 
 def _run_encode(args: argparse.Namespace) -> int:
@@ -132,7 +143,8 @@ def _run_encode(args: argparse.Namespace) -> int:
         family=args.family, text_encoder=args.text_encoder, tokenizer=args.tokenizer, prompts=args.prompts,
         prompt_field=args.prompt_field, out=args.out, negative_prompt=args.negative_prompt,
         batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
-        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
+        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, vae=args.vae,
+        resolution=args.resolution, image_field=args.image_field, resize_mode=args.resize_mode,
     )
     try:
         folder = encode_prompts(options)

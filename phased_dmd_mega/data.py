@@ -13,13 +13,19 @@ its true token count (a Wan prompt padded to 512 x 4096 would take 4 MiB in bf16
 The index says how rows are padded back on load: ``pad_to`` = 512 for Wan (zeros, no mask: the
 DiT sees exactly what the diffusers pipeline feeds it), or null for Qwen-Image (the longest row of
 the batch, with a 0/1 ``context_mask``). Rows are read one at a time.
+
+Image-conditioned caches (Wan2.2 I2V, ``encode-prompts --vae``) also hold, per row, the VAE latents
+of the first frame followed by black frames, ``image_latents`` [n, C, F, h, w], at the one
+resolution the index records under ``image_condition``. The mask channels (ones on the first
+latent frame) depend only on that shape and are rebuilt on load; every row's condition
+``concat_latents = cat(mask, latents)`` [B, mask + C, F, h, w] goes with both CFG branches.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +57,68 @@ class LatentGeometry:
         return self.channels, latent_frames, height // self.spatial, width // self.spatial
 
 
+@dataclass(frozen=True)
+class ImageConditionSpec:
+    """The image condition of an I2V prompt cache, as WanImageToVideoPipeline.prepare_latents
+    builds it (no last frame, ``expand_timesteps`` off): a mask of ``mask_channels`` (the VAE's
+    temporal compression) that is one on the first latent frame, then the VAE latents of
+    [first frame, black frames...], normalised with the VAE's latents_mean/latents_std."""
+
+    resolution: Tuple[int, int, int]  # pixels: frames, height, width
+    latent_shape: Tuple[int, int, int, int]  # the stored latents: channels, frames, height, width
+    mask_channels: int = 4
+    spatial: int = 8  # the VAE's spatial compression
+
+    @property
+    def channels(self) -> int:
+        """Input channels the condition adds to the DiT's noisy latents (Wan2.2 I2V: 4 + 16)."""
+        return self.mask_channels + self.latent_shape[0]
+
+    @property
+    def geometry(self) -> LatentGeometry:
+        return LatentGeometry(self.latent_shape[0], self.mask_channels, self.spatial)
+
+    def describe(self) -> str:
+        return "x".join(map(str, self.resolution)) + " (frames x height x width)"
+
+    def to_index(self) -> dict:
+        return {"resolution": list(self.resolution), "latent_shape": list(self.latent_shape),
+                "mask_channels": self.mask_channels, "spatial": self.spatial}
+
+    @classmethod
+    def from_index(cls, entry: Optional[dict]) -> Optional["ImageConditionSpec"]:
+        if entry is None:
+            return None
+        return cls(tuple(entry["resolution"]), tuple(entry["latent_shape"]), int(entry["mask_channels"]),
+                   int(entry["spatial"]))
+
+    def mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[mask_channels, F, h, w]: the first frame's mask repeated over the temporal
+        compression fills latent frame 0; the frames to generate are zeros."""
+        mask = torch.zeros(self.mask_channels, *self.latent_shape[1:], dtype=dtype)
+        mask[:, 0] = 1
+        return mask
+
+    def concat_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, h, w] first-frame latents -> the DiT's extra input channels [B, mask + C, F, h, w]."""
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"first-frame latents of shape {tuple(latents.shape[1:])}, expected {self.latent_shape}")
+        mask = self.mask(latents.dtype).to(latents.device).expand(latents.shape[0], -1, -1, -1, -1)
+        return torch.cat([mask, latents], dim=1)
+
+    def check_resolutions(self, resolutions: Sequence, where: str) -> None:
+        """The run's data.resolutions must be this one resolution (the latents fit it only)."""
+        wanted = [(r.frames, r.height, r.width) for r in resolutions]
+        if wanted != [tuple(self.resolution)]:
+            listed = ", ".join("x".join(map(str, w)) for w in wanted)
+            frames, height, width = self.resolution
+            raise ValueError(
+                f"data.resolutions ({listed}) disagree with {where}, whose first-frame latents were encoded at "
+                f"{self.describe()} and fit that resolution only: set data.resolutions to "
+                f"[{{frames: {frames}, height: {height}, width: {width}}}]"
+            )
+
+
 def pick_resolution(resolutions: Sequence, seed: int, iteration: int):
     """One resolution of the mixture per step, the same on every rank (no data-parallel offset:
     ranks of one step must agree on shapes for collective communication)."""
@@ -64,6 +132,8 @@ def pick_resolution(resolutions: Sequence, seed: int, iteration: int):
 
 class PromptSource:
     """Draws prompt embeddings for a step: ``sample(batch, generator) -> (condition, negative)``."""
+
+    image_condition: Optional[ImageConditionSpec] = None  # I2V: every row brings its first frame
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -102,6 +172,7 @@ class SyntheticPrompts(PromptSource):
 PROMPT_CACHE_INDEX = "prompts.json"
 PROMPT_CACHE_FORMAT = "phased-dmd-prompt-cache"
 PROMPT_CACHE_VERSION = 1
+IMAGE_LATENTS = "image_latents"  # shard tensor of image-conditioned caches
 
 
 def read_prompt_cache_index(folder) -> dict:
@@ -132,6 +203,7 @@ class PromptCache(PromptSource):
         self.dim: int = int(index["dim"])
         self.pad_to: Optional[int] = index["pad_to"]
         self.masked: bool = bool(index["masked"])
+        self.image_condition = ImageConditionSpec.from_index(index.get("image_condition"))
         self.shards = [(self.folder / s["file"], int(s["count"])) for s in index["shards"]]
         self.starts = [0]
         for _, count in self.shards:
@@ -163,21 +235,36 @@ class PromptCache(PromptSource):
 
     # -- one trimmed row [L, D] at a time
 
-    def _read(self, path: Path, start: int, stop: int) -> torch.Tensor:
+    def _reader(self, path: Path):
         from phased_dmd_mega.models.weights import TensorReader
 
         if path not in self._readers:
             self._readers[path] = reader = TensorReader.for_file(path)
             self._offsets[path] = reader.read("offsets").tolist()
-        offsets = self._offsets[path]
-        return self._readers[path].read("context", 0, offsets[start], offsets[stop])
+        return self._readers[path]
 
-    def row(self, index: int) -> torch.Tensor:
+    def _read(self, path: Path, start: int, stop: int) -> torch.Tensor:
+        reader = self._reader(path)
+        offsets = self._offsets[path]
+        return reader.read("context", 0, offsets[start], offsets[stop])
+
+    def _locate(self, index: int) -> Tuple[Path, int]:
+        """(shard file, row within it) of prompt ``index``."""
         if not 0 <= index < len(self):
             raise IndexError(f"prompt {index} is outside the cache {self.folder} ({len(self)} prompts)")
         shard = bisect.bisect_right(self.starts, index) - 1
-        row = index - self.starts[shard]
-        return self._read(self.shards[shard][0], row, row + 1)
+        return self.shards[shard][0], index - self.starts[shard]
+
+    def row(self, index: int) -> torch.Tensor:
+        path, row = self._locate(index)
+        return self._read(path, row, row + 1)
+
+    def image_latents(self, index: int) -> torch.Tensor:
+        """The first-frame latents [C, F, h, w] of prompt ``index`` (image-conditioned caches)."""
+        if self.image_condition is None:
+            raise ValueError(f"{self.folder} holds no first-frame images (encode the prompts with --vae)")
+        path, row = self._locate(index)
+        return self._reader(path).read(IMAGE_LATENTS, 0, row, row + 1)[0]
 
     def negative_row(self) -> torch.Tensor:
         if self._negative is None:
@@ -198,7 +285,7 @@ class PromptCache(PromptSource):
         return Condition(context, mask if self.masked else None)
 
     def rows(self, indices, length: Optional[int] = None):
-        return self._padded([self.row(i) for i in indices], length)
+        return self._with_images(self._padded([self.row(i) for i in indices], length), indices)
 
     def negative(self, batch, length: Optional[int] = None):
         return self._repeated(self._padded([self.negative_row()], length), batch)
@@ -209,8 +296,16 @@ class PromptCache(PromptSource):
         expand = lambda x: None if x is None else x.expand(batch, *x.shape[1:])  # noqa: E731
         return Condition(expand(one.context), expand(one.context_mask))
 
+    def _with_images(self, condition: Condition, indices) -> Condition:
+        if self.image_condition is None:
+            return condition
+        latents = torch.stack([self.image_latents(i) for i in indices])
+        return replace(condition, concat_latents=self.image_condition.concat_latents(latents))
+
     def conditions(self, indices):
         # Both CFG branches run in one batch (Condition.cat): they share one padded length.
+        # WanImageToVideoPipeline feeds the unconditional branch the same image condition.
         rows, negative = [self.row(i) for i in indices], self.negative_row()
         length = max(r.shape[0] for r in rows + [negative])
-        return self._padded(rows, length), self.negative(len(indices), length)
+        positive = self._with_images(self._padded(rows, length), indices)
+        return positive, replace(self.negative(len(indices), length), concat_latents=positive.concat_latents)

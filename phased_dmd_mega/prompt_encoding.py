@@ -10,6 +10,14 @@ Each family encodes exactly as its diffusers pipeline does before the DiT (diffu
   Qwen2.5-VL (last hidden state), the template's first 34 tokens are dropped, and at most
   ``max_sequence_length`` tokens (512, the pipeline's default) are kept, with a mask.
 
+Image-to-video (Wan2.2 I2V, ``--vae``): rows that name a first-frame image also get the image
+condition of ``WanImageToVideoPipeline.prepare_latents`` (no last image, ``expand_timesteps`` off
+as in Wan2.2-I2V-A14B, which has no CLIP image encoder): the image is resized by the pipeline's
+``VideoProcessor`` to the ``--resolution``, followed by black frames to the resolution's frame
+count, encoded by ``AutoencoderKLWan`` (the distribution's mode) and normalised with the VAE's
+``latents_mean``/``latents_std``; the latents [C, F, h, w] are stored with the row, the mask
+channels are rebuilt by the reader (data.ImageConditionSpec).
+
 Writing: one safetensors shard per ``shard_size`` prompts (format: phased_dmd_mega/data.py),
 each published by an atomic rename and stamped with a fingerprint of the inputs (prompt list,
 encoder and tokenizer files, settings). ``prompts.json`` says ``complete: false`` until every
@@ -32,7 +40,9 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from phased_dmd_mega.data import PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION
+from phased_dmd_mega.data import (
+    IMAGE_LATENTS, PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION, ImageConditionSpec,
+)
 from phased_dmd_mega.log import get_logger
 
 log = get_logger(__name__)
@@ -50,9 +60,24 @@ class PromptEncodingError(ValueError):
 # ----------------------------------------------------------------------------- prompt files
 
 
+@dataclass
+class PromptRows:
+    """The rows of a prompt file: their prompts, and first-frame images when the rows name them."""
+
+    prompts: List[str]
+    images: Optional[List[Path]] = None  # resolved paths (relative ones against the file's folder)
+    image_names: Optional[List[str]] = None  # as written in the file (the resume fingerprint's)
+
+
 def read_prompts(path, field: str = "prompt") -> List[str]:
     """Prompts from a .txt file (one per line, blank lines skipped), a .jsonl file (one object
     with ``field`` per line, or one string), a .csv file with a ``field`` column, or a .json list."""
+    return read_prompt_rows(path, field).prompts
+
+
+def read_prompt_rows(path, field: str = "prompt", image_field: Optional[str] = None) -> PromptRows:
+    """``read_prompts``, with each row's first-frame image from ``image_field`` (an object field
+    or a csv column) when given: every row names an existing image file, or none does."""
     path = Path(path)
     if not path.is_file():
         raise PromptEncodingError(f"--prompts {path} does not exist")
@@ -60,16 +85,42 @@ def read_prompts(path, field: str = "prompt") -> List[str]:
     if path.suffix.lower() not in readers:
         raise PromptEncodingError(f"--prompts {path}: unknown kind {path.suffix!r} (use .txt, .jsonl, .csv or .json)")
     try:
-        prompts = readers[path.suffix.lower()](path, field)
+        items = readers[path.suffix.lower()](path, field)
     except UnicodeDecodeError as err:
         raise PromptEncodingError(f"--prompts {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
-    if not prompts:
+    if not items:
         raise PromptEncodingError(f"--prompts {path} holds no prompts")
-    return prompts
+    rows = PromptRows([_prompt_of(item, where, field) for where, item in items])
+    if image_field:
+        names = [_image_of(item, where, image_field) for where, item in items]
+        given = [name is not None for name in names]
+        if any(given):
+            if not all(given):
+                where = items[given.index(False)][0]
+                raise PromptEncodingError(f"{where}: no {image_field!r} image, but other rows name one: every row "
+                                          "needs its first-frame image, or none")
+            rows.image_names = names
+            rows.images = [_existing_image(path.parent / name, where) for name, (where, _) in zip(names, items)]
+    return rows
 
 
-def _text_prompts(path: Path, field: str) -> List[str]:
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _image_of(item, where: str, field: str) -> Optional[str]:
+    if not isinstance(item, dict) or item.get(field) in (None, ""):
+        return None
+    if not isinstance(item[field], str):
+        raise PromptEncodingError(f"{where}: the {field!r} field must be an image path")
+    return item[field]
+
+
+def _existing_image(path: Path, where: str) -> Path:
+    if not path.is_file():
+        raise PromptEncodingError(f"{where}: image {path} does not exist")
+    return path
+
+
+def _text_prompts(path: Path, field: str) -> List[Tuple[str, object]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [(f"{path} line {n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _prompt_of(item, where: str, field: str) -> str:
@@ -80,35 +131,35 @@ def _prompt_of(item, where: str, field: str) -> str:
     raise PromptEncodingError(f"{where}: expected a string or an object with a string {field!r} field")
 
 
-def _jsonl_prompts(path: Path, field: str) -> List[str]:
-    prompts = []
+def _jsonl_prompts(path: Path, field: str) -> List[Tuple[str, object]]:
+    items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            items.append((f"{path} line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
             raise PromptEncodingError(f"{path} line {number}: not JSON ({err.msg})") from err
-        prompts.append(_prompt_of(item, f"{path} line {number}", field))
-    return prompts
+    return items
 
 
-def _json_prompts(path: Path, field: str) -> List[str]:
+def _json_prompts(path: Path, field: str) -> List[Tuple[str, object]]:
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise PromptEncodingError(f"{path} line {err.lineno}: not JSON ({err.msg})") from err
     if not isinstance(items, list):
         raise PromptEncodingError(f"{path}: expected a JSON list of prompts")
-    return [_prompt_of(item, f"{path} item {i}", field) for i, item in enumerate(items)]
+    return [(f"{path} item {i}", item) for i, item in enumerate(items)]
 
 
-def _csv_prompts(path: Path, field: str) -> List[str]:
+def _csv_prompts(path: Path, field: str) -> List[Tuple[str, object]]:
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         if field not in (reader.fieldnames or []):
             raise PromptEncodingError(f"{path}: no {field!r} column (columns: {reader.fieldnames})")
-        return [row[field] for row in reader if row[field] is not None and row[field].strip()]
+        return [(f"{path} row {n}", row) for n, row in enumerate(reader, start=1)
+                if row[field] is not None and row[field].strip()]
 
 
 # ----------------------------------------------------------------------------- encoder folders
@@ -313,6 +364,85 @@ class QwenImageTextEncoder(TextEncoder):
 FAMILIES: Dict[str, type] = {cls.family: cls for cls in (WanTextEncoder, QwenImageTextEncoder)}
 
 
+# ----------------------------------------------------------------------------- first frames (I2V)
+
+
+RESIZE_MODES = ("default", "crop", "fill")  # diffusers VaeImageProcessor's; the pipeline uses "default"
+
+
+def parse_resolution(text: str) -> Tuple[int, int, int]:
+    """``"81x480x832"`` -> (frames, height, width)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise PromptEncodingError(f"--resolution {text!r}: expected FRAMESxHEIGHTxWIDTH of positive integers, "
+                                  "e.g. 81x480x832")
+    frames, height, width = (int(p) for p in parts)
+    return frames, height, width
+
+
+class FirstFrameEncoder:
+    """A first-frame image -> the latents of WanImageToVideoPipeline's image condition [C, F, h, w]
+    (float32, on the CPU). The VAE runs in float32, as the pipeline's examples load it."""
+
+    def __init__(self, vae, resolution: Tuple[int, int, int], resize_mode: str = "default"):
+        root = Path(vae)
+        self.folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
+        if not (self.folder / "config.json").is_file():
+            raise PromptEncodingError(f"--vae {root}: no config.json (expected an AutoencoderKLWan folder or a "
+                                      "diffusers pipeline root with vae/)")
+        self.config = json.loads((self.folder / "config.json").read_text())
+        if self.config.get("_class_name") != "AutoencoderKLWan":
+            raise PromptEncodingError(f"--vae {self.folder} is a {self.config.get('_class_name')!r} (config.json "
+                                      "_class_name); Wan image conditions need an AutoencoderKLWan")
+        if resize_mode not in RESIZE_MODES:
+            raise PromptEncodingError(f"--resize-mode {resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        self.resolution, self.resize_mode = tuple(resolution), resize_mode
+        temporal = int(self.config.get("scale_factor_temporal") or 4)
+        spatial = int(self.config.get("scale_factor_spatial") or 8)
+        frames, height, width = self.resolution
+        if (frames - 1) % temporal or height % spatial or width % spatial:
+            raise PromptEncodingError(
+                f"--resolution {'x'.join(map(str, self.resolution))}: the VAE {self.folder} compresses time by "
+                f"{temporal} and space by {spatial}, so frames must be {temporal}k + 1 and height and width "
+                f"multiples of {spatial}")
+        latent_shape = (int(self.config.get("z_dim", 16)), (frames - 1) // temporal + 1, height // spatial,
+                        width // spatial)
+        self.spec = ImageConditionSpec(self.resolution, latent_shape, mask_channels=temporal, spatial=spatial)
+        self.vae = self.processor = None
+
+    def settings(self) -> Dict[str, object]:
+        return {"vae": encoder_digest(self.folder), "resolution": list(self.resolution),
+                "resize_mode": self.resize_mode, "vae_dtype": "float32"}
+
+    def load(self, device: torch.device) -> None:
+        from diffusers import AutoencoderKLWan
+        from diffusers.video_processor import VideoProcessor
+
+        self.vae = AutoencoderKLWan.from_pretrained(str(self.folder), torch_dtype=torch.float32).to(device).eval()
+        self.vae.requires_grad_(False)
+        self.processor = VideoProcessor(vae_scale_factor=self.spec.spatial)  # the pipeline's
+
+    @torch.inference_mode()
+    def encode(self, image: Path, where: str) -> torch.Tensor:
+        from diffusers.utils import load_image
+
+        try:
+            picture = load_image(str(image))  # EXIF orientation applied, RGB
+        except Exception as err:  # PIL raises several kinds for files it cannot read
+            raise PromptEncodingError(f"{where}: cannot read image {image} ({type(err).__name__}: {err})") from err
+        frames, height, width = self.resolution
+        device = next(self.vae.parameters()).device
+        pixels = self.processor.preprocess(picture, height=height, width=width, resize_mode=self.resize_mode)
+        pixels = pixels.to(device, torch.float32).unsqueeze(2)  # [1, 3, 1, H, W]
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+        latents = self.vae.encode(video).latent_dist.mode().float()
+        # As prepare_latents normalises: (x - mean) * (1 / std).
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32, device=device).view(shape)
+        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std, dtype=torch.float32, device=device).view(shape)
+        return ((latents - mean) * inverse_std)[0].to("cpu", copy=True)
+
+
 # ----------------------------------------------------------------------------- the cache folder
 
 
@@ -341,12 +471,15 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def write_rows(path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str]) -> None:
-    """Trimmed rows -> one safetensors file (``context`` + ``offsets``), published atomically."""
+def write_rows(path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str],
+               extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Trimmed rows -> one safetensors file (``context`` + ``offsets``, and ``extra`` tensors such
+    as the rows' first-frame latents), published atomically."""
     from safetensors.torch import save_file
 
     lengths = torch.tensor([0] + [r.shape[0] for r in rows], dtype=torch.int64)
     tensors = {"context": torch.cat(list(rows)).contiguous(), "offsets": lengths.cumsum(0)}
+    tensors.update({name: tensor.contiguous() for name, tensor in (extra or {}).items()})
     _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -442,6 +575,14 @@ class EncodeOptions:
     max_sequence_length: Optional[int] = None  # None: the family's pipeline default
     prompt_field: str = "prompt"
     overwrite: bool = False
+    # Image-to-video (Wan2.2 I2V): rows name a first-frame image in ``image_field``.
+    vae: Optional[str] = None  # AutoencoderKLWan folder (or a pipeline root with vae/)
+    resolution: Optional[str] = None  # FRAMESxHEIGHTxWIDTH; None: the pipeline's 81x480x832
+    image_field: str = "image"
+    resize_mode: str = "default"  # the pipeline's resize; or crop / fill (diffusers' resize modes)
+
+
+DEFAULT_RESOLUTION = "81x480x832"  # WanImageToVideoPipeline's num_frames x height x width
 
 
 def _check_options(opts: EncodeOptions) -> torch.dtype:
@@ -493,13 +634,41 @@ def _device(requested: Optional[str]) -> torch.device:
     return torch.device("cpu")
 
 
-def _index(encoder: TextEncoder, opts: EncodeOptions, prompts: List[str], dtype: torch.dtype,
-           negative: str) -> Dict[str, object]:
+def first_frame_encoder(opts: EncodeOptions, rows: PromptRows) -> Optional[FirstFrameEncoder]:
+    """The image encoder when the rows name first frames; images and --vae go together."""
+    if rows.images is None:
+        if opts.vae is not None:
+            raise PromptEncodingError(f"--vae is given but no row of --prompts {opts.prompts} names a first-frame "
+                                      f"image (field or column {opts.image_field!r}, see --image-field)")
+        if opts.resolution is not None:
+            raise PromptEncodingError("--resolution is for first-frame images (with --vae) only")
+        return None
+    if opts.family != "wan":
+        raise PromptEncodingError(f"--prompts {opts.prompts} names first-frame images: image conditions are for "
+                                  f"--family wan (Wan2.2 I2V), not {opts.family}")
+    if opts.vae is None:
+        raise PromptEncodingError(f"the rows of --prompts {opts.prompts} name first-frame images (field "
+                                  f"{opts.image_field!r}) but no --vae is given: pass --vae (an AutoencoderKLWan "
+                                  "folder) and --resolution to encode them")
+    return FirstFrameEncoder(opts.vae, parse_resolution(opts.resolution or DEFAULT_RESOLUTION), opts.resize_mode)
+
+
+def _images_digest(rows: PromptRows) -> str:
+    """The images as the prompt file names them, with their sizes (as encoder_digest does for weights)."""
+    entries = [f"{name}:{path.stat().st_size}" for name, path in zip(rows.image_names, rows.images)]
+    return hashlib.sha256(json.dumps(entries, ensure_ascii=False).encode()).hexdigest()
+
+
+def _index(encoder: TextEncoder, opts: EncodeOptions, rows: PromptRows, dtype: torch.dtype, negative: str,
+           images: Optional[FirstFrameEncoder]) -> Dict[str, object]:
+    prompts = rows.prompts
     prompts_digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
     settings = {**encoder.settings(), "dtype": str(dtype).removeprefix("torch."), "negative_prompt": negative,
                 "shard_size": opts.shard_size, "prompts": prompts_digest}
+    if images is not None:
+        settings["images"] = {**images.settings(), "files": _images_digest(rows)}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    return {
+    index = {
         "format": PROMPT_CACHE_FORMAT, "version": PROMPT_CACHE_VERSION, "complete": False,
         "family": encoder.family, "dim": encoder.dim, "pad_to": encoder.pad_to, "masked": encoder.masked,
         "dtype": settings["dtype"], "count": len(prompts), "fingerprint": fingerprint, "settings": settings,
@@ -508,22 +677,27 @@ def _index(encoder: TextEncoder, opts: EncodeOptions, prompts: List[str], dtype:
         "negative": {"file": NEGATIVE_FILE, "prompt": negative},
         "shards": [],
     }
+    if images is not None:
+        index["image_condition"] = images.spec.to_index()
+        index["source"]["vae"] = str(images.folder.resolve())
+    return index
 
 
 def encode_prompts(opts: EncodeOptions) -> Path:
     """Write (or finish) the prompt cache ``opts.out``; returns its folder."""
     dtype = _check_options(opts)
-    prompts = read_prompts(opts.prompts, opts.prompt_field)
+    rows = read_prompt_rows(opts.prompts, opts.prompt_field, opts.image_field)
+    images = first_frame_encoder(opts, rows)
     encoder_folder, tokenizer_folder = resolve_encoder_folders(opts.text_encoder, opts.tokenizer)
     encoder: TextEncoder = FAMILIES[opts.family](encoder_folder, tokenizer_folder, opts.max_sequence_length)
     negative = encoder.default_negative if opts.negative_prompt is None else opts.negative_prompt
     folder = Path(opts.out)
-    index = _index(encoder, opts, prompts, dtype, negative)
+    index = _index(encoder, opts, rows, dtype, negative, images)
     rank, world, started = _distributed()
     try:
         _on_rank_zero(lambda: prepare_folder(folder, index, opts.overwrite), rank, world)
-        shards = plan_shards(len(prompts), opts.shard_size)
-        _encode_missing(encoder, opts, prompts, shards, index, dtype, rank, world)
+        shards = plan_shards(len(rows.prompts), opts.shard_size)
+        _encode_missing(encoder, images, opts, rows, shards, index, dtype, rank, world)
         _barrier(world)
         if rank == 0:
             _publish_index(folder, index, shards)
@@ -534,9 +708,10 @@ def encode_prompts(opts: EncodeOptions) -> Path:
     return folder
 
 
-def _encode_missing(encoder: TextEncoder, opts: EncodeOptions, prompts: List[str], shards: List[Shard],
-                    index: Dict[str, object], dtype: torch.dtype, rank: int, world: int) -> None:
-    folder, fingerprint = Path(opts.out), str(index["fingerprint"])
+def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], opts: EncodeOptions,
+                    rows: PromptRows, shards: List[Shard], index: Dict[str, object], dtype: torch.dtype, rank: int,
+                    world: int) -> None:
+    folder, fingerprint, prompts = Path(opts.out), str(index["fingerprint"]), rows.prompts
     done = lambda path: _file_fingerprint(path) == fingerprint  # noqa: E731
     todo = [s for s in shards[rank::world] if not done(folder / s.file)]
     need_negative = rank == 0 and not done(folder / NEGATIVE_FILE)
@@ -548,18 +723,28 @@ def _encode_missing(encoder: TextEncoder, opts: EncodeOptions, prompts: List[str
     device = _device(opts.device)
     log.info("loading the %s text encoder from %s on %s (%s)", encoder.family, encoder.encoder_folder, device, dtype)
     encoder.load(dtype, device)
+    if images is not None and todo:
+        log.info("loading the VAE from %s on %s (float32): first frames at %s", images.folder, device,
+                 images.spec.describe())
+        images.load(device)
     stamp = {"fingerprint": fingerprint}
     if need_negative:
         write_rows(folder / NEGATIVE_FILE, encoder.encode([index["negative"]["prompt"]]), stamp)
     progress = Progress(sum(s.count for s in todo), enabled=rank == 0)
     try:
         for shard in todo:
-            rows: List[torch.Tensor] = []
+            embeddings: List[torch.Tensor] = []
+            first_frames: List[torch.Tensor] = []
             for start in range(shard.start, shard.stop, opts.batch_size):
-                batch = prompts[start: min(start + opts.batch_size, shard.stop)]
-                rows.extend(encoder.encode(batch))
-                progress.update(len(batch))
-            write_rows(folder / shard.file, rows, {**stamp, "shard": str(shard.number), "first_row": str(shard.start)})
+                stop = min(start + opts.batch_size, shard.stop)
+                embeddings.extend(encoder.encode(prompts[start:stop]))
+                if images is not None:  # one video at a time, as the pipeline encodes it
+                    first_frames.extend(images.encode(rows.images[i], f"row {i + 1} of --prompts {opts.prompts}")
+                                        for i in range(start, stop))
+                progress.update(stop - start)
+            extra = {IMAGE_LATENTS: torch.stack(first_frames).to(dtype)} if images is not None else None
+            write_rows(folder / shard.file, embeddings, {**stamp, "shard": str(shard.number),
+                                                         "first_row": str(shard.start)}, extra)
     finally:
         progress.close()
     log.info("encoded %d prompts in %d shards (%.1f prompts/s on rank %d)",

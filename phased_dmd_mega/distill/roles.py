@@ -37,8 +37,8 @@ class Condition:
             {k: v.index_select(0, index) for k, v in self.model_kwargs.items()},
         )
 
-    def to(self, device) -> "Condition":
-        """The same condition on ``device`` (prompt embeddings are read on the CPU)."""
+    def to(self, device: torch.device) -> "Condition":
+        """The same condition on ``device`` (caches are read on the CPU)."""
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return Condition(move(self.context), move(self.context_mask), move(self.concat_latents),
                          {k: v.to(device) for k, v in self.model_kwargs.items()})
@@ -59,8 +59,10 @@ class Condition:
 
 
 def call_dit(model: Callable, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-    """One DiT evaluation on the 0..1000 timestep scale; extra channels are concatenated."""
-    latents = x_t if condition.concat_latents is None else torch.cat([x_t, condition.concat_latents], dim=1)
+    """One DiT evaluation on the 0..1000 timestep scale; extra channels (the I2V image condition)
+    are concatenated after the noisy latents, as WanImageToVideoPipeline does."""
+    extra = condition.concat_latents
+    latents = x_t if extra is None else torch.cat([x_t, extra.to(x_t.device, x_t.dtype)], dim=1)
     kwargs = dict(condition.model_kwargs)
     if condition.context_mask is not None:
         kwargs["context_mask"] = condition.context_mask

@@ -13,7 +13,7 @@ import math
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -158,6 +158,8 @@ def peak_memory_gib() -> float:
 class Trainer:
     def __init__(self, cfg: Config, teacher: Experts, prompts: PromptSource, geometry: LatentGeometry):
         self.cfg, self.prompts, self.geometry = cfg, prompts, geometry
+        if prompts.image_condition is not None:  # I2V: the first-frame latents fix the resolution
+            prompts.image_condition.check_resolutions(cfg.data.resolutions, f"the prompt cache {prompts.folder}")
         self.layout = phase_layout(cfg)
         opt = cfg.optimizer
         self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg), opt.generator, opt.grad_clip)
@@ -210,13 +212,16 @@ class Trainer:
         return self.ema if self.ema is not None else [role.model for role in self.generators]
 
     def batch(self, step: int) -> Tuple[Batch, int]:
-        cfg, rank = self.cfg, parallel.layout().data_parallel_rank
+        """The step's prompts (with their image conditions for I2V) on this rank's device, and the
+        shape of the latents to generate: only the noisy channels, which rollouts, re-noising and
+        losses work on; the image condition is concatenated to them for each DiT call."""
+        cfg, layout = self.cfg, parallel.layout()
         resolution = pick_resolution(cfg.data.resolutions, cfg.data.seed, step)
         shape = (cfg.data.batch_size, *self.geometry.latent_shape(resolution.frames, resolution.height, resolution.width))
-        condition, negative = self.prompts.sample(cfg.data.batch_size, step_generator(cfg.data.seed, step, rank))
+        condition, negative = self.prompts.sample(cfg.data.batch_size,
+                                                  step_generator(cfg.data.seed, step, layout.data_parallel_rank))
         tokens = shape[0] * shape[2] * shape[3] * shape[4]
-        device = parallel.layout().device  # prompt embeddings are read on the CPU
-        return Batch(condition.to(device), negative.to(device), shape), tokens
+        return Batch(condition.to(layout.device), negative.to(layout.device), shape), tokens
 
     # -------------------------------------------------------------- run
 
@@ -364,14 +369,31 @@ def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
                      "and data.synthetic_prompts is 0")
 
 
-def latent_geometry(teacher: Experts) -> LatentGeometry:
+def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) -> LatentGeometry:
+    """The latents the generator makes. A teacher with more input than output channels (Wan2.2
+    I2V: 16 noisy + 4 mask + 16 first-frame latents) takes its extra channels from the prompt
+    source's image condition, which must then provide exactly those."""
     arch = teacher.high.arch
     in_channels = getattr(arch, "in_channels", 16)
     out_channels = getattr(arch, "out_channels", in_channels)
-    if in_channels != out_channels:
-        raise ValueError(f"the teacher takes {in_channels} input channels for {out_channels} output channels: "
-                         "image-conditioned distillation (extra latent channels) is not supported by the trainer yet")
-    return LatentGeometry(channels=out_channels)
+    image = getattr(prompts, "image_condition", None)
+    extra = in_channels - out_channels
+    if image is None:
+        if extra:
+            raise ValueError(
+                f"the teacher takes {in_channels} input channels for {out_channels} output channels: its {extra} "
+                "extra channels are an image condition (Wan2.2 I2V: 4 mask + 16 first-frame latent channels), and "
+                "the prompt source has none; encode the prompts with their first frames (`phased-dmd encode-prompts "
+                "--vae VAE --resolution FxHxW` on rows with an image) and set data.prompt_cache to that cache")
+        return LatentGeometry(channels=out_channels)
+    if extra != image.channels or image.latent_shape[0] != out_channels:
+        needs = (f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)" if extra
+                 else "it takes no image condition (a text-to-video teacher)")
+        raise ValueError(
+            f"the prompt cache's image condition has {image.channels} channels ({image.mask_channels} mask + "
+            f"{image.latent_shape[0]} latent); the teacher takes {in_channels} input channels for {out_channels} "
+            f"output channels: {needs}")
+    return image.geometry
 
 
 def train(cfg: Config) -> int:
@@ -380,7 +402,8 @@ def train(cfg: Config) -> int:
                                  cfg.parallel.sequence_parallel, cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
-        trainer = Trainer(cfg, teacher, build_prompts(cfg, teacher), latent_geometry(teacher))
+        prompts = build_prompts(cfg, teacher)
+        trainer = Trainer(cfg, teacher, prompts, latent_geometry(teacher, prompts))
         log.info("training %s: %d phases, %d iterations, %d processes (TP %d, Ulysses %d, DP %d)",
                  cfg.phases.method, trainer.layout.num_phases, len(trainer.schedule), layout.world_size,
                  layout.tensor_parallel, layout.ulysses_parallel, layout.data_parallel)
