@@ -32,19 +32,11 @@ from phased_dmd_mega.memory_estimate import (
 )
 from phased_dmd_mega.models import QwenImageArch, QwenImageModel, WanArch, WanModel
 from phased_dmd_mega.models.blocks import ModelParallelOptions
-from phased_dmd_mega.testing import run_distributed
+from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"]
 LORA_TARGETS = ("linear_qkv", "linear_q", "linear_kv", "linear_proj", "linear_fc1", "linear_fc2")
-
-
-def in_process(fn, *args, **kwargs):
-    parallel.initialize()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        parallel.destroy()
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -86,30 +78,21 @@ def _real_counts(arch_name, lora_rank):
 
 @pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
 def test_meta_counts_equal_a_real_model(arch_name):
-    base, adapters = in_process(_real_counts, arch_name, 4)
+    base, adapters = with_parallel_state(_real_counts, arch_name, 4)
     assert parameter_counts(arch_name, "tiny", 4, LORA_TARGETS) == (base, adapters)
 
 
 def _local_counts(arch_name, lora_rank):
-    parallel.initialize(tensor_parallel=2)
-    try:
-        from phased_dmd_mega.models.architectures import registry
-        from phased_dmd_mega.models.lora import add_adapter
-
-        architecture = registry()[arch_name]
-        model = architecture.model_class(architecture.presets["tiny"], ModelParallelOptions())
-        base = sum(p.numel() for p in model.parameters())
-        view = add_adapter(model, "g", lora_rank, 8.0, LORA_TARGETS)
-        return base, sum(p.numel() for p in view.parameters())
-    finally:
-        parallel.destroy()
+    base, adapters = _real_counts(arch_name, lora_rank)
+    return base.total, adapters.total
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
 def test_per_rank_counts_equal_a_tensor_parallel_run(arch_name):
     model, adapters = parameter_counts(arch_name, "tiny", 4, LORA_TARGETS)
-    for base, lora in run_distributed(_local_counts, 2, arch_name, 4):
+    for base, lora in run_distributed(with_parallel_state, 2, _local_counts, arch_name, 4,
+                                      parallel_sizes={"tensor_parallel": 2}):
         assert base == model.per_rank(2)
         assert lora == adapters.per_rank(2)
 
@@ -143,7 +126,7 @@ def _fake_models(cfg):
 ])
 def test_fake_models_are_the_experts_their_renoise_times_reach(overrides, models):
     cfg = load_config(ROOT / "examples/wan22_t2v_a14b.yaml", ["model.lora.rank=0", *overrides])
-    assert in_process(_fake_models, cfg) == models
+    assert with_parallel_state(_fake_models, cfg) == models
     roles = roles_of(cfg)
     assert (roles.generators, roles.fakes, roles.largest) == (2, sum(models), max(models))
 
@@ -237,17 +220,9 @@ def _expected_block_bytes(arch_name, tp, ulysses, sp, recompute):
 @pytest.mark.parametrize("recompute", ["none", "full"])
 @pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
 def test_block_activations_equal_what_autograd_saves(arch_name, recompute):
-    measured = in_process(_block_bytes, arch_name, recompute)
+    measured = with_parallel_state(_block_bytes, arch_name, recompute)
     expected = _expected_block_bytes(arch_name, 1, 1, False, recompute)
     assert measured == pytest.approx(expected, rel=0.05)
-
-
-def _block_bytes_parallel(arch_name, recompute, tp, ulysses):
-    parallel.initialize(tensor_parallel=tp, ulysses_parallel=ulysses, sequence_parallel=tp > 1)
-    try:
-        return _block_bytes(arch_name, recompute)
-    finally:
-        parallel.destroy()
 
 
 @pytest.mark.slow
@@ -256,7 +231,8 @@ def _block_bytes_parallel(arch_name, recompute, tp, ulysses):
 def test_block_activations_per_rank_under_tensor_and_sequence_parallelism(arch_name, tp, ulysses):
     for recompute in ("none", "full"):
         expected = _expected_block_bytes(arch_name, tp, ulysses, tp > 1, recompute)
-        for measured in run_distributed(_block_bytes_parallel, 2, arch_name, recompute, tp, ulysses):
+        sizes = {"tensor_parallel": tp, "ulysses_parallel": ulysses, "sequence_parallel": tp > 1}
+        for measured in run_distributed(with_parallel_state, 2, _block_bytes, arch_name, recompute, parallel_sizes=sizes):
             assert measured == pytest.approx(expected, rel=0.05), recompute
 
 

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from phased_dmd_mega import parallel
 from phased_dmd_mega.config import config_from_dict, load_config
 from phased_dmd_mega.data import LatentGeometry
 from phased_dmd_mega.models.architectures import registry
+from phased_dmd_mega.testing import with_parallel_state
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"]
@@ -124,11 +124,7 @@ def tiny_wan_folder(tmp_path_factory):
 def _teacher_arch(cfg):
     from phased_dmd_mega.distill.trainer import build_teacher
 
-    parallel.initialize()
-    try:
-        return build_teacher(cfg).high.arch
-    finally:
-        parallel.destroy()
+    return with_parallel_state(lambda: build_teacher(cfg).high.arch)
 
 
 def test_teacher_must_be_the_recipes_preset(tiny_wan_folder):
