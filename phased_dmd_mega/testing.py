@@ -113,3 +113,16 @@ def _fail_if_dead_or_late(procs, outputs, deadline: float, timeout_s: float) -> 
     if time.monotonic() > deadline:
         missing = [rank for rank in range(len(procs)) if rank not in outputs]
         raise DistributedRunError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+
+
+def with_parallel_state(fn: Callable[..., Any], *args: Any, parallel_sizes: Optional[Dict[str, Any]] = None,
+                        **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` between ``parallel.initialize(**parallel_sizes)`` and
+    ``parallel.destroy()``: in this process (one rank), or on each rank under ``run_distributed``."""
+    from phased_dmd_mega import parallel
+
+    parallel.initialize(**(parallel_sizes or {}))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        parallel.destroy()

@@ -25,7 +25,7 @@ from phased_dmd_mega.models.checkpoints import inspect_checkpoint
 from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, diffusers_weight_rules
 from phased_dmd_mega.models.qwen_image_formats import diffusers_shapes
 from phased_dmd_mega.models.shards import parse_size
-from phased_dmd_mega.testing import run_distributed
+from phased_dmd_mega.testing import run_distributed, with_parallel_state
 from test_convert import _rewrite_single_file, assert_bitwise_equal, assert_refused, read_folder
 from test_convert import save_diffusers as save_wan_diffusers
 from test_qwen_parity import diffusers_velocity, inputs
@@ -176,12 +176,7 @@ def load_and_run(folder, arch="qwen_image", **options):
         return model(*inputs()), model.par
 
 
-def in_process(fn, *args, **kwargs):
-    parallel.initialize()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        parallel.destroy()
+in_process = with_parallel_state
 
 
 @pytest.mark.parametrize("fmt, arch", [("diffusers", "qwen_image"), ("pipeline", "qwen_image"), ("mega", None)])

@@ -17,7 +17,7 @@ from phased_dmd_mega.models import WanModel, load_pretrained
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint, open_model
 from phased_dmd_mega.models.wan_formats import CheckpointError
 from phased_dmd_mega.models.weights import TensorReader, build_local_tensor
-from phased_dmd_mega.testing import run_distributed
+from phased_dmd_mega.testing import run_distributed, with_parallel_state
 from tiny_models import WAN_TINY
 
 TINY = WAN_TINY
@@ -84,12 +84,7 @@ def load_and_run(folder, expert=None, **options):
         return model(latents, timestep, context, image)
 
 
-def in_process(fn, *args, **kwargs):
-    parallel.initialize()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        parallel.destroy()
+in_process = with_parallel_state
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -102,16 +102,22 @@ def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: 
     return Experts(role_model(teacher_expert_for_phase(teacher, layout, phase), f"generator{phase}", cfg.model.lora))
 
 
+def fake_experts(layout: PhaseLayout, phase: int, cfg: Config, boundary) -> Tuple[str, ...]:
+    """The teacher experts ("high", and "low" when there is a boundary that the phase's
+    re-noise times reach) that the phase's fake model copies."""
+    if boundary is None:
+        return ("high",)
+    low_t, _ = renoise_range(layout, phase, **renoise_kwargs(cfg.phases))
+    return ("high",) if low_t >= boundary else ("high", "low")
+
+
 def fake_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
     """One fake model per teacher expert that the phase's re-noise times reach."""
     lora = cfg.model.lora
-    high = lambda: role_model(teacher.high, f"fake{phase}_high", lora)  # noqa: E731
-    if teacher.low is None:
-        return Experts(high())
-    low_t, _ = renoise_range(layout, phase, **renoise_kwargs(cfg.phases))
-    if low_t >= teacher.boundary:
-        return Experts(high())
-    return Experts(high(), role_model(teacher.low, f"fake{phase}_low", lora), teacher.boundary)
+    high = role_model(teacher.high, f"fake{phase}_high", lora)
+    if fake_experts(layout, phase, cfg, teacher.boundary) == ("high",):
+        return Experts(high)
+    return Experts(high, role_model(teacher.low, f"fake{phase}_low", lora), teacher.boundary)
 
 
 def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
@@ -344,11 +350,13 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
         teacher = Experts(architecture.model_class(architecture.presets[preset], par))
     elif inspect_checkpoint(model_cfg.teacher_path).has_experts:
         found = inspect_checkpoint(model_cfg.teacher_path)
-        high, low = (load_pretrained(model_cfg.teacher_path, expert=e, dtype=dtype, weights=weights, **options)
-                     for e in ("high", "low"))
+        high, low = (load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, expert=e, dtype=dtype,
+                                     weights=weights, **options) for e in ("high", "low"))
         teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.arch))
     else:
-        teacher = Experts(load_pretrained(model_cfg.teacher_path, dtype=dtype, weights=weights, **options))
+        # With model.preset set (the recipes), the checkpoint must be that architecture.
+        teacher = Experts(load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, dtype=dtype,
+                                          weights=weights, **options))
     if not weights:  # a shell: left on the CPU, where its untouched pages cost no memory
         return teacher.requires_grad_(False)
     return teacher.to(parallel.layout().device).requires_grad_(False)

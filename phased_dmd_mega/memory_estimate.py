@@ -1,0 +1,366 @@
+"""Memory per GPU of a training run, estimated from the model's shapes and the run config.
+
+    python -m phased_dmd_mega.memory_estimate --config examples/wan22_t2v_a14b.yaml [key=value ...]
+    python -m phased_dmd_mega.memory_estimate --markdown examples/*.yaml     # the README's table
+
+An estimate, not a measurement. It counts, per GPU, what the trainer holds today:
+- the frozen teacher, one model per expert, in ``model.dtype``;
+- every trainable role (a generator per phase, a fake model per phase and teacher expert it
+  reaches): a full copy of its expert, or with ``model.lora.rank`` > 0 only its adapters on the
+  teacher's shared weights. Trainable weights stay in ``model.dtype``: no fp32 master copy;
+- AdamW's two states per trainable parameter, in the parameter's dtype, for every role: states
+  stay once a role has stepped, so the last phase holds all of them. Nothing is sharded over
+  data parallel (megatron's distributed optimizer is not used yet);
+- the gradients of the largest role (they are set to None after each step);
+- the generator EMA copies (``optimizer.ema_decay``);
+- activations: what the DiT blocks of one forward with gradient keep for the backward (a
+  generator's exit step or a fake update), for ``data.batch_size`` samples at the largest
+  resolution (``block_activations`` gives the bytes per token; tests/test_memory_estimate.py
+  checks them against the tensors autograd saves); with recompute a block keeps its input only
+  and one block at a time is recomputed in the backward;
+- working memory: one block's activations at twice the batch (the teacher's conditional and
+  unconditional passes run as one batch; the backward of one block needs about as much).
+
+Parameter counts are exact: the model (and its LoRA adapters) is built on the meta device and
+its tensor-parallel parameters (megatron's ``tensor_model_parallel`` tag) are divided by TP.
+Left out: the CUDA context and NCCL buffers (about 1-3 GiB), allocator fragmentation, the
+embeddings, head and loss tensors (a few hidden-sized tensors per token, once), and the buffers
+of a checkpoint being written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from phased_dmd_mega.config import Config, ConfigError, load_config
+
+GIB = 2**30
+GPU_NAME = "H100 80GB"
+GPU_MEMORY_GIB = 79.1  # what torch.cuda reports as total on an H100 SXM 80GB
+HEADROOM = 0.9  # an estimate under 90% of the GPU counts as fitting (fragmentation, NCCL, context)
+TEXT_TOKENS = 512  # Wan pads prompts to 512 tokens; Qwen-Image prompts are at most 512 tokens
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4  # norms and adaLN modulation run in fp32 whatever the model's dtype
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters of one model: split over tensor-parallel ranks, or whole on every rank."""
+
+    sharded: int = 0
+    replicated: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.sharded + self.replicated
+
+    def per_rank(self, tensor_parallel: int) -> float:
+        return self.sharded / tensor_parallel + self.replicated
+
+    @classmethod
+    def of(cls, parameters) -> "ParameterCount":
+        sharded = replicated = 0
+        for p in parameters:
+            if getattr(p, "tensor_model_parallel", False):
+                sharded += p.numel()
+            else:
+                replicated += p.numel()
+        return cls(sharded, replicated)
+
+
+@contextlib.contextmanager
+def _one_process_layout():
+    """Models are built for the current parallel state: count them at tensor parallel 1."""
+    from phased_dmd_mega import parallel
+
+    if parallel.is_initialized():
+        if parallel.layout().tensor_parallel != 1:
+            raise RuntimeError("parameters are counted at tensor parallel 1; call this outside a parallel run")
+        yield
+        return
+    parallel.initialize(1, 1, False, 0)
+    try:
+        yield
+    finally:
+        parallel.destroy()
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_counts(arch: str, preset: str, lora_rank: int = 0,
+                     lora_targets: Tuple[str, ...] = ()) -> Tuple[ParameterCount, ParameterCount]:
+    """(the model, one role's LoRA adapters) of a preset, built on the meta device."""
+    import torch
+
+    from phased_dmd_mega.models.architectures import registry
+    from phased_dmd_mega.models.blocks import ModelParallelOptions
+
+    architecture = registry()[arch]
+    if preset not in architecture.presets:
+        raise ConfigError(f"model.preset: {preset!r} is not a {arch} preset ({', '.join(architecture.presets)})")
+    with _one_process_layout(), torch.device("meta"):
+        model = architecture.model_class(architecture.presets[preset], ModelParallelOptions(initialize=False))
+        adapters = ParameterCount()
+        if lora_rank > 0:
+            from phased_dmd_mega.models.lora import add_adapter
+
+            view = add_adapter(model, "count", lora_rank, float(lora_rank), lora_targets)
+            adapters = ParameterCount.of(view.parameters())
+            model_count = ParameterCount.of(p for name, p in model.named_parameters() if ".adapters." not in name)
+        else:
+            model_count = ParameterCount.of(model.parameters())
+    return model_count, adapters
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """Bytes one DiT block keeps for its backward, per token, by how tensor parallelism divides
+    them (every kind is divided by the Ulysses size: each rank holds its share of the tokens)."""
+
+    stream: float  # hidden-sized tensors of the residual stream: divided by TP under sequence parallelism
+    sharded: float  # per-head and MLP-hidden tensors: divided by TP
+    gathered: float  # RoPE cos/sin of the gathered sequence: never divided by TP
+    block_input: float  # what a recomputed block keeps: its input tokens
+    text_fixed: float = 0.0  # bytes per prompt token that do not scale with the latent tokens (divided by TP)
+
+    def per_token(self, tensor_parallel: int, sequence_parallel: bool) -> float:
+        stream_split = tensor_parallel if sequence_parallel else 1
+        return self.stream / stream_split + self.sharded / tensor_parallel + self.gathered
+
+
+def block_activations(arch_name: str, arch, act_bytes: int) -> BlockActivations:
+    """Counted from the blocks' code (``act_bytes``: the model's dtype; norms, modulation and
+    gates are fp32). Wan per block: norm1 input, its modulated output, the self-attention
+    output before its gate, the cross-attention norm input, norm2 input, its modulated output
+    and the MLP output before its gate (7 fp32 tensors), the inputs of linear_qkv, linear_q and
+    linear_fc1; q/k RMSNorms (input and output in fp32, self-attention q and k, cross-attention
+    q), attention q, k, the fused qkv holding v, the output, cross-attention q and output; the
+    MLP hidden before and after GELU; the prompt's k/v per text token. Qwen-Image per token of
+    either stream: per half-block the norm input, modulated output and gated update (fp32) and
+    the linear input; per-head q/k RMSNorm input and output (fp32); the joint q, k, v and
+    output; the MLP hidden before and after GELU."""
+    h, f, d, a = arch.dim, arch.ffn_dim, arch.head_dim, act_bytes
+    rope = 2 * 2 * (d // 2) * FP32  # cos and sin, for q and for k
+    if arch_name == "wan":
+        return BlockActivations(
+            stream=7 * FP32 * h + 3 * a * h,
+            sharded=(4 + 2) * FP32 * h + (2 + 3 + 1 + 2) * a * h + 2 * a * f,
+            gathered=rope,
+            block_input=a * h,
+            text_fixed=2 * FP32 * h + 3 * a * h,  # k RMSNorm input/output, fused k/v, normed k
+        )
+    if arch_name == "qwen_image":
+        return BlockActivations(
+            stream=2 * 3 * FP32 * h + 2 * a * h,
+            sharded=4 * FP32 * h + 4 * a * h + 2 * a * f,
+            gathered=rope,
+            block_input=a * h,
+        )
+    raise ValueError(f"no activation model for architecture {arch_name!r}")
+
+
+def tokens_of(arch_name: str, arch, resolution) -> Tuple[int, int]:
+    """(latent tokens, prompt tokens that run through the blocks) of one sample."""
+    from phased_dmd_mega.data import LatentGeometry
+
+    _, frames, height, width = LatentGeometry(channels=16).latent_shape(resolution.frames, resolution.height, resolution.width)
+    if arch_name == "wan":
+        pt, ph, pw = arch.patch_size
+        return (frames // pt) * (height // ph) * (width // pw), 0
+    p = arch.patch_size
+    return (height // p) * (width // p), TEXT_TOKENS  # joint attention: the text is a second token stream
+
+
+def activation_bytes(blocks: BlockActivations, num_layers: int, batch: int, tokens: int, text_tokens: int,
+                     tensor_parallel: int, ulysses: int, sequence_parallel: bool,
+                     recompute: str, recompute_num_blocks: int) -> Tuple[float, float]:
+    """(kept for the backward, working memory) of one forward with gradient."""
+    local_tokens = batch * (tokens + text_tokens) / ulysses
+    per_block = local_tokens * blocks.per_token(tensor_parallel, sequence_parallel)
+    per_block += batch * TEXT_TOKENS * blocks.text_fixed / tensor_parallel
+    block_input = local_tokens * blocks.block_input / (tensor_parallel if sequence_parallel else 1)
+    recomputed = {"none": 0, "full": num_layers, "blocks": min(recompute_num_blocks, num_layers)}[recompute]
+    kept = recomputed * block_input + (num_layers - recomputed) * per_block
+    if recomputed:
+        kept += per_block  # the block being recomputed in the backward
+    return kept, 2 * per_block
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU by item, with a description of the run."""
+
+    summary: str
+    items: List[Tuple[str, float]]
+    config: Config
+    shape: str  # the largest resolution, frames x height x width
+
+    @property
+    def total(self) -> float:
+        return sum(value for _, value in self.items)
+
+    @property
+    def fits(self) -> bool:
+        return self.total / GIB <= HEADROOM * GPU_MEMORY_GIB
+
+    def item(self, prefix: str) -> float:
+        return sum(value for name, value in self.items if name.startswith(prefix))
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The models the trainer builds for a config (a two-expert fake model counts twice)."""
+
+    generators: int
+    fakes: int
+    ema: int
+    largest: int  # models in the largest role (2 for a fake model spanning both experts)
+
+
+def roles_of(cfg: Config) -> Roles:
+    from phased_dmd_mega.distill.trainer import fake_experts, phase_layout
+
+    layout = phase_layout(cfg)
+    fakes = [len(fake_experts(layout, k, cfg, cfg.phases.expert_boundary)) for k in range(layout.num_phases)]
+    ema = layout.num_phases if cfg.optimizer.ema_decay is not None else 0
+    return Roles(layout.num_phases, sum(fakes), ema, max(fakes))
+
+
+def check_heads(cfg: Config, arch) -> None:
+    """Heads are split over tensor-parallel ranks, then over Ulysses ranks."""
+    par = cfg.parallel
+    split = par.tensor_parallel * par.ulysses_parallel
+    if arch.num_heads % split:
+        raise ConfigError(
+            f"parallel: {cfg.model.preset} has {arch.num_heads} attention heads, not divisible by "
+            f"tensor_parallel {par.tensor_parallel} x ulysses_parallel {par.ulysses_parallel} = {split}"
+        )
+
+
+def estimate(cfg: Config) -> Estimate:
+    from phased_dmd_mega.models.architectures import registry
+
+    model_cfg, par = cfg.model, cfg.parallel
+    if model_cfg.preset is None:
+        raise ConfigError("model.preset: the memory estimate needs the architecture's preset name "
+                          f"(one of: {', '.join(registry()[model_cfg.arch].presets)})")
+    arch = registry()[model_cfg.arch].presets.get(model_cfg.preset)
+    model, adapters = parameter_counts(model_cfg.arch, model_cfg.preset, model_cfg.lora.rank,
+                                       tuple(model_cfg.lora.target_modules))
+    check_heads(cfg, arch)
+    tp, ulysses, sp = par.tensor_parallel, par.ulysses_parallel, par.sequence_parallel
+    weight = DTYPE_BYTES[model_cfg.dtype]
+    experts = 2 if cfg.phases.expert_boundary is not None else 1
+    roles = roles_of(cfg)
+    lora = model_cfg.lora.rank > 0
+    per_model = model.per_rank(tp)
+    per_role = adapters.per_rank(tp) if lora else per_model
+    trainable = roles.generators + roles.fakes
+
+    resolution, tokens, text_tokens = max(
+        ((r, *tokens_of(model_cfg.arch, arch, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
+    )
+    blocks = block_activations(model_cfg.arch, arch, weight)
+    kept, working = activation_bytes(blocks, arch.num_layers, cfg.data.batch_size, tokens, text_tokens, tp,
+                                     ulysses, sp, model_cfg.recompute, model_cfg.recompute_num_blocks)
+    role_kind = f"LoRA rank {model_cfg.lora.rank} adapters" if lora else "full copies"
+    items = [
+        (f"teacher weights ({experts} expert{'s' * (experts > 1)}, {model_cfg.dtype}, frozen)", experts * per_model * weight),
+        (f"trainable roles: {roles.generators} generators + {roles.fakes} fakes, {role_kind}", trainable * per_role * weight),
+        (f"AdamW states (2 per trainable parameter, {model_cfg.dtype}, not sharded over data parallel)",
+         trainable * per_role * 2 * weight),
+        ("gradients of the largest role", roles.largest * per_role * weight),
+        (f"generator EMA ({roles.ema} copies)", roles.ema * per_role * weight),
+        (f"activations kept for the backward (recompute {model_cfg.recompute})", kept),
+        ("working memory (one block at twice the batch)", working),
+    ]
+    shape = f"{resolution.frames}x{resolution.height}x{resolution.width}"
+    summary = (
+        f"{model_cfg.preset} ({model.total / 1e9:.2f}B parameters per expert, {model.replicated / 1e9:.2f}B of them "
+        f"not split by TP), TP {tp} x Ulysses {ulysses}, sequence parallel {'on' if sp else 'off'}, "
+        f"batch {cfg.data.batch_size} per data-parallel rank at {shape} ({tokens} latent tokens"
+        f"{f' + {text_tokens} text tokens' if text_tokens else ''})"
+    )
+    return Estimate(summary, items, cfg, shape)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_estimate(est: Estimate, source: str) -> str:
+    lines = [f"memory per GPU, estimated for {source}:", f"  {est.summary}"]
+    width = max(len(name) for name, _ in est.items)
+    lines += [f"  {name:<{width}}  {value / GIB:7.1f} GiB" for name, value in est.items]
+    verdict = "fits" if est.fits else "does NOT fit"
+    lines.append(f"  {'total (estimate)':<{width}}  {est.total / GIB:7.1f} GiB: {verdict} in {HEADROOM:.0%} of "
+                 f"an {GPU_NAME} ({GPU_MEMORY_GIB} GiB)")
+    return "\n".join(lines)
+
+
+MARKDOWN_HEADER = (
+    "| recipe | model | roles | TP x Ulysses (SP) | recompute | batch per DP rank, largest shape "
+    "| weights + optimizer | activations + working | total per GPU (estimate) |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown_row(est: Estimate, source: str) -> str:
+    cfg = est.config
+    lora = cfg.model.lora
+    roles = f"LoRA r{lora.rank}" if lora.rank else "full"
+    static = est.total - est.item("activations") - est.item("working")
+    par = cfg.parallel
+    return (
+        f"| `{source}` | {cfg.model.preset} | {roles} | {par.tensor_parallel} x {par.ulysses_parallel} "
+        f"({'on' if par.sequence_parallel else 'off'}) | {cfg.model.recompute} | {cfg.data.batch_size}, "
+        f"{est.shape} | {static / GIB:.1f} GiB "
+        f"| {(est.item('activations') + est.item('working')) / GIB:.1f} GiB | {est.total / GIB:.1f} GiB |"
+    )
+
+
+def markdown_table(configs: Sequence[str]) -> str:
+    return "\n".join([MARKDOWN_HEADER] + [markdown_row(estimate(load_config(c)), c) for c in configs])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m phased_dmd_mega.memory_estimate",
+        description="Estimate the memory per GPU of a training run from its config (see the module docstring).",
+    )
+    parser.add_argument("--config", "-c", help="YAML run configuration")
+    parser.add_argument("--markdown", nargs="+", metavar="CONFIG", help="one table row per config (the README's table)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of --config")
+    args = parser.parse_args(argv)
+    try:
+        if args.markdown:
+            print(markdown_table(args.markdown))
+            return 0
+        if args.config is None:
+            parser.error("give --config (with overrides) or --markdown")
+        print(format_estimate(estimate(load_config(args.config, args.overrides)), args.config))
+    except ConfigError as err:
+        print(f"memory estimate: configuration error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def as_dict(est: Estimate) -> Dict[str, float]:
+    """Item name -> GiB (for scripts)."""
+    return {name: value / GIB for name, value in est.items}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
