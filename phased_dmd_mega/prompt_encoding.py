@@ -483,6 +483,31 @@ def write_rows(path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str
     _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def write_embeddings_cache(folder, rows: Sequence[torch.Tensor], negative: torch.Tensor, family: str = "wan",
+                           pad_to: Optional[int] = None, masked: bool = False, source: str = "precomputed") -> Path:
+    """A prompt cache from embeddings computed elsewhere (rows [L_i, D], negative [L, D]): one
+    shard, the same index as ``encode-prompts`` writes. Refuses an existing folder."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise PromptEncodingError(f"{folder} exists and is not empty")
+    dims = {r.shape[-1] for r in rows} | {negative.shape[-1]}
+    if len(dims) != 1 or any(r.dim() != 2 for r in [*rows, negative]):
+        raise PromptEncodingError(f"embeddings must all be [tokens, D] with one D, got {sorted(dims)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(b"".join(r.float().numpy().tobytes() for r in [*rows, negative])).hexdigest()
+    stamp = {"fingerprint": digest}
+    write_rows(folder / NEGATIVE_FILE, [negative], stamp)
+    shard = "shard-00000.safetensors"
+    write_rows(folder / shard, list(rows), stamp)
+    _write_index(folder, {
+        "format": PROMPT_CACHE_FORMAT, "version": PROMPT_CACHE_VERSION, "complete": True, "family": family,
+        "dim": dims.pop(), "pad_to": pad_to, "masked": masked, "dtype": str(rows[0].dtype).removeprefix("torch."),
+        "count": len(rows), "fingerprint": digest, "settings": {"source": source}, "source": {"embeddings": source},
+        "negative": {"file": NEGATIVE_FILE, "prompt": None}, "shards": [{"file": shard, "count": len(rows)}],
+    })
+    return folder
+
+
 def _file_fingerprint(path: Path) -> Optional[str]:
     from safetensors import safe_open
 

@@ -375,3 +375,19 @@ def test_the_trainer_trains_on_an_encoded_cache(encoders, tmp_path):
         parallel.destroy()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in records)
+
+
+def test_precomputed_embeddings_make_a_cache_the_trainer_reads(tmp_path):
+    from phased_dmd_mega.data import PromptCache
+    from phased_dmd_mega.prompt_encoding import PromptEncodingError, write_embeddings_cache
+
+    rows = [torch.randn(3, 8), torch.randn(5, 8)]
+    folder = write_embeddings_cache(tmp_path / "cache", rows, torch.zeros(2, 8), pad_to=6)
+    cache = PromptCache(folder)
+    got = cache.rows([1, 0]).context
+    assert got.shape == (2, 6, 8)
+    assert torch.equal(got[0, :5], rows[1]) and torch.equal(got[1, :3], rows[0]) and not got[1, 3:].any()
+    with pytest.raises(PromptEncodingError, match="exists and is not empty"):
+        write_embeddings_cache(folder, rows, torch.zeros(2, 8))
+    with pytest.raises(PromptEncodingError, match="one D"):
+        write_embeddings_cache(tmp_path / "other", [torch.randn(3, 8), torch.randn(3, 4)], torch.zeros(2, 8))

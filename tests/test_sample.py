@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from phased_dmd_mega import cli
+from phased_dmd_mega.prompt_encoding import write_embeddings_cache
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.distill.roles import Condition
 from phased_dmd_mega.sample import decode, load_vae, sample_noise
@@ -118,12 +119,9 @@ def test_sample_from_a_checkpoint_equals_the_in_process_sampler(wan_run, tmp_pat
 def test_exported_generators_and_a_prompt_cache_give_the_same_latents(wan_run, tmp_path):
     assert cli.main(["export", "--checkpoint", str(wan_run.checkpoints), "--dst", str(tmp_path / "exported")]) == 0
     # The trainer's synthetic prompts (4, seed 0), as a prompt cache on disk.
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    save_file({"context": wan_run.extra["context"][:3].contiguous()}, str(cache / "shard_0.safetensors"))
-    save_file({"context": wan_run.extra["context"][3:].contiguous()}, str(cache / "shard_1.safetensors"))
-    (cache / "prompts.json").write_text(json.dumps({"shards": [{"file": "shard_0.safetensors", "count": 3},
-                                                               {"file": "shard_1.safetensors", "count": 1}]}))
+    context = wan_run.extra["context"]
+    cache = write_embeddings_cache(tmp_path / "cache", list(context), torch.zeros_like(context[0]),
+                                   pad_to=context.shape[1])
     indices, resolution = ",".join(map(str, INDICES)), "x".join(map(str, RESOLUTION))
     assert run_sample("--exported", tmp_path / "exported", "-o", tmp_path / "a", "--indices", indices, "--seed", SEED,
                       "--prompts", cache, "--resolution", resolution, "--attention-backend", "sdpa") == 0
