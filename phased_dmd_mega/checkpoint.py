@@ -236,15 +236,18 @@ def _states_in_checkpoint(common: Dict[str, Any], roles: Mapping[str, Any]) -> D
 
 def _load_distributed_optimizer(role_name: str, role: DistributedRoleOptimizer, loaded: Dict[str, Any],
                                 states: Sequence[str]) -> None:
-    role.reload_main_params()  # from the weights just loaded; the saved fp32 copy, if any, wins below
-    params = dict(role.model.named_parameters())
-    for name, owned in role.owned_slices().items():
+    params, values = dict(role.model.named_parameters()), {}
+    slices = role.owned_slices()
+    for name, owned in slices.items():
         count = len(flat_range_boxes(params[name].shape, owned.start, owned.stop))
         for state_name in states:
             if state_name in owned.states:
                 key = f"{role_name}.optimizer.{name}.{state_name}"
-                pieces = [loaded[f"{key}.box{index}"].reshape(-1) for index in range(count)]
-                owned.states[state_name].copy_(torch.cat(pieces))
+                # A copy: the load may have filled the template's views of the live states.
+                values[name, state_name] = torch.cat([loaded[f"{key}.box{i}"].reshape(-1) for i in range(count)])
+    role.reload_main_params()  # from the weights just loaded; a saved fp32 copy wins below
+    for (name, state_name), value in values.items():
+        slices[name].states[state_name].copy_(value)
     role.set_steps(loaded[f"{role_name}.optimizer_steps"])
 
 

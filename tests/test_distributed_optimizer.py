@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.checkpoint import flat_range_boxes
-from phased_dmd_mega.distill.optim import DistributedRoleOptimizer, make_role_optimizer
+from phased_dmd_mega.distill.optim import MAIN_PARAM, DistributedRoleOptimizer, make_role_optimizer
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
 from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
@@ -260,6 +260,64 @@ def test_checkpoints_move_between_dp_sizes_tp_sizes_and_optimizers(tmp_path):
     _check_resume([dp1_per_rank_saved], [resumed[1] for _, resumed, _ in at_world_2], reference)  # and back
     tp2_saved = _tp_whole([tp2 for _, _, (tp2, _) in at_world_2], at_world_2[0][2][1])
     _check_resume(tp2_saved, [from_tp2], reference, exact=False)  # TP=2 -> TP=1
+
+
+def _bf16_role(distributed):
+    torch.manual_seed(0)
+    model = Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa", dtype=torch.bfloat16)))
+    return make_role_optimizer(model, 1e-3, (0.9, 0.999), 1e-8, 0.01, 1.0, distributed)
+
+
+def _bf16_update(role, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 1, 6, 8, generator=gen).bfloat16()
+    context = Condition(torch.randn(2, 4, ARCH.text_dim, generator=gen).bfloat16())
+    role.model(x, torch.tensor([700.0, 300.0]), context).float().square().mean().backward()
+    return role.step()
+
+
+@pytest.fixture
+def one_rank():
+    parallel.initialize(seed=0)
+    yield
+    parallel.destroy()
+
+
+def test_bf16_weights_resume_with_their_fp32_main_copy(one_rank, tmp_path):
+    saved = _bf16_role(True)
+    for seed in (1, 2):
+        _bf16_update(saved, seed)
+    checkpoint.save_checkpoint(tmp_path, 1, {"generator0": saved}, {})
+    main = {n: o.states[MAIN_PARAM].clone() for n, o in saved.owned_slices().items()}
+    weights_now = dict(saved.model.named_parameters())
+    assert any(not torch.equal(main[n], weights_now[n].detach().float().reshape(-1)) for n in main), \
+        "the fp32 main copy holds more than the bf16 weights"
+    per_rank = _bf16_role(False)  # the per-rank optimizer reads the same checkpoint (bf16 moments)
+    checkpoint.load_checkpoint(tmp_path / "iter_0000001", {"generator0": per_rank})
+    resumed = _bf16_role(True)
+    checkpoint.load_checkpoint(tmp_path / "iter_0000001", {"generator0": resumed})
+    for role in (per_rank, resumed):
+        for name, param in role.model.named_parameters():
+            assert torch.equal(param, weights_now[name]), name
+    for name, owned in resumed.owned_slices().items():
+        assert torch.equal(owned.states[MAIN_PARAM], main[name]), name
+    assert resumed.steps() == saved.steps() == {n: 2.0 for n in main}
+    assert _bf16_update(resumed, 3) == _bf16_update(saved, 3)  # the same update, bit for bit
+    for mine, theirs in zip(resumed.model.parameters(), saved.model.parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_the_run_config_chooses_the_optimizer(one_rank):
+    from phased_dmd_mega.config import load_config
+    from phased_dmd_mega.distill.optim import RoleOptimizer
+    from phased_dmd_mega.distill.trainer import role_optimizer
+
+    for overrides, kind in (([], DistributedRoleOptimizer), (["optimizer.distributed=false"], RoleOptimizer)):
+        opt = load_config(None, ["optimizer.fake.betas=[0.5,0.99]", "optimizer.grad_clip=2.5", *overrides]).optimizer
+        role = role_optimizer(Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))), opt.fake, opt)
+        assert isinstance(role, kind) and role.grad_clip == 2.5
+        assert all(g["betas"] == (0.5, 0.99) and g["lr"] == opt.fake.lr and g["weight_decay"] == opt.fake.weight_decay
+                   for g in role.optimizer.param_groups)
 
 
 # ----------------------------------------------------------------------------- layout
