@@ -58,7 +58,7 @@ def main() -> None:
                          "parameters": ranks[0]["parameters"],
                          "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
                          "gradient_bytes_per_rank": [r["gradient_bytes"] for r in ranks]})
-    print(f"| optimizer | weights | parameters | optimizer state per rank (bytes) | gradients per rank (bytes) |")
+    print("| optimizer | weights | parameters | optimizer state per rank (bytes) | gradients per rank (bytes) |")
     print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['optimizer']} | {row['dtype']} | {row['parameters']} | "

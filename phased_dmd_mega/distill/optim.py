@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,11 @@ def make_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: flo
 
 def _group_size(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _collective_device() -> torch.device:
+    """Where collectives take their tensors: the GPU under nccl, the CPU under gloo."""
+    return parallel.layout().device if parallel.is_initialized() else torch.device("cpu")
 
 
 def sum_partial_gradients_over_tp(params_and_grads: Iterable[Tuple[nn.Parameter, torch.Tensor]]) -> None:
@@ -75,10 +80,10 @@ def finalize_gradients(model: nn.Module) -> None:
 def gradient_norm(model: nn.Module) -> float:
     """The L2 norm of the whole (unsharded) gradient."""
     params = [p for p in trainable_parameters(model) if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64, device=_collective_device())
+    replicated = torch.zeros((), dtype=torch.float64, device=_collective_device())
     for p in params:
-        square = p.grad.detach().double().square().sum().cpu()
+        square = p.grad.detach().double().square().sum().to(sharded.device)
         if getattr(p, "tensor_model_parallel", False):
             sharded += square
         else:
@@ -93,7 +98,7 @@ def all_ranks_agree(ok: bool) -> bool:
     skipped on all, or their gradient all-reduces would no longer pair up."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
+    flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -202,7 +207,7 @@ class DistributedRoleOptimizer:
         self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides={}, use_gloo_process_groups=False)
         self._names = {param: name for name, param in model.named_parameters() if param.requires_grad}
         self._index = {param: i for i, param in enumerate(self._names)}
-        self._touched = torch.zeros(len(self._names))
+        self._touched = torch.zeros(len(self._names), device=_collective_device())
         for param, i in self._index.items():
             param.register_hook(self._mark_touched(i))
 
@@ -287,7 +292,7 @@ class DistributedRoleOptimizer:
     def steps(self) -> Dict[str, float]:
         """AdamW step count of every trainable parameter, the same on every rank."""
         self.ensure_state()
-        counts = torch.zeros(len(self._names), dtype=torch.float64)
+        counts = torch.zeros(len(self._names), dtype=torch.float64, device=_collective_device())
         for param, shard, sub in self._pairs():
             counts[self._index[param]] = _step_of(sub.optimizer, shard)
         if _group_size(self._dp_group) > 1:  # a parameter's slices may all be on other ranks
@@ -346,7 +351,7 @@ def _set_step(optimizer: torch.optim.Optimizer, shard: torch.Tensor, step: float
 
 
 def make_role_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                        grad_clip: Optional[float], distributed: bool):
+                        grad_clip: Optional[float], distributed: bool) -> Union[RoleOptimizer, DistributedRoleOptimizer]:
     """The role's optimizer: megatron's distributed optimizer, or torch AdamW on every rank."""
     if distributed:
         return DistributedRoleOptimizer(model, lr, betas, eps, weight_decay, grad_clip)

@@ -114,7 +114,7 @@ def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
     return Experts(frozen_copy(generator.high, f"generator{phase}_ema", cfg.model.lora), low, generator.boundary)
 
 
-def role_optimizer(model: nn.Module, adam, opt) -> RoleOptimizer:
+def role_optimizer(model: nn.Module, adam, opt):
     """The role's AdamW (``adam``: its settings) with the run's clipping and optimizer kind."""
     return make_role_optimizer(model, adam.lr, adam.betas, adam.eps, adam.weight_decay, opt.grad_clip, opt.distributed)
 
