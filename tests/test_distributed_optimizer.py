@@ -134,6 +134,35 @@ def test_ulysses2_shards_the_state_over_the_ulysses_ranks_too():
     _check_against_per_rank_adamw(2, SCHEDULE[1:3], tp=1, ulysses=2)
 
 
+def _one_rank_goes_non_finite():
+    layout = parallel.initialize(seed=0)
+    role = make_role_optimizer(Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))),
+                               1e-3, (0.0, 0.999), 1e-8, 0.01, 1.0, True)
+    before = {n: p.detach().clone() for n, p in role.model.named_parameters()}
+    norms = []
+    for poisoned in (True, False):
+        gen = torch.Generator().manual_seed(layout.rank)
+        x = torch.randn(SHAPE, generator=gen)
+        loss = role.model(x, torch.tensor([700.0, 300.0]), Condition(torch.randn(2, 4, ARCH.text_dim, generator=gen)))
+        loss = loss.square().mean() * (float("nan") if poisoned and layout.rank == 1 else 1.0)
+        loss.backward()
+        norms.append(role.step())
+        if poisoned:
+            unchanged = all(torch.equal(p, before[n]) for n, p in role.model.named_parameters())
+    out = norms, unchanged, {n: p.detach().clone() for n, p in role.model.named_parameters()}
+    parallel.destroy()
+    return out
+
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank():
+    (norms0, unchanged0, after0), (norms1, unchanged1, after1) = run_distributed(_one_rank_goes_non_finite, 2)
+    assert torch.isnan(torch.tensor([norms0[0], norms1[0]])).all() and unchanged0 and unchanged1
+    assert norms0[1] == norms1[1] and norms0[1] > 0  # then a normal step, the same on both ranks
+    for name, value in after0.items():
+        assert torch.equal(after1[name], value), name
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
