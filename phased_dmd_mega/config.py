@@ -161,6 +161,10 @@ class OptimizerConfig:
     warmup_iterations: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     ema_decay: Optional[float] = None  # generator EMA; None disables it
+    # megatron-core's distributed optimizer: AdamW states (and fp32 main weights of bf16/fp16
+    # models) split over the data-parallel ranks, gradients reduce-scattered in fp32. false: torch
+    # AdamW on every rank, with whole states in the weights' dtype. Checkpoints load either way.
+    distributed: bool = True
 
     def validate(self, check):
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")

@@ -5,20 +5,34 @@ rank's tokens (tagged ``sequence_parallel``) are summed over the tensor-parallel
 every gradient is summed over the Ulysses ranks (each saw its own tokens of the same samples)
 and averaged over the data-parallel ranks (different samples). The
 gradient norm for clipping counts each tensor-parallel shard once and each replicated
-parameter once.
+parameter once. A non-finite norm skips the update on every rank alike (the norm is the same
+number everywhere), and a parameter no rank computed a gradient for is left alone (no weight
+decay, no moment decay), as torch's AdamW does with a gradient of None.
+
+Two optimizers give the same updates:
+- ``RoleOptimizer``: torch AdamW on every rank, each holding the whole AdamW state of its
+  tensor-parallel shard (``optimizer.distributed: false``).
+- ``DistributedRoleOptimizer``: megatron-core's DistributedDataParallel and DistributedOptimizer.
+  Gradients live in one contiguous fp32 buffer, are reduce-scattered over the data-parallel
+  group, and each data-parallel rank updates only its contiguous slice of that buffer, so the
+  AdamW states (and, for bf16/fp16 weights, the fp32 main weights) are split over the
+  data-parallel ranks; the updated weights are all-gathered after the step.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from phased_dmd_mega import parallel
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+MAIN_PARAM = "main_param"  # the fp32 copy the distributed optimizer keeps of bf16/fp16 weights
 
 
 def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -33,16 +47,29 @@ def _group_size(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
+def _collective_device() -> torch.device:
+    """Where collectives take their tensors: the GPU under nccl, the CPU under gloo."""
+    return parallel.layout().device if parallel.is_initialized() else torch.device("cpu")
+
+
+def sum_partial_gradients_over_tp(params_and_grads: Iterable[Tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Replicated parameters tagged ``sequence_parallel`` hold partial sums over the
+    tensor-parallel group (their rank's tokens only, or LoRA factors next to a split weight)."""
+    if not parallel.is_initialized():
+        return
+    tp_group = parallel.tensor_parallel_group()
+    if _group_size(tp_group) > 1:
+        for param, grad in params_and_grads:
+            if getattr(param, "sequence_parallel", False):
+                dist.all_reduce(grad, group=tp_group)
+
+
 def finalize_gradients(model: nn.Module) -> None:
     """Sum sequence-parallel partial gradients over TP and all over Ulysses; average over DP."""
     if not parallel.is_initialized():
         return
     params = [p for p in trainable_parameters(model) if p.grad is not None]
-    tp_group = parallel.tensor_parallel_group()
-    if _group_size(tp_group) > 1:
-        for p in params:
-            if getattr(p, "sequence_parallel", False):
-                dist.all_reduce(p.grad, group=tp_group)
+    sum_partial_gradients_over_tp((p, p.grad) for p in params)
     # Ulysses ranks hold partial gradients of the same samples (each saw its own tokens): they
     # are summed; data-parallel ranks saw different samples: they are averaged.
     dp_group = parallel.data_parallel_group(with_ulysses=True)
@@ -57,10 +84,10 @@ def finalize_gradients(model: nn.Module) -> None:
 def gradient_norm(model: nn.Module) -> float:
     """The L2 norm of the whole (unsharded) gradient."""
     params = [p for p in trainable_parameters(model) if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64, device=_collective_device())
+    replicated = torch.zeros((), dtype=torch.float64, device=_collective_device())
     for p in params:
-        square = p.grad.detach().double().square().sum().cpu()
+        square = p.grad.detach().double().square().sum().to(sharded.device)
         if getattr(p, "tensor_model_parallel", False):
             sharded += square
         else:
@@ -75,9 +102,13 @@ def all_ranks_agree(ok: bool) -> bool:
     skipped on all, or their gradient all-reduces would no longer pair up."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
+    flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def state_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -107,3 +138,231 @@ class RoleOptimizer:
         self.optimizer.step()
         self.zero_grad()
         return norm
+
+    def ensure_state(self) -> None:
+        """AdamW creates its state at the first step; saving and loading need it before."""
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                state = self.optimizer.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    for name in ADAM_STATES:
+                        state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (AdamW moments and step counters)."""
+        self.ensure_state()
+        return state_bytes(t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class OwnedSlice:
+    """This rank's part of one parameter's optimizer state: elements [start, stop) of the
+    flattened (tensor-parallel-local) parameter; each state is a 1-D tensor of that length."""
+
+    start: int
+    stop: int
+    states: Dict[str, torch.Tensor]  # ADAM_STATES, and MAIN_PARAM when the weights are not fp32
+
+
+def _ddp_stand_in_config():
+    """megatron's DDP wants a TransformerConfig; it reads nothing from it that describes the
+    model (only ``calculate_per_token_loss``, false: gradients are averaged over ranks)."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1)
+
+
+def _megatron_optimizer_config(lr, betas, eps, weight_decay, dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig
+
+    return OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=float(betas[0]), adam_beta2=float(betas[1]),
+        adam_eps=eps, decoupled_weight_decay=True, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        clip_grad=0.0,  # clipping is ours: it must follow the skip of non-finite steps
+        use_distributed_optimizer=True,
+    )
+
+
+class DistributedRoleOptimizer:
+    """A trainable role under megatron's DistributedDataParallel + DistributedOptimizer.
+
+    ``model`` stays the module the trainer calls (megatron's DDP only owns the gradient buffer
+    and its hooks); ``optimizer`` is megatron's optimizer, whose ``param_groups`` are the
+    AdamW groups (the trainer sets ``lr`` there each step)."""
+
+    def __init__(self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                 grad_clip: Optional[float] = None):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters to optimise")
+        self.model, self.grad_clip = model, grad_clip
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
+        self.ddp = DistributedDataParallel(_ddp_stand_in_config(), ddp_config, model)
+        config = _megatron_optimizer_config(lr, betas, eps, weight_decay, params[0].dtype)
+        # config_overrides={}: weight decay on every parameter, as torch's AdamW does (megatron
+        # would otherwise exempt biases and 1-D parameters).
+        self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides={}, use_gloo_process_groups=False)
+        self._names = {param: name for name, param in model.named_parameters() if param.requires_grad}
+        self._index = {param: i for i, param in enumerate(self._names)}
+        self._touched = torch.zeros(len(self._names), device=_collective_device())
+        for param, i in self._index.items():
+            param.register_hook(self._mark_touched(i))
+
+    def _mark_touched(self, index: int):
+        def hook(grad):
+            self._touched[index] = 1.0
+
+        return hook
+
+    @property
+    def _dp_group(self):
+        return parallel.data_parallel_group(with_ulysses=True)
+
+    def _pairs(self):
+        """(model parameter, its fp32 main shard, megatron's optimizer) on this rank."""
+        for sub in self.optimizer.chained_optimizers:
+            for param, shard in _pairs_of(sub):
+                yield param, shard, sub
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._touched.zero_()
+
+    def _finish_gradients(self) -> None:
+        """TP sum of partial gradients, then the reduce-scatter over DP + Ulysses, which averages:
+        scaled first by the Ulysses size, so that Ulysses ranks' partial gradients (their own
+        tokens of the same samples) are summed and only data-parallel ranks are averaged.
+        (megatron's finalize_model_grads sums tagged gradients only under Megatron sequence
+        parallelism; LoRA factors next to a split weight are partial sums without it too.)"""
+        sum_partial_gradients_over_tp((p, p.main_grad) for p in self._names)
+        ulysses = parallel.layout().ulysses_parallel
+        if ulysses > 1:
+            for param in self._names:
+                param.main_grad.mul_(ulysses)
+        self.ddp.finish_grad_sync()
+        if _group_size(self._dp_group) > 1:
+            dist.all_reduce(self._touched, op=dist.ReduceOp.MAX, group=self._dp_group)
+
+    def _drop_untouched(self) -> None:
+        for param, shard, _ in self._pairs():
+            if not self._touched[self._index[param]]:
+                shard.grad = None
+
+    def step(self) -> float:
+        """Finalise, clip and apply the gradients; returns the gradient norm before clipping.
+        A non-finite norm skips the update (the caller logs and counts it)."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        self._finish_gradients()
+        self.optimizer.prepare_grads()  # the reduced slice of the buffer -> .grad of the main shards
+        self._drop_untouched()
+        norm = float(self.optimizer.get_grad_norm())  # over every rank, TP shards counted once
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return norm
+        if self.grad_clip is not None:
+            for sub in self.optimizer.chained_optimizers:
+                clip_grad_by_total_norm_fp32(sub.get_parameters(), self.grad_clip, norm)
+        self.optimizer.step_with_ready_grads()  # AdamW on the slices, then all-gather the weights
+        self.zero_grad()
+        return norm
+
+    # ------------------------------------------------------------- state, for checkpoints
+
+    def ensure_state(self) -> None:
+        """AdamW creates its state at the first step; saving and loading need it before."""
+        for sub in self.optimizer.chained_optimizers:
+            if sub.optimizer is None:
+                continue
+            sub.init_state_fn(sub.optimizer, sub.config)
+            if _per_parameter_steps(sub.optimizer):
+                for state in sub.optimizer.state.values():
+                    state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+    def owned_slices(self) -> Dict[str, OwnedSlice]:
+        """Parameter name -> the slice of its optimizer state that this rank holds."""
+        self.ensure_state()
+        slices = {}
+        for param, shard, sub in self._pairs():
+            owned = sub._get_model_param_range_map(param)["param"]  # megatron-core 0.16
+            states = {name: sub.optimizer.state[shard][name] for name in ADAM_STATES}
+            if param.dtype != torch.float32:  # else the shard is a view of the weights themselves
+                states[MAIN_PARAM] = shard
+            slices[self._names[param]] = OwnedSlice(owned.start, owned.end, states)
+        return slices
+
+    def steps(self) -> Dict[str, float]:
+        """AdamW step count of every trainable parameter, the same on every rank."""
+        self.ensure_state()
+        counts = torch.zeros(len(self._names), dtype=torch.float64, device=_collective_device())
+        for param, shard, sub in self._pairs():
+            counts[self._index[param]] = _step_of(sub.optimizer, shard)
+        if _group_size(self._dp_group) > 1:  # a parameter's slices may all be on other ranks
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._dp_group)
+        return {name: float(counts[self._index[p]]) for p, name in self._names.items()}
+
+    def set_steps(self, steps: Dict[str, float]) -> None:
+        self.ensure_state()
+        for param, shard, sub in self._pairs():
+            _set_step(sub.optimizer, shard, steps[self._names[param]])
+
+    def reload_main_params(self) -> None:
+        """After the weights were overwritten (a checkpoint load): main shards from the weights."""
+        self.optimizer.reload_model_params()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: AdamW moments and step counters, and the
+        fp32 main weights where they are not the weights themselves."""
+        self.ensure_state()
+        total = 0
+        for param, shard, sub in self._pairs():
+            total += state_bytes(t for t in sub.optimizer.state[shard].values() if torch.is_tensor(t))
+            if param.dtype != torch.float32:
+                total += state_bytes([shard])
+        return total
+
+
+def _pairs_of(sub):
+    """(model parameter, fp32 main shard) pairs of one megatron DistributedOptimizer."""
+    for models, shards in ((sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
+                           (sub.model_fp32_groups, sub.shard_fp32_groups)):
+        for model_group, shard_group in zip(models, shards):
+            yield from zip(model_group, shard_group)
+
+
+def _per_parameter_steps(optimizer: torch.optim.Optimizer) -> bool:
+    """torch's Adam/AdamW count steps per parameter; TE's and apex's FusedAdam per group."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _group_of(optimizer: torch.optim.Optimizer, shard: torch.Tensor) -> dict:
+    return next(g for g in optimizer.param_groups if any(p is shard for p in g["params"]))
+
+
+def _step_of(optimizer: torch.optim.Optimizer, shard: torch.Tensor) -> float:
+    if _per_parameter_steps(optimizer):
+        return float(optimizer.state[shard]["step"])
+    return float(_group_of(optimizer, shard).get("step", 0))
+
+
+def _set_step(optimizer: torch.optim.Optimizer, shard: torch.Tensor, step: float) -> None:
+    if _per_parameter_steps(optimizer):
+        optimizer.state[shard]["step"] = torch.tensor(step, dtype=torch.float32)
+    else:
+        _group_of(optimizer, shard)["step"] = int(step)
+
+
+def make_role_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                        grad_clip: Optional[float], distributed: bool) -> Union[RoleOptimizer, DistributedRoleOptimizer]:
+    """The role's optimizer: megatron's distributed optimizer, or torch AdamW on every rank."""
+    if distributed:
+        return DistributedRoleOptimizer(model, lr, betas, eps, weight_decay, grad_clip)
+    return RoleOptimizer(model, make_adamw(model, lr, betas, eps, weight_decay), grad_clip)

@@ -21,7 +21,7 @@ from torch import nn
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config, dump_yaml
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
-from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_adamw
+from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_role_optimizer
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.log import get_logger, process_memory_mib
@@ -125,8 +125,9 @@ def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
     return Experts(frozen_copy(generator.high, f"generator{phase}_ema", cfg.model.lora), low, generator.boundary)
 
 
-def role_optimizer(model: nn.Module, adam, grad_clip) -> RoleOptimizer:
-    return RoleOptimizer(model, make_adamw(model, adam.lr, adam.betas, adam.eps, adam.weight_decay), grad_clip)
+def role_optimizer(model: nn.Module, adam, opt):
+    """The role's AdamW (``adam``: its settings) with the run's clipping and optimizer kind."""
+    return make_role_optimizer(model, adam.lr, adam.betas, adam.eps, adam.weight_decay, opt.grad_clip, opt.distributed)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -168,9 +169,9 @@ class Trainer:
             prompts.image_condition.check_resolutions(cfg.data.resolutions, f"the prompt cache {prompts.folder}")
         self.layout = phase_layout(cfg)
         opt = cfg.optimizer
-        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg), opt.generator, opt.grad_clip)
+        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg), opt.generator, opt)
                            for k in range(self.layout.num_phases)]
-        self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg), opt.fake, opt.grad_clip)
+        self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg), opt.fake, opt)
                       for k in range(self.layout.num_phases)]
         phases = cfg.phases
         settings = PhasedDMDSettings(
