@@ -101,8 +101,11 @@ class Patterns:
 # ----------------------------------------------------------------------------- the teacher
 
 
-def build_model(options: ModelParallelOptions) -> Experts:
-    arch = replace(WAN_PRESETS["tiny"], in_channels=4, out_channels=4)
+def build_model(options: ModelParallelOptions, dim: int, ffn_dim: int, layers: int) -> Experts:
+    """The Wan architecture at a demo size (4 latent channels). Capacity matters more than
+    iterations here: a few-step generator must map noise to one of several sharp patterns in one
+    or two calls, a harder function than the teacher's smooth velocity field."""
+    arch = replace(WAN_PRESETS["tiny"], in_channels=4, out_channels=4, dim=dim, ffn_dim=ffn_dim, num_layers=layers)
     return Experts(WanModel(arch, options))
 
 
@@ -215,6 +218,9 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=2, help="prompts of the synthetic data")
     parser.add_argument("--modes", type=int, default=4, help="distinct patterns per prompt")
     parser.add_argument("--data-noise", type=float, default=0.05)
+    parser.add_argument("--model-dim", type=int, default=128, help="width of the demo's Wan DiT")
+    parser.add_argument("--model-ffn", type=int, default=512, help="its feed-forward width")
+    parser.add_argument("--model-layers", type=int, default=2, help="its number of blocks")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.logging.level, cfg.logging.all_ranks)
@@ -231,8 +237,10 @@ def main() -> int:
     options = ModelParallelOptions(attention_backend=cfg.model.attention_backend, sequence_parallel=cfg.parallel.sequence_parallel)
     log.info("tiny demo: %d processes, tensor parallel %d", layout.world_size, layout.tensor_parallel)
 
-    teacher = build_model(options)
-    cache = teacher_cache_path(out, {"steps": args.teacher_steps, "seed": cfg.run.seed, "tp": layout.tensor_parallel, **data_settings})
+    model_size = {"dim": args.model_dim, "ffn_dim": args.model_ffn, "layers": args.model_layers}
+    teacher = build_model(options, **model_size)
+    cache = teacher_cache_path(out, {"steps": args.teacher_steps, "seed": cfg.run.seed, "tp": layout.tensor_parallel,
+                                     **data_settings, **model_size})
     if cache.exists():
         teacher.load_state_dict(torch.load(cache))
         log.info("teacher: reusing %s", cache)
@@ -255,7 +263,7 @@ def main() -> int:
         rows[method] = samples
 
     if layout.rank == 0:
-        summary["settings"] = {"teacher_steps": args.teacher_steps, "generator_updates": args.iterations,
+        summary["settings"] = {"teacher_steps": args.teacher_steps, "generator_updates": args.iterations, "model": model_size,
                                "processes": layout.world_size, "tensor_parallel": layout.tensor_parallel,
                                "total_seconds": time.perf_counter() - started}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -158,6 +158,9 @@ class OptimizerConfig:
     generator: AdamWConfig = field(default_factory=AdamWConfig)
     fake: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=4e-7))
     grad_clip: Optional[float] = 1.0
+    # Per phase (each phase's roles start afresh): the generator's learning rate ramps up over the
+    # phase's first warmup_iterations (the fake model starts at its full rate), and the schedule
+    # decays both over the phase's iterations.
     warmup_iterations: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     ema_decay: Optional[float] = None  # generator EMA; None disables it

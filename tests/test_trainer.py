@@ -200,3 +200,24 @@ def test_lora_roles_train_adapters_on_the_shared_frozen_teacher(tmp_path):
     generator_b = [p for n, p in trainer.generators[1].model.named_parameters() if n.endswith("lora_B")]
     assert any(p.abs().sum() > 0 for p in generator_b)  # the generator's adapters learned
     assert (tmp_path / "run" / "checkpoints" / "iter_0000005").is_dir()
+
+
+def test_warmup_and_decay_restart_with_each_phase_and_warmup_holds_back_the_generator_only(tmp_path):
+    overrides = ["phases.iterations_per_phase=4", "optimizer.warmup_iterations=2", "optimizer.schedule=linear",
+                 "optimizer.generator.lr=1.0", "optimizer.fake.lr=2.0"]
+    cfg = load_config(write_config(tmp_path), overrides)
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        trainer = Trainer(cfg, build_teacher(cfg), SyntheticPrompts(4, 16, 32), LatentGeometry())
+        rates = []
+        for step in range(8):
+            trainer._set_learning_rates(step, 8)
+            phase = trainer.schedule[step]
+            rates.append((trainer.generators[phase].optimizer.param_groups[0]["lr"],
+                          trainer.fakes[phase].optimizer.param_groups[0]["lr"]))
+    finally:
+        parallel.destroy()
+    decay = [1.0, 0.75, 0.5, 0.25]  # linear over the phase's 4 iterations
+    warmup = [0.5, 1.0, 1.0, 1.0]
+    expected = [(d * w, 2.0 * d) for d, w in zip(decay, warmup)]
+    assert [r for pair in rates for r in pair] == pytest.approx([r for pair in expected + expected for r in pair])

@@ -287,9 +287,17 @@ class Trainer:
                                    files={checkpoint.CONFIG_FILE: dump_yaml(self.cfg)})
 
     def _set_learning_rates(self, step: int, total: int) -> None:
+        """Each phase's roles start afresh, so warmup and decay run per phase: over the
+        phase's own iterations. The warmup holds back the generator only, so that the fake model
+        (which starts equal to the teacher, i.e. with no signal) can track the generator's
+        distribution before the generator moves much."""
         opt = self.cfg.optimizer
-        factor = learning_rate_factor(step, total, opt.warmup_iterations, opt.schedule)
-        for roles, adam in ((self.generators, opt.generator), (self.fakes, opt.fake)):
+        phase = self.schedule[step]
+        phase_step = self.schedule[:step].count(phase)
+        phase_total = self.schedule.count(phase)
+        decay = learning_rate_factor(phase_step, phase_total, 0, opt.schedule)
+        warmup = learning_rate_factor(phase_step, phase_total, opt.warmup_iterations, "constant")
+        for roles, adam, factor in ((self.generators, opt.generator, decay * warmup), (self.fakes, opt.fake, decay)):
             for role in roles:
                 for group in role.optimizer.param_groups:
                     group["lr"] = adam.lr * factor
