@@ -48,6 +48,8 @@ def build(tp, distributed, same_data=False, sequence_parallel=False, ulysses=1):
     settings = PhasedDMDSettings(fake_updates_per_generator_update=2, weight_clamp=10.0, seed=5)
     trainer = PhasedDMD(PhaseLayout.build(4, num_phases=2, shift=5.0), GuidedTeacher(teacher, 3.0),
                         generators, fakes, settings)
+    if same_data:  # every data-parallel rank draws rank 0's noise too: a DP=2 step is a DP=1 step
+        trainer._data_parallel_rank = 0
     gen = torch.Generator().manual_seed(0 if same_data else layout.data_parallel_rank)
     cond = Condition(torch.randn(SHAPE[0], 4, ARCH.text_dim, generator=gen))
     return trainer, Batch(cond, Condition(torch.zeros_like(cond.context)), SHAPE)
