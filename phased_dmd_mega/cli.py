@@ -89,8 +89,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             dst = convert.mega_to_hf(args.src, args.dst, layout=args.layout, arch=args.arch,
                                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     except CheckpointError as err:
-        print(f"phased-dmd convert {args.direction}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(f"convert {args.direction}", str(err))
     print(dst)
     return 0
 
@@ -149,8 +148,7 @@ def _run_encode(args: argparse.Namespace) -> int:
     try:
         folder = encode_prompts(options)
     except PromptEncodingError as err:
-        print(f"phased-dmd encode-prompts: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error("encode-prompts", str(err))
     print(folder)
     return 0
 
