@@ -64,7 +64,7 @@ def generate(generators: List[Experts], layout: PhaseLayout, condition: Conditio
         if step_rule == "stochastic":
             stochastic = torch.Generator(device=device).manual_seed(int(seeds[start]) if seeds is not None else start)
         latents = few_step_sample(generators, layout, noise[index].to(device), condition.select(index).to(device),
-                         step_rule, stochastic)
+                                  step_rule, stochastic)
         out.append(latents.float().cpu())
         log.info("sampled %d/%d", int(index[-1]) + 1, noise.shape[0])
     return torch.cat(out)
