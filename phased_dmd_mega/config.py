@@ -89,15 +89,23 @@ class PhasesConfig:
     steps_per_phase: Optional[List[int]] = None  # explicit split; default num_steps / num_phases each
     shift: float = 5.0
     renoise_interval: Literal["reverse_nested", "disjoint"] = "reverse_nested"
-    t_min: float = 0.0
-    t_max: float = 1.0
+    # Shift of the re-noising time distribution T(t; s, 1); None: `shift` (the paper). A tiny
+    # latent (the CPU demo) is matched at low noise far more often with a smaller one.
+    renoise_shift: Optional[float] = None
+    t_min: float = 0.02  # spec section 3: re-noise times stay inside [t_min, t_max]
+    t_max: float = 0.98
     margin: float = 0.0  # re-noise t stays at least this far above the phase's level s
     expert_boundary: Optional[float] = None  # Wan2.2 A14B: 0.875 (T2V) or 0.9 (I2V)
     phase_order: Literal["sequential", "alternating"] = "sequential"
     iterations_per_phase: int = 1000  # with phase_order=sequential
+    # Each phase's own count instead (e.g. more for the low-noise phase, which learns slower).
+    iterations_by_phase: Optional[List[int]] = None
     step_rule: Literal["euler", "stochastic"] = "euler"
     dmd_form: Literal["subinterval", "x0"] = "subinterval"
     fake_updates_per_generator_update: int = 5
+    # The fake updates' generator rollouts of one iteration as one batch per SGTS exit step: same
+    # anchors, fewer DiT calls; costs rollout activation memory (off for the large recipes).
+    batch_fake_rollouts: bool = False
     guidance_scale: float = 4.0
     guidance_scale_low_noise: Optional[float] = None  # Wan2.2: the low-noise expert's own scale
     weight_clamp: Optional[float] = None  # w_max of the subinterval loss; None means no clamp
@@ -133,9 +141,14 @@ class PhasesConfig:
             "must be in (0, 1)",
         )
         check(self.iterations_per_phase >= 1, "iterations_per_phase", "must be >= 1")
+        if self.iterations_by_phase is not None:
+            check(len(self.iterations_by_phase) == self.num_phases, "iterations_by_phase",
+                  f"has {len(self.iterations_by_phase)} entries but num_phases is {self.num_phases}")
+            check(all(n >= 1 for n in self.iterations_by_phase), "iterations_by_phase", "every entry must be >= 1")
         check(self.fake_updates_per_generator_update >= 1, "fake_updates_per_generator_update", "must be >= 1")
         check(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
         check(self.weight_clamp is None or self.weight_clamp > 0, "weight_clamp", "must be > 0")
+        check(self.renoise_shift is None or self.renoise_shift > 0, "renoise_shift", "must be > 0")
         check(self.norm_min > 0, "norm_min", "must be > 0")
 
 

@@ -222,22 +222,26 @@ def sample_renoise_t(
     t_max: float = 1.0,
     margin: float = 0.0,
     expert_boundary: Optional[float] = None,
+    renoise_shift: Optional[float] = None,
     dtype: torch.dtype = torch.float32,
     device: Optional[Union[str, torch.device]] = None,
 ) -> torch.Tensor:
     """Draw ``batch`` re-noising times for ``phase``: u uniform in the unshifted image of
-    :func:`renoise_range`, then shifted (the spec's ``T(t; s, 1)``). Returns a float tensor
-    ``[batch]`` in ``(lo, hi]``: ``t = s`` is excluded because the subinterval target divides by
+    :func:`renoise_range`, then shifted (the spec's ``T(t; s, 1)``). The shift is the sampling
+    schedule's (``layout.shift``, the paper) unless ``renoise_shift`` gives another one: a
+    smaller shift puts more re-noising times at low noise, where fine detail is matched.
+    Returns a float tensor ``[batch]`` in ``(lo, hi]``: ``t = s`` is excluded because the subinterval target divides by
     ``sigma_{t|s}``, which vanishes there; ``t = 1`` is harmless and allowed.
 
     Draws on ``generator``'s device (CPU generator -> CPU draw), then moves to ``device``.
     """
     lo, hi = renoise_range(layout, phase, interval, t_min, t_max, margin, expert_boundary)
-    u_lo, u_hi = unshift(lo, layout.shift), unshift(hi, layout.shift)
+    shift_s = layout.shift if renoise_shift is None else renoise_shift
+    u_lo, u_hi = unshift(lo, shift_s), unshift(hi, shift_s)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     r = torch.rand(batch, generator=generator, dtype=torch.float64, device=gen_device)
     u = u_hi - (u_hi - u_lo) * r  # r in [0, 1) -> u in (u_lo, u_hi]
-    t = shift(u, layout.shift).to(dtype=dtype, device=device)
+    t = shift(u, shift_s).to(dtype=dtype, device=device)
     # Rounding (float64 maths, then the cast) must not land on or outside the range.
     lo_t = torch.tensor(lo, dtype=dtype, device=t.device)
     hi_t = torch.tensor(hi, dtype=dtype, device=t.device)
@@ -252,6 +256,7 @@ def renoise_kwargs(phases_cfg: Any) -> Dict[str, Any]:
         t_max=phases_cfg.t_max,
         margin=phases_cfg.margin,
         expert_boundary=phases_cfg.expert_boundary,
+        renoise_shift=phases_cfg.renoise_shift,
     )
 
 

@@ -35,7 +35,7 @@ def _roles(teacher_state, options, count, lr, clip):
     return roles
 
 
-def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SHAPE):
+def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SHAPE, **settings_overrides):
     """A tiny two-phase Phased DMD set-up, the same at any TP size (CPU initialisation)."""
     parallel.initialize(tensor_parallel=tp, ulysses_parallel=ulysses, sequence_parallel=sequence_parallel, seed=3)
     options = ModelParallelOptions(attention_backend="sdpa", sequence_parallel=sequence_parallel)
@@ -44,7 +44,8 @@ def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SH
     layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
     generators = _roles(teacher.state_dict(), options, 2, 1e-3, 1.0)
     fakes = _roles(teacher.state_dict(), options, 2, 1e-3, None)
-    settings = PhasedDMDSettings(fake_updates_per_generator_update=2, weight_clamp=10.0, seed=5)
+    settings = PhasedDMDSettings(**{"fake_updates_per_generator_update": 2, "weight_clamp": 10.0, "seed": 5,
+                                    **settings_overrides})
     trainer = PhasedDMD(layout, GuidedTeacher(teacher, guidance), generators, fakes, settings)
     gen = torch.Generator().manual_seed(0)
     cond = Condition(torch.randn(shape[0], 4, ARCH.text_dim, generator=gen))
@@ -83,3 +84,28 @@ def test_split_distillation_reproduces_one_process(tp, sequence_parallel, ulysse
         torch.testing.assert_close(out, reference_out, rtol=1e-4, atol=1e-5)
     # The run did something: the losses are real numbers and the generator moved.
     assert all(log["dmd_loss"] > 0 and log["fake_loss"] > 0 for log in reference_logs)
+
+
+def _distill_counting_dit_calls(batched):
+    trainer, batch = build_trainer(1, fake_updates_per_generator_update=4, batch_fake_rollouts=batched)
+    calls = []
+    for role in trainer.generators:
+        role.model.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    logs = run_iterations(trainer, batch, ((0, 0), (1, 1), (1, 2)))
+    weights = [p.detach().clone() for g in trainer.generators for p in g.model.parameters()]
+    parallel.destroy()
+    return logs, weights, calls
+
+
+def test_batched_fake_rollouts_give_the_same_iterations_with_fewer_dit_calls():
+    (ref_logs, ref_weights, ref_calls), = run_distributed(_distill_counting_dit_calls, 1, False)
+    (logs, weights, calls), = run_distributed(_distill_counting_dit_calls, 1, True)
+    for ref, got in zip(ref_logs, logs):
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+    for ref, got in zip(ref_weights, weights):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # Four fake updates over two SGTS exit steps: at least two share one, so fewer, larger calls
+    # over the same number of generated samples.
+    assert len(calls) < len(ref_calls) and sum(calls) == sum(ref_calls)
+    assert max(calls) > SHAPE[0]

@@ -176,6 +176,22 @@ def test_renoise_t_is_uniform_in_unshifted_time():
     assert float(u.var()) == pytest.approx(1 / 12, abs=0.005)
 
 
+@pytest.mark.parametrize("renoise_shift", [1.0, 2.0])
+def test_renoise_shift_replaces_the_schedule_shift(renoise_shift):
+    layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
+    u = unshift(_draw(layout, 1, n=40000, renoise_shift=renoise_shift), renoise_shift)
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(u.var()) == pytest.approx(1 / 12, abs=0.005)
+    s = layout.phase_end(0)  # phase 0: the range (s, 1] is kept, only the density changes
+    t = _draw(layout, 0, renoise_shift=renoise_shift)
+    assert bool((t > s).all()) and bool((t <= 1.0).all())
+    u = unshift(t, renoise_shift)
+    u_lo = unshift(s, renoise_shift)
+    assert float(u.mean()) == pytest.approx((u_lo + 1) / 2, abs=0.01)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        _draw(layout, 0, renoise_shift=0.0)
+
+
 def test_renoise_t_respects_t_min_t_max_and_margin():
     layout = PhaseLayout.build(4, num_phases=4, shift=3.0)  # boundaries 1, .9, .75, .5, 0
     for k in range(4):
@@ -237,9 +253,11 @@ def test_a_phase_is_high_noise_when_every_step_of_it_is():
 
 
 def test_renoise_kwargs_follow_config_names():
-    cfg = PhasesConfig(renoise_interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875)
+    cfg = PhasesConfig(renoise_interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875,
+                       renoise_shift=2.0)
     kwargs = renoise_kwargs(cfg)
-    assert kwargs == dict(interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875)
+    assert kwargs == dict(interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875,
+                          renoise_shift=2.0)
     layout = PhaseLayout.from_config(PhasesConfig(shift=7.0))
     t = sample_renoise_t(layout, 0, 8, torch.Generator().manual_seed(0), **kwargs)
     assert t.shape == (8,)

@@ -62,6 +62,13 @@ def test_schedules_and_learning_rate():
     assert step_schedule(cfg, 2) == [0, 0, 1, 1]
     cfg = load_config(None, ["phases.iterations_per_phase=2", "phases.phase_order=alternating"])
     assert step_schedule(cfg, 2) == [0, 1, 0, 1]
+    cfg = load_config(None, ["phases.iterations_by_phase=[1, 3]"])
+    assert step_schedule(cfg, 2) == [0, 1, 1, 1]
+    assert step_schedule(cfg, 1) == [0, 0, 0, 0]  # the one-phase baseline: the same number of updates
+    cfg = load_config(None, ["phases.iterations_by_phase=[1, 3]", "phases.phase_order=alternating"])
+    assert step_schedule(cfg, 2) == [0, 1, 1, 1]
+    cfg = load_config(None, ["phases.iterations_by_phase=[3, 2]", "phases.phase_order=alternating"])
+    assert step_schedule(cfg, 2) == [0, 1, 0, 1, 0]
     assert [learning_rate_factor(s, 10, 2, "constant") for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
     assert learning_rate_factor(2, 10, 2, "cosine") == 1.0 and learning_rate_factor(10, 10, 2, "linear") == 0.0
 

@@ -34,6 +34,7 @@ class PhasedDMDSettings:
     step_rule: str = "euler"
     dmd_form: str = "subinterval"
     fake_updates_per_generator_update: int = 5
+    batch_fake_rollouts: bool = False  # one rollout per SGTS exit step for an iteration's fake updates
     weight_clamp: Optional[float] = None
     norm_min: float = 1e-4
     renoise: Dict = None  # keyword arguments of schedule.sample_renoise_t
@@ -93,9 +94,39 @@ class PhasedDMD:
         t = sample_renoise_t(self.layout, phase, anchor.x_s.shape[0], gen, **(self.settings.renoise or {}))
         return renoise(anchor.x_s, anchor.s, t.to(self.device), gen)
 
-    def fake_update(self, phase: int, batch: Batch, iteration: int, index: int) -> Dict[str, float]:
+    def _fake_anchors(self, phase: int, batch: Batch, iteration: int) -> List[Anchor]:
+        """The anchors of the iteration's fake updates (purposes 1, 2, ...), in that order.
+
+        The generators do not change between these updates, so with ``batch_fake_rollouts`` the
+        rollouts that share an SGTS exit step run as one batch: the same noise per update, hence
+        the same anchors (with the Euler rule; the stochastic rule draws its step noise once
+        for the group). Fewer, larger DiT calls; the rollout activations grow with the group.
+        """
+        purposes = [1 + index for index in range(self.settings.fake_updates_per_generator_update)]
+        if not self.settings.batch_fake_rollouts:
+            return [self._anchor(phase, batch, iteration, purpose, with_grad=False) for purpose in purposes]
+        groups: Dict[Optional[int], List[int]] = {}
+        for purpose in purposes:
+            groups.setdefault(self._exit_step(phase, iteration, purpose), []).append(purpose)
+        anchors: Dict[int, Anchor] = {}
+        for exit_step, members in groups.items():
+            gens = [self._random(iteration, phase, purpose) for purpose in members]
+            noise = torch.cat([self._noise(batch, gen) for gen in gens])
+            rows = torch.arange(batch.condition.batch, device=noise.device).repeat(len(members))
+            grouped = rollout_to_phase_end(
+                self._generator_fns(), self.layout, phase, noise, batch.condition.select(rows),
+                exit_step, self.settings.step_rule, False, gens[0],
+            )
+            for purpose, x_s, x_exit, flow_exit in zip(members, *(
+                    t.chunk(len(members)) for t in (grouped.x_s, grouped.x_exit, grouped.flow_exit))):
+                anchors[purpose] = Anchor(x_s, grouped.s, x_exit, grouped.t_exit, flow_exit)
+        return [anchors[purpose] for purpose in purposes]
+
+    def fake_update(self, phase: int, batch: Batch, iteration: int, index: int,
+                    anchor: Optional[Anchor] = None) -> Dict[str, float]:
         purpose = 1 + index
-        anchor = self._anchor(phase, batch, iteration, purpose, with_grad=False)
+        if anchor is None:
+            anchor = self._anchor(phase, batch, iteration, purpose, with_grad=False)
         noised = self._renoised(anchor, phase, iteration, purpose)
         role = self.fakes[phase]
         loss, whole = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition,
@@ -128,8 +159,8 @@ class PhasedDMD:
     def iteration(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
         start = time.perf_counter()
         logs: Dict[str, float] = {}
-        for index in range(self.settings.fake_updates_per_generator_update):
-            logs.update(self.fake_update(phase, batch, iteration, index))
+        for index, anchor in enumerate(self._fake_anchors(phase, batch, iteration)):
+            logs.update(self.fake_update(phase, batch, iteration, index, anchor))
         logs.update(self.generator_update(phase, batch, iteration))
         logs["step_seconds"] = time.perf_counter() - start
         return logs

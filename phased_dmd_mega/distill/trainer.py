@@ -134,11 +134,21 @@ def role_optimizer(model: nn.Module, adam, opt):
 
 
 def step_schedule(cfg: Config, num_phases: int) -> List[int]:
-    """The phase trained at each step: phase by phase (earlier experts frozen), or in turn."""
-    per_phase = cfg.phases.iterations_per_phase
+    """The phase trained at each step: phase by phase (earlier experts frozen), or in turn (a
+    phase whose iterations are used up drops out of the rotation). One-phase baselines (DMD with
+    SGTS, naive DMD) get as many iterations as all phases of ``iterations_by_phase`` together."""
+    counts = cfg.phases.iterations_by_phase or [cfg.phases.iterations_per_phase] * num_phases
+    if num_phases == 1:
+        counts = [sum(counts)]
     if cfg.phases.phase_order == "sequential":
-        return [phase for phase in range(num_phases) for _ in range(per_phase)]
-    return [step % num_phases for step in range(per_phase * num_phases)]
+        return [phase for phase in range(num_phases) for _ in range(counts[phase])]
+    schedule, left = [], list(counts)
+    while any(left):
+        for phase in range(num_phases):
+            if left[phase]:
+                schedule.append(phase)
+                left[phase] -= 1
+    return schedule
 
 
 def learning_rate_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -177,6 +187,7 @@ class Trainer:
         settings = PhasedDMDSettings(
             method=phases.method, step_rule=phases.step_rule, dmd_form=phases.dmd_form,
             fake_updates_per_generator_update=phases.fake_updates_per_generator_update,
+            batch_fake_rollouts=phases.batch_fake_rollouts,
             weight_clamp=phases.weight_clamp, norm_min=phases.norm_min, renoise=renoise_kwargs(phases),
             seed=cfg.run.seed,
         )
