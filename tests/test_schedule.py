@@ -12,6 +12,7 @@ from phased_dmd_mega.schedule import (
     expert_for_t,
     renoise_kwargs,
     renoise_range,
+    renoise_range_kwargs,
     sample_renoise_t,
     sgts_exit_step,
     shift,
@@ -261,6 +262,9 @@ def test_renoise_kwargs_follow_config_names():
     layout = PhaseLayout.from_config(PhasesConfig(shift=7.0))
     t = sample_renoise_t(layout, 0, 8, torch.Generator().manual_seed(0), **kwargs)
     assert t.shape == (8,)
+    range_kwargs = renoise_range_kwargs(cfg)  # the range alone: everything but the shift
+    assert range_kwargs == {k: v for k, v in kwargs.items() if k != "renoise_shift"}
+    assert renoise_range(layout, 0, **range_kwargs) == pytest.approx((0.885, 0.98))  # s + margin
 
 
 def test_renoise_t_is_reproducible_from_the_generator():

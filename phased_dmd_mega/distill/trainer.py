@@ -25,7 +25,7 @@ from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_r
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.log import get_logger, process_memory_mib
-from phased_dmd_mega.schedule import PhaseLayout, renoise_kwargs, renoise_range
+from phased_dmd_mega.schedule import PhaseLayout, renoise_kwargs, renoise_range, renoise_range_kwargs
 
 log = get_logger(__name__)
 
@@ -107,7 +107,7 @@ def fake_experts(layout: PhaseLayout, phase: int, cfg: Config, boundary) -> Tupl
     re-noise times reach) that the phase's fake model copies."""
     if boundary is None:
         return ("high",)
-    low_t, _ = renoise_range(layout, phase, **renoise_kwargs(cfg.phases))
+    low_t, _ = renoise_range(layout, phase, **renoise_range_kwargs(cfg.phases))
     return ("high",) if low_t >= boundary else ("high", "low")
 
 
