@@ -230,8 +230,10 @@ def sample_renoise_t(
     :func:`renoise_range`, then shifted (the spec's ``T(t; s, 1)``). The shift is the sampling
     schedule's (``layout.shift``, the paper) unless ``renoise_shift`` gives another one: a
     smaller shift puts more re-noising times at low noise, where fine detail is matched.
-    Returns a float tensor ``[batch]`` in ``(lo, hi]``: ``t = s`` is excluded because the subinterval target divides by
-    ``sigma_{t|s}``, which vanishes there; ``t = 1`` is harmless and allowed.
+
+    Returns a float tensor ``[batch]`` in ``(lo, hi]``: ``t = s`` is excluded because the
+    subinterval target divides by ``sigma_{t|s}``, which vanishes there; ``t = 1`` is harmless
+    and allowed.
 
     Draws on ``generator``'s device (CPU generator -> CPU draw), then moves to ``device``.
     """

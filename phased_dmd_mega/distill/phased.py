@@ -122,11 +122,9 @@ class PhasedDMD:
                 anchors[purpose] = Anchor(x_s, grouped.s, x_exit, grouped.t_exit, flow_exit)
         return [anchors[purpose] for purpose in purposes]
 
-    def fake_update(self, phase: int, batch: Batch, iteration: int, index: int,
-                    anchor: Optional[Anchor] = None) -> Dict[str, float]:
+    def fake_update(self, phase: int, batch: Batch, iteration: int, index: int, anchor: Anchor) -> Dict[str, float]:
+        """Fake update ``index`` of the iteration, on its anchor from :meth:`_fake_anchors`."""
         purpose = 1 + index
-        if anchor is None:
-            anchor = self._anchor(phase, batch, iteration, purpose, with_grad=False)
         noised = self._renoised(anchor, phase, iteration, purpose)
         role = self.fakes[phase]
         loss, whole = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition,
