@@ -207,11 +207,18 @@ class DataConfig:
     negative_prompt_cache: Optional[str] = None  # another cache whose negative prompt replaces prompt_cache's
     synthetic_prompts: int = 0  # > 0: random prompt embeddings instead of a cache (smoke tests)
     batch_size: int = 1  # per data-parallel rank
+    # Gradient accumulation: every update runs its batch in micro-batches of this many samples
+    # (it must divide batch_size) and steps once; the same update with a micro-batch's
+    # activation memory. None: the whole batch at once.
+    micro_batch_size: Optional[int] = None
     resolutions: List[ResolutionConfig] = field(default_factory=lambda: [ResolutionConfig()])
     seed: int = 0
 
     def validate(self, check):
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        if self.micro_batch_size is not None:
+            check(1 <= self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0,
+                  "micro_batch_size", f"must divide batch_size {self.batch_size}, got {self.micro_batch_size}")
         check(self.synthetic_prompts >= 0, "synthetic_prompts", "must be >= 0")
         check(len(self.resolutions) >= 1, "resolutions", "needs at least one entry")
         total = sum(r.probability for r in self.resolutions)

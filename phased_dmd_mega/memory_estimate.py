@@ -14,8 +14,8 @@ An estimate, not a measurement. It counts, per GPU, what the trainer holds today
 - the gradients of the largest role (they are set to None after each step);
 - the generator EMA copies (``optimizer.ema_decay``);
 - activations: what the DiT blocks of one forward with gradient keep for the backward (a
-  generator's exit step or a fake update), for ``data.batch_size`` samples at the largest
-  resolution (``block_activations`` gives the bytes per token; tests/test_memory_estimate.py
+  generator's exit step or a fake update), for ``data.micro_batch_size`` samples (else
+  ``data.batch_size``) at the largest resolution (``block_activations`` gives the bytes per token; tests/test_memory_estimate.py
   checks them against the tensors autograd saves); with recompute a block keeps its input only
   and one block at a time is recomputed in the backward;
 - working memory: one block's activations at twice the batch (the teacher's conditional and
@@ -274,7 +274,8 @@ def estimate(cfg: Config) -> Estimate:
         ((r, *tokens_of(model_cfg.arch, arch, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
     )
     blocks = block_activations(model_cfg.arch, arch, weight)
-    kept, working = activation_bytes(blocks, arch.num_layers, cfg.data.batch_size, tokens, text_tokens, tp,
+    micro = cfg.data.micro_batch_size or cfg.data.batch_size  # gradient accumulation: one micro-batch at a time
+    kept, working = activation_bytes(blocks, arch.num_layers, micro, tokens, text_tokens, tp,
                                      ulysses, sp, model_cfg.recompute, model_cfg.recompute_num_blocks)
     role_kind = f"LoRA rank {model_cfg.lora.rank} adapters" if lora else "full copies"
     items = [
@@ -291,7 +292,8 @@ def estimate(cfg: Config) -> Estimate:
     summary = (
         f"{model_cfg.preset} ({model.total / 1e9:.2f}B parameters per expert, {model.replicated / 1e9:.2f}B of them "
         f"not split by TP), TP {tp} x Ulysses {ulysses}, sequence parallel {'on' if sp else 'off'}, "
-        f"batch {cfg.data.batch_size} per data-parallel rank at {shape} ({tokens} latent tokens"
+        f"batch {cfg.data.batch_size} per data-parallel rank"
+        f"{f' in micro-batches of {micro}' if micro != cfg.data.batch_size else ''} at {shape} ({tokens} latent tokens"
         f"{f' + {text_tokens} text tokens' if text_tokens else ''})"
     )
     return Estimate(summary, items, cfg, shape)

@@ -59,8 +59,8 @@ def run_iterations(trainer, batch, schedule):
     return [{k: v for k, v in log.items() if k != "step_seconds"} for log in logs]
 
 
-def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE):
-    trainer, batch = build_trainer(tp, sequence_parallel, guidance, ulysses, shape)
+def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE, micro_batch_size=None):
+    trainer, batch = build_trainer(tp, sequence_parallel, guidance, ulysses, shape, micro_batch_size=micro_batch_size)
     logs = run_iterations(trainer, batch, ((0, 0), (0, 1), (1, 2)))
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     out = sample([g.model for g in trainer.generators], trainer.layout, noise, batch.condition)
@@ -70,13 +70,14 @@ def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "tp, sequence_parallel, ulysses, shape",
-    [(2, False, 1, SHAPE), (2, True, 1, SHAPE), (2, True, 1, PADDED_SHAPE), (1, False, 2, PADDED_SHAPE)],
-    ids=["tp2", "tp2_sp", "tp2_sp_padded", "ulysses2_padded"],
+    "tp, sequence_parallel, ulysses, shape, micro",
+    [(2, False, 1, SHAPE, None), (2, True, 1, SHAPE, None), (2, True, 1, PADDED_SHAPE, None),
+     (1, False, 2, PADDED_SHAPE, None), (2, True, 1, SHAPE, 1)],
+    ids=["tp2", "tp2_sp", "tp2_sp_padded", "ulysses2_padded", "tp2_sp_micro_batches"],
 )
-def test_split_distillation_reproduces_one_process(tp, sequence_parallel, ulysses, shape):
+def test_split_distillation_reproduces_one_process(tp, sequence_parallel, ulysses, shape, micro):
     reference_logs, reference_out = run_distributed(_distill, 1, 1, False, 3.0, 1, shape)[0]
-    for logs, out in run_distributed(_distill, 2, tp, sequence_parallel, 3.0, ulysses, shape):
+    for logs, out in run_distributed(_distill, 2, tp, sequence_parallel, 3.0, ulysses, shape, micro):
         for ref, got in zip(reference_logs, logs):
             assert set(ref) == set(got)
             for key in ref:
@@ -109,3 +110,55 @@ def test_batched_fake_rollouts_give_the_same_iterations_with_fewer_dit_calls():
     # over the same number of generated samples.
     assert len(calls) < len(ref_calls) and sum(calls) == sum(ref_calls)
     assert max(calls) > SHAPE[0]
+
+
+def _distill_recording_calls(micro_batch_size):
+    trainer, batch = build_trainer(1, shape=(4, *SHAPE[1:]), micro_batch_size=micro_batch_size)
+    calls = []  # (batch, with gradient) of every generator and fake call
+    for role in trainer.generators + trainer.fakes:
+        role.model.register_forward_hook(lambda module, args, out: calls.append((out.shape[0], torch.is_grad_enabled())))
+    logs = run_iterations(trainer, batch, ((0, 0), (1, 1), (1, 2)))
+    weights = [p.detach().clone() for role in trainer.generators + trainer.fakes for p in role.model.parameters()]
+    parallel.destroy()
+    return logs, weights, calls
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_update():
+    (ref_logs, ref_weights, ref_calls), = run_distributed(_distill_recording_calls, 1, None)
+    (logs, weights, calls), = run_distributed(_distill_recording_calls, 1, 2)
+    for ref, got in zip(ref_logs, logs):
+        assert set(ref) == set(got)
+        for key in ref:
+            if key != "step_seconds":
+                assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+    for ref, got in zip(ref_weights, weights):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    initial, = run_distributed(_initial_weights, 1)
+    assert any(not torch.equal(start, end) for start, end in zip(initial, weights))  # the updates did move them
+    # What keeps activations for the backward runs two samples at a time instead of four.
+    assert max(n for n, grad in ref_calls if grad) == 4
+    assert max(n for n, grad in calls if grad) == 2
+
+
+def _initial_weights():
+    """The roles' weights before any update (the teacher's)."""
+    trainer, _ = build_trainer(1, shape=(4, *SHAPE[1:]))
+    weights = [p.detach().clone() for role in trainer.generators + trainer.fakes for p in role.model.parameters()]
+    parallel.destroy()
+    return weights
+
+
+def _refused_micro_batch():
+    trainer, batch = build_trainer(1, shape=(4, *SHAPE[1:]), micro_batch_size=3)
+    try:
+        trainer.iteration(0, batch, 0)
+    except ValueError as error:
+        return str(error)
+    finally:
+        parallel.destroy()
+    return None
+
+
+def test_a_micro_batch_size_that_does_not_divide_the_batch_is_refused():
+    message, = run_distributed(_refused_micro_batch, 1)
+    assert message is not None and "micro_batch_size 3" in message and "4 samples" in message

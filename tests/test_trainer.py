@@ -143,6 +143,23 @@ def test_sigkill_then_automatic_resume_gives_the_uninterrupted_losses(tmp_path):
     assert metrics(tmp_path / "interrupted") == metrics(tmp_path / "reference")
 
 
+@pytest.mark.slow
+def test_micro_batches_on_two_data_parallel_ranks_give_the_whole_batch_run(tmp_path):
+    """Gradient accumulation through megatron's DistributedDataParallel buffers (data parallel
+    2, distributed optimizer): micro-batches of one sample give the losses and gradient norms
+    of the whole batch of two."""
+    for name, data in (("whole", {"batch_size": 2}), ("micro", {"batch_size": 2, "micro_batch_size": 1})):
+        run = launch(write_config(tmp_path, name, data=data, phases={"iterations_per_phase": 2}), 2)
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, output[-3000:]
+    whole, micro = metrics(tmp_path / "whole"), metrics(tmp_path / "micro")
+    assert len(whole) == len(micro) == 4
+    for ref, got in zip(whole, micro):
+        assert set(ref) == set(got)
+        for key in ("dmd_loss", "fake_loss", "real_fake_gap", "generator_grad_norm", "fake_grad_norm"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+
+
 def _children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out] + [g for p in out for g in _children(int(p))]

@@ -29,9 +29,15 @@ class Renoised:
     t: torch.Tensor  # [B]
     eps: torch.Tensor
 
+    def rows(self, rows: slice) -> "Renoised":
+        return Renoised(self.x_t[rows], self.t[rows], self.eps[rows])
 
-def renoise(x_s: torch.Tensor, s: float, t: torch.Tensor, generator: Optional[torch.Generator] = None) -> Renoised:
-    eps = flow.seeded_normal(x_s, generator)
+
+def renoise(x_s: torch.Tensor, s: float, t: torch.Tensor, generator: Optional[torch.Generator] = None,
+            eps: Optional[torch.Tensor] = None) -> Renoised:
+    """Re-noise ``x_s`` to the times ``t``, with ``eps`` or fresh noise drawn from ``generator``."""
+    if eps is None:
+        eps = flow.seeded_normal(x_s, generator)
     s_batch = torch.full_like(t, s)
     return Renoised(losses.subinterval_noise(x_s.detach(), eps, s_batch, t), t, eps)
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from phased_dmd_mega import parallel
+from phased_dmd_mega import flow, parallel
 from phased_dmd_mega.distill.loss_shard import LossShard
 from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree
@@ -27,6 +27,15 @@ class Batch:
     negative: Condition
     latent_shape: tuple  # of the generated latents [B, C, F, H, W]
 
+    def rows(self, rows: slice) -> "Batch":
+        """The samples ``rows`` of the batch (one micro-batch)."""
+        index = torch.arange(self.latent_shape[0])[rows]
+        return Batch(self.condition.select(index.to(self.condition.context.device)),
+                     self.negative.select(index.to(self.negative.context.device)),
+                     (len(index), *self.latent_shape[1:]))
+
+
+
 
 @dataclass
 class PhasedDMDSettings:
@@ -35,6 +44,10 @@ class PhasedDMDSettings:
     dmd_form: str = "subinterval"
     fake_updates_per_generator_update: int = 5
     batch_fake_rollouts: bool = False  # one rollout per SGTS exit step for an iteration's fake updates
+    # Gradient accumulation: each update runs its batch in micro-batches of this many samples
+    # (None: the whole batch at once). Same random draws, same update (exactly so with the
+    # Euler rule); the activations kept for backward are a micro-batch's.
+    micro_batch_size: Optional[int] = None
     weight_clamp: Optional[float] = None
     norm_min: float = 1e-4
     renoise: Dict = None  # keyword arguments of schedule.sample_renoise_t
@@ -89,10 +102,22 @@ class PhasedDMD:
             self._exit_step(phase, iteration, purpose), self.settings.step_rule, with_grad, gen,
         )
 
-    def _renoised(self, anchor: Anchor, phase: int, iteration: int, purpose: int):
+    def _renoise_draws(self, like: torch.Tensor, phase: int, iteration: int, purpose: int):
+        """The re-noising times and noise of a whole batch shaped like ``like``."""
         gen = self._random(iteration, phase, purpose + 1000)
-        t = sample_renoise_t(self.layout, phase, anchor.x_s.shape[0], gen, **(self.settings.renoise or {}))
-        return renoise(anchor.x_s, anchor.s, t.to(self.device), gen)
+        t = sample_renoise_t(self.layout, phase, like.shape[0], gen, **(self.settings.renoise or {}))
+        return t.to(self.device), flow.seeded_normal(like, gen)
+
+    def _renoised(self, anchor: Anchor, phase: int, iteration: int, purpose: int):
+        t, eps = self._renoise_draws(anchor.x_s, phase, iteration, purpose)
+        return renoise(anchor.x_s, anchor.s, t, eps=eps)
+
+    def _micro_batches(self, batch: Batch) -> List[slice]:
+        size = batch.latent_shape[0]
+        step = self.settings.micro_batch_size or size
+        if size % step:
+            raise ValueError(f"micro_batch_size {step} does not divide the batch of {size} samples")
+        return [slice(start, start + step) for start in range(0, size, step)]
 
     def _fake_anchors(self, phase: int, batch: Batch, iteration: int) -> List[Anchor]:
         """The anchors of the iteration's fake updates (purposes 1, 2, ...), in that order.
@@ -124,35 +149,57 @@ class PhasedDMD:
 
     def fake_update(self, phase: int, batch: Batch, iteration: int, index: int, anchor: Anchor) -> Dict[str, float]:
         """Fake update ``index`` of the iteration, on its anchor from :meth:`_fake_anchors`."""
-        purpose = 1 + index
-        noised = self._renoised(anchor, phase, iteration, purpose)
+        noised = self._renoised(anchor, phase, iteration, 1 + index)
         role = self.fakes[phase]
-        loss, whole = fake_score_loss(role.model, anchor.x_s, anchor.s, noised, batch.condition,
-                                      self.settings.weight_clamp, self._loss_shard(batch))
-        norm = self._update(role, loss, [loss])
-        return {"fake_loss": whole.item(), "fake_grad_norm": norm}
+
+        def micro_loss(rows: slice):
+            micro = batch.rows(rows)
+            loss, whole = fake_score_loss(role.model, anchor.x_s[rows], anchor.s, noised.rows(rows), micro.condition,
+                                          self.settings.weight_clamp, self._loss_shard(micro))
+            return loss, [loss], {"fake_loss": whole}
+
+        logs, norm = self._accumulate(role, batch, micro_loss)
+        return {**logs, "fake_grad_norm": norm}
 
     def generator_update(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
-        anchor = self._anchor(phase, batch, iteration, 0, with_grad=True)
-        noised = self._renoised(anchor, phase, iteration, 0)
-        out = generator_dmd_loss(
-            anchor, noised, self.teacher, self.fakes[phase].model, batch.condition, batch.negative,
-            self.settings.dmd_form, self.settings.norm_min, self._loss_shard(batch),
-        )
-        # The guard inside dmd_loss zeroes NaN directions; a teacher or fake model gone
-        # non-finite shows in the estimate gap and must skip the update, not step on zeros.
-        norm = self._update(self.generators[phase], out["loss"], [out["loss"], out["real_fake_gap"]])
-        return {"dmd_loss": out["loss"].item(), "real_fake_gap": out["real_fake_gap"].item(), "generator_grad_norm": norm}
+        gen = self._random(iteration, phase, 0)
+        noise = self._noise(batch, gen)
+        exit_step = self._exit_step(phase, iteration, 0)
+        t, eps = self._renoise_draws(noise, phase, iteration, 0)
 
-    @staticmethod
-    def _update(role: RoleOptimizer, loss: torch.Tensor, watched) -> float:
-        """Backward and step, unless anything watched is non-finite on any rank (skipped:
-        no update at all, NaN gradient norm reported)."""
-        if not all_ranks_agree(all(bool(torch.isfinite(v).all()) for v in watched)):
-            role.zero_grad()
-            return float("nan")
-        loss.backward()
-        return role.step()
+        def micro_loss(rows: slice):
+            micro = batch.rows(rows)
+            anchor = rollout_to_phase_end(
+                self._generator_fns(), self.layout, phase, noise[rows], micro.condition, exit_step,
+                self.settings.step_rule, True, gen,
+            )
+            out = generator_dmd_loss(
+                anchor, renoise(anchor.x_s, anchor.s, t[rows], eps=eps[rows]), self.teacher, self.fakes[phase].model,
+                micro.condition, micro.negative, self.settings.dmd_form, self.settings.norm_min, self._loss_shard(micro),
+            )
+            # The guard inside dmd_loss zeroes NaN directions; a teacher or fake model gone
+            # non-finite shows in the estimate gap and must skip the update, not step on zeros.
+            watched = [out["loss"], out["real_fake_gap"]]
+            return out["loss"], watched, {"dmd_loss": out["loss"], "real_fake_gap": out["real_fake_gap"]}
+
+        logs, norm = self._accumulate(self.generators[phase], batch, micro_loss)
+        return {**logs, "generator_grad_norm": norm}
+
+    def _accumulate(self, role: RoleOptimizer, batch: Batch, micro_loss):
+        """Backward over the micro-batches (each loss scaled by its share of the batch), then
+        one step; logged values are batch means. Anything watched non-finite on any rank skips
+        the whole update on every rank (no step at all, NaN gradient norm reported)."""
+        slices = self._micro_batches(batch)
+        totals: Dict[str, float] = {}
+        for rows in slices:
+            loss, watched, logged = micro_loss(rows)
+            if not all_ranks_agree(all(bool(torch.isfinite(v).all()) for v in watched)):
+                role.zero_grad()
+                return {key: float("nan") for key in logged}, float("nan")
+            (loss / len(slices)).backward()
+            for key, value in logged.items():
+                totals[key] = totals.get(key, 0.0) + value.item() / len(slices)
+        return totals, role.step()
 
     def iteration(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
         start = time.perf_counter()

@@ -187,7 +187,7 @@ class Trainer:
         settings = PhasedDMDSettings(
             method=phases.method, step_rule=phases.step_rule, dmd_form=phases.dmd_form,
             fake_updates_per_generator_update=phases.fake_updates_per_generator_update,
-            batch_fake_rollouts=phases.batch_fake_rollouts,
+            batch_fake_rollouts=phases.batch_fake_rollouts, micro_batch_size=cfg.data.micro_batch_size,
             weight_clamp=phases.weight_clamp, norm_min=phases.norm_min, renoise=renoise_kwargs(phases),
             seed=cfg.run.seed,
         )
