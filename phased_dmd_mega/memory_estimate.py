@@ -7,19 +7,25 @@ An estimate, not a measurement. It counts, per GPU, what the trainer holds today
 - the frozen teacher, one model per expert, in ``model.dtype``;
 - every trainable role (a generator per phase, a fake model per phase and teacher expert it
   reaches): a full copy of its expert, or with ``model.lora.rank`` > 0 only its adapters on the
-  teacher's shared weights. Trainable weights stay in ``model.dtype``: no fp32 master copy;
-- AdamW's two states per trainable parameter, in the parameter's dtype, for every role: states
-  stay once a role has stepped, so the last phase holds all of them. Nothing is sharded over
-  data parallel (megatron's distributed optimizer is not used yet);
-- the gradients of the largest role (they are set to None after each step);
+  teacher's shared weights, in ``model.dtype``;
+- the optimizer, for every role (states stay once a role has stepped, so the last phase holds
+  all of them). With ``optimizer.distributed`` (megatron's DistributedOptimizer, the default):
+  fp32 AdamW moments, and for bf16/fp16 weights an fp32 main copy, split over the
+  ``data_parallel`` x Ulysses ranks (12 / N bytes per bf16 parameter, 8 / N for fp32), and
+  megatron DDP's fp32 gradient buffer, whole on every rank and kept between steps, one per
+  role. Without it (torch AdamW on every rank): two moments in the weights' dtype, whole, and
+  the gradients of the largest role (set to None after each step);
 - the generator EMA copies (``optimizer.ema_decay``);
 - activations: what the DiT blocks of one forward with gradient keep for the backward (a
   generator's exit step or a fake update), for ``data.micro_batch_size`` samples (else
-  ``data.batch_size``) at the largest resolution (``block_activations`` gives the bytes per token; tests/test_memory_estimate.py
-  checks them against the tensors autograd saves); with recompute a block keeps its input only
-  and one block at a time is recomputed in the backward;
+  ``data.batch_size``) at the largest resolution (``block_activations`` gives the bytes per
+  token; tests/test_memory_estimate.py checks them against the tensors autograd saves); with
+  recompute a block keeps its input only and one block at a time is recomputed in the backward;
 - working memory: one block's activations at twice the batch (the teacher's conditional and
   unconditional passes run as one batch; the backward of one block needs about as much).
+
+``data_parallel`` (``--data-parallel``) is the number of model replicas; 1, the default, is
+the upper bound (nothing shared).
 
 Parameter counts are exact: the model (and its LoRA adapters) is built on the meta device and
 its tensor-parallel parameters (megatron's ``tensor_model_parallel`` tag) are divided by TP.
@@ -250,7 +256,27 @@ def check_heads(cfg: Config, arch) -> None:
         )
 
 
-def estimate(cfg: Config) -> Estimate:
+def optimizer_items(cfg: Config, trainable: int, largest: int, per_role: float, data_parallel: int):
+    """(name, bytes) of the optimizer states and gradients of ``trainable`` roles of
+    ``per_role`` parameters each on this rank."""
+    weight = DTYPE_BYTES[cfg.model.dtype]
+    if not cfg.optimizer.distributed:
+        return [
+            (f"AdamW states (2 per trainable parameter, {cfg.model.dtype}, whole on every rank)",
+             trainable * per_role * 2 * weight),
+            ("gradients of the largest role", largest * per_role * weight),
+        ]
+    sharing = data_parallel * cfg.parallel.ulysses_parallel  # megatron's optimizer splits over DP x Ulysses
+    main_copy = 0 if weight == FP32 else FP32  # fp32 weights are their own main copy
+    what = "fp32 moments" + (" + fp32 main copy" if main_copy else "")
+    return [
+        (f"AdamW states ({what}, split over {sharing} DP x Ulysses ranks)",
+         trainable * per_role * (2 * FP32 + main_copy) / sharing),
+        ("gradients (fp32 DDP buffer per trainable role)", trainable * per_role * FP32),
+    ]
+
+
+def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     from phased_dmd_mega.models.architectures import registry
 
     model_cfg, par = cfg.model, cfg.parallel
@@ -281,9 +307,7 @@ def estimate(cfg: Config) -> Estimate:
     items = [
         (f"teacher weights ({experts} expert{'s' * (experts > 1)}, {model_cfg.dtype}, frozen)", experts * per_model * weight),
         (f"trainable roles: {roles.generators} generators + {roles.fakes} fakes, {role_kind}", trainable * per_role * weight),
-        (f"AdamW states (2 per trainable parameter, {model_cfg.dtype}, not sharded over data parallel)",
-         trainable * per_role * 2 * weight),
-        ("gradients of the largest role", roles.largest * per_role * weight),
+        *optimizer_items(cfg, trainable, roles.largest, per_role, data_parallel),
         (f"generator EMA ({roles.ema} copies)", roles.ema * per_role * weight),
         (f"activations kept for the backward (recompute {model_cfg.recompute})", kept),
         ("working memory (one block at twice the batch)", working),
@@ -292,6 +316,7 @@ def estimate(cfg: Config) -> Estimate:
     summary = (
         f"{model_cfg.preset} ({model.total / 1e9:.2f}B parameters per expert, {model.replicated / 1e9:.2f}B of them "
         f"not split by TP), TP {tp} x Ulysses {ulysses}, sequence parallel {'on' if sp else 'off'}, "
+        f"{data_parallel} data-parallel replica{'s' * (data_parallel > 1)}, "
         f"batch {cfg.data.batch_size} per data-parallel rank"
         f"{f' in micro-batches of {micro}' if micro != cfg.data.batch_size else ''} at {shape} ({tokens} latent tokens"
         f"{f' + {text_tokens} text tokens' if text_tokens else ''})"
@@ -344,6 +369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--config", "-c", help="YAML run configuration")
     parser.add_argument("--markdown", nargs="+", metavar="CONFIG", help="one table row per config (the README's table)")
+    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                        help="model replicas the distributed optimizer splits its states over (default 1: the upper bound)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of --config")
     args = parser.parse_args(argv)
     try:
@@ -352,7 +379,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.config is None:
             parser.error("give --config (with overrides) or --markdown")
-        print(format_estimate(estimate(load_config(args.config, args.overrides)), args.config))
+        if args.data_parallel < 1:
+            parser.error(f"--data-parallel must be >= 1, got {args.data_parallel}")
+        print(format_estimate(estimate(load_config(args.config, args.overrides), args.data_parallel), args.config))
     except ConfigError as err:
         print(f"memory estimate: configuration error: {err}", file=sys.stderr)
         return 2

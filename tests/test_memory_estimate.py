@@ -6,6 +6,8 @@
 - Activations: the per-token formulas equal what autograd really saves (counted with
   saved-tensor hooks, each storage once) for one block of a real bf16 model, at TP 1, at TP 2
   with sequence parallelism and at Ulysses 2, with and without recompute.
+- Optimizer: the bytes per rank the estimate gives a role equal, within megatron's padding,
+  what the distributed optimizer and per-rank AdamW allocate at DP 2.
 - The tool's arithmetic: tensor parallel divides the sharded part only; the README's table is
   the tool's current output.
 """
@@ -27,6 +29,7 @@ from phased_dmd_mega.memory_estimate import (
     block_activations,
     estimate,
     markdown_table,
+    optimizer_items,
     parameter_counts,
     roles_of,
 )
@@ -140,9 +143,31 @@ def test_full_fine_tuning_counts_optimizer_states_of_every_role():
     per_rank = model.per_rank(4) * 4
     assert est.item("teacher") == pytest.approx(per_rank)
     assert est.item("trainable") == pytest.approx(4 * per_rank)
+    # The distributed optimizer (the default): fp32 moments split over the replicas, and an fp32
+    # gradient buffer that every role keeps whole.
     assert est.item("AdamW") == pytest.approx(4 * 2 * per_rank)
-    assert est.item("gradients") == pytest.approx(per_rank)
+    assert estimate(cfg, data_parallel=4).item("AdamW") == pytest.approx(4 * 2 * per_rank / 4)
+    assert est.item("gradients") == pytest.approx(4 * per_rank)
     assert est.item("generator EMA") == pytest.approx(2 * per_rank)
+    per_rank_adamw = estimate(load_config(ROOT / "examples/wan21_t2v_1_3b.yaml", ["optimizer.distributed=false"]), 4)
+    assert per_rank_adamw.item("AdamW") == pytest.approx(4 * 2 * per_rank)  # whole on every rank
+    assert per_rank_adamw.item("gradients") == pytest.approx(per_rank)  # the largest role's, freed after its step
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["distributed", "per_rank_adamw"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_optimizer_items_equal_what_the_optimizers_allocate(distributed, dtype):
+    """bench/bench_optimizer_memory.py's measurement (one tiny Wan role, 2 gloo processes at
+    DP 2, one real update) against the estimate's bytes per rank for that role."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_optimizer_memory import measure
+
+    cfg = load_config(None, [f"model.dtype={dtype}", f"optimizer.distributed={str(distributed).lower()}"])
+    for rank in run_distributed(measure, 2, distributed, dtype, "tiny"):
+        (_, states), (_, gradients) = optimizer_items(cfg, 1, 1, rank["parameters"], data_parallel=2)
+        # Within 1%: megatron pads its buffers and splits them at bucket boundaries.
+        assert rank["state_bytes"] == pytest.approx(states, rel=0.01)
+        assert rank["gradient_bytes"] == pytest.approx(gradients, rel=0.01)
 
 
 def test_estimate_names_a_missing_preset():
@@ -272,3 +297,7 @@ def test_command_line_prints_the_breakdown_and_reports_errors():
     bad = run("--config", "examples/qwen_image.yaml", "model.preset=qwen-huge")
     assert bad.returncode == 2
     assert "model.preset: 'qwen-huge' is not a qwen_image preset" in bad.stderr
+    split = run("--config", "examples/qwen_image.yaml", "--data-parallel", "4")
+    assert split.returncode == 0, split.stderr
+    assert "4 data-parallel replicas" in split.stdout and "split over 8 DP x Ulysses ranks" in split.stdout
+    assert run("--config", "examples/qwen_image.yaml", "--data-parallel", "0").returncode == 2
