@@ -5,6 +5,7 @@ Phased DMD keeps one differentiable generator step per update (the SGTS exit ste
 peak should be about that of one-step DMD; naive DMD keeps the activations of all 4 steps.
 
     python bench/bench_generator_memory.py            # CPU: resident memory (Linux)
+    python bench/bench_generator_memory.py --micro-batch-size 1   # adds Phased DMD in micro-batches
 
 Each method runs in its own fresh process: the models are built, the kernel's peak-RSS counter
 is reset (/proc/self/clear_refs), and the first generator update is measured (it also creates
@@ -56,7 +57,7 @@ def _peak_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _status_mib("VmHWM")
 
 
-def measure(name: str, dim: int, layers: int, size: int, batch: int) -> dict:
+def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch_size: int = 0) -> dict:
     from phased_dmd_mega import parallel
     from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
     from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
@@ -78,7 +79,8 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int) -> dict:
 
     layout = PhaseLayout.build(steps, num_phases=phases, shift=5.0)
     generators, fakes = [role() for _ in range(phases)], [role() for _ in range(phases)]
-    settings = PhasedDMDSettings(method=method, fake_updates_per_generator_update=1, seed=0)
+    settings = PhasedDMDSettings(method=method, fake_updates_per_generator_update=1, seed=0,
+                                 micro_batch_size=micro_batch_size or None)
     trainer = PhasedDMD(layout, GuidedTeacher(teacher, 1.0), generators, fakes, settings, device)
     context = torch.randn(batch, 16, arch.text_dim, device=device)
     step_batch = Batch(Condition(context), Condition(torch.zeros_like(context)), (batch, 16, 1, size, size))
@@ -96,7 +98,11 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int) -> dict:
         trainer.generator_update(last, step_batch, 0)  # cold: the first update in this process
     peak = _peak_mib()
     parallel.destroy()
-    return {"method": name, "saved_for_backward_mib": sum(saved.values()) / 2**20,
+    label = f"{name}, micro-batches of {micro_batch_size}" if micro_batch_size else name
+    # Micro-batches save and free their tensors one after another: a sum over the update would
+    # not be what is held at once, so only the resident figures are reported for them.
+    held = None if micro_batch_size else sum(saved.values()) / 2**20
+    return {"method": label, "saved_for_backward_mib": held,
             "before_mib": before, "peak_mib": peak, "update_mib": peak - before}
 
 
@@ -106,22 +112,28 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="latent height and width (tokens = size^2 / 4)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=0,
+                        help="also measure Phased DMD with data.micro_batch_size (gradient accumulation)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.dim, args.layers, args.size, args.batch)))
+        print(json.dumps(measure(args.one, args.dim, args.layers, args.size, args.batch, args.micro_batch_size)))
         return 0
     rows = []
-    for name in METHODS:
+    runs = [(name, 0) for name in METHODS]
+    if args.micro_batch_size:
+        runs.append(("phased_dmd_4_steps_2_phases", args.micro_batch_size))
+    for name, micro in runs:
         command = [sys.executable, __file__, "--one", name, "--dim", str(args.dim), "--layers", str(args.layers),
-                   "--size", str(args.size), "--batch", str(args.batch)]
+                   "--size", str(args.size), "--batch", str(args.batch), "--micro-batch-size", str(micro)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     unit = "allocated (CUDA)" if torch.cuda.is_available() else "resident (CPU)"
     print(f"| generator update | held for backward (MiB) | {unit}: before (MiB) | peak (MiB) | update adds (MiB) |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['saved_for_backward_mib']:.1f} | {row['before_mib']:.0f} | "
+        held = "-" if row["saved_for_backward_mib"] is None else f"{row['saved_for_backward_mib']:.1f}"
+        print(f"| {row['method']} | {held} | {row['before_mib']:.0f} | "
               f"{row['peak_mib']:.0f} | {row['update_mib']:.0f} |")
     return 0
 
