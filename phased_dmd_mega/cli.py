@@ -158,7 +158,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a training checkpoint: an iter_N folder, or a checkpoint root (its `latest` is used)")
     parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
     parser.add_argument("--layout", choices=("diffusers", "original"), default="diffusers",
-                        help="full weights as diffusers transformers or original Wan folders (Wan only; default diffusers)")
+                        help="diffusers transformers and PEFT LoRA files, or original Wan folders and Wan-Video/ComfyUI "
+                             "LoRA keys (Wan only); default diffusers")
     parser.add_argument("--ema", action="store_true", help="export the generators' EMA copies (optimizer.ema_decay runs)")
     parser.add_argument("--merge", action="store_true",
                         help="LoRA runs: write full weights W + (alpha/r) B A instead of LoRA files")

@@ -2,10 +2,10 @@
 
 A K-phase generator is K experts, one per group of sampling steps. What is written:
 
-| phases | teacher / architecture | full weights (``--layout``)                                    | LoRA (PEFT files)            |
+| phases | teacher / architecture | full weights (``--layout``)                                    | LoRA (diffusers: PEFT files; original: Wan-Video / ComfyUI keys) |
 |--------|------------------------|-----------------------------------------------------------------|------------------------------|
-| 1      | any                    | the destination is one transformer folder                       | ``pytorch_lora_weights.safetensors`` |
-| 2      | Wan (any)              | diffusers: ``transformer/`` + ``transformer_2/`` + model_index.json with ``boundary_ratio``; original: ``high_noise_model/`` + ``low_noise_model/`` | ``transformer_lora.safetensors`` + ``transformer_2_lora.safetensors`` |
+| 1      | any                    | the destination is one transformer folder                       | ``pytorch_lora_weights.safetensors``; original: ``lora.safetensors`` |
+| 2      | Wan (any)              | diffusers: ``transformer/`` + ``transformer_2/`` + model_index.json with ``boundary_ratio``; original: ``high_noise_model/`` + ``low_noise_model/`` | ``transformer_lora.safetensors`` + ``transformer_2_lora.safetensors``; original: ``high_noise_model_lora.safetensors`` + ``low_noise_model_lora.safetensors`` |
 | 2+     | otherwise              | ``phase_0/``, ``phase_1/``, ...: one transformer folder per phase | ``phase_<k>_lora.safetensors`` |
 
 Every export also holds ``phased_dmd.json``: the step table (timesteps, shift), which folder or
@@ -25,7 +25,10 @@ sharded writer, ``convert.write_model``); LoRA adapters on megatron's fused line
 PEFT pair per diffusers linear (a fused q/k/v adapter: the same A for all three, B split by
 rows like the weight), with ``lora_alpha`` and ``r`` in the file's ``lora_adapter_metadata`` as
 diffusers' ``save_lora_weights`` writes them, so ``load_lora_weights`` reproduces the scale
-alpha / r. ``--merge`` writes W + (alpha / r) B A as full weights instead.
+alpha / r. In the original layout (Wan) the same pairs carry the original Wan module names the
+way Wan-Video tools and ComfyUI read LoRA files: ``diffusion_model.<module>.lora_down.weight``
+(A), ``.lora_up.weight`` (B) and a scalar ``.alpha``. ``--merge`` writes W + (alpha / r) B A as
+full weights instead.
 
 Output is built in a hidden folder beside the destination and renamed at the end; an existing
 destination needs ``overwrite``.
@@ -66,6 +69,8 @@ LAYOUTS = ("diffusers", "original")
 SINGLE_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name
 LORA_PREFIX = "transformer"  # diffusers' LoRA loaders take "transformer." keys, transformer_2 included
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps LoraConfig fields in a safetensors header
+ORIGINAL_LORA_PREFIX = "diffusion_model"  # Wan-Video / ComfyUI LoRA keys: diffusion_model.<original module>...
+ORIGINAL_SINGLE_LORA_FILE = "lora.safetensors"
 
 
 # ----------------------------------------------------------------------------- where each phase goes
@@ -84,11 +89,10 @@ class Slot:
 def plan_slots(num_phases: int, architecture, layout: str = "diffusers") -> List[Slot]:
     """One slot per phase (the table of the module docstring)."""
     if num_phases == 1:
-        return [Slot(0, ".", SINGLE_LORA_FILE)]
+        return [Slot(0, ".", SINGLE_LORA_FILE if layout == "diffusers" else ORIGINAL_SINGLE_LORA_FILE)]
     if num_phases == 2 and architecture.experts is not None:
         folders = EXPERT_FOLDERS[layout]
-        return [Slot(k, folders[e], f"{EXPERT_FOLDERS['diffusers'][e]}_lora.safetensors", e)
-                for k, e in enumerate(("high", "low"))]
+        return [Slot(k, folders[e], f"{folders[e]}_lora.safetensors", e) for k, e in enumerate(("high", "low"))]
     return [Slot(k, f"phase_{k}", f"phase_{k}_lora.safetensors") for k in range(num_phases)]
 
 
@@ -127,9 +131,6 @@ def export_generators(
     as_lora = distilled.lora and not merge
     if merge and not distilled.lora:
         raise ValueError(f"--merge folds LoRA adapters into the weights, but {distilled.path} holds full generators")
-    if as_lora and layout != "diffusers":
-        raise ValueError("LoRA adapters are exported with diffusers (PEFT) names only; use the diffusers layout, "
-                         "or --merge for full weights in the original layout")
     slots = plan_slots(distilled.layout.num_phases, architecture, layout)
     if as_lora:
         _check_lora_bases(distilled, slots)
@@ -140,7 +141,7 @@ def export_generators(
             generator = distilled.generators[slot.phase].high
             if as_lora:
                 log.info("phase %d: LoRA adapters -> %s", slot.phase, slot.lora_file)
-                _write_lora(staging / slot.lora_file, generator, distilled)
+                _write_lora(staging / slot.lora_file, generator, distilled, layout)
             else:
                 log.info("phase %d: %s weights -> %s", slot.phase, "merged" if merge else "full", slot.folder)
                 files = _model_files(distilled, slot.phase, _plain_parameters(generator))
@@ -238,10 +239,29 @@ def lora_state(view, distilled: DistilledGenerators) -> Tuple[Dict[str, torch.Te
     return tensors, config
 
 
-def _write_lora(path: Path, view, distilled: DistilledGenerators) -> None:
+def original_lora_state(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], architecture) -> Dict[str, torch.Tensor]:
+    """:func:`lora_state`'s pairs under the original Wan module names, as Wan-Video tools and
+    ComfyUI read them: ``diffusion_model.<module>.lora_down.weight`` (A), ``.lora_up.weight``
+    (B) and the scalar ``.alpha`` (their scale is alpha / rank, as PEFT's)."""
+    modules = config["target_modules"]
+    names = architecture.original.names([f"{module}.weight" for module in modules])
+    alpha = torch.tensor(float(config["lora_alpha"]))
+    out: Dict[str, torch.Tensor] = {}
+    for module in modules:
+        original = f"{ORIGINAL_LORA_PREFIX}.{names[f'{module}.weight'][: -len('.weight')]}"
+        out[f"{original}.lora_down.weight"] = tensors[f"{LORA_PREFIX}.{module}.lora_A.weight"]
+        out[f"{original}.lora_up.weight"] = tensors[f"{LORA_PREFIX}.{module}.lora_B.weight"]
+        out[f"{original}.alpha"] = alpha.clone()
+    return out
+
+
+def _write_lora(path: Path, view, distilled: DistilledGenerators, layout: str = "diffusers") -> None:
     from safetensors.torch import save_file
 
     tensors, config = lora_state(view, distilled)
+    if layout == "original":
+        save_file(original_lora_state(tensors, config, distilled.architecture), str(path), metadata={"format": "pt"})
+        return
     packed = {f"{LORA_PREFIX}.{key}": value for key, value in config.items()}
     save_file(tensors, str(path), metadata={"format": "pt", LORA_METADATA_KEY: json.dumps(packed, sort_keys=True)})
 

@@ -152,6 +152,9 @@ def test_where_each_phase_is_written():
     assert [s.folder for s in plan_slots(2, qwen)] == ["phase_0", "phase_1"]
     assert [s.folder for s in plan_slots(4, wan)] == ["phase_0", "phase_1", "phase_2", "phase_3"]
     assert plan_slots(1, qwen)[0].lora_file == "pytorch_lora_weights.safetensors"
+    assert [s.lora_file for s in plan_slots(2, wan, "original")] == ["high_noise_model_lora.safetensors",
+                                                                     "low_noise_model_lora.safetensors"]
+    assert plan_slots(1, wan, "original")[0].lora_file == "lora.safetensors"
 
 
 # ----------------------------------------------------------------------------- full weights
@@ -245,6 +248,36 @@ def test_wan_lora_files_load_through_the_pipeline_and_reproduce_the_lora_generat
         assert rel_error(got, wan_lora.teacher_outputs["high"]) > TRAINED
 
 
+def test_wan_lora_in_original_names_loads_through_diffusers_conversion(wan_lora, tmp_path):
+    """Wan-Video / ComfyUI keys (diffusion_model.<module>.lora_down / lora_up / alpha): diffusers
+    recognises them and converts them with its own code, and the pipeline reproduces the
+    trained generators."""
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    dst = tmp_path / "lora_original"
+    assert export("--checkpoint", wan_lora.checkpoints, "--dst", dst, "--layout", "original") == 0
+    info = read_info(dst)
+    assert info["weights"] == "lora" and info["layout"] == "original"
+    assert [phase["lora"] for phase in info["phases"]] == ["high_noise_model_lora.safetensors",
+                                                           "low_noise_model_lora.safetensors"]
+    with safe_open(str(dst / "high_noise_model_lora.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+        alpha = handle.get_tensor("diffusion_model.blocks.0.self_attn.q.alpha")
+    assert {"diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.o.lora_up.weight",
+            "diffusion_model.blocks.1.cross_attn.k.lora_up.weight", "diffusion_model.blocks.1.ffn.2.lora_down.weight"} <= keys
+    assert not any(key.startswith("transformer.") for key in keys) and float(alpha) == 8.0
+    teacher = wan_lora.config.model.teacher_path
+    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(teacher).eval(),
+                        WanTransformer3DModel.from_pretrained(teacher).eval(), info["boundary_ratio"])
+    lora_into(pipe, dst, "high_noise_model_lora.safetensors")
+    lora_into(pipe, dst, "low_noise_model_lora.safetensors", load_into_transformer_2=True)
+    for k, model in enumerate((pipe.transformer, pipe.transformer_2)):
+        got = wan_velocity(model, wan_lora.inputs)
+        assert rel_error(got, wan_lora.outputs[f"generator{k}"]) < TOLERANCE
+        assert rel_error(got, wan_lora.teacher_outputs["high"]) > TRAINED
+
+
 def test_merged_lora_equals_the_lora_generators(wan_lora, tmp_path):
     assert export("--checkpoint", wan_lora.checkpoints, "--dst", tmp_path / "merged", "--merge") == 0
     assert read_info(tmp_path / "merged")["weights"] == "merged"
@@ -331,7 +364,7 @@ def test_bad_requests_are_refused_and_leave_nothing_behind(wan_full, wan_lora, q
     cases = [
         (wan_full, ["--merge"], "--merge folds LoRA adapters into the weights, but .* holds full generators"),
         (wan_lora, ["--ema"], "holds no generator EMA .*drop --ema"),
-        (wan_lora, ["--layout", "original"], "LoRA adapters are exported with diffusers \\(PEFT\\) names only"),
+        (qwen_lora, ["--layout", "original"], "Qwen-Image has no 'original' layout"),
         (qwen_lora, ["--merge", "--layout", "original"], "Qwen-Image has no 'original' layout"),
         (wan_full, ["model.lora.rank=x"], "model.lora.rank: expected an integer"),
     ]
