@@ -223,8 +223,23 @@ def lora_into(pipeline, folder, weight_name, **kwargs):
     return pipeline
 
 
-def test_wan_lora_files_load_through_the_pipeline_and_reproduce_the_lora_generators(wan_lora, tmp_path):
+def assert_pipeline_reproduces_the_generators(run, dst, info, high_file, low_file):
+    """The teacher in a two-transformer WanPipeline, each LoRA file loaded by diffusers into its
+    transformer: the velocities of the trained generators, away from the teacher's."""
     from diffusers import WanTransformer3DModel
+
+    teacher = run.config.model.teacher_path
+    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(teacher).eval(),
+                        WanTransformer3DModel.from_pretrained(teacher).eval(), info["boundary_ratio"])
+    lora_into(pipe, dst, high_file)
+    lora_into(pipe, dst, low_file, load_into_transformer_2=True)
+    for k, model in enumerate((pipe.transformer, pipe.transformer_2)):
+        got = wan_velocity(model, run.inputs)
+        assert rel_error(got, run.outputs[f"generator{k}"]) < TOLERANCE
+        assert rel_error(got, run.teacher_outputs["high"]) > TRAINED
+
+
+def test_wan_lora_files_load_through_the_pipeline_and_reproduce_the_lora_generators(wan_lora, tmp_path):
     from safetensors import safe_open
 
     dst = tmp_path / "lora"
@@ -237,22 +252,14 @@ def test_wan_lora_files_load_through_the_pipeline_and_reproduce_the_lora_generat
     assert metadata["transformer.r"] == 4 and metadata["transformer.lora_alpha"] == 8.0
     assert {"transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.to_v.lora_B.weight",
             "transformer.blocks.1.attn2.to_k.lora_B.weight", "transformer.blocks.1.ffn.net.2.lora_A.weight"} <= keys
-    teacher = wan_lora.config.model.teacher_path
-    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(teacher).eval(),
-                        WanTransformer3DModel.from_pretrained(teacher).eval(), info["boundary_ratio"])
-    lora_into(pipe, dst, "transformer_lora.safetensors")
-    lora_into(pipe, dst, "transformer_2_lora.safetensors", load_into_transformer_2=True)
-    for k, model in enumerate((pipe.transformer, pipe.transformer_2)):
-        got = wan_velocity(model, wan_lora.inputs)
-        assert rel_error(got, wan_lora.outputs[f"generator{k}"]) < TOLERANCE
-        assert rel_error(got, wan_lora.teacher_outputs["high"]) > TRAINED
+    assert_pipeline_reproduces_the_generators(wan_lora, dst, info, "transformer_lora.safetensors",
+                                              "transformer_2_lora.safetensors")
 
 
 def test_wan_lora_in_original_names_loads_through_diffusers_conversion(wan_lora, tmp_path):
     """Wan-Video / ComfyUI keys (diffusion_model.<module>.lora_down / lora_up / alpha): diffusers
     recognises them and converts them with its own code, and the pipeline reproduces the
     trained generators."""
-    from diffusers import WanTransformer3DModel
     from safetensors import safe_open
 
     dst = tmp_path / "lora_original"
@@ -267,15 +274,8 @@ def test_wan_lora_in_original_names_loads_through_diffusers_conversion(wan_lora,
     assert {"diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.o.lora_up.weight",
             "diffusion_model.blocks.1.cross_attn.k.lora_up.weight", "diffusion_model.blocks.1.ffn.2.lora_down.weight"} <= keys
     assert not any(key.startswith("transformer.") for key in keys) and float(alpha) == 8.0
-    teacher = wan_lora.config.model.teacher_path
-    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(teacher).eval(),
-                        WanTransformer3DModel.from_pretrained(teacher).eval(), info["boundary_ratio"])
-    lora_into(pipe, dst, "high_noise_model_lora.safetensors")
-    lora_into(pipe, dst, "low_noise_model_lora.safetensors", load_into_transformer_2=True)
-    for k, model in enumerate((pipe.transformer, pipe.transformer_2)):
-        got = wan_velocity(model, wan_lora.inputs)
-        assert rel_error(got, wan_lora.outputs[f"generator{k}"]) < TOLERANCE
-        assert rel_error(got, wan_lora.teacher_outputs["high"]) > TRAINED
+    assert_pipeline_reproduces_the_generators(wan_lora, dst, info, "high_noise_model_lora.safetensors",
+                                              "low_noise_model_lora.safetensors")
 
 
 def test_merged_lora_equals_the_lora_generators(wan_lora, tmp_path):
