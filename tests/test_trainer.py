@@ -99,6 +99,22 @@ def test_a_tiny_run_logs_every_iteration_and_checkpoints(tmp_path):
     assert [e.value for e in dmd] == pytest.approx([r["dmd_loss"] for r in records], rel=1e-6)
 
 
+def test_resuming_a_checkpoint_of_another_run_is_refused_with_the_keys_at_fault(tmp_path, capsys):
+    config = write_config(tmp_path, phases={"iterations_per_phase": 1})
+    from phased_dmd_mega import cli
+
+    assert cli.main(["train", "--config", str(config)]) == 0  # 2 iterations, a checkpoint after each
+    # What built the roles and the schedule may not change under a checkpoint:
+    assert cli.main(["train", "--config", str(config), "phases.shift=3", "phases.num_phases=4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "iter_0000001" in err
+    assert "phases.num_phases (checkpoint 2, now 4)" in err and "phases.shift (checkpoint 5.0, now 3.0)" in err
+    # Optimisation and data settings may: the finished run resumes at its end.
+    assert cli.main(["train", "--config", str(config), "optimizer.generator.lr=5e-4", "data.micro_batch_size=1"]) == 0
+    out = capsys.readouterr()
+    assert "resumed from" in out.out + out.err
+
+
 class NaNTeacher(torch.nn.Module):
     def forward(self, x, *args, **kwargs):
         return torch.full_like(x, float("nan"))

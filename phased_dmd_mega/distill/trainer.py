@@ -30,6 +30,49 @@ from phased_dmd_mega.schedule import PhaseLayout, renoise_kwargs, renoise_range,
 log = get_logger(__name__)
 
 
+# What a checkpoint's roles and schedule were built from: a resumed run must agree on these
+# (learning rates, batch sizes, logging, data and checkpoint cadence may change).
+RESUME_FIXED_KEYS = (
+    "model.arch", "model.preset", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules",
+    "phases.method", "phases.num_steps", "phases.num_phases", "phases.steps_per_phase", "phases.shift",
+    "phases.expert_boundary", "phases.phase_order", "phases.iterations_per_phase", "phases.iterations_by_phase",
+    "optimizer.ema_decay",
+)
+
+
+def resume_conflicts(saved: Config, current: Config) -> List[str]:
+    """``key (checkpoint X, now Y)`` for every RESUME_FIXED_KEYS entry on which they differ."""
+    def value(cfg, key):
+        for part in key.split("."):
+            cfg = getattr(cfg, part)
+        return cfg
+
+    return [f"{key} (checkpoint {value(saved, key)!r}, now {value(current, key)!r})"
+            for key in RESUME_FIXED_KEYS if value(saved, key) != value(current, key)]
+
+
+def check_resumable(path: Path, cfg: Config) -> None:
+    """Refuse to resume from a checkpoint written by a run whose roles or schedule differ: the
+    weights would load into the wrong roles, or training would silently continue another run."""
+    from phased_dmd_mega.config import ConfigError, load_config
+
+    saved_file = path / checkpoint.CONFIG_FILE
+    if not saved_file.is_file():  # written by an older version, or by hand: nothing to compare
+        log.warning("%s has no %s: resuming without checking it against this run's config", path, checkpoint.CONFIG_FILE)
+        return
+    try:
+        saved = load_config(saved_file)
+    except ConfigError as err:  # e.g. a key an older version had: compare nothing rather than refuse
+        log.warning("%s does not load as this version's config (%s): resuming without checking it", saved_file, err)
+        return
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume from {path}: this run differs from the one that wrote it in " + "; ".join(conflicts)
+            + ". Use the checkpoint's settings, or start afresh (another checkpoint.dir, or checkpoint.resume=none)"
+        )
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row (the run stops with a checkpoint)."""
 
@@ -259,6 +302,7 @@ class Trainer:
                 else Path(self.cfg.checkpoint.resume))
         if path is None:
             return 0
+        check_resumable(Path(path), self.cfg)
         metadata = checkpoint.load_checkpoint(path, self.roles())
         log.info("resumed from %s (iteration %d)", path, metadata["iteration"])
         return metadata["iteration"] + 1
