@@ -35,8 +35,6 @@ class Batch:
                      (len(index), *self.latent_shape[1:]))
 
 
-
-
 @dataclass
 class PhasedDMDSettings:
     method: str = "phased_dmd"  # phased_dmd | dmd_sgts | dmd_naive
