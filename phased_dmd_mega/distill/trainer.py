@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from phased_dmd_mega import checkpoint, parallel
-from phased_dmd_mega.config import Config, dump_yaml
+from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_role_optimizer
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
@@ -54,8 +54,6 @@ def resume_conflicts(saved: Config, current: Config) -> List[str]:
 def check_resumable(path: Path, cfg: Config) -> None:
     """Refuse to resume from a checkpoint written by a run whose roles or schedule differ: the
     weights would load into the wrong roles, or training would silently continue another run."""
-    from phased_dmd_mega.config import ConfigError, load_config
-
     saved_file = path / checkpoint.CONFIG_FILE
     if not saved_file.is_file():  # written by an older version, or by hand: nothing to compare
         log.warning("%s has no %s: resuming without checking it against this run's config", path, checkpoint.CONFIG_FILE)
