@@ -152,7 +152,7 @@ class PatternPrompts(PromptSource):
     def __len__(self) -> int:
         return self.data.classes
 
-    def rows(self, indices):
+    def rows(self, indices, resolution=None):
         return self.data.condition(torch.tensor(indices))
 
     def negative(self, batch):

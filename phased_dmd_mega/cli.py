@@ -125,8 +125,9 @@ def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
         "rows of a .jsonl/.json/.csv prompt file that name an image (relative paths: from the file's folder) "
         "also store WanImageToVideoPipeline's image condition: the first frame's VAE latents")
     images.add_argument("--vae", metavar="PATH", help="AutoencoderKLWan folder, or a diffusers pipeline root with vae/")
-    images.add_argument("--resolution", metavar="FxHxW",
-                        help="frames x height x width to train at, e.g. 81x480x832 (the default)")
+    images.add_argument("--resolution", metavar="FxHxW", action="append",
+                        help="frames x height x width to train at, e.g. 81x480x832 (the default); repeat it to "
+                        "encode each first frame at every resolution of a run's data.resolutions mixture")
     images.add_argument("--image-field", default="image", help="field or column naming the image (default image)")
     images.add_argument("--resize-mode", default="default", choices=("default", "crop", "fill"),
                         help="default: resized to the resolution as the pipeline does; crop: aspect kept, centre "
@@ -143,7 +144,7 @@ def _run_encode(args: argparse.Namespace) -> int:
         prompt_field=args.prompt_field, out=args.out, negative_prompt=args.negative_prompt,
         batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
         max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, vae=args.vae,
-        resolution=args.resolution, image_field=args.image_field, resize_mode=args.resize_mode,
+        resolution=",".join(args.resolution) if args.resolution else None, image_field=args.image_field, resize_mode=args.resize_mode,
     )
     try:
         folder = encode_prompts(options)

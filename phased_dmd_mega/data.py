@@ -15,10 +15,13 @@ DiT sees exactly what the diffusers pipeline feeds it), or null for Qwen-Image (
 the batch, with a 0/1 ``context_mask``). Rows are read one at a time.
 
 Image-conditioned caches (Wan2.2 I2V, ``encode-prompts --vae``) also hold, per row, the VAE latents
-of the first frame followed by black frames, ``image_latents`` [n, C, F, h, w], at the one
-resolution the index records under ``image_condition``. The mask channels (ones on the first
-latent frame) depend only on that shape and are rebuilt on load; every row's condition
-``concat_latents = cat(mask, latents)`` [B, mask + C, F, h, w] goes with both CFG branches.
+of the first frame followed by black frames at every resolution the index lists under
+``image_conditions``: the shard tensor ``image_latents.<F>x<H>x<W>`` [n, C, F, h, w] per resolution
+(a cache written before several resolutions existed has one ``image_latents`` tensor and an
+``image_condition`` entry; it still reads). The mask channels (ones on the first latent frame)
+depend only on the shape and are rebuilt on load; every row's condition
+``concat_latents = cat(mask, latents)`` [B, mask + C, F, h, w], at the step's resolution, goes with
+both CFG branches.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class LatentGeometry:
         return self.channels, latent_frames, height // self.spatial, width // self.spatial
 
 
+IMAGE_LATENTS = "image_latents"  # the first-frame latents of a cache of one resolution (older caches)
+
+
 @dataclass(frozen=True)
 class ImageConditionSpec:
     """The image condition of an I2V prompt cache, as WanImageToVideoPipeline.prepare_latents
@@ -68,6 +74,11 @@ class ImageConditionSpec:
     latent_shape: Tuple[int, int, int, int]  # the stored latents: channels, frames, height, width
     mask_channels: int = 4
     spatial: int = 8  # the VAE's spatial compression
+    tensor: str = IMAGE_LATENTS  # the shard tensor holding these latents
+
+    @staticmethod
+    def tensor_name(resolution: Sequence[int]) -> str:
+        return "image_latents." + "x".join(map(str, resolution))
 
     @property
     def channels(self) -> int:
@@ -83,14 +94,20 @@ class ImageConditionSpec:
 
     def to_index(self) -> dict:
         return {"resolution": list(self.resolution), "latent_shape": list(self.latent_shape),
-                "mask_channels": self.mask_channels, "spatial": self.spatial}
+                "mask_channels": self.mask_channels, "spatial": self.spatial, "tensor": self.tensor}
 
     @classmethod
-    def from_index(cls, entry: Optional[dict]) -> Optional["ImageConditionSpec"]:
-        if entry is None:
-            return None
+    def from_index(cls, entry: dict) -> "ImageConditionSpec":
         return cls(tuple(entry["resolution"]), tuple(entry["latent_shape"]), int(entry["mask_channels"]),
-                   int(entry["spatial"]))
+                   int(entry["spatial"]), entry.get("tensor", IMAGE_LATENTS))
+
+    @classmethod
+    def all_from_index(cls, index: dict) -> Tuple["ImageConditionSpec", ...]:
+        """The index's image conditions, one per resolution (none for a text-only cache)."""
+        if "image_conditions" in index:
+            return tuple(cls.from_index(entry) for entry in index["image_conditions"])
+        legacy = index.get("image_condition")  # one resolution, tensor image_latents
+        return () if legacy is None else (cls.from_index(legacy),)
 
     def mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[mask_channels, F, h, w]: the first frame's mask repeated over the temporal
@@ -106,17 +123,51 @@ class ImageConditionSpec:
         mask = self.mask(latents.dtype).to(latents.device).expand(latents.shape[0], -1, -1, -1, -1)
         return torch.cat([mask, latents], dim=1)
 
-    def check_resolutions(self, resolutions: Sequence, where: str) -> None:
-        """The run's data.resolutions must be this one resolution (the latents fit it only)."""
-        wanted = [(r.frames, r.height, r.width) for r in resolutions]
-        if wanted != [tuple(self.resolution)]:
-            listed = ", ".join("x".join(map(str, w)) for w in wanted)
-            frames, height, width = self.resolution
+
+class ImageConditions:
+    """The first-frame conditions of an I2V prompt source, one per encoded resolution; they share
+    the channel layout (mask + latent channels), so one teacher takes any of them."""
+
+    def __init__(self, specs: Sequence[ImageConditionSpec], where: str):
+        self.specs = {tuple(spec.resolution): spec for spec in specs}
+        self.where = where
+        layouts = {(spec.mask_channels, spec.latent_shape[0], spec.spatial) for spec in specs}
+        if len(layouts) > 1:
+            raise ValueError(f"{where} mixes image conditions of different channel layouts: {sorted(layouts)}")
+        if len(self.specs) != len(specs):
+            raise ValueError(f"{where} lists a resolution twice among its image conditions")
+
+    @property
+    def first(self) -> ImageConditionSpec:
+        return next(iter(self.specs.values()))
+
+    def describe(self) -> str:
+        return ", ".join("x".join(map(str, r)) for r in self.specs)
+
+    def at(self, resolution: Optional[Sequence[int]]) -> ImageConditionSpec:
+        """The condition at ``resolution`` (frames, height, width in pixels); None: the only one."""
+        if resolution is None:
+            if len(self.specs) > 1:
+                raise ValueError(f"{self.where} holds first frames at several resolutions ({self.describe()}): "
+                                 "say which one")
+            return self.first
+        key = tuple(int(v) for v in resolution)
+        if key not in self.specs:
+            raise ValueError(f"{self.where} holds no first-frame latents at {'x'.join(map(str, key))} (frames x "
+                             f"height x width); it has {self.describe()}: encode that resolution too "
+                             "(`phased-dmd encode-prompts --vae ... --resolution FxHxW`, once per resolution)")
+        return self.specs[key]
+
+    def check_resolutions(self, resolutions: Sequence) -> None:
+        """Every resolution of the run's data.resolutions needs its encoded first frames."""
+        missing = [(r.frames, r.height, r.width) for r in resolutions
+                   if (r.frames, r.height, r.width) not in self.specs]
+        if missing:
+            listed = ", ".join("x".join(map(str, m)) for m in missing)
             raise ValueError(
-                f"data.resolutions ({listed}) disagree with {where}, whose first-frame latents were encoded at "
-                f"{self.describe()} and fit that resolution only: set data.resolutions to "
-                f"[{{frames: {frames}, height: {height}, width: {width}}}]"
-            )
+                f"data.resolutions {listed} disagree with {self.where}, whose first-frame latents were encoded at "
+                f"{self.describe()} (frames x height x width) only: remove them from data.resolutions or encode "
+                f"the cache with --resolution for each")
 
 
 def pick_resolution(resolutions: Sequence, seed: int, iteration: int):
@@ -133,24 +184,28 @@ def pick_resolution(resolutions: Sequence, seed: int, iteration: int):
 class PromptSource:
     """Draws prompt embeddings for a step: ``sample(batch, generator) -> (condition, negative)``."""
 
-    image_condition: Optional[ImageConditionSpec] = None  # I2V: every row brings its first frame
+    # I2V: every row brings its first frame, encoded at each of these resolutions.
+    image_conditions: Optional[ImageConditions] = None
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def rows(self, indices: List[int]) -> Condition:
+    def rows(self, indices: List[int], resolution: Optional[Sequence[int]] = None) -> Condition:
+        """The prompts at ``indices``; ``resolution`` (frames, height, width) picks the first-frame
+        latents of an image-conditioned source (text-only sources ignore it)."""
         raise NotImplementedError
 
     def negative(self, batch: int) -> Condition:
         raise NotImplementedError
 
-    def sample(self, batch: int, generator: torch.Generator) -> Tuple[Condition, Condition]:
+    def sample(self, batch: int, generator: torch.Generator,
+               resolution: Optional[Sequence[int]] = None) -> Tuple[Condition, Condition]:
         indices = torch.randint(0, len(self), (batch,), generator=generator).tolist()
-        return self.conditions(indices)
+        return self.conditions(indices, resolution)
 
-    def conditions(self, indices: List[int]) -> Tuple[Condition, Condition]:
+    def conditions(self, indices: List[int], resolution: Optional[Sequence[int]] = None) -> Tuple[Condition, Condition]:
         """The prompts at ``indices`` and as many negative prompts."""
-        return self.rows(indices), self.negative(len(indices))
+        return self.rows(indices, resolution), self.negative(len(indices))
 
 
 class SyntheticPrompts(PromptSource):
@@ -162,7 +217,7 @@ class SyntheticPrompts(PromptSource):
     def __len__(self) -> int:
         return self.context.shape[0]
 
-    def rows(self, indices):
+    def rows(self, indices, resolution=None):
         return Condition(self.context[indices])
 
     def negative(self, batch):
@@ -172,7 +227,6 @@ class SyntheticPrompts(PromptSource):
 PROMPT_CACHE_INDEX = "prompts.json"
 PROMPT_CACHE_FORMAT = "phased-dmd-prompt-cache"
 PROMPT_CACHE_VERSION = 1
-IMAGE_LATENTS = "image_latents"  # shard tensor of image-conditioned caches
 
 
 def read_prompt_cache_index(folder) -> dict:
@@ -203,7 +257,8 @@ class PromptCache(PromptSource):
         self.dim: int = int(index["dim"])
         self.pad_to: Optional[int] = index["pad_to"]
         self.masked: bool = bool(index["masked"])
-        self.image_condition = ImageConditionSpec.from_index(index.get("image_condition"))
+        specs = ImageConditionSpec.all_from_index(index)
+        self.image_conditions = ImageConditions(specs, f"the prompt cache {self.folder}") if specs else None
         self.shards = [(self.folder / s["file"], int(s["count"])) for s in index["shards"]]
         self.starts = [0]
         for _, count in self.shards:
@@ -259,12 +314,14 @@ class PromptCache(PromptSource):
         path, row = self._locate(index)
         return self._read(path, row, row + 1)
 
-    def image_latents(self, index: int) -> torch.Tensor:
-        """The first-frame latents [C, F, h, w] of prompt ``index`` (image-conditioned caches)."""
-        if self.image_condition is None:
+    def image_latents(self, index: int, resolution: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The first-frame latents [C, F, h, w] of prompt ``index`` at ``resolution`` (frames,
+        height, width; None: the cache's only one) of an image-conditioned cache."""
+        if self.image_conditions is None:
             raise ValueError(f"{self.folder} holds no first-frame images (encode the prompts with --vae)")
+        spec = self.image_conditions.at(resolution)
         path, row = self._locate(index)
-        return self._reader(path).read(IMAGE_LATENTS, 0, row, row + 1)[0]
+        return self._reader(path).read(spec.tensor, 0, row, row + 1)[0]
 
     def negative_row(self) -> torch.Tensor:
         if self._negative is None:
@@ -284,8 +341,8 @@ class PromptCache(PromptSource):
             mask[i, : r.shape[0]] = 1
         return Condition(context, mask if self.masked else None)
 
-    def rows(self, indices, length: Optional[int] = None):
-        return self._with_images(self._padded([self.row(i) for i in indices], length), indices)
+    def rows(self, indices, resolution=None, length: Optional[int] = None):
+        return self._with_images(self._padded([self.row(i) for i in indices], length), indices, resolution)
 
     def negative(self, batch, length: Optional[int] = None):
         return self._repeated(self._padded([self.negative_row()], length), batch)
@@ -296,16 +353,17 @@ class PromptCache(PromptSource):
         expand = lambda x: None if x is None else x.expand(batch, *x.shape[1:])  # noqa: E731
         return Condition(expand(one.context), expand(one.context_mask))
 
-    def _with_images(self, condition: Condition, indices) -> Condition:
-        if self.image_condition is None:
+    def _with_images(self, condition: Condition, indices, resolution) -> Condition:
+        if self.image_conditions is None:
             return condition
-        latents = torch.stack([self.image_latents(i) for i in indices])
-        return replace(condition, concat_latents=self.image_condition.concat_latents(latents))
+        spec = self.image_conditions.at(resolution)
+        latents = torch.stack([self.image_latents(i, spec.resolution) for i in indices])
+        return replace(condition, concat_latents=spec.concat_latents(latents))
 
-    def conditions(self, indices):
+    def conditions(self, indices, resolution=None):
         # Both CFG branches run in one batch (Condition.cat): they share one padded length.
         # WanImageToVideoPipeline feeds the unconditional branch the same image condition.
         rows, negative = [self.row(i) for i in indices], self.negative_row()
         length = max(r.shape[0] for r in rows + [negative])
-        positive = self._with_images(self._padded(rows, length), indices)
+        positive = self._with_images(self._padded(rows, length), indices, resolution)
         return positive, replace(self.negative(len(indices), length), concat_latents=positive.concat_latents)

@@ -13,10 +13,11 @@ Each family encodes exactly as its diffusers pipeline does before the DiT (diffu
 Image-to-video (Wan2.2 I2V, ``--vae``): rows that name a first-frame image also get the image
 condition of ``WanImageToVideoPipeline.prepare_latents`` (no last image, ``expand_timesteps`` off
 as in Wan2.2-I2V-A14B, which has no CLIP image encoder): the image is resized by the pipeline's
-``VideoProcessor`` to the ``--resolution``, followed by black frames to the resolution's frame
-count, encoded by ``AutoencoderKLWan`` (the distribution's mode) and normalised with the VAE's
-``latents_mean``/``latents_std``; the latents [C, F, h, w] are stored with the row, the mask
-channels are rebuilt by the reader (data.ImageConditionSpec).
+``VideoProcessor`` to each ``--resolution`` (one or several: a run's resolution mixture),
+followed by black frames to the resolution's frame count, encoded by ``AutoencoderKLWan`` (the
+distribution's mode) and normalised with the VAE's ``latents_mean``/``latents_std``; the latents
+[C, F, h, w] of each resolution are stored with the row, the mask channels are rebuilt by the
+reader (data.ImageConditionSpec).
 
 Writing: one safetensors shard per ``shard_size`` prompts (format: phased_dmd_mega/data.py),
 each published by an atomic rename and stamped with a fingerprint of the inputs (prompt list,
@@ -41,7 +42,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega.data import (
-    IMAGE_LATENTS, PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION, ImageConditionSpec,
+    PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION, ImageConditionSpec,
 )
 from phased_dmd_mega.log import get_logger
 
@@ -380,11 +381,21 @@ def parse_resolution(text: str) -> Tuple[int, int, int]:
     return frames, height, width
 
 
+def parse_resolutions(text: str) -> List[Tuple[int, int, int]]:
+    """``"81x480x832,81x832x480"`` (the CLI's repeated --resolution) -> the resolutions, in order."""
+    resolutions = [parse_resolution(part.strip()) for part in str(text).split(",")]
+    repeated = sorted({r for r in resolutions if resolutions.count(r) > 1})
+    if repeated:
+        raise PromptEncodingError(f"--resolution {'x'.join(map(str, repeated[0]))} is given twice")
+    return resolutions
+
+
 class FirstFrameEncoder:
     """A first-frame image -> the latents of WanImageToVideoPipeline's image condition [C, F, h, w]
-    (float32, on the CPU). The VAE runs in float32, as the pipeline's examples load it."""
+    at each resolution (float32, on the CPU). The VAE runs in float32, as the pipeline's examples
+    load it."""
 
-    def __init__(self, vae, resolution: Tuple[int, int, int], resize_mode: str = "default"):
+    def __init__(self, vae, resolutions: Sequence[Tuple[int, int, int]], resize_mode: str = "default"):
         root = Path(vae)
         self.folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
         if not (self.folder / "config.json").is_file():
@@ -396,22 +407,29 @@ class FirstFrameEncoder:
                                       "_class_name); Wan image conditions need an AutoencoderKLWan")
         if resize_mode not in RESIZE_MODES:
             raise PromptEncodingError(f"--resize-mode {resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
-        self.resolution, self.resize_mode = tuple(resolution), resize_mode
+        self.resize_mode = resize_mode
+        self.specs = [self._spec(tuple(resolution)) for resolution in resolutions]
+        self.vae = self.processor = None
+
+    def _spec(self, resolution: Tuple[int, int, int]) -> ImageConditionSpec:
         temporal = int(self.config.get("scale_factor_temporal") or 4)
         spatial = int(self.config.get("scale_factor_spatial") or 8)
-        frames, height, width = self.resolution
+        frames, height, width = resolution
         if (frames - 1) % temporal or height % spatial or width % spatial:
             raise PromptEncodingError(
-                f"--resolution {'x'.join(map(str, self.resolution))}: the VAE {self.folder} compresses time by "
+                f"--resolution {'x'.join(map(str, resolution))}: the VAE {self.folder} compresses time by "
                 f"{temporal} and space by {spatial}, so frames must be {temporal}k + 1 and height and width "
                 f"multiples of {spatial}")
         latent_shape = (int(self.config.get("z_dim", 16)), (frames - 1) // temporal + 1, height // spatial,
                         width // spatial)
-        self.spec = ImageConditionSpec(self.resolution, latent_shape, mask_channels=temporal, spatial=spatial)
-        self.vae = self.processor = None
+        return ImageConditionSpec(resolution, latent_shape, mask_channels=temporal, spatial=spatial,
+                                  tensor=ImageConditionSpec.tensor_name(resolution))
+
+    def describe(self) -> str:
+        return ", ".join(spec.describe() for spec in self.specs)
 
     def settings(self) -> Dict[str, object]:
-        return {"vae": encoder_digest(self.folder), "resolution": list(self.resolution),
+        return {"vae": encoder_digest(self.folder), "resolutions": [list(spec.resolution) for spec in self.specs],
                 "resize_mode": self.resize_mode, "vae_dtype": "float32"}
 
     def load(self, device: torch.device) -> None:
@@ -420,17 +438,21 @@ class FirstFrameEncoder:
 
         self.vae = AutoencoderKLWan.from_pretrained(str(self.folder), torch_dtype=torch.float32).to(device).eval()
         self.vae.requires_grad_(False)
-        self.processor = VideoProcessor(vae_scale_factor=self.spec.spatial)  # the pipeline's
+        self.processor = VideoProcessor(vae_scale_factor=self.specs[0].spatial)  # the pipeline's
 
-    @torch.inference_mode()
-    def encode(self, image: Path, where: str) -> torch.Tensor:
+    def encode(self, image: Path, where: str) -> Dict[str, torch.Tensor]:
+        """The image's latents at every resolution, keyed by their shard tensor's name."""
         from diffusers.utils import load_image
 
         try:
             picture = load_image(str(image))  # EXIF orientation applied, RGB
         except Exception as err:  # PIL raises several kinds for files it cannot read
             raise PromptEncodingError(f"{where}: cannot read image {image} ({type(err).__name__}: {err})") from err
-        frames, height, width = self.resolution
+        return {spec.tensor: self._encode_at(picture, spec.resolution) for spec in self.specs}
+
+    @torch.inference_mode()
+    def _encode_at(self, picture, resolution: Tuple[int, int, int]) -> torch.Tensor:
+        frames, height, width = resolution
         device = next(self.vae.parameters()).device
         pixels = self.processor.preprocess(picture, height=height, width=width, resize_mode=self.resize_mode)
         pixels = pixels.to(device, torch.float32).unsqueeze(2)  # [1, 3, 1, H, W]
@@ -602,7 +624,8 @@ class EncodeOptions:
     overwrite: bool = False
     # Image-to-video (Wan2.2 I2V): rows name a first-frame image in ``image_field``.
     vae: Optional[str] = None  # AutoencoderKLWan folder (or a pipeline root with vae/)
-    resolution: Optional[str] = None  # FRAMESxHEIGHTxWIDTH; None: the pipeline's 81x480x832
+    # FRAMESxHEIGHTxWIDTH, or several separated by commas; None: the pipeline's 81x480x832.
+    resolution: Optional[str] = None
     image_field: str = "image"
     resize_mode: str = "default"  # the pipeline's resize; or crop / fill (diffusers' resize modes)
 
@@ -675,7 +698,7 @@ def first_frame_encoder(opts: EncodeOptions, rows: PromptRows) -> Optional[First
         raise PromptEncodingError(f"the rows of --prompts {opts.prompts} name first-frame images (field "
                                   f"{opts.image_field!r}) but no --vae is given: pass --vae (an AutoencoderKLWan "
                                   "folder) and --resolution to encode them")
-    return FirstFrameEncoder(opts.vae, parse_resolution(opts.resolution or DEFAULT_RESOLUTION), opts.resize_mode)
+    return FirstFrameEncoder(opts.vae, parse_resolutions(opts.resolution or DEFAULT_RESOLUTION), opts.resize_mode)
 
 
 def _images_digest(rows: PromptRows) -> str:
@@ -703,7 +726,7 @@ def _index(encoder: TextEncoder, opts: EncodeOptions, rows: PromptRows, dtype: t
         "shards": [],
     }
     if images is not None:
-        index["image_condition"] = images.spec.to_index()
+        index["image_conditions"] = [spec.to_index() for spec in images.specs]
         index["source"]["vae"] = str(images.folder.resolve())
     return index
 
@@ -750,7 +773,7 @@ def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], o
     encoder.load(dtype, device)
     if images is not None and todo:
         log.info("loading the VAE from %s on %s (float32): first frames at %s", images.folder, device,
-                 images.spec.describe())
+                 images.describe())
         images.load(device)
     stamp = {"fingerprint": fingerprint}
     if need_negative:
@@ -759,7 +782,7 @@ def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], o
     try:
         for shard in todo:
             embeddings: List[torch.Tensor] = []
-            first_frames: List[torch.Tensor] = []
+            first_frames: List[Dict[str, torch.Tensor]] = []  # per row: tensor name -> latents
             for start in range(shard.start, shard.stop, opts.batch_size):
                 stop = min(start + opts.batch_size, shard.stop)
                 embeddings.extend(encoder.encode(prompts[start:stop]))
@@ -767,7 +790,10 @@ def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], o
                     first_frames.extend(images.encode(rows.images[i], f"row {i + 1} of --prompts {opts.prompts}")
                                         for i in range(start, stop))
                 progress.update(stop - start)
-            extra = {IMAGE_LATENTS: torch.stack(first_frames).to(dtype)} if images is not None else None
+            extra = None
+            if images is not None:
+                extra = {spec.tensor: torch.stack([f[spec.tensor] for f in first_frames]).to(dtype)
+                         for spec in images.specs}
             write_rows(folder / shard.file, embeddings, {**stamp, "shard": str(shard.number),
                                                          "first_row": str(shard.start)}, extra)
     finally:

@@ -230,12 +230,12 @@ class PeriodicSamples:
 
     @classmethod
     def for_run(cls, cfg, prompts, geometry, arch) -> "PeriodicSamples":
-        resolution = cfg.data.resolutions[0]
-        shape = geometry.latent_shape(resolution.frames, resolution.height, resolution.width)
+        first = cfg.data.resolutions[0]
+        resolution = (first.frames, first.height, first.width)
         prompt_index = [i % len(prompts) for i in range(cfg.logging.sample_count)]
         seeds = [cfg.run.seed + i for i in range(cfg.logging.sample_count)]
-        return cls(prompts.rows(prompt_index), sample_noise(shape, seeds), prompt_index, seeds,
-                   cfg.phases.step_rule, cfg.logging.sample_vae, arch)
+        return cls(prompts.rows(prompt_index, resolution), sample_noise(geometry.latent_shape(*resolution), seeds),
+                   prompt_index, seeds, cfg.phases.step_rule, cfg.logging.sample_vae, arch)
 
     def write(self, generators: List[Experts], layout: PhaseLayout, folder, iteration: int) -> torch.Tensor:
         if self.vae_path is not None and self._vae is None and parallel.layout().rank == 0:
@@ -323,10 +323,11 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     resolution = request.resolution or samplers.default_resolution
     if resolution is None:
         raise ValueError("give --resolution FRAMESxHEIGHTxWIDTH (an export does not record one)")
-    shape = latent_geometry(samplers.generators[0]).latent_shape(*resolution)
+    # An image-to-video generator takes its first frames from the prompt cache, at this resolution.
+    shape = latent_geometry(samplers.generators[0], prompts).latent_shape(*resolution)
     seeds = [request.seed + i for i in range(len(indices))]
-    latents = generate(samplers.generators, samplers.layout, prompts.rows(indices), sample_noise(shape, seeds),
-                       samplers.step_rule, request.batch_size, seeds)
+    latents = generate(samplers.generators, samplers.layout, prompts.rows(indices, resolution),
+                       sample_noise(shape, seeds), samplers.step_rule, request.batch_size, seeds)
     if layout.rank != 0:
         return output
     vae = None

@@ -7,8 +7,11 @@
 - the trainer trains a two-expert I2V teacher on such a cache: every role (teacher experts, fake
   models, generators, EMA, sampling) sees 36 input channels whose last 20 are the cache's
   condition, and the generators' samples change with the image;
+- a cache encoded at several resolutions holds the pipeline's condition at each; the trainer draws
+  the resolution mixture from it, and `phased-dmd sample` samples an I2V checkpoint at any of them;
+  a cache of the older one-resolution layout still reads;
 - refusals: a teacher and a prompt source that disagree about the image condition, a resolution
-  that disagrees with the cache, and bad encoder inputs;
+  that the cache lacks, and bad encoder inputs;
 - (slow) an I2V training step at tensor parallel 2 with sequence parallelism gives the losses and
   gradient norms of the one-process step.
 """
@@ -26,6 +29,7 @@ from phased_dmd_mega.prompt_encoding import EncodeOptions, PromptEncodingError, 
 
 FRAMES, HEIGHT, WIDTH = 5, 16, 32  # -> latents 2 x 2 x 4 (4 tokens of the tiny DiT)
 RESOLUTION = f"{FRAMES}x{HEIGHT}x{WIDTH}"
+PORTRAIT = (FRAMES, WIDTH, HEIGHT)  # the mixture's second resolution: latents 2 x 4 x 2
 BOUNDARY = 0.9  # Wan2.2-I2V-A14B
 I2V_TINY = {**WAN_TINY, "in_channels": 36, "out_channels": 16}  # 16 noisy + 4 mask + 16 first-frame latents
 
@@ -92,10 +96,16 @@ def cache(assets):
     return PromptCache(encode(assets, assets["root"] / "cache"))
 
 
+@pytest.fixture(scope="module")
+def mixed(assets):
+    """The same rows encoded at two resolutions (landscape and portrait)."""
+    return PromptCache(encode(assets, assets["root"] / "mixed", resolution=f"{RESOLUTION},{'x'.join(map(str, PORTRAIT))}"))
+
+
 # ----------------------------------------------------------------------------- against the pipeline
 
 
-def pipeline_transformer_inputs(assets, row, guidance_scale=3.0):
+def pipeline_transformer_inputs(assets, row, guidance_scale=3.0, height=HEIGHT, width=WIDTH):
     """What WanImageToVideoPipeline feeds its transformers ([latents, condition] per call, both CFG
     branches) for the row's image and prompt embeddings."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
@@ -116,7 +126,7 @@ def pipeline_transformer_inputs(assets, row, guidance_scale=3.0):
     text = torch.randn(1, 16, 16, generator=gen)
     with torch.no_grad():
         pipe(image=load_image(str(assets["root"] / assets["rows"][row]["image"])), prompt_embeds=text,
-             negative_prompt_embeds=torch.zeros_like(text), height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+             negative_prompt_embeds=torch.zeros_like(text), height=height, width=width, num_frames=FRAMES,
              num_inference_steps=2, guidance_scale=guidance_scale, output_type="latent")
     return seen
 
@@ -141,8 +151,54 @@ def test_bf16_rows_round_the_pipelines_condition(assets, cache, tmp_path):
     assert bf16.image_latents(1).dtype == torch.bfloat16
     assert torch.equal(bf16.image_latents(1), cache.image_latents(1).to(torch.bfloat16))
     index = json.loads((tmp_path / "bf16" / "prompts.json").read_text())
-    assert index["image_condition"] == {"resolution": [FRAMES, HEIGHT, WIDTH], "latent_shape": [16, 2, 2, 4],
-                                        "mask_channels": 4, "spatial": 8}
+    assert index["image_conditions"] == [{"resolution": [FRAMES, HEIGHT, WIDTH], "latent_shape": [16, 2, 2, 4],
+                                          "mask_channels": 4, "spatial": 8, "tensor": f"image_latents.{RESOLUTION}"}]
+
+
+@pytest.mark.parametrize("resolution", [(FRAMES, HEIGHT, WIDTH), PORTRAIT])
+def test_a_cache_of_several_resolutions_holds_the_pipelines_condition_at_each(assets, cache, mixed, resolution):
+    seen = pipeline_transformer_inputs(assets, 1, height=resolution[1], width=resolution[2])
+    positive, negative = mixed.conditions([1], resolution)
+    latent_size = (resolution[1] // 8, resolution[2] // 8)
+    assert positive.concat_latents.shape == (1, 20, 2, *latent_size)
+    for hidden in seen:
+        assert torch.equal(positive.concat_latents, hidden[:, 16:])
+    assert torch.equal(negative.concat_latents, positive.concat_latents)
+    # Each resolution is encoded on its own: the landscape latents are the one-resolution cache's.
+    if resolution == (FRAMES, HEIGHT, WIDTH):
+        assert torch.equal(mixed.image_latents(1, resolution), cache.image_latents(1))
+
+
+def test_a_cache_of_several_resolutions_must_be_told_which_and_names_what_it_has(mixed):
+    with pytest.raises(ValueError, match=r"first frames at several resolutions \(5x16x32, 5x32x16\): say which one"):
+        mixed.rows([0])
+    with pytest.raises(ValueError, match=r"holds no first-frame latents at 5x16x16 .* it has 5x16x32, 5x32x16: "
+                                         r"encode that resolution too"):
+        mixed.rows([0], (5, 16, 16))
+
+
+def test_a_cache_of_the_one_resolution_layout_still_reads(cache, tmp_path):
+    """Caches written before several resolutions: one ``image_latents`` tensor, ``image_condition``."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(cache.folder, legacy)
+    for shard in legacy.glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            tensors = {name.split(".")[0]: handle.get_tensor(name) for name in handle.keys()}
+            metadata = handle.metadata()
+        save_file(tensors, str(shard), metadata=metadata)
+    index = json.loads((legacy / "prompts.json").read_text())
+    entry = index.pop("image_conditions")[0]
+    del entry["tensor"]
+    index["image_condition"] = entry
+    (legacy / "prompts.json").write_text(json.dumps(index))
+    old = PromptCache(legacy)
+    for row in range(len(cache)):
+        assert torch.equal(old.rows([row]).concat_latents, cache.rows([row]).concat_latents)
 
 
 def test_rows_with_one_image_share_its_latents(cache):
@@ -191,13 +247,18 @@ def role_models(trainer, teacher) -> dict:
     return models
 
 
-def test_a_two_expert_i2v_teacher_trains_and_every_role_sees_the_image_condition(assets, cache, tmp_path):
+def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_sees_the_image_condition(
+        assets, mixed, tmp_path):
     from phased_dmd_mega import parallel
+    from phased_dmd_mega.cli import main
     from phased_dmd_mega.config import load_config
     from phased_dmd_mega.distill.phased import sample
     from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
+    from phased_dmd_mega.sample import sample_noise
 
-    cfg = load_config(i2v_config(tmp_path, cache.folder), [f"model.teacher_path={assets['teacher']}"])
+    mixture = [{"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "probability": 0.5},
+               {"frames": PORTRAIT[0], "height": PORTRAIT[1], "width": PORTRAIT[2], "probability": 0.5}]
+    cfg = load_config(i2v_config(tmp_path, mixed.folder, resolutions=mixture), [f"model.teacher_path={assets['teacher']}"])
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
@@ -211,23 +272,36 @@ def test_a_two_expert_i2v_teacher_trains_and_every_role_sees_the_image_condition
         seen = record_inputs(models)
         assert trainer.run() == 4
         # Sampling with the EMA generators, the same noise, one prompt with its two images.
-        conditions = [cache.conditions([row])[0] for row in (0, 1, 0)]
-        noise = torch.randn(1, 16, 2, 2, 4, generator=torch.Generator().manual_seed(5))
+        conditions = [mixed.conditions([row], PORTRAIT)[0] for row in (0, 1, 0)]
+        noise = torch.randn(1, 16, 2, 4, 2, generator=torch.Generator().manual_seed(5))
         samples = [sample(trainer.sampling_generators(), trainer.layout, noise, c) for c in conditions]
+        in_process = sample(trainer.sampling_generators(), trainer.layout, sample_noise((16, 2, 4, 2), [5, 6]),
+                            mixed.rows([0, 1], PORTRAIT))
     finally:
         parallel.destroy()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in records)
-    conditions_of_rows = [cache.rows([i]).concat_latents[0] for i in range(len(cache))]
+    rows_at = {(h // 8, w // 8): [mixed.rows([i], (f, h, w)).concat_latents[0] for i in range(len(mixed))]
+               for f, h, w in ((FRAMES, HEIGHT, WIDTH), PORTRAIT)}
+    trained_at = {tuple(x.shape[3:]) for name, inputs in seen.items() if not name.endswith("_ema") for x in inputs}
+    assert trained_at == set(rows_at)  # the steps drew both resolutions of the mixture
     for name, inputs in seen.items():
         assert inputs, f"{name} was never called"
         for latents in inputs:
-            assert latents.shape[1:] == (36, 2, 2, 4), name
-            for condition in latents[:, 16:]:  # each sample's condition is one of the cache's rows
-                assert any(torch.equal(condition, row) for row in conditions_of_rows), name
-    assert sum(len(seen[f"generator{k}_ema"]) for k in range(2)) == 3 * 4  # sampling: 3 samples x 4 steps
+            assert latents.shape[1:3] == (36, 2), name
+            for condition in latents[:, 16:]:  # each sample's condition is a cache row at the step's resolution
+                assert any(torch.equal(condition, row) for row in rows_at[tuple(latents.shape[3:])]), name
+    assert sum(len(seen[f"generator{k}_ema"]) for k in range(2)) == 3 * 4 + 4  # sampling: 4 calls per batch
     assert not torch.equal(samples[0], samples[1])  # the image changes the generator's output
     assert torch.equal(samples[0], samples[2])
+
+    # `phased-dmd sample` of the checkpoint: the run's cache, the portrait resolution's first frames.
+    assert main(["sample", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--ema", "-o", str(tmp_path / "s"),
+                 "--indices", "0,1", "--seed", "5", "--resolution", "x".join(map(str, PORTRAIT))]) == 0
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(str(tmp_path / "s" / "latents.safetensors"))["latents"], in_process,
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -252,8 +326,9 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
             latent_geometry(build_teacher(t2v), cache)
         wrong = load_config(i2v_config(tmp_path, cache.folder), [f"model.teacher_path={assets['teacher']}",
                                                                   "data.resolutions=[{frames: 1, height: 16, width: 32}]"])
-        with pytest.raises(ValueError, match=rf"data.resolutions \(1x16x32\) disagree with the prompt cache "
-                                             rf".*cache, whose first-frame latents were encoded at {RESOLUTION}"):
+        with pytest.raises(ValueError, match=rf"data.resolutions 1x16x32 disagree with the prompt cache .*cache, "
+                                             rf"whose first-frame latents were encoded at {RESOLUTION} \(frames x "
+                                             rf"height x width\) only: remove them .* or encode"):
             Trainer(wrong, teacher, cache, latent_geometry(teacher, cache))
     finally:
         parallel.destroy()
@@ -277,9 +352,10 @@ def test_bad_image_inputs_name_the_row_file_or_option(assets, tmp_path):
     partly.write_text(json.dumps({"prompt": "a cat", "image": str(root / "images/first.png")}) + '\n"a dog"\n')
     with pytest.raises(PromptEncodingError, match=r"partly.jsonl line 2: no 'image' image, but other rows name one"):
         encode(assets, tmp_path / "c", prompts=str(partly))
-    for resolution, message in (("5x20x32", "height and width multiples of 8"), ("6x16x32", "frames must be 4k \\+ 1"),
-                                ("5x16", "expected FRAMESxHEIGHTxWIDTH")):
-        with pytest.raises(PromptEncodingError, match=rf"--resolution .*{resolution}.*{message}"):
+    for resolution, message in (("5x20x32", "5x20x32.*height and width multiples of 8"),
+                                ("6x16x32", "6x16x32.*frames must be 4k \\+ 1"), ("5x16", "5x16.*expected FRAMESxHEIGHTxWIDTH"),
+                                ("5x16x32,5x32x16,5x16x32", "5x16x32 is given twice")):
+        with pytest.raises(PromptEncodingError, match=rf"--resolution .*{message}"):
             encode(assets, tmp_path / "d", resolution=resolution)
     with pytest.raises(PromptEncodingError, match=r"name first-frame images \(field 'image'\) but no --vae is given"):
         encode(assets, tmp_path / "e", vae=None, resolution=None)
@@ -291,7 +367,8 @@ def test_bad_image_inputs_name_the_row_file_or_option(assets, tmp_path):
     assert not any((tmp_path / name).exists() for name in "acdefg")  # refused before anything is written
 
 
-def test_a_cache_of_other_images_or_resolution_is_refused_and_the_same_inputs_resume(assets, cache, tmp_path, capsys):
+def test_a_cache_of_other_images_or_resolution_is_refused_and_the_same_inputs_resume(assets, cache, mixed, tmp_path,
+                                                                                    capsys):
     from phased_dmd_mega.cli import main
 
     args = ["encode-prompts", "--family", "wan", "--text-encoder", str(assets["text"]), "--prompts",
@@ -304,6 +381,11 @@ def test_a_cache_of_other_images_or_resolution_is_refused_and_the_same_inputs_re
     assert "holds a prompt cache of other inputs (differing: images)" in capsys.readouterr().err
     assert main([*args, "--resize-mode", "crop"]) == 2
     assert "differing: images" in capsys.readouterr().err
+    # --resolution repeated is the comma-separated list the mixed cache was written with.
+    repeated = [*args, "--resolution", "x".join(map(str, PORTRAIT))]
+    repeated[repeated.index(str(cache.folder))] = str(mixed.folder)
+    assert main(repeated) == 0
+    assert "resuming: 2 of 2 shards are already written" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- tensor parallel

@@ -69,9 +69,8 @@ def test_model_specific_settings():
     for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b"):
         assert recipe(name).phases.shift == 5.0
     assert recipe("qwen_image").phases.shift == 3.0
-    for name in ("wan22_t2v_a14b", "wan21_t2v_14b"):
+    for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b"):
         assert resolutions(recipe(name)) == WAN_VIDEO
-    assert resolutions(recipe("wan22_i2v_a14b")) == [(81, 480, 832, 1.0)]  # an I2V cache holds one
     assert resolutions(recipe("wan21_t2v_1_3b")) == [(81, 480, 832, 0.5), (81, 832, 480, 0.5)]
     qwen = resolutions(recipe("qwen_image"))
     assert [r[:3] for r in qwen] == QWEN_IMAGE

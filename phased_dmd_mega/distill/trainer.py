@@ -216,8 +216,8 @@ def peak_memory_gib() -> float:
 class Trainer:
     def __init__(self, cfg: Config, teacher: Experts, prompts: PromptSource, geometry: LatentGeometry):
         self.cfg, self.prompts, self.geometry = cfg, prompts, geometry
-        if prompts.image_condition is not None:  # I2V: the first-frame latents fix the resolution
-            prompts.image_condition.check_resolutions(cfg.data.resolutions, f"the prompt cache {prompts.folder}")
+        if prompts.image_conditions is not None:  # I2V: each resolution needs its first-frame latents
+            prompts.image_conditions.check_resolutions(cfg.data.resolutions)
         self.layout = phase_layout(cfg)
         opt = cfg.optimizer
         self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg), opt.generator, opt)
@@ -278,7 +278,8 @@ class Trainer:
         resolution = pick_resolution(cfg.data.resolutions, cfg.data.seed, step)
         shape = (cfg.data.batch_size, *self.geometry.latent_shape(resolution.frames, resolution.height, resolution.width))
         condition, negative = self.prompts.sample(cfg.data.batch_size,
-                                                  step_generator(cfg.data.seed, step, layout.data_parallel_rank))
+                                                  step_generator(cfg.data.seed, step, layout.data_parallel_rank),
+                                                  (resolution.frames, resolution.height, resolution.width))
         tokens = shape[0] * shape[2] * shape[3] * shape[4]
         return Batch(condition.to(layout.device), negative.to(layout.device), shape), tokens
 
@@ -446,7 +447,8 @@ def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) ->
     arch = teacher.high.arch
     in_channels = getattr(arch, "in_channels", 16)
     out_channels = getattr(arch, "out_channels", in_channels)
-    image = getattr(prompts, "image_condition", None)
+    conditions = getattr(prompts, "image_conditions", None)
+    image = None if conditions is None else conditions.first  # every resolution's channels are the same
     extra = in_channels - out_channels
     if image is None:
         if extra:
