@@ -180,7 +180,8 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--exported", help="a folder written by `phased-dmd export` (full or merged weights)")
     parser.add_argument("--output", "-o", required=True, help="folder for the samples (must not exist without --overwrite)")
     parser.add_argument("--ema", action="store_true", help="--checkpoint: sample with the generators' EMA copies")
-    parser.add_argument("--prompts", help="prompt-embedding cache folder (default: the run's own prompts)")
+    parser.add_argument("--prompts", help="prompt-embedding cache folder (default: the run's own prompts); for an "
+                        "image-to-video run it also gives the first frames, at --resolution")
     parser.add_argument("--indices", type=_indices, help="prompt rows to sample, e.g. 0,3,7 (default 0..N-1)")
     parser.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
                         help="N random prompt embeddings instead of a cache (smoke tests)")
