@@ -786,14 +786,14 @@ def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], o
             for start in range(shard.start, shard.stop, opts.batch_size):
                 stop = min(start + opts.batch_size, shard.stop)
                 embeddings.extend(encoder.encode(prompts[start:stop]))
-                if images is not None:  # one video at a time, as the pipeline encodes it
-                    first_frames.extend(images.encode(rows.images[i], f"row {i + 1} of --prompts {opts.prompts}")
-                                        for i in range(start, stop))
+                if images is not None:  # one video at a time, as the pipeline encodes it; kept in the cache's dtype
+                    for i in range(start, stop):
+                        latents = images.encode(rows.images[i], f"row {i + 1} of --prompts {opts.prompts}")
+                        first_frames.append({name: value.to(dtype) for name, value in latents.items()})
                 progress.update(stop - start)
             extra = None
             if images is not None:
-                extra = {spec.tensor: torch.stack([f[spec.tensor] for f in first_frames]).to(dtype)
-                         for spec in images.specs}
+                extra = {spec.tensor: torch.stack([f[spec.tensor] for f in first_frames]) for spec in images.specs}
             write_rows(folder / shard.file, embeddings, {**stamp, "shard": str(shard.number),
                                                          "first_row": str(shard.start)}, extra)
     finally:
