@@ -32,6 +32,8 @@ def test_tiny_demo_runs_every_stage_and_reuses_its_teacher(tmp_path):
     for method in METHODS:
         assert set(summary[method]) >= {"distance_to_data", "mode_coverage", "seconds"}
         assert math.isfinite(summary[method]["distance_to_data"]) and 0 <= summary[method]["mode_coverage"] <= 1
+    # True data samples (the reference row) sit at the data noise: the RMS of N(0, 0.05^2) over 256 values.
+    assert summary["data_samples"]["distance_to_data"] == pytest.approx(0.05, abs=0.003)
     assert summary["settings"]["tensor_parallel"] == 2
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert "Phased DMD distance / teacher 4-step distance" in first.stdout
