@@ -242,7 +242,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     res = cfg.data.resolutions[0]
     geometry = LatentGeometry(channels=4, temporal=1, spatial=8)
-    channels, _, size, _ = geometry.latent_shape(res.frames, res.height, res.width)
+    channels, _, size, _ = geometry.latent_shape(*res.pixels)
     data_settings = {"classes": args.classes, "modes": args.modes, "channels": channels, "size": size, "noise": args.data_noise}
     data = Patterns.make(**data_settings, text_dim=WAN_PRESETS["tiny"].text_dim)
     options = ModelParallelOptions(attention_backend=cfg.model.attention_backend, sequence_parallel=cfg.parallel.sequence_parallel)

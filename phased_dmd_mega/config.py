@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -194,6 +194,11 @@ class ResolutionConfig:
     height: int = 480
     width: int = 832
     probability: float = 1.0
+
+    @property
+    def pixels(self) -> Tuple[int, int, int]:
+        """(frames, height, width): the shape the latent geometry and the prompt source take."""
+        return self.frames, self.height, self.width
 
     def validate(self, check):
         check(self.frames >= 1, "frames", "must be >= 1")

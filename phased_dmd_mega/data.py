@@ -63,6 +63,11 @@ class LatentGeometry:
 IMAGE_LATENTS = "image_latents"  # the first-frame latents of a cache of one resolution (older caches)
 
 
+def resolution_text(resolution: Sequence[int]) -> str:
+    """(81, 480, 832) -> "81x480x832", as --resolution writes it."""
+    return "x".join(map(str, resolution))
+
+
 @dataclass(frozen=True)
 class ImageConditionSpec:
     """The image condition of an I2V prompt cache, as WanImageToVideoPipeline.prepare_latents
@@ -78,7 +83,7 @@ class ImageConditionSpec:
 
     @staticmethod
     def tensor_name(resolution: Sequence[int]) -> str:
-        return "image_latents." + "x".join(map(str, resolution))
+        return f"{IMAGE_LATENTS}.{resolution_text(resolution)}"
 
     @property
     def channels(self) -> int:
@@ -90,7 +95,7 @@ class ImageConditionSpec:
         return LatentGeometry(self.latent_shape[0], self.mask_channels, self.spatial)
 
     def describe(self) -> str:
-        return "x".join(map(str, self.resolution)) + " (frames x height x width)"
+        return resolution_text(self.resolution) + " (frames x height x width)"
 
     def to_index(self) -> dict:
         return {"resolution": list(self.resolution), "latent_shape": list(self.latent_shape),
@@ -142,7 +147,7 @@ class ImageConditions:
         return next(iter(self.specs.values()))
 
     def describe(self) -> str:
-        return ", ".join("x".join(map(str, r)) for r in self.specs)
+        return ", ".join(map(resolution_text, self.specs))
 
     def at(self, resolution: Optional[Sequence[int]]) -> ImageConditionSpec:
         """The condition at ``resolution`` (frames, height, width in pixels); None: the only one."""
@@ -153,17 +158,16 @@ class ImageConditions:
             return self.first
         key = tuple(int(v) for v in resolution)
         if key not in self.specs:
-            raise ValueError(f"{self.where} holds no first-frame latents at {'x'.join(map(str, key))} (frames x "
+            raise ValueError(f"{self.where} holds no first-frame latents at {resolution_text(key)} (frames x "
                              f"height x width); it has {self.describe()}: encode that resolution too "
                              "(`phased-dmd encode-prompts --vae ... --resolution FxHxW`, once per resolution)")
         return self.specs[key]
 
     def check_resolutions(self, resolutions: Sequence) -> None:
         """Every resolution of the run's data.resolutions needs its encoded first frames."""
-        missing = [(r.frames, r.height, r.width) for r in resolutions
-                   if (r.frames, r.height, r.width) not in self.specs]
+        missing = [r.pixels for r in resolutions if r.pixels not in self.specs]
         if missing:
-            listed = ", ".join("x".join(map(str, m)) for m in missing)
+            listed = ", ".join(map(resolution_text, missing))
             raise ValueError(
                 f"data.resolutions {listed} disagree with {self.where}, whose first-frame latents were encoded at "
                 f"{self.describe()} (frames x height x width) only: remove them from data.resolutions or encode "
@@ -319,7 +323,9 @@ class PromptCache(PromptSource):
         height, width; None: the cache's only one) of an image-conditioned cache."""
         if self.image_conditions is None:
             raise ValueError(f"{self.folder} holds no first-frame images (encode the prompts with --vae)")
-        spec = self.image_conditions.at(resolution)
+        return self._latents_row(index, self.image_conditions.at(resolution))
+
+    def _latents_row(self, index: int, spec: ImageConditionSpec) -> torch.Tensor:
         path, row = self._locate(index)
         return self._reader(path).read(spec.tensor, 0, row, row + 1)[0]
 
@@ -357,7 +363,7 @@ class PromptCache(PromptSource):
         if self.image_conditions is None:
             return condition
         spec = self.image_conditions.at(resolution)
-        latents = torch.stack([self.image_latents(i, spec.resolution) for i in indices])
+        latents = torch.stack([self._latents_row(i, spec) for i in indices])
         return replace(condition, concat_latents=spec.concat_latents(latents))
 
     def conditions(self, indices, resolution=None):

@@ -179,7 +179,7 @@ def tokens_of(arch_name: str, arch, resolution) -> Tuple[int, int]:
     """(latent tokens, prompt tokens that run through the blocks) of one sample."""
     from phased_dmd_mega.data import LatentGeometry
 
-    _, frames, height, width = LatentGeometry(channels=16).latent_shape(resolution.frames, resolution.height, resolution.width)
+    _, frames, height, width = LatentGeometry(channels=16).latent_shape(*resolution.pixels)
     if arch_name == "wan":
         pt, ph, pw = arch.patch_size
         return (frames // pt) * (height // ph) * (width // pw), 0

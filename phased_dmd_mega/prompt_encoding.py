@@ -42,7 +42,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega.data import (
-    PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION, ImageConditionSpec,
+    PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION, ImageConditionSpec, resolution_text,
 )
 from phased_dmd_mega.log import get_logger
 
@@ -386,7 +386,7 @@ def parse_resolutions(text: str) -> List[Tuple[int, int, int]]:
     resolutions = [parse_resolution(part.strip()) for part in str(text).split(",")]
     repeated = sorted({r for r in resolutions if resolutions.count(r) > 1})
     if repeated:
-        raise PromptEncodingError(f"--resolution {'x'.join(map(str, repeated[0]))} is given twice")
+        raise PromptEncodingError(f"--resolution {resolution_text(repeated[0])} is given twice")
     return resolutions
 
 
@@ -417,7 +417,7 @@ class FirstFrameEncoder:
         frames, height, width = resolution
         if (frames - 1) % temporal or height % spatial or width % spatial:
             raise PromptEncodingError(
-                f"--resolution {'x'.join(map(str, resolution))}: the VAE {self.folder} compresses time by "
+                f"--resolution {resolution_text(resolution)}: the VAE {self.folder} compresses time by "
                 f"{temporal} and space by {spatial}, so frames must be {temporal}k + 1 and height and width "
                 f"multiples of {spatial}")
         latent_shape = (int(self.config.get("z_dim", 16)), (frames - 1) // temporal + 1, height // spatial,

@@ -230,8 +230,7 @@ class PeriodicSamples:
 
     @classmethod
     def for_run(cls, cfg, prompts, geometry, arch) -> "PeriodicSamples":
-        first = cfg.data.resolutions[0]
-        resolution = (first.frames, first.height, first.width)
+        resolution = cfg.data.resolutions[0].pixels
         prompt_index = [i % len(prompts) for i in range(cfg.logging.sample_count)]
         seeds = [cfg.run.seed + i for i in range(cfg.logging.sample_count)]
         return cls(prompts.rows(prompt_index, resolution), sample_noise(geometry.latent_shape(*resolution), seeds),
@@ -269,9 +268,8 @@ class Samplers:
 
         opened = open_generators(path, ema=ema, overrides=overrides)
         cfg = opened.config
-        first = cfg.data.resolutions[0]
         prompts = build_prompts(cfg, opened.generators[0]) if (cfg.data.prompt_cache or cfg.data.synthetic_prompts) else None
-        return cls(opened.generators, opened.layout, cfg.phases.step_rule, prompts, (first.frames, first.height, first.width),
+        return cls(opened.generators, opened.layout, cfg.phases.step_rule, prompts, cfg.data.resolutions[0].pixels,
                    {"checkpoint": str(opened.path), "iteration": opened.iteration, "ema": ema})
 
     @classmethod

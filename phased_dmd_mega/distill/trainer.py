@@ -276,10 +276,10 @@ class Trainer:
         losses work on; the image condition is concatenated to them for each DiT call."""
         cfg, layout = self.cfg, parallel.layout()
         resolution = pick_resolution(cfg.data.resolutions, cfg.data.seed, step)
-        shape = (cfg.data.batch_size, *self.geometry.latent_shape(resolution.frames, resolution.height, resolution.width))
+        shape = (cfg.data.batch_size, *self.geometry.latent_shape(*resolution.pixels))
         condition, negative = self.prompts.sample(cfg.data.batch_size,
                                                   step_generator(cfg.data.seed, step, layout.data_parallel_rank),
-                                                  (resolution.frames, resolution.height, resolution.width))
+                                                  resolution.pixels)
         tokens = shape[0] * shape[2] * shape[3] * shape[4]
         return Batch(condition.to(layout.device), negative.to(layout.device), shape), tokens
 
