@@ -30,7 +30,7 @@ from typing import Dict
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.config import load_config
+from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource
 from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
 from phased_dmd_mega.distill.phased import sample
@@ -218,8 +218,10 @@ def save_grid(path: Path, rows: Dict[str, torch.Tensor], data: Patterns, per_cla
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def demo_parser(description: str) -> argparse.ArgumentParser:
+    """The demo's options (shared with bench/demo_regression_oracle.py, which must find the same
+    cached teacher)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="examples/configs/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--teacher-steps", type=int, default=2000)
@@ -232,10 +234,25 @@ def main() -> int:
     parser.add_argument("--model-dim", type=int, default=128, help="width of the demo's Wan DiT")
     parser.add_argument("--model-ffn", type=int, default=512, help="its feed-forward width")
     parser.add_argument("--model-layers", type=int, default=3, help="its number of blocks")
-    args = parser.parse_args()
+    return parser
+
+
+@dataclass
+class DemoSetup:
+    cfg: Config
+    layout: parallel.ParallelLayout
+    data: Patterns
+    geometry: LatentGeometry
+    teacher: Experts  # frozen
+    model_size: Dict[str, int]
+    out: Path
+
+
+def set_up(args) -> DemoSetup:
+    """Processes, data and the frozen teacher: pretrained here, or reused from the cache that an
+    earlier run with the same settings wrote."""
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.logging.level, cfg.logging.all_ranks)
-    started = time.perf_counter()
     layout = parallel.initialize(tensor_parallel=cfg.parallel.tensor_parallel, seed=cfg.run.seed)
     torch.set_num_threads(1)
     out = Path(cfg.run.output_dir)
@@ -260,6 +277,14 @@ def main() -> int:
         pretrain_teacher(teacher, data, args.teacher_steps, args.teacher_batch, 1e-3, cfg.phases.shift, cfg.run.seed)
         torch.save(teacher.state_dict(), cache)
     teacher.requires_grad_(False)
+    return DemoSetup(cfg, layout, data, geometry, teacher, model_size, out)
+
+
+def main() -> int:
+    args = demo_parser(__doc__.splitlines()[0]).parse_args()
+    started = time.perf_counter()
+    setup = set_up(args)
+    cfg, layout, data, teacher, out = setup.cfg, setup.layout, setup.data, setup.teacher, setup.out
 
     summary, rows = {}, {}
     labels = eval_labels(data, args.eval_per_class)  # the reference: true samples, the metric's floor
@@ -270,7 +295,7 @@ def main() -> int:
         rows[name] = samples
     for method in ("phased_dmd", "dmd_sgts"):
         start = time.perf_counter()
-        generators, method_layout = distill(method, teacher, data, geometry, cfg, args.iterations)
+        generators, method_layout = distill(method, teacher, data, setup.geometry, cfg, args.iterations)
         train_seconds = time.perf_counter() - start
         samples, _, summary[method] = evaluate(generators, method_layout, data, args.eval_per_class, 99)
         summary[method]["train_seconds"] = train_seconds
@@ -278,7 +303,7 @@ def main() -> int:
 
     if layout.rank == 0:
         summary["settings"] = {"teacher_steps": args.teacher_steps, "teacher_batch": args.teacher_batch,
-                               "generator_updates": args.iterations, "model": model_size,
+                               "generator_updates": args.iterations, "model": setup.model_size,
                                "processes": layout.world_size, "tensor_parallel": layout.tensor_parallel,
                                "total_seconds": time.perf_counter() - started}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("teacher_40_steps", "teacher_4_steps", "phased_dmd", "dmd_sgts")
 
 
-def run_demo(out: Path) -> subprocess.CompletedProcess:
+def run_demo(out: Path, script: str = "examples/tiny_demo.py", *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / "examples" / "tiny_demo.py"), "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
-        "--teacher-steps", "20", "--iterations", "2", "--eval-per-class", "8",
+        str(ROOT / script), "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+        "--teacher-steps", "20", "--iterations", "2", "--eval-per-class", "8", *extra,
         f"run.output_dir={out}", "phases.fake_updates_per_generator_update=1",
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -40,3 +40,26 @@ def test_tiny_demo_runs_every_stage_and_reuses_its_teacher(tmp_path):
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "teacher: reusing" in second.stderr
+
+    # The regression ceiling (bench/demo_regression_oracle.py) finds the same teacher and scores
+    # with the same evaluation noise: its own Euler loop gives the demo's 4-step teacher figure.
+    oracle = run_demo(tmp_path, "bench/demo_regression_oracle.py", "--pairs", "96", "--updates", "3", "--batch", "8")
+    assert oracle.returncode == 0, oracle.stderr[-3000:]
+    assert "teacher: reusing" in oracle.stderr
+    ceiling = json.loads((tmp_path / "regression_oracle.json").read_text())
+    assert ceiling["teacher_4_steps"]["distance_to_data"] == pytest.approx(summary["teacher_4_steps"]["distance_to_data"], rel=1e-5)
+    assert ceiling["settings"]["phase_times"] == pytest.approx([0.8333333, 0.625, 0.0])
+    assert math.isfinite(ceiling["regressed_two_steps"]["distance_to_data"])
+    assert ceiling["regressed_two_steps"]["training_pair_rms"] > 0
+
+
+def test_oracle_fine_grid_is_the_samplers_spacing():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from demo_regression_oracle import fine_times
+
+    from phased_dmd_mega.schedule import step_table
+
+    assert fine_times(1.0, 0.0, 4, 5.0) == pytest.approx(list(step_table(4, 5.0)), abs=1e-12)
+    stretch = fine_times(1.0, 0.8333333333333334, 30, 5.0)
+    assert stretch[0] == pytest.approx(1.0, abs=1e-12) and stretch[-1] == pytest.approx(0.8333333333333334, abs=1e-12)
+    assert all(a > b for a, b in zip(stretch, stretch[1:]))
