@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import tiny_demo as demo  # noqa: E402
 
 from phased_dmd_mega import parallel  # noqa: E402
-from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw  # noqa: E402
+from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw, set_learning_rate  # noqa: E402
 from phased_dmd_mega.distill.roles import Experts  # noqa: E402
 from phased_dmd_mega.distill.trainer import learning_rate_factor, trainable_copy  # noqa: E402
 from phased_dmd_mega.flow import euler_step  # noqa: E402
@@ -85,8 +85,7 @@ def regress(generator: Experts, pairs, phase_times: Sequence[float], data: demo.
     role = RoleOptimizer(generator, make_adamw(generator, lr, (0.9, 0.999), 1e-8, 0.0), grad_clip=1.0)
     recent: List[float] = []
     for step in range(updates):
-        for group in role.optimizer.param_groups:
-            group["lr"] = lr * learning_rate_factor(step, updates, 0, "cosine")
+        set_learning_rate(role, lr * learning_rate_factor(step, updates, 0, "cosine"))
         rows = torch.randint(0, len(labels), (batch,), generator=torch.Generator().manual_seed(seed * 100003 + step))
         out = integrate(generator, anchors[rows], phase_times, data.condition(labels[rows]))
         loss = (out - targets[rows]).pow(2).mean()

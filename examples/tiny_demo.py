@@ -32,7 +32,7 @@ import torch
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource
-from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
+from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw, set_learning_rate
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.distill.roles import Condition, Experts
 from phased_dmd_mega.distill.trainer import Trainer, learning_rate_factor
@@ -118,8 +118,7 @@ def pretrain_teacher(teacher: Experts, data: Patterns, steps: int, batch: int, l
     role = RoleOptimizer(teacher, make_adamw(teacher, lr, (0.9, 0.999), 1e-8, 0.0), grad_clip=1.0)
     loss_value = math.nan
     for step in range(steps):
-        for group in role.optimizer.param_groups:
-            group["lr"] = lr * learning_rate_factor(step, steps, 0, "cosine")
+        set_learning_rate(role, lr * learning_rate_factor(step, steps, 0, "cosine"))
         gen = torch.Generator().manual_seed(seed * 100003 + step)  # identical on every TP rank
         labels = torch.randint(0, data.classes, (batch,), generator=gen)
         x0 = data.draw(labels, gen)

@@ -107,6 +107,13 @@ def all_ranks_agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def set_learning_rate(role, lr: float) -> None:
+    """This step's rate for a role (RoleOptimizer or DistributedRoleOptimizer): the schedule
+    lives with the caller, the optimizer only reads ``lr`` from its groups."""
+    for group in role.optimizer.param_groups:
+        group["lr"] = lr
+
+
 def state_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -21,7 +21,7 @@ from torch import nn
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
-from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_role_optimizer
+from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, make_role_optimizer, set_learning_rate
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.log import get_logger, process_memory_mib
@@ -353,8 +353,7 @@ class Trainer:
         warmup = learning_rate_factor(phase_step, phase_total, opt.warmup_iterations, "constant")
         for roles, adam, factor in ((self.generators, opt.generator, decay * warmup), (self.fakes, opt.fake, decay)):
             for role in roles:
-                for group in role.optimizer.param_groups:
-                    group["lr"] = adam.lr * factor
+                set_learning_rate(role, adam.lr * factor)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
