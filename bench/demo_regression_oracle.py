@@ -114,8 +114,7 @@ def main() -> int:
 
     started = time.perf_counter()
     pairs = teacher_pairs(teacher, data, args.pairs, s, S, cfg.run.seed + 1)
-    labels = demo.eval_labels(data, args.eval_per_class)
-    noise = torch.randn((len(labels), *data.means.shape[2:]), generator=torch.Generator().manual_seed(99))  # the demo's
+    labels, noise = demo.eval_inputs(data, args.eval_per_class)  # the demo's
     condition = data.condition(labels)
     with torch.no_grad():
         held_out = integrate(teacher, noise, fine_times(1.0, s, FINE_STEPS, S), condition)

@@ -185,9 +185,17 @@ def eval_labels(data: Patterns, per_class: int) -> torch.Tensor:
     return torch.arange(data.classes).repeat_interleave(per_class)
 
 
-def evaluate(generators, layout, data: Patterns, per_class: int, seed: int):
+EVAL_SEED = 99  # every method is scored from the same noise
+
+
+def eval_inputs(data: Patterns, per_class: int, seed: int = EVAL_SEED):
+    """(labels, noise) of the evaluation: ``per_class`` samples of each prompt."""
     labels = eval_labels(data, per_class)
-    noise = torch.randn((len(labels), *data.means.shape[2:]), generator=torch.Generator().manual_seed(seed))
+    return labels, torch.randn((len(labels), *data.means.shape[2:]), generator=torch.Generator().manual_seed(seed))
+
+
+def evaluate(generators, layout, data: Patterns, per_class: int, seed: int = EVAL_SEED):
+    labels, noise = eval_inputs(data, per_class, seed)
     start = time.perf_counter()
     samples = sample(generators, layout, noise, data.condition(labels))
     return samples, labels, {**data.score(samples, labels), "seconds": time.perf_counter() - start}
@@ -290,13 +298,13 @@ def main() -> int:
     summary["data_samples"] = {**data.score(data.draw(labels, torch.Generator().manual_seed(98)), labels), "seconds": 0.0}
     for name, steps in (("teacher_40_steps", 40), ("teacher_4_steps", cfg.phases.num_steps)):
         teacher_layout = PhaseLayout.build(steps, num_phases=1, shift=cfg.phases.shift)
-        samples, _, summary[name] = evaluate([teacher], teacher_layout, data, args.eval_per_class, 99)
+        samples, _, summary[name] = evaluate([teacher], teacher_layout, data, args.eval_per_class)
         rows[name] = samples
     for method in ("phased_dmd", "dmd_sgts"):
         start = time.perf_counter()
         generators, method_layout = distill(method, teacher, data, setup.geometry, cfg, args.iterations)
         train_seconds = time.perf_counter() - start
-        samples, _, summary[method] = evaluate(generators, method_layout, data, args.eval_per_class, 99)
+        samples, _, summary[method] = evaluate(generators, method_layout, data, args.eval_per_class)
         summary[method]["train_seconds"] = train_seconds
         rows[method] = samples
 
