@@ -11,20 +11,22 @@ matrix-multiply rate.
 --text embedded text tokens, MLP). --model qwen_image: one block of the qwen-image preset (two
 streams, joint attention over [text, image]) at --size W H pixels (VAE factor 8, 2x2 packing:
 (H/16) * (W/16) image tokens) with --text text tokens of which --text-real are real: the rest is
-masked padding, and a masked joint attention runs through SDPA whatever the backend (see
-blocks.AttentionCore); --text-real equal to --text gives no mask.
+masked padding (SDPA masks it; flash and TE attend over the real tokens only, packed, see
+models/attention.py); --text-real equal to --text gives no mask.
 
-FLOPs count the matrix multiplies only (linears and the two attention products, masked keys
-included since the kernels compute them), backward = 2 x forward. Needs CUDA (exit 2 without),
-except --flops-only. Prints a markdown table for BENCHMARKS.md.
+FLOPs count the matrix multiplies only (linears over every token, the two attention products
+over the real tokens), backward = 2 x forward. Needs CUDA (exit 2 without), except --flops-only.
+Prints a markdown table for BENCHMARKS.md; --json PATH also writes the rows as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -57,14 +59,16 @@ def wan_block_flops(tokens: int, dim: int, ffn: int, text: int) -> float:
     return 3.0 * (self_attn + cross_attn + mlp)
 
 
-def qwen_block_flops(image_tokens: int, text_tokens: int, dim: int, ffn: int, batch: int = 1) -> float:
+def qwen_block_flops(image_tokens: int, text_tokens: int, dim: int, ffn: int, batch: int = 1,
+                     real_text_tokens: Optional[int] = None) -> float:
     """Matrix-multiply FLOPs of one Qwen-Image block, forward + backward (backward = 2 x forward):
     per stream its modulation (one [B, dim] row), fused QKV, output projection and MLP; then one
-    attention over the joint [text, image] sequence."""
+    attention over the real tokens of the joint [text, image] sequence."""
     joint = image_tokens + text_tokens
+    real = image_tokens + (text_tokens if real_text_tokens is None else real_text_tokens)
     per_token = 2 * dim * 3 * dim + 2 * dim * dim + 4 * dim * ffn  # qkv, out, mlp fc1 + fc2
     streams = joint * per_token + 2 * (2 * dim * 6 * dim)  # both streams' tokens, both modulations
-    attention = 4 * joint * joint * dim  # q k^T and p v over all heads
+    attention = 4 * real * real * dim  # q k^T and p v over all heads
     return 3.0 * batch * (streams + attention)
 
 
@@ -80,7 +84,7 @@ def qwen_tokens(width: int, height: int) -> Tuple[int, int]:
 
 
 def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> Callable[[], None]:
-    from phased_dmd_mega.models.blocks import TokenSharding, fp8_autocast
+    from phased_dmd_mega.models.blocks import fp8_autocast
     from phased_dmd_mega.models.wan import WAN_PRESETS, WanModel, WanParallel
 
     arch = replace(WAN_PRESETS["wan2.1-t2v-14b"], num_layers=1)
@@ -89,7 +93,7 @@ def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> C
     model = WanModel(arch, par).cuda()
     grid = tuple(args.grid)
     tokens = grid[0] * grid[1] * grid[2]
-    angles = model.rope_angles(grid, TokenSharding.current(tokens, False), "cuda")
+    angles = model.rope_angles(grid, model.token_sharding(tokens), "cuda")
     x = torch.randn(tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     e0 = torch.randn(1, 6, arch.dim, device="cuda")
     context = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16)
@@ -105,7 +109,8 @@ def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> C
 
 def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> Callable[[], None]:
     from phased_dmd_mega.models import blocks
-    from phased_dmd_mega.models.blocks import ModelParallelOptions, TokenSharding, fp8_autocast
+    from phased_dmd_mega.models.attention import KeyMask
+    from phased_dmd_mega.models.blocks import ModelParallelOptions, fp8_autocast
     from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageModel
 
     arch = replace(QWEN_IMAGE_PRESETS["qwen-image"], num_layers=1)
@@ -114,13 +119,13 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
     model = QwenImageModel(arch, par).cuda()
     grid = qwen_tokens(*args.size)
     image_tokens = grid[0] * grid[1]
-    img_sharding = TokenSharding.current(image_tokens, False)
-    txt_sharding = TokenSharding.current(args.text, False)
+    img_sharding = model.token_sharding(image_tokens)
+    txt_sharding = model.token_sharding(args.text)
     img_angles, txt_angles = model.rope_angles(grid, img_sharding, txt_sharding, "cuda")
     mask = None
     if args.text_real < args.text:
         mask = (torch.arange(args.text, device="cuda") < args.text_real)[None, :]
-    key_mask = blocks.joint_key_mask([(txt_sharding, mask), (img_sharding, None)], 1, "cuda")
+    key_mask = KeyMask.of(blocks.joint_key_mask([(txt_sharding, mask), (img_sharding, None)], 1, "cuda"), 1)
     img = torch.randn(image_tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     # As in the model, where temb comes from trainable layers: the modulations get input gradients too.
@@ -160,7 +165,7 @@ def workload(args) -> Tuple[str, float]:
     h, w = qwen_tokens(*args.size)
     described = (f"Qwen-Image block, {args.size[0]}x{args.size[1]}: {h * w} image tokens, {args.text} text "
                  f"({args.text_real} real)")
-    return described, qwen_block_flops(h * w, args.text, arch.dim, arch.ffn_dim)
+    return described, qwen_block_flops(h * w, args.text, arch.dim, arch.ffn_dim, real_text_tokens=args.text_real)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -176,10 +181,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fp8", default=None, help="also time the TE spec with this FP8 recipe")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP count and stop (no GPU needed)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
     if not 0 < args.text_real <= args.text:
         parser.error(f"--text-real {args.text_real} must be between 1 and --text {args.text}")
     return args
+
+
+@dataclass
+class Row:
+    backend: str
+    layers: str
+    fp8: Optional[str]
+    status: str = "ok"  # ok | not installed | failed
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    fraction_of_matmul: Optional[float] = None
+    error: Optional[str] = None
+
+
+def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
+    """Time one configuration; a failure is recorded in its row and the next one still runs."""
+    from phased_dmd_mega.models.attention import has_flash_attention
+    from phased_dmd_mega.models.blocks import has_transformer_engine
+
+    if (row.backend == "flash" and not has_flash_attention()) or (
+            row.layers == "transformer_engine" and not has_transformer_engine()):
+        row.status = "not installed"
+        return row
+    try:
+        seconds = time_step(make_step(row.backend, row.layers, row.fp8, args), args.iters)
+    except Exception as err:  # noqa: BLE001 - reported in the table, the other rows still run
+        row.status, row.error = "failed", f"{type(err).__name__}: {err}"
+        return row
+    finally:
+        torch.cuda.empty_cache()
+    row.ms = seconds * 1e3
+    row.tflops = flops / seconds / 1e12
+    row.fraction_of_matmul = row.tflops / peak
+    return row
+
+
+def print_table(rows, described: str, peak: float) -> None:
+    print(f"device: {torch.cuda.get_device_name()}, {described}, dense bf16 matmul {peak:.0f} TFLOP/s\n")
+    print("| attention | layers | fp8 | ms / fwd+bwd | TFLOP/s | of matmul rate |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if row.status != "ok":
+            print(f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.status} | - | - |")
+            continue
+        print(f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.ms:.1f} | {row.tflops:.0f} | "
+              f"{100 * row.fraction_of_matmul:.0f}% |")
+    for row in rows:
+        if row.error:
+            print(f"\n{row.backend} / {row.layers} / fp8 {row.fp8 or '-'} failed: {row.error}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -193,32 +248,19 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from phased_dmd_mega import parallel
-    from phased_dmd_mega.models.blocks import has_flash_attention, has_transformer_engine
 
     make_step = wan_step if args.model == "wan" else qwen_step
     parallel.initialize()
     peak = measured_matmul_tflops()
-    rows = []
-    runs = [(b, "transformer_engine" if b == "te" else "local", None) for b in args.backends]
+    rows = [Row(b, "transformer_engine" if b == "te" else "local", None) for b in args.backends]
     if args.fp8:
-        runs.append(("te", "transformer_engine", args.fp8))
-    for backend, impl, fp8 in runs:
-        if (backend == "flash" and not has_flash_attention()) or (impl == "transformer_engine" and not has_transformer_engine()):
-            rows.append((backend, impl, fp8, None))
-            continue
-        rows.append((backend, impl, fp8, time_step(make_step(backend, impl, fp8, args), args.iters)))
-        torch.cuda.empty_cache()
-    print(f"device: {torch.cuda.get_device_name()}, {described}, dense bf16 matmul {peak:.0f} TFLOP/s\n")
-    print("| attention | layers | fp8 | ms / fwd+bwd | TFLOP/s | of matmul rate |")
-    print("|---|---|---|---|---|---|")
-    for backend, impl, fp8, seconds in rows:
-        if seconds is None:
-            print(f"| {backend} | {impl} | {fp8 or '-'} | not installed | - | - |")
-            continue
-        tflops = flops / seconds / 1e12
-        print(f"| {backend} | {impl} | {fp8 or '-'} | {seconds * 1e3:.1f} | {tflops:.0f} | {100 * tflops / peak:.0f}% |")
+        rows.append(Row("te", "transformer_engine", args.fp8))
+    rows = [measure(row, make_step, args, flops, peak) for row in rows]
+    print_table(rows, described, peak)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(row) for row in rows], indent=1))
     parallel.destroy()
-    return 0
+    return 1 if any(row.status == "failed" for row in rows) else 0
 
 
 if __name__ == "__main__":

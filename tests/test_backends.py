@@ -8,7 +8,8 @@ import torch
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.models import WanModel, WanParallel
-from phased_dmd_mega.models.blocks import AttentionCore, linear_spec, resolve_attention_backend
+from phased_dmd_mega.models.attention import AttentionCore, KeyMask, resolve_attention_backend
+from phased_dmd_mega.models.blocks import linear_spec
 from phased_dmd_mega.models.wan import WAN_PRESETS
 
 TINY = WAN_PRESETS["tiny"]
@@ -98,7 +99,7 @@ def test_sdpa_core_masks_padded_keys(single_process):
     q, k, v = (torch.randn(10, 2, 4, 8, generator=gen) for _ in range(3))
     mask = torch.arange(10) < 7
     core = AttentionCore("sdpa", 4, 8, ulysses=False)
-    out = core(q, k, v, mask)
+    out = core(q, k, v, KeyMask.of(mask, 2))
     torch.testing.assert_close(out, _sdpa_reference(q[:], k[:7], v[:7]))
 
 

@@ -229,10 +229,10 @@ def i2v_config(tmp_path: Path, cache_folder, **data):
 
 
 def record_inputs(models: dict):
-    """Forward pre-hooks on each model's patch embedding: name -> the latents it was given."""
+    """Forward pre-hooks on each model: name -> the latents it was given."""
     seen = {name: [] for name in models}
     for name, model in models.items():
-        model.patch_embedding.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
+        model.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
     return seen
 
 

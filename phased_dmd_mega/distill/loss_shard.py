@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models.blocks import TokenSharding, latent_tokens
+from phased_dmd_mega.models.blocks import latent_tokens
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LossShard:
         num_tokens = 1
         for size, p in zip(latent_shape[2:], patch):
             num_tokens *= size // p
-        sharding = TokenSharding.current(num_tokens, model.sequence_parallel)
+        sharding = model.token_sharding(num_tokens)
         if sharding.ulysses * sharding.tp == 1:
             return cls()
         start = min(sharding.local_start, num_tokens)

@@ -1,5 +1,6 @@
-"""Pieces both DiTs share: linear-layer specs (local megatron vs Transformer Engine), TP-aware
-norms, adaLN modulation, rotary embeddings, token sharding and the attention core.
+"""Pieces both DiTs share: linear-layer specs (local megatron vs Transformer Engine), FP8,
+TP-aware norms, adaLN modulation, rotary embeddings and token sharding (the attention core is
+in ``attention``).
 
 Activations follow megatron's layout: tokens first, ``[S, B, ...]``. Under Megatron sequence
 parallelism and Ulysses each rank holds a contiguous slice of the (padded) token sequence.
@@ -11,7 +12,7 @@ import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,34 +69,128 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 @dataclass(frozen=True)
 class LinearSpec:
     """Which column-/row-parallel linear classes a model is built from (megatron's ModuleSpec
-    idea reduced to what a DiT needs): one layer definition, local or Transformer Engine."""
+    idea reduced to what a DiT needs): one layer definition, local or Transformer Engine. Both
+    families take the same keyword arguments (megatron's TE wrappers require ``skip_bias_add``
+    and ``is_expert``, keyword-only), so the layers are built through these two methods."""
 
     column: type
     row: type
+
+    def column_parallel(self, in_features: int, out_features: int, config, init):
+        return self.column(in_features, out_features, **column_parallel_kwargs(config, init))
+
+    def row_parallel(self, in_features: int, out_features: int, config, init):
+        return self.row(in_features, out_features, **row_parallel_kwargs(config, init))
+
+
+def column_parallel_kwargs(config, init) -> Dict[str, Any]:
+    """Output split over TP ranks, not gathered; the bias added inside the layer."""
+    return dict(config=config, init_method=init, bias=True, gather_output=False, skip_bias_add=False, is_expert=False)
+
+
+def row_parallel_kwargs(config, init) -> Dict[str, Any]:
+    """Input split over TP ranks, outputs summed (reduce-scattered under sequence parallelism)."""
+    return dict(config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False,
+                is_expert=False)
 
 
 def has_transformer_engine() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def local_linear_classes() -> Tuple[type, type]:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear
+
+
+def te_linear_classes() -> Optional[Tuple[type, type]]:
+    """megatron's TE wrappers, or None where TE cannot be imported (megatron then defines them
+    over a MagicMock, which no module is an instance of)."""
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    if not mcore_te.HAVE_TE:
+        return None
+    return mcore_te.TEColumnParallelLinear, mcore_te.TERowParallelLinear
+
+
 def linear_spec(transformer_impl: str = "local") -> LinearSpec:
     if transformer_impl == "local":
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        return LinearSpec(ColumnParallelLinear, RowParallelLinear)
+        return LinearSpec(*local_linear_classes())
     if transformer_impl == "transformer_engine":
-        if not has_transformer_engine():
+        classes = te_linear_classes() if has_transformer_engine() else None
+        if classes is None:
             raise RuntimeError(
                 "model.transformer_impl=transformer_engine needs CUDA and the transformer_engine "
                 "package (shipped in the NGC PyTorch image); use transformer_impl=local here"
             )
-        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
-
-        return LinearSpec(TEColumnParallelLinear, TERowParallelLinear)
+        return LinearSpec(*classes)
     raise ValueError(f"unknown transformer_impl {transformer_impl!r}; expected local or transformer_engine")
 
 
+def parallel_linear_kind(module: nn.Module) -> Optional[str]:
+    """"column" or "row" for a tensor-parallel linear of either family, else None."""
+    families = [local_linear_classes()]
+    te = te_linear_classes() if has_transformer_engine() else None
+    if te is not None:
+        families.append(te)
+    for column, row in families:
+        if isinstance(module, column):
+            return "column"
+        if isinstance(module, row):
+            return "row"
+    return None
+
+
+# ----------------------------------------------------------------------------- FP8
+
 FP8_RECIPES = ("delayed", "current", "mxfp8")
+# Compute capability each recipe needs (TE's check_fp8_support / check_mxfp8_support).
+FP8_MIN_CAPABILITY = {"delayed": (8, 9), "current": (8, 9), "mxfp8": (10, 0)}
+# TE's FP8 GEMMs need the product of an input's leading dims to be a multiple of 8 (per-tensor
+# scaling) or of the 32-element MXFP8 block (utils.assert_dim_for_fp8_exec, MXFP8Quantizer).
+FP8_TOKEN_MULTIPLE = {"delayed": 8, "current": 8, "mxfp8": 32}
+
+
+def check_fp8_recipe(recipe_name: Optional[str], capability: Optional[Tuple[int, int]], device_name: str = "") -> None:
+    """Refuse a recipe the GPU cannot run (``capability`` None: no GPU to check against)."""
+    if recipe_name is None:
+        return
+    if recipe_name not in FP8_RECIPES:
+        raise ValueError(f"fp8_recipe {recipe_name!r} is not one of {', '.join(FP8_RECIPES)}")
+    needed = FP8_MIN_CAPABILITY[recipe_name]
+    if capability is not None and tuple(capability) < needed:
+        usable = [name for name, need in FP8_MIN_CAPABILITY.items() if tuple(capability) >= need]
+        raise ValueError(
+            f"fp8_recipe={recipe_name} needs compute capability {needed[0]}.{needed[1]} or higher; this GPU "
+            f"{device_name + ' ' if device_name else ''}has {capability[0]}.{capability[1]}"
+            + (f": use {' or '.join(usable)}" if usable else ": it has no FP8 tensor cores")
+        )
+
+
+def _te_recipe(recipe_name: str):
+    from transformer_engine.common import recipe
+
+    return {"delayed": recipe.DelayedScaling, "current": recipe.Float8CurrentScaling,
+            "mxfp8": recipe.MXFP8BlockScaling}[recipe_name]()
+
+
+def _te_autocast(enabled: bool, recipe_name: Optional[str] = None):
+    """TE's quantization autocast: ``te.autocast`` since TE 2.9, ``te.fp8_autocast`` (now
+    deprecated) before. Delayed scaling all-reduces its amax history on exit over the group
+    given; the tensor- and Ulysses-parallel ranks run the same samples through the same modules
+    (data-parallel ranks may route samples to different experts, so they are left out)."""
+    import transformer_engine.pytorch as te
+    from megatron.core import parallel_state
+
+    kwargs = {}
+    if enabled:
+        group = parallel_state.get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=True)
+        kwargs = {"recipe": _te_recipe(recipe_name), "amax_reduction_group": group}
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=enabled, **kwargs)
+    renamed = {"fp8_recipe": kwargs["recipe"], "fp8_group": kwargs["amax_reduction_group"]} if enabled else {}
+    return te.fp8_autocast(enabled=enabled, **renamed)
 
 
 def fp8_autocast(recipe_name: Optional[str]):
@@ -103,37 +198,56 @@ def fp8_autocast(recipe_name: Optional[str]):
     and head are plain torch layers and stay in bf16); a no-op context without a recipe."""
     if recipe_name is None:
         return contextlib.nullcontext()
-    if recipe_name not in FP8_RECIPES:
-        raise ValueError(f"fp8_recipe {recipe_name!r} is not one of {', '.join(FP8_RECIPES)}")
-    import transformer_engine.pytorch as te
-    from transformer_engine.common import recipe
+    check_fp8_recipe(recipe_name, None)
+    return _te_autocast(True, recipe_name)
 
-    recipes = {
-        "delayed": recipe.DelayedScaling,
-        "current": recipe.Float8CurrentScaling,
-        "mxfp8": recipe.MXFP8BlockScaling,
-    }
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipes[recipe_name]())
+
+def without_fp8(recipe_name: Optional[str]):
+    """TE layers inside run in their high-precision dtype: for short side inputs (text and image
+    context) whose token count FP8 GEMMs may not take."""
+    if recipe_name is None:
+        return contextlib.nullcontext()
+    return _te_autocast(False)
 
 
 RECOMPUTE_MODES = ("none", "full", "blocks")
 
 
-def run_blocks(block_modules, x, *args, recompute: str = "none", recompute_num_blocks: int = 0):
+def _checkpoint(block, fp8: bool, *args):
+    """megatron's checkpoint (RNG states included); under FP8 TE's, which re-runs the block in
+    the FP8 autocast state of its forward (megatron's TransformerBlock does the same). Both save
+    their arguments for the backward, which takes tensors only: other arguments (a KeyMask) are
+    bound into the function instead."""
+    bound = {i: arg for i, arg in enumerate(args) if not (arg is None or torch.is_tensor(arg))}
+
+    def run(*tensors):
+        given = iter(tensors)
+        return block(*(bound[i] if i in bound else next(given) for i in range(len(args))))
+
+    tensors = [arg for i, arg in enumerate(args) if i not in bound]
+    if fp8:
+        from megatron.core.extensions.transformer_engine import te_checkpoint
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        return te_checkpoint(run, False, get_cuda_rng_tracker, tp_group(), *tensors)
+    from megatron.core.tensor_parallel import checkpoint
+
+    return checkpoint(run, False, *tensors)
+
+
+def run_blocks(block_modules, x, *args, recompute: str = "none", recompute_num_blocks: int = 0, fp8: bool = False):
     """Run the blocks in order; with activation recompute, the chosen blocks keep only their
-    inputs and are re-run in the backward (megatron's checkpoint, RNG states included).
+    inputs and are re-run in the backward.
 
     ``x`` is one token tensor, or a tuple of them for multi-stream blocks (each block then
     takes the streams as its first arguments and returns them as a tuple): the streams are
     passed to the checkpoint as separate tensors so that each gets its gradient."""
-    from megatron.core.tensor_parallel import checkpoint
-
     streams = isinstance(x, tuple)
     for index, block in enumerate(block_modules):
         inputs = x if streams else (x,)
         recomputed = recompute == "full" or (recompute == "blocks" and index < recompute_num_blocks)
         if recomputed and torch.is_grad_enabled():
-            x = checkpoint(block, False, *inputs, *args)
+            x = _checkpoint(block, fp8, *inputs, *args)
         else:
             x = block(*inputs, *args)
     return x
@@ -155,10 +269,24 @@ class ModelParallelOptions:
     def validate(self) -> None:
         if self.fp8_recipe is not None and self.transformer_impl != "transformer_engine":
             raise ValueError(f"fp8_recipe={self.fp8_recipe!r} needs transformer_impl='transformer_engine'")
+        if self.fp8_recipe is not None and torch.cuda.is_available():
+            check_fp8_recipe(self.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute {self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}")
         if self.recompute == "blocks" and self.recompute_num_blocks < 1:
             raise ValueError("recompute='blocks' needs recompute_num_blocks >= 1")
+
+    @property
+    def token_multiple(self) -> int:
+        """Each rank's token count is padded to a multiple of this (FP8 GEMMs need it)."""
+        return FP8_TOKEN_MULTIPLE[self.fp8_recipe] if self.fp8_recipe is not None else 1
+
+    @property
+    def attention(self) -> str:
+        """The attention backend these options resolve to here."""
+        from phased_dmd_mega.models.attention import resolve_attention_backend
+
+        return resolve_attention_backend(self.attention_backend, self.transformer_impl, self.dtype)
 
 
 def init_method(options: ModelParallelOptions):
@@ -174,15 +302,25 @@ def layer_setup(par) -> Tuple[LinearSpec, object]:
 
 
 def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, initialize: bool):
-    from megatron.core import ModelParallelConfig
+    """megatron's config for the parallel linears. A TransformerConfig, not the ModelParallelConfig
+    the local layers would take: megatron's TE wrappers read TransformerConfig fields
+    (``disable_parameter_transpose_cache``, ``symmetric_ar_type``). Its layer and head counts
+    describe no model (nothing here reads them); the heads only have to divide by TP."""
+    from megatron.core.transformer import TransformerConfig
 
-    return ModelParallelConfig(
-        tensor_model_parallel_size=tp_size(),
-        sequence_parallel=sequence_parallel and tp_size() > 1,
+    tp = tp_size()
+    return TransformerConfig(
+        num_layers=1, hidden_size=tp, num_attention_heads=tp,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         # Full weights initialised on CPU then sliced: the same model at any TP size.
         use_cpu_initialization=True,
         perform_initialization=initialize,
+        # TE caches a layer's FP8 weight cast after its first call and reuses it while
+        # is_first_microbatch is False, which megatron's wrapper sets after that call and never
+        # resets: trained weights would be used as they were at step 0. Recast every call.
+        disable_parameter_transpose_cache=True,
     )
 
 
@@ -190,12 +328,11 @@ def tag_tensor_parallel_parameters(module: nn.Module) -> None:
     """megatron tags its split weights (``tensor_model_parallel``, ``partition_dim``) only when
     it initialises them; a model built to be loaded needs the same tags, since gradient norms,
     clipping and megatron's optimizers rely on them."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     for layer in module.modules():
-        if isinstance(layer, ColumnParallelLinear):
+        kind = parallel_linear_kind(layer)
+        if kind == "column":
             split = [(layer.weight, 0), (layer.bias, 0)]
-        elif isinstance(layer, RowParallelLinear):
+        elif kind == "row":
             split = [(layer.weight, 1)]  # the bias is replicated
         else:
             continue
@@ -294,9 +431,8 @@ class ParallelMLP(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, options: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
         init = init_method(options)
-        self.linear_fc1 = spec.column(dim, ffn_dim, config=config, init_method=init, bias=True, gather_output=False)
-        self.linear_fc2 = spec.row(ffn_dim, dim, config=config, init_method=init, bias=True,
-                                   input_is_parallel=True, skip_bias_add=False)
+        self.linear_fc1 = spec.column_parallel(dim, ffn_dim, config, init)
+        self.linear_fc2 = spec.row_parallel(ffn_dim, dim, config, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.linear_fc1(x)
@@ -370,22 +506,24 @@ def apply_rope_interleaved(x: torch.Tensor, angles: torch.Tensor) -> torch.Tenso
 @dataclass(frozen=True)
 class TokenSharding:
     """How a sequence of ``num_tokens`` is padded and split: first into Ulysses shards, then,
-    under Megatron sequence parallelism, each Ulysses shard into tensor-parallel pieces."""
+    under Megatron sequence parallelism, each Ulysses shard into tensor-parallel pieces. Each
+    rank's piece is a multiple of ``multiple`` tokens (FP8 GEMMs need 8 or 32)."""
 
     num_tokens: int
     ulysses: int
     ulysses_rank: int
     tp: int  # 1 without sequence parallelism
     tp_rank: int
+    multiple: int = 1
 
     @classmethod
-    def current(cls, num_tokens: int, sequence_parallel: bool) -> "TokenSharding":
+    def current(cls, num_tokens: int, sequence_parallel: bool, multiple: int = 1) -> "TokenSharding":
         sp = sequence_parallel and tp_size() > 1
-        return cls(num_tokens, ulysses_size(), ulysses_rank(), tp_size() if sp else 1, tp_rank() if sp else 0)
+        return cls(num_tokens, ulysses_size(), ulysses_rank(), tp_size() if sp else 1, tp_rank() if sp else 0, multiple)
 
     @property
     def padded_tokens(self) -> int:
-        parts = self.ulysses * self.tp
+        parts = self.ulysses * self.tp * self.multiple
         return -(-self.num_tokens // parts) * parts
 
     @property
@@ -465,107 +603,3 @@ def joint_key_mask(streams, batch: int, device) -> Optional[torch.Tensor]:
         padded = sharding.pad(mask.to(device=device, dtype=torch.bool).transpose(0, 1)).transpose(0, 1)
         pieces.append(padded.unflatten(1, (sharding.ulysses, sharding.ulysses_tokens)))
     return torch.cat(pieces, dim=2).flatten(1)
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")
-
-
-def has_flash_attention() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attention_backend(requested: str, transformer_impl: str = "local") -> str:
-    """auto: flash-attn when installed with CUDA, TE attention with the TE spec, else SDPA.
-    A backend asked for explicitly that cannot run here is an error, never a silent fallback."""
-    if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend {requested!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
-    if requested == "auto":
-        if has_flash_attention():
-            return "flash"
-        if transformer_impl == "transformer_engine" and has_transformer_engine():
-            return "te"
-        return "sdpa"
-    if requested == "flash" and not has_flash_attention():
-        raise RuntimeError("attention_backend=flash needs CUDA and the flash_attn package; use sdpa or auto")
-    if requested == "te" and not has_transformer_engine():
-        raise RuntimeError("attention_backend=te needs CUDA and transformer_engine; use sdpa or auto")
-    return requested
-
-
-class AttentionCore(nn.Module):
-    """Softmax attention over [S, B, H, D] tensors with a selectable backend. Self-attention
-    under Ulysses exchanges sequence shards for head shards around the kernel (all-to-all), so
-    every rank attends over the whole sequence with a subset of the heads.
-
-    ``masked_keys_anywhere``: the key mask may have holes (joint text+image sequences), not only
-    padding at the end. TE's padding masks are turned into sequence lengths, which assumes the
-    latter, so such masked calls go through SDPA (as every masked call with flash does)."""
-
-    def __init__(self, backend: str, num_local_heads: int, head_dim: int, ulysses: bool,
-                 masked_keys_anywhere: bool = False):
-        super().__init__()
-        self.backend = backend
-        self.masked_keys_anywhere = masked_keys_anywhere
-        self.head_dim = head_dim
-        self.ulysses = ulysses and ulysses_size() > 1
-        if self.ulysses:
-            divide(num_local_heads, ulysses_size(), "attention heads per tensor-parallel rank vs Ulysses size")
-        self._te_attention = None
-        if backend == "te":
-            import transformer_engine.pytorch as te
-
-            local = num_local_heads // (ulysses_size() if self.ulysses else 1)
-            self._te_attention = te.DotProductAttention(local, head_dim, attn_mask_type="padding", qkv_format="sbhd")
-
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """q [Sq, B, H, D], k/v [Sk, B, H, D]; key_mask [Sk] or [B, Sk] True where a key is real
-        (for Ulysses self-attention: over the full gathered sequence)."""
-        if self.ulysses:
-            from phased_dmd_mega.parallel.ulysses import seq_all_to_all
-
-            q, k, v = (seq_all_to_all(t, scatter_dim=2, gather_dim=0, batch_dim=1) for t in (q, k, v))
-        out = self._attend(q, k, v, key_mask)
-        if self.ulysses:
-            out = seq_all_to_all(out, scatter_dim=0, gather_dim=2, batch_dim=1)
-        return out
-
-    def _attend(self, q, k, v, key_mask):
-        # Masked keys go through SDPA with flash (no varlen re-packing yet) and, when the mask
-        # may have holes, with TE too (its padding masks assume padding at the end).
-        if self.backend == "flash" and key_mask is None:
-            return self._flash(q, k, v)
-        if self.backend == "te" and not (self.masked_keys_anywhere and key_mask is not None):
-            return self._te(q, k, v, key_mask)
-        return self._sdpa(q, k, v, key_mask)
-
-    @staticmethod
-    def _sdpa(q, k, v, key_mask):
-        mask = None
-        if key_mask is not None:
-            mask = key_mask.reshape(-1 if key_mask.dim() == 2 else 1, 1, 1, key_mask.shape[-1])
-        out = F.scaled_dot_product_attention(
-            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask
-        )
-        return out.permute(2, 0, 1, 3)
-
-    @staticmethod
-    def _flash(q, k, v):
-        from flash_attn import flash_attn_func
-
-        return flash_attn_func(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
-
-    def _te(self, q, k, v, key_mask):
-        batch = q.shape[1]
-        if key_mask is None:
-            key_mask = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
-        keys = key_mask.expand(batch, -1) if key_mask.dim() == 1 else key_mask
-        queries = torch.ones(batch, q.shape[0], dtype=torch.bool, device=q.device)
-        # TE's padding masks are True where a position is masked out, shaped [B, 1, 1, S].
-        masks = (~queries[:, None, None, :], ~keys[:, None, None, :])
-        out = self._te_attention(q, k, v, attention_mask=masks)
-        return out.view(q.shape[0], batch, -1, self.head_dim)

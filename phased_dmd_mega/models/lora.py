@@ -108,16 +108,6 @@ class LoRALinear(nn.Module):
         return low @ pair.lora_B.t()
 
 
-def _kind(module: nn.Module) -> Optional[str]:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    if isinstance(module, ColumnParallelLinear):
-        return "column"
-    if isinstance(module, RowParallelLinear):
-        return "row"
-    return None
-
-
 def inject_lora(model: nn.Module, target_modules: Iterable[str]) -> List[LoRALinear]:
     """Wrap every parallel linear whose name ends with one of ``target_modules`` (once)."""
     existing = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -128,7 +118,7 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str]) -> List[LoRALin
     targets = tuple(target_modules)
     wrapped = []
     for path, module in list(model.named_modules()):
-        kind = _kind(module)
+        kind = blocks.parallel_linear_kind(module)  # local megatron or Transformer Engine
         if kind is None or not path.split(".")[-1] in targets:
             continue
         parent_path, _, attr = path.rpartition(".")

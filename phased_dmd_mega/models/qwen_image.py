@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from phased_dmd_mega.models import blocks
+from phased_dmd_mega.models.attention import AttentionCore, KeyMask
 from phased_dmd_mega.models.blocks import (
-    AttentionCore,
     FP32LayerNorm,
     ModelParallelOptions,
     ParallelMLP,
@@ -160,12 +160,10 @@ class QwenStreamProjections(nn.Module):
         self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Qwen-Image heads vs tensor_parallel")
         self.head_dim = arch.head_dim
         init = init_method(par)
-        self.linear_qkv = spec.column(arch.dim, 3 * arch.dim, config=config, init_method=init, bias=True,
-                                      gather_output=False)
+        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
         self.q_norm = RMSNorm(arch.head_dim, arch.eps, par.dtype)
         self.k_norm = RMSNorm(arch.head_dim, arch.eps, par.dtype)
-        self.linear_proj = spec.row(arch.dim, arch.dim, config=config, init_method=init, bias=True,
-                                    input_is_parallel=True, skip_bias_add=False)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
         if blocks.tp_size() > 1:
             # One [head_dim] weight shared by all heads: each TP rank sees only its own heads,
             # so the gradient is a partial sum over the TP group (megatron's qk_layernorm case),
@@ -199,11 +197,7 @@ class QwenJointAttention(nn.Module):
         super().__init__()
         self.img = QwenStreamProjections(arch, par, spec, config)
         self.txt = QwenStreamProjections(arch, par, spec, config)
-        self.core = AttentionCore(
-            blocks.resolve_attention_backend(par.attention_backend, par.transformer_impl),
-            self.img.num_local_heads, arch.head_dim, ulysses=True,
-            masked_keys_anywhere=True,  # text padding sits between the text and image tokens
-        )
+        self.core = AttentionCore(par.attention, self.img.num_local_heads, arch.head_dim, ulysses=True)
 
     def forward(self, img, txt, img_angles, txt_angles, key_mask):
         img_q, img_k, img_v = self.img.qkv(img, img_angles)
@@ -298,6 +292,11 @@ class QwenImageModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces of the forward
 
+    def token_sharding(self, num_tokens: int) -> TokenSharding:
+        """How this rank's share of one stream's ``num_tokens`` tokens is padded and split (the
+        losses take the image stream's split: distill.loss_shard)."""
+        return TokenSharding.current(num_tokens, self.sequence_parallel, self.par.token_multiple)
+
     def grid(self, latents_shape) -> Tuple[int, int]:
         """Packed token grid (h, w) of [B, C, H, W] latents."""
         _, _, height, width = latents_shape
@@ -362,11 +361,14 @@ class QwenImageModel(nn.Module):
         tokens [S_img_local, B, out_channels * patch**2] (packed features)."""
         img_angles, txt_angles = self.rope_angles(grid, img_sharding, txt_sharding, img.device)
         # Text first, as in diffusers' joint sequence (and in QwenJointAttention).
-        key_mask = blocks.joint_key_mask([(txt_sharding, context_mask), (img_sharding, None)], img.shape[1], img.device)
-        with blocks.fp8_autocast(self.par.fp8_recipe):
+        batch = img.shape[1]
+        key_mask = KeyMask.of(
+            blocks.joint_key_mask([(txt_sharding, context_mask), (img_sharding, None)], batch, img.device), batch)
+        par = self.par
+        with blocks.fp8_autocast(par.fp8_recipe):
             img, _ = blocks.run_blocks(
                 self.blocks, (img, txt), temb, img_angles, txt_angles, key_mask,
-                recompute=self.par.recompute, recompute_num_blocks=self.par.recompute_num_blocks,
+                recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
             )
         scale, shift = self.head_modulation(F.silu(temb)).float().chunk(2, dim=-1)
         return self.head(modulate(self.head_norm(img), shift, scale).type_as(img))
@@ -392,8 +394,8 @@ class QwenImageModel(nn.Module):
             latents = latents[:, :, 0]
         grid = self.grid(latents.shape)
         packed = pack_latents(latents, self.arch.patch_size)
-        img_sharding = TokenSharding.current(packed.shape[0], self.sequence_parallel)
-        txt_sharding = TokenSharding.current(context.shape[1], self.sequence_parallel)
+        img_sharding = self.token_sharding(packed.shape[0])
+        txt_sharding = self.token_sharding(context.shape[1])
         dtype = self.img_in.weight.dtype
         # Per-token embeddings: slice first, embed only this rank's tokens.
         img = self.embed_image(img_sharding.local_slice(packed))

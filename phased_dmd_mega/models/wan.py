@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from phased_dmd_mega.models import blocks
+from phased_dmd_mega.models.attention import AttentionCore, KeyMask
 from phased_dmd_mega.models.blocks import (
-    AttentionCore,
     FP32LayerNorm,
     ModelParallelOptions,
     RMSNormAcrossHeads,
@@ -123,15 +123,11 @@ class WanSelfAttention(nn.Module):
         self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
         self.head_dim = arch.head_dim
         init = init_method(par)
-        self.linear_qkv = spec.column(arch.dim, 3 * arch.dim, config=config, init_method=init, bias=True, gather_output=False)
+        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
         self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
         self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(
-            blocks.resolve_attention_backend(par.attention_backend, par.transformer_impl),
-            self.num_local_heads, self.head_dim, ulysses=True,
-        )
-        self.linear_proj = spec.row(arch.dim, arch.dim, config=config, init_method=init, bias=True,
-                                    input_is_parallel=True, skip_bias_add=False)
+        self.core = AttentionCore(par.attention, self.num_local_heads, self.head_dim, ulysses=True)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
 
     def forward(self, x, rope_angles, key_mask):
         qkv, _ = self.linear_qkv(x)
@@ -151,24 +147,24 @@ class WanCrossAttention(nn.Module):
         self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
         self.head_dim = arch.head_dim
         init = init_method(par)
-        self.linear_q = spec.column(arch.dim, arch.dim, config=config, init_method=init, bias=True, gather_output=False)
+        self.fp8_recipe = par.fp8_recipe
+        self.linear_q = spec.column_parallel(arch.dim, arch.dim, config, init)
         # The text is short and whole on every rank: no sequence-parallel gather for it.
-        self.linear_kv = spec.column(arch.dim, 2 * arch.dim, config=context_config, init_method=init, bias=True, gather_output=False)
+        self.linear_kv = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
         self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
         self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
         self.has_image = arch.image_dim is not None
         if self.has_image:
-            self.linear_kv_img = spec.column(arch.dim, 2 * arch.dim, config=context_config, init_method=init, bias=True, gather_output=False)
+            self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
             self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(
-            blocks.resolve_attention_backend(par.attention_backend, par.transformer_impl),
-            self.num_local_heads, self.head_dim, ulysses=False,
-        )
-        self.linear_proj = spec.row(arch.dim, arch.dim, config=config, init_method=init, bias=True,
-                                    input_is_parallel=True, skip_bias_add=False)
+        self.core = AttentionCore(par.attention, self.num_local_heads, self.head_dim, ulysses=False, cross=True)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
 
     def _keys_values(self, linear, norm, context):
-        kv, _ = linear(context)
+        # Context lengths (257 CLIP tokens) need not suit FP8 GEMMs, and their share of the
+        # compute is small: their keys and values stay in high precision.
+        with blocks.without_fp8(self.fp8_recipe):
+            kv, _ = linear(context)
         k, v = blocks.split_fused_heads(kv, self.num_local_heads, 2, self.head_dim)
         k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
         return k, v
@@ -284,7 +280,7 @@ class WanModel(nn.Module):
         return blocks.rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype):
-        """timestep [B] or per token [B, L] on the 0..1000 scale -> (e, e0)."""
+        """timestep [B] or per token [S, B] on the 0..1000 scale -> (e, e0)."""
         sinusoid = blocks.sinusoidal_embedding(timestep, self.arch.freq_dim)
         e = self.time_embedding(sinusoid)
         e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.arch.dim))
@@ -294,9 +290,18 @@ class WanModel(nn.Module):
         text = self.text_embedding
         return text["linear_2"](gelu_tanh(text["linear_1"](context)))
 
-    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """[B, C, F, H, W] -> tokens [L, B, D] in (f, h, w) order."""
-        return self.patch_embedding(latents).flatten(2).permute(2, 0, 1)
+    def token_sharding(self, num_tokens: int) -> TokenSharding:
+        """How this rank's share of ``num_tokens`` video tokens is padded and split (the losses
+        take the same split: distill.loss_shard)."""
+        return TokenSharding.current(num_tokens, self.sequence_parallel, self.par.token_multiple)
+
+    def embed_patches(self, latents: torch.Tensor, sharding: TokenSharding) -> torch.Tensor:
+        """This rank's tokens [S_local, B, D] of [B, C, F, H, W] latents. The patch embedding is a
+        convolution whose stride is its kernel, i.e. one linear map per patch: applied to this
+        rank's patches only, no rank holds the whole sequence at model width."""
+        patches = sharding.local_slice(blocks.latent_tokens(latents, self.token_patch).transpose(0, 1))
+        conv = self.patch_embedding
+        return F.linear(patches, conv.weight.flatten(1), conv.bias)
 
     def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """[L, B, out * prod(patch)] (channel fastest) -> [B, out, F, H, W]."""
@@ -321,11 +326,12 @@ class WanModel(nn.Module):
         output tokens [S_local, B, out * prod(patch)]. ``e``/``e0`` are [B, D] / [B, 6, D], or
         per token [S_local, B, D] / [S_local, B, 6, D] already sharded like the tokens."""
         angles = self.rope_angles(grid, sharding, tokens.device)
-        key_mask = sharding.key_padding_mask(tokens.device)
-        with blocks.fp8_autocast(self.par.fp8_recipe):
+        key_mask = KeyMask.of(sharding.key_padding_mask(tokens.device), tokens.shape[1])
+        par = self.par
+        with blocks.fp8_autocast(par.fp8_recipe):
             tokens = blocks.run_blocks(
                 self.blocks, tokens, e0, context, image_context, angles, key_mask,
-                recompute=self.par.recompute, recompute_num_blocks=self.par.recompute_num_blocks,
+                recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
             )
         shift, scale = (self.head_modulation.float() + e.float().unsqueeze(-2)).unbind(-2)
         return self.head(modulate(self.head_norm(tokens), shift, scale).type_as(tokens))
@@ -342,25 +348,24 @@ class WanModel(nn.Module):
         [B, C_out, F, H, W] on every rank.
 
         Backward: a loss computed from the full output on every rank gives each tensor-parallel
-        weight shard its exact gradient. Work done before the tokens are split (patch and time
-        embeddings, the latents themselves) sees only this rank's tokens under sequence
-        parallelism or Ulysses: those gradients are partial sums over the group, added up by
-        the trainer (parameters tagged ``sequence_parallel`` over the TP group, all of them
-        over the Ulysses ranks through the data-parallel reduction)."""
+        weight shard its exact gradient. Work done on this rank's tokens only under sequence
+        parallelism or Ulysses (the patch and per-token time embeddings, the head) gives
+        gradients that are partial sums over the group, added up by the trainer (parameters
+        tagged ``sequence_parallel`` over the TP group, all of them over the Ulysses ranks
+        through the data-parallel reduction)."""
         grid = self.grid(latents.shape)
         dtype = self.patch_embedding.weight.dtype
-        tokens = self.patchify(latents.to(dtype))
-        sharding = TokenSharding.current(tokens.shape[0], self.sequence_parallel)
+        sharding = self.token_sharding(grid[0] * grid[1] * grid[2])
+        tokens = self.embed_patches(latents.to(dtype), sharding)
+        if timestep.dim() == 2:  # per-token timesteps (TI2V): this rank's tokens' only
+            timestep = sharding.local_slice(timestep.transpose(0, 1))
         e, e0 = self.embed_time(timestep, dtype)
-        if timestep.dim() == 2:  # per-token timesteps (TI2V): shard like the tokens
-            e, e0 = sharding.local_slice(e.transpose(0, 1)), sharding.local_slice(e0.transpose(0, 1))
         text = self.embed_text(context.to(dtype)).transpose(0, 1)
         image = None
         if self.image_embedding is not None and encoder_hidden_states_image is not None:
             image = self.image_embedding(encoder_hidden_states_image.to(dtype)).transpose(0, 1)
-        out = self.forward_tokens(sharding.local_slice(tokens), e, e0, text, image, grid, sharding)
+        out = self.forward_tokens(tokens, e, e0, text, image, grid, sharding)
         return self.unpatchify(sharding.gather(out), grid)
-
 
 
 # ----------------------------------------------------------------------------- weight names
