@@ -1,7 +1,5 @@
 """Attention backends and layer specs: explicit requests that cannot run here are clear errors,
-never silent fallbacks; the GPU paths themselves are tested where CUDA (and the package) exist."""
-
-import importlib.util
+never silent fallbacks; the GPU paths themselves are tested in test_gpu.py."""
 
 import pytest
 import torch
@@ -101,32 +99,6 @@ def test_sdpa_core_masks_padded_keys(single_process):
     core = AttentionCore("sdpa", 4, 8, ulysses=False)
     out = core(q, k, v, KeyMask.of(mask, 2))
     torch.testing.assert_close(out, _sdpa_reference(q[:], k[:7], v[:7]))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flash", "te"])
-def test_gpu_backends_match_sdpa(single_process, backend):
-    package = {"flash": "flash_attn", "te": "transformer_engine"}[backend]
-    if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(256, 2, 4, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = AttentionCore(backend, 4, 64, ulysses=False).cuda()(q, k, v)
-    torch.testing.assert_close(out.float(), _sdpa_reference(q, k, v), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.gpu
-def test_te_spec_with_fp8_runs_forward_and_backward(single_process):
-    if importlib.util.find_spec("transformer_engine") is None:
-        pytest.skip("transformer_engine is not installed")
-    from dataclasses import replace
-
-    arch = replace(TINY, dim=128, ffn_dim=256, num_heads=2, text_dim=64)
-    model = WanModel(arch, WanParallel(transformer_impl="transformer_engine", fp8_recipe="delayed", dtype=torch.bfloat16)).cuda()
-    latents = torch.randn(1, 16, 2, 16, 16, device="cuda")
-    out = model(latents, torch.tensor([500.0], device="cuda"), torch.randn(1, 16, 64, device="cuda"))
-    out.float().square().mean().backward()
-    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("model_name", ["wan", "qwen_image"])
