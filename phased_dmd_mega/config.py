@@ -60,6 +60,11 @@ class ModelConfig:
             "fp8_recipe",
             "needs model.transformer_impl=transformer_engine",
         )
+        check(
+            not (self.attention_backend == "flash" and self.dtype == "float32"),
+            "attention_backend",
+            "flash needs model.dtype bfloat16 or float16 (flash-attn refuses float32); use sdpa or auto",
+        )
         check(self.recompute_num_blocks >= 0, "recompute_num_blocks", "must be >= 0")
         check(
             self.recompute != "blocks" or self.recompute_num_blocks > 0,

@@ -93,6 +93,8 @@ def test_wrong_types_are_rejected_with_the_key(override, message):
         (["optimizer.fake.betas=[0.9, 1.0]"], r"optimizer.fake.betas: must be two values in \[0, 1\)"),
         (["parallel.tensor_parallel=0"], r"parallel.tensor_parallel: must be >= 1"),
         (["model.fp8_recipe=delayed"], r"model.fp8_recipe: needs model.transformer_impl=transformer_engine"),
+        (["model.attention_backend=flash", "model.dtype=float32"],
+         r"model.attention_backend: flash needs model.dtype bfloat16 or float16 \(flash-attn refuses float32\)"),
         (["data.resolutions=[{probability: 0.4}]"], r"data.resolutions: probabilities sum to 0.4, not 1"),
         (["data.batch_size=4", "data.micro_batch_size=3"], r"data.micro_batch_size: must divide batch_size 4, got 3"),
         (["data.batch_size=2", "data.micro_batch_size=4"], r"data.micro_batch_size: must divide batch_size 2, got 4"),
