@@ -250,6 +250,26 @@ def test_wheels_install_into_a_site_dir_that_wins_over_the_checkout(tmp_path):
         gpu_check.wheel_files(tmp_path / "other")
 
 
+def test_check_gpu_wheels_names_duplicates_strays_wrong_tags_and_size(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import check_gpu_wheels
+
+    for name in ("deepspeed-0.19.8-py3-none-any.whl", "hjson-3.1.0-py3-none-any.whl", "hjson-3.0.0-py3-none-any.whl",
+                 "pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl", "six-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"x" * 1000)
+    (tmp_path / "megatron_core-0.16.1-cp312-cp312-linux_x86_64.whl").write_bytes(b"")
+    found = check_gpu_wheels.problems(tmp_path, ["deepspeed", "hjson", "pydantic-core", "megatron-core", "diffusers"],
+                                      pure=["deepspeed"], max_mib=0.004)
+    assert found == [
+        "megatron_core-0.16.1-cp312-cp312-linux_x86_64.whl: not for CPython 3.12 on manylinux x86_64",
+        "pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl: not for CPython 3.12 on manylinux x86_64",
+        "diffusers: missing",
+        "six: not expected (six-1.0-py3-none-any.whl)",
+        "hjson: 2 wheels, one expected (hjson-3.0.0-py3-none-any.whl, hjson-3.1.0-py3-none-any.whl)",
+        f"{tmp_path}: 0.00477 MiB, over the 0.004 MiB limit",
+    ]
+
+
 GPU_WHEELS = {"megatron-core", "deepspeed", "diffusers", "pydantic", "pydantic-core", "annotated-types",
               "typing-inspection", "typing-extensions", "hjson", "phased-dmd-mega"}
 

@@ -80,7 +80,7 @@ def problems(folder: Path, expect: Sequence[str], pure: Sequence[str], max_mib: 
                 found.append(f"{wheel.path.name}: expected a pure-Python py3-none-any wheel")
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     if total > max_mib * MIB:
-        found.append(f"{folder}: {total / MIB:.1f} MiB, over the {max_mib:g} MiB limit")
+        found.append(f"{folder}: {total / MIB:.3g} MiB, over the {max_mib:g} MiB limit")
     return found
 
 
