@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.phased-dmd-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast setup clean-venv
+.PHONY: demo test test-fast setup clean-venv gpu-wheels
 
 setup: $(STAMP)
 
@@ -33,3 +33,26 @@ demo: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels for `python bench/gpu_check.py --wheels DIR` on a bare, air-gapped CUDA machine whose
+# python3.12 (x86_64) has torch, triton, transformers, numpy and the usual packages but none of
+# these. Binary ones for that interpreter, not this one; each pinned, one version of each.
+# megatron-core and diffusers import nothing else the machine lacks; DeepSpeed needs hjson and
+# pydantic 2 (pydantic-core, annotated-types, typing-inspection, and typing-extensions >= 4.16,
+# which may be newer than the machine's). DeepSpeed is an sdist only: built here without its ops.
+GPU_WHEELS ?= .gpu-wheels
+GPU_WHEELS_MAX_MIB ?= 60
+GPU_WHEEL_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_WHEEL_PINS := megatron-core==0.16.1 diffusers==0.42.1 hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+GPU_WHEEL_NAMES := $(foreach pin,$(GPU_WHEEL_PINS),$(firstword $(subst ==, ,$(pin)))) deepspeed phased-dmd-mega
+
+# Order-only on the venv: an older stamp must not reinstall it here.
+gpu-wheels: | $(STAMP)
+	@mkdir -p $(GPU_WHEELS) && rm -f $(GPU_WHEELS)/*.whl
+	$(PY) -m pip download -q --no-deps $(GPU_WHEEL_TARGET) -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) deepspeed==0.19.8
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) .
+	$(PY) tools/check_gpu_wheels.py $(GPU_WHEELS) --max-mib $(GPU_WHEELS_MAX_MIB) \
+		--expect $(GPU_WHEEL_NAMES) --pure deepspeed phased-dmd-mega

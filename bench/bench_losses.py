@@ -15,15 +15,17 @@ The bandwidth counts the bytes the fused kernels must move (each counted once, t
 
 The eager column's GB/s uses the same byte count (an effective bandwidth: eager moves more).
 
-Usage: ``python bench/bench_losses.py [--batch 1] [--dtypes fp32,bf16] [--ops subinterval,dmd]``.
-Needs a CUDA GPU.
+Usage: ``python bench/bench_losses.py [--batch 1] [--dtypes fp32,bf16] [--ops subinterval,dmd]
+[--json rows.json]``. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -65,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--block", type=int, default=None, help="elements per Triton program (default: the kernels' own)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the rows to PATH as a JSON list of objects (the table is printed either way)")
     args = parser.parse_args(argv)
     args.dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
     args.ops = [name.strip() for name in args.ops.split(",") if name.strip()]
@@ -197,6 +201,12 @@ def markdown_table(rows: List[Row], copy_gbps: float, device: str) -> str:
     return "\n".join(lines)
 
 
+def write_json(rows: List[Row], path: Path) -> None:
+    """The rows as a JSON list of objects, one per row, with the Row fields as keys."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -214,6 +224,8 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth_gbps(args)
     rows = [measure(op, dtype, copy_gbps, args) for op in args.ops for dtype in args.dtypes]
     print(markdown_table(rows, copy_gbps, torch.cuda.get_device_name()))
+    if args.json is not None:
+        write_json(rows, args.json)
     return 0
 
 
