@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def float32_precision():
+    """torch's float32 precision flags (TF32 on CUDA), put back after a test that sets them;
+    yields a function that reads them: (matmul, cuDNN convolutions)."""
+    backends = torch.backends
+    saved = backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
+
+    def read():
+        return backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
+
+    yield read
+    backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = saved

@@ -40,6 +40,18 @@ def test_invalid_sizes_name_the_sizes(kwargs, message):
     assert not parallel.is_initialized() and not dist.is_initialized()
 
 
+@pytest.mark.parametrize("allow_tf32, precision", [(True, "tf32"), (False, "ieee")])
+def test_initialize_sets_the_float32_precision_when_asked(float32_precision, allow_tf32, precision):
+    other = "ieee" if allow_tf32 else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = other
+    parallel.initialize()  # not asked: torch's settings stay
+    parallel.destroy()
+    assert float32_precision() == (other, other)
+    parallel.initialize(allow_tf32=allow_tf32)
+    parallel.destroy()
+    assert float32_precision() == (precision, precision)
+
+
 # ----------------------------------------------------------------------------- group layout
 
 

@@ -478,7 +478,7 @@ def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) ->
 def train(cfg: Config) -> int:
     """``phased-dmd train``: one process per GPU (torchrun), or one process on CPU."""
     layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel,
-                                 cfg.parallel.sequence_parallel, cfg.run.seed)
+                                 cfg.parallel.sequence_parallel, cfg.run.seed, allow_tf32=cfg.run.tf32)
     try:
         teacher = build_teacher(cfg)
         prompts = build_prompts(cfg, teacher)

@@ -69,17 +69,29 @@ def _start_process_group(backend: str, timeout: datetime.timedelta) -> bool:
     return True
 
 
+def use_tf32(enabled: bool) -> None:
+    """TF32 (or strict IEEE float32) for the float32 matmuls and cuDNN convolutions of this
+    process on CUDA; the flags exist, and do nothing, on CPU. torch's fp32_precision settings
+    (2.9+), which replace the allow_tf32 flags; once they are set, reading the old ones back
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.get_float32_matmul_precision()``) raises."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def initialize(
     tensor_parallel: int = 1,
     ulysses_parallel: int = 1,
     sequence_parallel: bool = False,
     seed: int = 0,
     timeout_s: float = 1800.0,
+    allow_tf32: Optional[bool] = None,
 ) -> ParallelLayout:
     """Start torch.distributed (gloo without CUDA, nccl with it) and megatron-core's groups.
 
     ``sequence_parallel`` is Megatron sequence parallelism inside the tensor-parallel group;
     ``ulysses_parallel`` is the size of the Ulysses (all-to-all) sequence-parallel group.
+    ``allow_tf32``: see :func:`use_tf32` (None leaves torch's settings as they are).
     """
     global _layout, _owns_process_group
     if _layout is not None:
@@ -92,6 +104,8 @@ def initialize(
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         cpu_compat.apply()
+    if allow_tf32 is not None:
+        use_tf32(allow_tf32)
     backend = "nccl" if use_cuda else "gloo"
     owns = _start_process_group(backend, datetime.timedelta(seconds=timeout_s))
 
