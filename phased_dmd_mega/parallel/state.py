@@ -69,6 +69,18 @@ def _start_process_group(backend: str, timeout: datetime.timedelta) -> bool:
     return True
 
 
+def local_cuda_device() -> int:
+    """This process's GPU: torchrun's LOCAL_RANK, which must be one of the GPUs it sees."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
+        raise RuntimeError(f"LOCAL_RANK is {local_rank}, but this process sees {count} GPU(s){shown}: "
+                           f"start at most {count} processes per node (torchrun --nproc_per_node)")
+    return local_rank
+
+
 def use_tf32(enabled: bool) -> None:
     """TF32 (or strict IEEE float32) for the float32 matmuls and cuDNN convolutions of this
     process on CUDA; the flags exist, and do nothing, on CPU. torch's fp32_precision settings
@@ -101,7 +113,7 @@ def initialize(
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_cuda_device())
     else:
         cpu_compat.apply()
     if allow_tf32 is not None:
