@@ -17,6 +17,9 @@
 #   PYTHON           [python3]
 #   DRY_RUN=1        same as --dry-run: print the resolved config, the memory estimate and the
 #                    command, and launch nothing
+#
+# Exported for the training processes: CUDA_DEVICE_MAX_CONNECTIONS=1, which megatron's
+# tensor-/sequence-parallel layers rely on to overlap their communication with compute.
 
 launch_fail() {
     echo "$(basename "$0"): error: $*" >&2
@@ -93,6 +96,17 @@ check_parallel_fit() {  # tensor_parallel ulysses_parallel
     fi
 }
 
+# One hardware work queue from the host to each GPU: kernels of all streams start in the order
+# they are issued, so that megatron's layers can issue a collective first and overlap it with
+# the compute issued after it (megatron-LM sets the same for TP/SP runs). Another value only
+# loses that overlap, so a value left in the environment is replaced, with a note.
+set_launch_environment() {
+    if [[ -n "${CUDA_DEVICE_MAX_CONNECTIONS:-}" && "$CUDA_DEVICE_MAX_CONNECTIONS" != 1 ]]; then
+        launch_note "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS replaced by 1 (megatron's overlap needs it)"
+    fi
+    export CUDA_DEVICE_MAX_CONNECTIONS=1
+}
+
 launch() {
     local dry_run=${DRY_RUN:-0} arg
     local -a user_overrides=()
@@ -130,6 +144,7 @@ print(cfg["parallel"]["tensor_parallel"], cfg["parallel"]["ulysses_parallel"], c
         --nproc_per_node "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
         -m phased_dmd_mega train --config "$CONFIG" "${overrides[@]}"
     )
+    set_launch_environment
     local world=$((NNODES * GPUS_PER_NODE))
     if [[ "$dry_run" == 1 || "$NODE_RANK" == 0 ]]; then
         if [[ "$dry_run" == 1 ]]; then
@@ -142,6 +157,8 @@ print(cfg["parallel"]["tensor_parallel"], cfg["parallel"]["ulysses_parallel"], c
         echo "global batch: data.batch_size $batch x $((world / (tp * ulysses))) data-parallel ranks = $((batch * world / (tp * ulysses)))"
     fi
     if [[ "$dry_run" == 1 ]]; then
+        echo "# launch environment"
+        echo "export CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS"
         echo "# launch command (node $NODE_RANK of $NNODES; run the same on every node with its NODE_RANK)"
         printf '%q ' "${command[@]}"
         echo

@@ -71,8 +71,19 @@ def renoise_step(x_t: torch.Tensor, flow: torch.Tensor, t: Time, t_next: Time, n
     return (1 - t_next) * x0_from_flow(x_t, flow, t) + t_next * noise
 
 
+def host_to_device(draw: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """A tensor drawn on the CPU (the trainer's keyed CPU generators: the same numbers on every
+    rank and device), on ``device``, with the same values. To a GPU it goes through pinned
+    memory without blocking: a copy from pageable memory would make the host wait for the GPU
+    at every draw. The copy is queued on the current stream, before the kernels that read it."""
+    device = torch.device(device)
+    if draw.device.type == "cpu" and device.type == "cuda":
+        return draw.pin_memory().to(device, non_blocking=True)
+    return draw.to(device)
+
+
 def seeded_normal(like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """N(0, 1) noise shaped like ``like``, drawn where ``generator`` lives (the trainer's are CPU
     generators, the same numbers on every rank and device) and then moved to ``like``'s device."""
     device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    return host_to_device(torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype), like.device)

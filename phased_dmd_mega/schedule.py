@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 
+from phased_dmd_mega import flow
+
 Time = TypeVar("Time", float, torch.Tensor)
 
 RENOISE_INTERVALS = ("reverse_nested", "disjoint")
@@ -235,7 +237,8 @@ def sample_renoise_t(
     subinterval target divides by ``sigma_{t|s}``, which vanishes there; ``t = 1`` is harmless
     and allowed.
 
-    Draws on ``generator``'s device (CPU generator -> CPU draw), then moves to ``device``.
+    Draws and computes on ``generator``'s device (CPU generator -> CPU draw), then moves to
+    ``device`` (``flow.host_to_device``).
     """
     lo, hi = renoise_range(layout, phase, interval, t_min, t_max, margin, expert_boundary)
     shift_s = layout.shift if renoise_shift is None else renoise_shift
@@ -243,11 +246,12 @@ def sample_renoise_t(
     gen_device = generator.device if generator is not None else torch.device("cpu")
     r = torch.rand(batch, generator=generator, dtype=torch.float64, device=gen_device)
     u = u_hi - (u_hi - u_lo) * r  # r in [0, 1) -> u in (u_lo, u_hi]
-    t = shift(u, shift_s).to(dtype=dtype, device=device)
+    t = shift(u, shift_s).to(dtype)
     # Rounding (float64 maths, then the cast) must not land on or outside the range.
     lo_t = torch.tensor(lo, dtype=dtype, device=t.device)
     hi_t = torch.tensor(hi, dtype=dtype, device=t.device)
-    return torch.minimum(torch.maximum(t, torch.nextafter(lo_t, hi_t)), hi_t)
+    t = torch.minimum(torch.maximum(t, torch.nextafter(lo_t, hi_t)), hi_t)
+    return t if device is None else flow.host_to_device(t, device)
 
 
 def renoise_range_kwargs(phases_cfg: Any) -> Dict[str, Any]:

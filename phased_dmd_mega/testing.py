@@ -5,10 +5,15 @@ processes with torchrun's environment variables (free port on loopback), calls `
 and returns the per-rank results in rank order. An exception on any rank is raised in the
 caller with that rank's traceback; a rank that dies or hangs fails the call instead of hanging
 the test session. ``fn`` must be importable (a module-level function), as with any spawn.
+
+The ranks see no GPU unless asked (``use_cuda=True``): a CPU test's ranks use gloo and CPU
+tensors on a GPU host too (where LOCAL_RANK could name a GPU that does not exist), and their
+Triton kernels run in Triton's interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue
@@ -19,6 +24,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.multiprocessing as mp
+
+
+# Set in the environment the ranks start with: read before any of their code runs (CUDA when
+# torch first touches it, Triton when a kernel module is imported).
+HIDDEN_CUDA = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
 
 
 class DistributedRunError(RuntimeError):
@@ -37,6 +47,21 @@ def _to_bytes(value: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _environment(values: Dict[str, str]):
+    """``os.environ`` with ``values`` set (processes started meanwhile inherit them), then as before."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, env, threads, results) -> None:
@@ -63,9 +88,11 @@ def run_distributed(
     timeout_s: float = 300.0,
     env: Optional[Dict[str, str]] = None,
     threads: int = 1,
+    use_cuda: bool = False,
     **kwargs: Any,
 ) -> List[Any]:
-    """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return results by rank."""
+    """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return results by rank.
+    ``use_cuda``: the ranks see this process's GPUs (else none, see the module docstring)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -77,8 +104,9 @@ def run_distributed(
         )
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
+    with _environment({} if use_cuda else HIDDEN_CUDA):
+        for proc in procs:
+            proc.start()
     try:
         return _collect(procs, results, world_size, timeout_s)
     finally:

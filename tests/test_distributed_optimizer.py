@@ -11,7 +11,13 @@ import torch.distributed as dist
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.checkpoint import flat_range_boxes
-from phased_dmd_mega.distill.optim import MAIN_PARAM, DistributedRoleOptimizer, make_role_optimizer
+from phased_dmd_mega.distill.optim import (
+    MAIN_PARAM,
+    DistributedRoleOptimizer,
+    RoleOptimizer,
+    make_adamw,
+    make_role_optimizer,
+)
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
 from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
@@ -349,6 +355,83 @@ def test_the_run_config_chooses_the_optimizer(one_rank):
         assert isinstance(role, kind) and role.grad_clip == 2.5
         assert all(g["betas"] == (0.5, 0.99) and g["lr"] == opt.fake.lr and g["weight_decay"] == opt.fake.weight_decay
                    for g in role.optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------- with Transformer Engine
+
+
+class PerGroupStepAdam(torch.optim.Optimizer):
+    """AdamW that counts steps the way TE's FusedAdam does (transformer_engine 2.x fused_adam.py):
+    one count per parameter group, advanced at every step, also for the parameters it then skips
+    for want of a gradient. Takes the ``adam_w_mode`` keyword megatron passes to FusedAdam."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True):
+        assert adam_w_mode, "the project asks for decoupled weight decay"
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].lerp_(param.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** group["step"])).sqrt().add_(group["eps"])
+                param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** group["step"]))
+
+
+@pytest.fixture
+def transformer_engine_adam(monkeypatch):
+    """megatron-core as it is with Transformer Engine installed: both modules that import an
+    Adam at import time hold FusedAdam (here with its step counting), and megatron's optimizer
+    factory does not take torch's."""
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer import distrib_optimizer
+
+    monkeypatch.setattr(mcore_optimizer, "Adam", PerGroupStepAdam)
+    monkeypatch.setattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False)
+    monkeypatch.setattr(distrib_optimizer, "Adam", PerGroupStepAdam)  # its type check of the inner optimizer
+
+
+class TwoParts(torch.nn.Module):
+    """Two experts in one role: the second gets a gradient only on the steps that use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.high, self.low = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+
+    def forward(self, x, use_low: bool):
+        out = self.high(x)
+        return out + self.low(x) if use_low else out
+
+
+def test_the_distributed_optimizer_counts_steps_per_parameter_with_transformer_engine_installed(
+        one_rank, transformer_engine_adam):
+    torch.manual_seed(0)
+    model, reference_model = TwoParts(), TwoParts()
+    reference_model.load_state_dict(model.state_dict())
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    role = DistributedRoleOptimizer(model, **settings)
+    reference = RoleOptimizer(reference_model, make_adamw(reference_model, **settings))
+    assert [type(sub.optimizer) for sub in role.optimizer.chained_optimizers] == [torch.optim.AdamW]
+    uses_low = [True, False, False, True, False]
+    for step, use_low in enumerate(uses_low):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
+        for each in (role, reference):
+            each.model(x, use_low).square().sum().backward()
+            each.step()
+    expected = {name: float(reference.optimizer.state[p]["step"]) for name, p in reference_model.named_parameters()}
+    assert expected["low.weight"] == sum(uses_low) < expected["high.weight"] == len(uses_low)
+    assert role.steps() == expected
+    for (name, got), want in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 # ----------------------------------------------------------------------------- layout

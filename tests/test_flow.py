@@ -83,3 +83,38 @@ def test_seeded_normal_draws_on_the_generators_device_then_moves():
     assert drawn.device.type == "meta" and drawn.dtype == torch.float64
     cpu = seeded_normal(torch.zeros(3, 4, dtype=torch.float64), torch.Generator().manual_seed(7))
     assert torch.equal(cpu, torch.randn(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- keyed CPU draws on a device
+
+
+def _keyed(seed=5):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_to_device_and_seeded_normal_give_exactly_the_generators_draw(dtype):
+    reference = torch.randn(3, 4, 5, generator=_keyed(), dtype=dtype)
+    assert torch.equal(flow.host_to_device(torch.randn(3, 4, 5, generator=_keyed(), dtype=dtype), "cpu"), reference)
+    assert torch.equal(flow.seeded_normal(torch.zeros(3, 4, 5, dtype=dtype), _keyed()), reference)
+
+
+def test_renoise_times_moved_to_a_device_are_the_drawn_ones():
+    from phased_dmd_mega.schedule import PhaseLayout, sample_renoise_t
+
+    layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
+    drawn = sample_renoise_t(layout, 1, 16, _keyed())
+    assert torch.equal(sample_renoise_t(layout, 1, 16, _keyed(), device="cpu"), drawn)
+
+
+@pytest.mark.gpu
+def test_keyed_cpu_draws_reach_a_gpu_unchanged():
+    from phased_dmd_mega.schedule import PhaseLayout, sample_renoise_t
+
+    reference = torch.randn(2, 3, 4, generator=_keyed())
+    moved = flow.host_to_device(torch.randn(2, 3, 4, generator=_keyed()), "cuda")
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), reference)
+    assert torch.equal(flow.seeded_normal(torch.zeros(2, 3, 4, device="cuda"), _keyed()).cpu(), reference)
+    layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
+    on_gpu = sample_renoise_t(layout, 0, 16, _keyed(), device="cuda")
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), sample_renoise_t(layout, 0, 16, _keyed()))

@@ -26,7 +26,8 @@ def inputs(tmp_path):
 
 
 def run_script(script, env, *args):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_"))}
+    ours = ("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_", "CUDA_DEVICE_MAX_CONNECTIONS")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     full_env = {**clean, "PYTHON": sys.executable, "DRY_RUN": "1", **env}
     return subprocess.run(["bash", str(ROOT / "examples" / script), *args], env=full_env, capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
@@ -127,6 +128,27 @@ def test_bad_overrides_and_arguments_are_reported(inputs):
     assert "configuration error: phases.num_phases: 3 does not divide num_steps 4" in bad_key.stderr
     stray = run_script("run_wan22_a14b.sh", {**inputs, "GPUS_PER_NODE": "8"}, "fast")
     assert stray.returncode == 2 and "unexpected argument 'fast'" in stray.stderr
+
+
+def test_the_launch_exports_cuda_device_max_connections_1(inputs, tmp_path):
+    """megatron's TP/SP communication overlap relies on it: the dry run shows it, and torchrun
+    gets it, also when the environment had another value."""
+    dry = run_script("run_wan22_a14b.sh", {**inputs, "GPUS_PER_NODE": "8", "CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[lines.index("export CUDA_DEVICE_MAX_CONNECTIONS=1") + 1].startswith("# launch command")
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=8 replaced by 1" in dry.stderr
+    # A real launch, with a python that answers for torchrun by printing what it was given.
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$2" = torch.distributed.run ]; then\n'
+                      f'  echo "torchrun sees CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS"; exit 0\nfi\n'
+                      f'exec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    for given in ({}, {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}):
+        env = {**inputs, "GPUS_PER_NODE": "8", "DRY_RUN": "0", "PYTHON": str(python), **given}
+        launched = run_script("run_wan22_a14b.sh", env)
+        assert launched.returncode == 0, launched.stderr
+        assert launched.stdout.splitlines()[-1] == "torchrun sees CUDA_DEVICE_MAX_CONNECTIONS=1"
 
 
 def test_help_describes_the_variables():

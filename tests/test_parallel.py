@@ -40,6 +40,29 @@ def test_invalid_sizes_name_the_sizes(kwargs, message):
     assert not parallel.is_initialized() and not dist.is_initialized()
 
 
+def test_a_local_rank_beyond_the_visible_gpus_is_an_error_naming_both(monkeypatch):
+    from phased_dmd_mega.parallel import state
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # what parallel.initialize asks on CUDA
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert state.local_cuda_device() == 1
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK is 2, but this process sees 2 GPU\(s\)"):
+        state.local_cuda_device()
+
+
+@pytest.mark.parametrize("allow_tf32, precision", [(True, "tf32"), (False, "ieee")])
+def test_initialize_sets_the_float32_precision_when_asked(float32_precision, allow_tf32, precision):
+    other = "ieee" if allow_tf32 else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = other
+    parallel.initialize()  # not asked: torch's settings stay
+    parallel.destroy()
+    assert float32_precision() == (other, other)
+    parallel.initialize(allow_tf32=allow_tf32)
+    parallel.destroy()
+    assert float32_precision() == (precision, precision)
+
+
 # ----------------------------------------------------------------------------- group layout
 
 

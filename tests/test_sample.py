@@ -116,6 +116,13 @@ def test_sample_from_a_checkpoint_equals_the_in_process_sampler(wan_run, tmp_pat
     assert rel_error(ema, saved["latents"]) > 1e-4  # the EMA copies are other generators
 
 
+def test_sampling_from_a_checkpoint_uses_the_runs_float32_precision(wan_run, tmp_path, float32_precision):
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert run_sample("--checkpoint", wan_run.checkpoints, "-o", tmp_path / "s", "--indices", "0",
+                      "run.tf32=false") == 0
+    assert float32_precision() == ("ieee", "ieee")
+
+
 def test_exported_generators_and_a_prompt_cache_give_the_same_latents(wan_run, tmp_path):
     assert cli.main(["export", "--checkpoint", str(wan_run.checkpoints), "--dst", str(tmp_path / "exported")]) == 0
     # The trainer's synthetic prompts (4, seed 0), as a prompt cache on disk.

@@ -2,6 +2,7 @@
 resume after SIGKILL with the same losses as an uninterrupted run, SIGTERM checkpoints and
 exits, non-finite steps are skipped and too many stop the run with a checkpoint."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
 from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
 from phased_dmd_mega.distill.trainer import NonFiniteLossError, Trainer, build_teacher, learning_rate_factor, step_schedule
+from phased_dmd_mega.parallel import state as parallel_state
 
 TINY_RUN = {
     "run": {"seed": 1, "max_consecutive_nonfinite": 2},
@@ -113,6 +115,17 @@ def test_resuming_a_checkpoint_of_another_run_is_refused_with_the_keys_at_fault(
     assert cli.main(["train", "--config", str(config), "optimizer.generator.lr=5e-4", "data.micro_batch_size=1"]) == 0
     out = capsys.readouterr()
     assert "resumed from" in out.out + out.err
+
+
+@pytest.mark.parametrize("tf32, precision", [("true", "tf32"), ("false", "ieee")])
+def test_train_sets_the_runs_float32_precision(tmp_path, float32_precision, tf32, precision):
+    from phased_dmd_mega import cli
+
+    other = "ieee" if precision == "tf32" else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = other
+    config = write_config(tmp_path, phases={"iterations_per_phase": 1})
+    assert cli.main(["train", "--config", str(config), f"run.tf32={tf32}"]) == 0
+    assert float32_precision() == (precision, precision)
 
 
 class NaNTeacher(torch.nn.Module):
@@ -261,3 +274,48 @@ def test_warmup_and_decay_restart_with_each_phase_and_warmup_holds_back_the_gene
     warmup = [0.5, 1.0, 1.0, 1.0]
     expected = [(d * w, 2.0 * d) for d, w in zip(decay, warmup)]
     assert [r for pair in rates for r in pair] == pytest.approx([r for pair in expected + expected for r in pair])
+
+
+def _tensors(module: torch.nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _optimizer_states(role):
+    """(name, tensor) of a role's optimizer states, without torch AdamW's step counters: 0-dim
+    CPU tensors wherever the parameters are (capturable=False), by design."""
+    role.ensure_state()
+    for index, state in enumerate(role.optimizer.state.values()):
+        for name, value in state.items():
+            if torch.is_tensor(value) and not (name == "step" and value.dim() == 0 and value.device.type == "cpu"):
+                yield f"state{index}.{name}", value
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_every_role_and_its_optimizer_state_live_on_the_training_device(tmp_path, monkeypatch, lora_rank):
+    """The teacher is built on the CPU and the training device is another one ("meta" stands in
+    for a GPU): teacher, generators, fakes and EMA copies, their buffers and optimizer states all
+    end up on the training device, full copies and LoRA adapters alike."""
+    cfg = load_config(write_config(tmp_path), [f"model.lora.rank={lora_rank}", "optimizer.ema_decay=0.9",
+                                               "optimizer.distributed=false"])
+    training = torch.device("meta")
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        assert {t.device.type for _, t in _tensors(teacher)} == {"cpu"}
+        with monkeypatch.context() as patch:  # undone before parallel.destroy()
+            patch.setattr(parallel_state, "_layout", dataclasses.replace(parallel.layout(), device=training))
+            trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+    finally:
+        parallel.destroy()
+    placed = {f"teacher.{name}": t.device for name, t in _tensors(teacher)}
+    roles = trainer.roles()
+    assert {"generator0", "generator1", "fake0", "fake1", "generator0_ema", "generator1_ema"} == set(roles)
+    for role_name, role in roles.items():
+        placed.update((f"{role_name}.{name}", t.device) for name, t in _tensors(role.model))
+        if role.optimizer is not None:
+            states = dict(_optimizer_states(role))
+            assert states, role_name
+            placed.update((f"{role_name}.optimizer.{name}", t.device) for name, t in states.items())
+    misplaced = {key: device for key, device in placed.items() if device != training}
+    assert not misplaced, misplaced

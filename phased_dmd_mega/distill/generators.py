@@ -26,6 +26,7 @@ from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.parallel.state import use_tf32
 from phased_dmd_mega.schedule import PhaseLayout
 
 log = get_logger(__name__)
@@ -91,6 +92,8 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
         raise RuntimeError("open_generators builds models for the parallel state: call parallel.initialize() first")
     folder = resolve_checkpoint(path)
     cfg = _for_this_layout(load_config(folder / checkpoint.CONFIG_FILE, overrides))
+    # The caller set up the device before the run's config was known: its float32 precision now.
+    use_tf32(cfg.run.tf32)
     if ema and cfg.optimizer.ema_decay is None:
         raise ValueError(f"{folder} holds no generator EMA (the run had optimizer.ema_decay unset); drop --ema")
     lora = cfg.model.lora.rank > 0

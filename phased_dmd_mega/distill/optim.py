@@ -16,11 +16,13 @@ Two optimizers give the same updates:
   Gradients live in one contiguous fp32 buffer, are reduce-scattered over the data-parallel
   group, and each data-parallel rank updates only its contiguous slice of that buffer, so the
   AdamW states (and, for bf16/fp16 weights, the fp32 main weights) are split over the
-  data-parallel ranks; the updated weights are all-gathered after the step.
+  data-parallel ranks; the updated weights are all-gathered after the step. Each slice is
+  updated by torch's AdamW, whichever Adam megatron would pick (see ``_torch_adamw_in_megatron``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -194,6 +196,24 @@ def _megatron_optimizer_config(lr, betas, eps, weight_decay, dtype: torch.dtype)
     )
 
 
+@contextlib.contextmanager
+def _torch_adamw_in_megatron():
+    """megatron-core builds its Adam from TE's (or apex's) FusedAdam whenever one is installed.
+    FusedAdam counts steps per parameter group, and advances the count at every step even for
+    the parameters it skips for want of a gradient: the low-noise expert of a two-expert role,
+    which no sample reached on a step, would get the bias correction of steps it never took.
+    torch's AdamW counts steps per parameter, as the per-rank optimizer does and as checkpoints
+    (``steps``/``set_steps``) record them; megatron uses it when it found neither package."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    found = mcore_optimizer.USING_PYTORCH_OPTIMIZER
+    mcore_optimizer.USING_PYTORCH_OPTIMIZER = True
+    try:
+        yield
+    finally:
+        mcore_optimizer.USING_PYTORCH_OPTIMIZER = found
+
+
 class DistributedRoleOptimizer:
     """A trainable role under megatron's DistributedDataParallel + DistributedOptimizer.
 
@@ -215,7 +235,9 @@ class DistributedRoleOptimizer:
         config = _megatron_optimizer_config(lr, betas, eps, weight_decay, params[0].dtype)
         # config_overrides={}: weight decay on every parameter, as torch's AdamW does (megatron
         # would otherwise exempt biases and 1-D parameters).
-        self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides={}, use_gloo_process_groups=False)
+        with _torch_adamw_in_megatron():
+            self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides={},
+                                                    use_gloo_process_groups=False)
         self._names = {param: name for name, param in model.named_parameters() if param.requires_grad}
         self._index = {param: i for i, param in enumerate(self._names)}
         self._touched = torch.zeros(len(self._names), device=_collective_device())
@@ -290,9 +312,8 @@ class DistributedRoleOptimizer:
             if sub.optimizer is None:
                 continue
             sub.init_state_fn(sub.optimizer, sub.config)
-            if _per_parameter_steps(sub.optimizer):
-                for state in sub.optimizer.state.values():
-                    state.setdefault("step", torch.zeros((), dtype=torch.float32))
+            for state in sub.optimizer.state.values():
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
     def owned_slices(self) -> Dict[str, OwnedSlice]:
         """Parameter name -> the slice of its optimizer state that this rank holds."""
@@ -311,7 +332,7 @@ class DistributedRoleOptimizer:
         self.ensure_state()
         counts = torch.zeros(len(self._names), dtype=torch.float64, device=_collective_device())
         for param, shard, sub in self._pairs():
-            counts[self._index[param]] = _step_of(sub.optimizer, shard)
+            counts[self._index[param]] = float(sub.optimizer.state[shard]["step"])
         if _group_size(self._dp_group) > 1:  # a parameter's slices may all be on other ranks
             dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._dp_group)
         return {name: float(counts[self._index[p]]) for p, name in self._names.items()}
@@ -319,7 +340,8 @@ class DistributedRoleOptimizer:
     def set_steps(self, steps: Dict[str, float]) -> None:
         self.ensure_state()
         for param, shard, sub in self._pairs():
-            _set_step(sub.optimizer, shard, steps[self._names[param]])
+            step = steps[self._names[param]]
+            sub.optimizer.state[shard]["step"] = torch.tensor(step, dtype=torch.float32)
 
     def reload_main_params(self) -> None:
         """After the weights were overwritten (a checkpoint load): main shards from the weights."""
@@ -343,28 +365,6 @@ def _pairs_of(sub):
                            (sub.model_fp32_groups, sub.shard_fp32_groups)):
         for model_group, shard_group in zip(models, shards):
             yield from zip(model_group, shard_group)
-
-
-def _per_parameter_steps(optimizer: torch.optim.Optimizer) -> bool:
-    """torch's Adam/AdamW count steps per parameter; TE's and apex's FusedAdam per group."""
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-
-
-def _group_of(optimizer: torch.optim.Optimizer, shard: torch.Tensor) -> dict:
-    return next(g for g in optimizer.param_groups if any(p is shard for p in g["params"]))
-
-
-def _step_of(optimizer: torch.optim.Optimizer, shard: torch.Tensor) -> float:
-    if _per_parameter_steps(optimizer):
-        return float(optimizer.state[shard]["step"])
-    return float(_group_of(optimizer, shard).get("step", 0))
-
-
-def _set_step(optimizer: torch.optim.Optimizer, shard: torch.Tensor, step: float) -> None:
-    if _per_parameter_steps(optimizer):
-        optimizer.state[shard]["step"] = torch.tensor(step, dtype=torch.float32)
-    else:
-        _group_of(optimizer, shard)["step"] = int(step)
 
 
 def make_role_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,

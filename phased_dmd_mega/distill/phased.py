@@ -91,7 +91,7 @@ class PhasedDMD:
         return LossShard.for_model(self.teacher.experts.high, batch.latent_shape)
 
     def _noise(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(batch.latent_shape, generator=generator).to(self.device)
+        return flow.host_to_device(torch.randn(batch.latent_shape, generator=generator), self.device)
 
     def _anchor(self, phase: int, batch: Batch, iteration: int, purpose: int, with_grad: bool) -> Anchor:
         gen = self._random(iteration, phase, purpose)
@@ -103,8 +103,9 @@ class PhasedDMD:
     def _renoise_draws(self, like: torch.Tensor, phase: int, iteration: int, purpose: int):
         """The re-noising times and noise of a whole batch shaped like ``like``."""
         gen = self._random(iteration, phase, purpose + 1000)
-        t = sample_renoise_t(self.layout, phase, like.shape[0], gen, **(self.settings.renoise or {}))
-        return t.to(self.device), flow.seeded_normal(like, gen)
+        renoise = self.settings.renoise or {}
+        t = sample_renoise_t(self.layout, phase, like.shape[0], gen, **renoise, device=self.device)
+        return t, flow.seeded_normal(like, gen)
 
     def _renoised(self, anchor: Anchor, phase: int, iteration: int, purpose: int):
         t, eps = self._renoise_draws(anchor.x_s, phase, iteration, purpose)

@@ -93,9 +93,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def trainable_copy(model: nn.Module) -> nn.Module:
-    """A trainable copy of a DiT (megatron layers hold process groups, so: build, then load)."""
-    fresh = type(model)(model.arch, replace(model.par, initialize=False))
-    fresh.load_state_dict(model.state_dict())
+    """A trainable copy of a DiT on the model's own device (megatron layers hold process groups,
+    so: build, then load). Built under that device, so that a GPU copy never passes through host
+    memory; then moved there, for the tensors that layers create on a device of their own."""
+    device = next(model.parameters()).device
+    with torch.device(device):
+        fresh = type(model)(model.arch, replace(model.par, initialize=False))
+    fresh.to(device).load_state_dict(model.state_dict())
     return fresh.requires_grad_(True)
 
 
@@ -220,9 +224,14 @@ class Trainer:
             prompts.image_conditions.check_resolutions(cfg.data.resolutions)
         self.layout = phase_layout(cfg)
         opt = cfg.optimizer
-        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg), opt.generator, opt)
-                           for k in range(self.layout.num_phases)]
-        self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg), opt.fake, opt)
+        # Every role lives on the training device, and is put there before its optimizer exists
+        # (an optimizer holds its parameters, and creates its states beside them). The roles are
+        # copies of (or LoRA adapters on) the teacher, made on the teacher's device.
+        device = parallel.layout().device
+        teacher.to(device)  # build_teacher put it there; a teacher built elsewhere moves now
+        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg).to(device), opt.generator,
+                                          opt) for k in range(self.layout.num_phases)]
+        self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg).to(device), opt.fake, opt)
                       for k in range(self.layout.num_phases)]
         phases = cfg.phases
         settings = PhasedDMDSettings(
@@ -233,11 +242,10 @@ class Trainer:
             seed=cfg.run.seed,
         )
         guided = GuidedTeacher(teacher, phases.guidance_scale, phases.guidance_scale_low_noise)
-        device = parallel.layout().device
         self.phased = PhasedDMD(self.layout, guided, self.generators, self.fakes, settings, device)
         self.schedule = step_schedule(cfg, self.layout.num_phases)
         # Generator EMA: a frozen copy per phase, moved toward the generator after each update.
-        self.ema = ([ema_of(role.model, k, cfg) for k, role in enumerate(self.generators)]
+        self.ema = ([ema_of(role.model, k, cfg).to(device) for k, role in enumerate(self.generators)]
                     if opt.ema_decay is not None else None)
         self.output = Path(cfg.run.output_dir)
         self.samples = None
@@ -470,7 +478,7 @@ def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) ->
 def train(cfg: Config) -> int:
     """``phased-dmd train``: one process per GPU (torchrun), or one process on CPU."""
     layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel,
-                                 cfg.parallel.sequence_parallel, cfg.run.seed)
+                                 cfg.parallel.sequence_parallel, cfg.run.seed, allow_tf32=cfg.run.tf32)
     try:
         teacher = build_teacher(cfg)
         prompts = build_prompts(cfg, teacher)

@@ -69,17 +69,41 @@ def _start_process_group(backend: str, timeout: datetime.timedelta) -> bool:
     return True
 
 
+def local_cuda_device() -> int:
+    """This process's GPU: torchrun's LOCAL_RANK, which must be one of the GPUs it sees."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
+        raise RuntimeError(f"LOCAL_RANK is {local_rank}, but this process sees {count} GPU(s){shown}: "
+                           f"start at most {count} processes per node (torchrun --nproc_per_node)")
+    return local_rank
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 (or strict IEEE float32) for the float32 matmuls and cuDNN convolutions of this
+    process on CUDA; the flags exist, and do nothing, on CPU. torch's fp32_precision settings
+    (2.9+), which replace the allow_tf32 flags; once they are set, reading the old ones back
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.get_float32_matmul_precision()``) raises."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def initialize(
     tensor_parallel: int = 1,
     ulysses_parallel: int = 1,
     sequence_parallel: bool = False,
     seed: int = 0,
     timeout_s: float = 1800.0,
+    allow_tf32: Optional[bool] = None,
 ) -> ParallelLayout:
     """Start torch.distributed (gloo without CUDA, nccl with it) and megatron-core's groups.
 
     ``sequence_parallel`` is Megatron sequence parallelism inside the tensor-parallel group;
     ``ulysses_parallel`` is the size of the Ulysses (all-to-all) sequence-parallel group.
+    ``allow_tf32``: see :func:`use_tf32` (None leaves torch's settings as they are).
     """
     global _layout, _owns_process_group
     if _layout is not None:
@@ -89,9 +113,11 @@ def initialize(
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_cuda_device())
     else:
         cpu_compat.apply()
+    if allow_tf32 is not None:
+        use_tf32(allow_tf32)
     backend = "nccl" if use_cuda else "gloo"
     owns = _start_process_group(backend, datetime.timedelta(seconds=timeout_s))
 
