@@ -62,14 +62,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def float32_precision():
     """torch's float32 precision flags (TF32 on CUDA), put back after a test that sets them;
-    yields a function that reads them: (matmul, cuDNN convolutions)."""
+    yields a function that reads them: (matmul, cuDNN) as the legacy flags (which raise when
+    they disagree with the new settings) and as the new matmul setting."""
     import torch
 
     backends = torch.backends
-    saved = backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
+    saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
 
     def read():
-        return backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision
+        return backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cuda.matmul.fp32_precision
 
     yield read
-    backends.cuda.matmul.fp32_precision, backends.cudnn.conv.fp32_precision = saved
+    backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved

@@ -53,14 +53,14 @@ def test_a_local_rank_beyond_the_visible_gpus_is_an_error_naming_both(monkeypatc
 
 @pytest.mark.parametrize("allow_tf32, precision", [(True, "tf32"), (False, "ieee")])
 def test_initialize_sets_the_float32_precision_when_asked(float32_precision, allow_tf32, precision):
-    other = "ieee" if allow_tf32 else "tf32"
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = other
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not allow_tf32
+    before = float32_precision()
     parallel.initialize()  # not asked: torch's settings stay
     parallel.destroy()
-    assert float32_precision() == (other, other)
+    assert float32_precision() == before
     parallel.initialize(allow_tf32=allow_tf32)
     parallel.destroy()
-    assert float32_precision() == (precision, precision)
+    assert float32_precision() == (allow_tf32, allow_tf32, precision)
 
 
 # ----------------------------------------------------------------------------- group layout

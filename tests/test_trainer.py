@@ -117,15 +117,14 @@ def test_resuming_a_checkpoint_of_another_run_is_refused_with_the_keys_at_fault(
     assert "resumed from" in out.out + out.err
 
 
-@pytest.mark.parametrize("tf32, precision", [("true", "tf32"), ("false", "ieee")])
+@pytest.mark.parametrize("tf32, precision", [(True, "tf32"), (False, "ieee")])
 def test_train_sets_the_runs_float32_precision(tmp_path, float32_precision, tf32, precision):
     from phased_dmd_mega import cli
 
-    other = "ieee" if precision == "tf32" else "tf32"
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = other
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
     config = write_config(tmp_path, phases={"iterations_per_phase": 1})
-    assert cli.main(["train", "--config", str(config), f"run.tf32={tf32}"]) == 0
-    assert float32_precision() == (precision, precision)
+    assert cli.main(["train", "--config", str(config), f"run.tf32={str(tf32).lower()}"]) == 0
+    assert float32_precision() == (tf32, tf32, precision)
 
 
 class NaNTeacher(torch.nn.Module):

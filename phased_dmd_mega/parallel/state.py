@@ -83,12 +83,12 @@ def local_cuda_device() -> int:
 
 def use_tf32(enabled: bool) -> None:
     """TF32 (or strict IEEE float32) for the float32 matmuls and cuDNN convolutions of this
-    process on CUDA; the flags exist, and do nothing, on CPU. torch's fp32_precision settings
-    (2.9+), which replace the allow_tf32 flags; once they are set, reading the old ones back
-    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.get_float32_matmul_precision()``) raises."""
-    precision = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    process on CUDA; the flags exist, and do nothing, on CPU. The allow_tf32 setters write torch's
+    legacy and new (``fp32_precision``, 2.9+) settings alike: setting the new ones alone leaves the
+    two disagreeing, and torch then raises wherever the legacy ones are read (its own
+    ``allowTF32CuBLAS``, libraries that read ``allow_tf32``)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def initialize(
