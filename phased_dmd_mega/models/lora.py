@@ -171,9 +171,9 @@ def adapter_layers(view: AdapterView) -> List[Tuple[str, LoRAPair]]:
 @torch.no_grad()
 def merged_parameters(view: AdapterView) -> Dict[str, torch.Tensor]:
     """The role as a plain model: the shared model's parameters under the names they have
-    without adapters, each adapted weight replaced by W + (alpha / r) B A (computed in fp32,
-    stored in W's dtype). Under tensor parallelism every rank merges its own slices: B (column)
-    or A (row) is split exactly like W."""
+    without adapters, each adapted weight replaced by W + (alpha / r) B A (computed in float64,
+    which no TF32 setting touches, stored in W's dtype). Under tensor parallelism every rank
+    merges its own slices: B (column) or A (row) is split exactly like W."""
     pairs = dict(adapter_layers(view))
     wrapped = {m.path for m in view.shared.modules() if isinstance(m, LoRALinear)}
     merged: Dict[str, torch.Tensor] = {}
@@ -189,7 +189,7 @@ def merged_parameters(view: AdapterView) -> Dict[str, torch.Tensor]:
         weight = param.detach()
         if leaf == "weight" and path in pairs:
             pair = pairs[path]
-            update = pair.scale * (pair.lora_B.float() @ pair.lora_A.float())
-            weight = (weight.float() + update).to(weight.dtype)
+            update = pair.scale * (pair.lora_B.double() @ pair.lora_A.double())
+            weight = (weight.double() + update).to(weight.dtype)
         merged[f"{path}.{leaf}"] = weight
     return merged
