@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -33,19 +32,6 @@ import torch
 
 VAE_FACTOR = 8  # pixels per latent, Qwen-Image's VAE
 PATCH = 2  # Qwen-Image's 2x2 packing
-
-
-def measured_matmul_tflops(dtype=torch.bfloat16, size=8192, iters=20) -> float:
-    a = torch.randn(size, size, device="cuda", dtype=dtype)
-    b = torch.randn(size, size, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
 
 
 # ----------------------------------------------------------------------------- FLOP counts
@@ -140,17 +126,6 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
     return step
 
 
-def time_step(step: Callable[[], None], iters: int) -> float:
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -202,6 +177,7 @@ class Row:
 
 def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
     """Time one configuration; a failure is recorded in its row and the next one still runs."""
+    from phased_dmd_mega.benchmarking import seconds_per_call
     from phased_dmd_mega.models.attention import has_flash_attention
     from phased_dmd_mega.models.blocks import has_transformer_engine
 
@@ -210,7 +186,7 @@ def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
         row.status = "not installed"
         return row
     try:
-        seconds = time_step(make_step(row.backend, row.layers, row.fp8, args), args.iters)
+        seconds = seconds_per_call(make_step(row.backend, row.layers, row.fp8, args), iters=args.iters)
     except Exception as err:  # noqa: BLE001 - reported in the table, the other rows still run
         row.status, row.error = "failed", f"{type(err).__name__}: {err}"
         return row
@@ -248,10 +224,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from phased_dmd_mega import parallel
+    from phased_dmd_mega.benchmarking import dense_matmul_tflops
 
     make_step = wan_step if args.model == "wan" else qwen_step
     parallel.initialize()
-    peak = measured_matmul_tflops()
+    peak = dense_matmul_tflops()
     rows = [Row(b, "transformer_engine" if b == "te" else "local", None) for b in args.backends]
     if args.fp8:
         rows.append(Row("te", "transformer_engine", args.fp8))

@@ -444,42 +444,18 @@ def gpu_facts(torch) -> Dict[str, Any]:
     }
 
 
-def timed_seconds(torch, fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def measured_gemm_tflops(torch, size: int = 8192, iters: int = 50) -> float:
-    """Dense bf16 matrix multiply, size^3, the rate the block benchmarks are compared with."""
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    c = torch.empty_like(a)
-    seconds = timed_seconds(torch, lambda: torch.mm(a, b, out=c), warmup=5, iters=iters)
-    return 2 * size**3 * iters / seconds / 1e12
-
-
-def measured_copy_gbps(torch, mib: int = 1024, iters: int = 20) -> float:
-    """Device-to-device copy of a buffer far larger than L2, bytes read + bytes written."""
-    src = torch.empty(mib * 2**20, device="cuda", dtype=torch.uint8).random_()
-    dst = torch.empty_like(src)
-    seconds = timed_seconds(torch, lambda: dst.copy_(src), warmup=3, iters=iters)
-    return 2 * src.numel() * iters / seconds / 1e9
-
-
 def probe_environment(path: Path) -> int:
     """The environment stage's subprocess: facts into ``path`` (JSON), exit 1 if a measurement failed."""
     facts: Dict[str, Any] = {"python": platform.python_version(), "errors": {}}
     facts.update(package_versions())
     import torch
 
-    measurements = {"device": lambda: gpu_facts(torch),
-                    "bf16_gemm_tflops": lambda: {"bf16_gemm_tflops": round(measured_gemm_tflops(torch), 1)},
-                    "copy_gbps": lambda: {"copy_gbps": round(measured_copy_gbps(torch), 1)}}
+    def measured_rates():  # the project's own timing (phased_dmd_mega.benchmarking), as the benches use
+        from phased_dmd_mega.benchmarking import copy_gbps, dense_matmul_tflops
+
+        return {"bf16_gemm_tflops": round(dense_matmul_tflops(iters=50), 1), "copy_gbps": round(copy_gbps(), 1)}
+
+    measurements = {"device": lambda: gpu_facts(torch), "rates": measured_rates}
     for key, measure in measurements.items():
         try:
             facts.update(measure())

@@ -1,0 +1,36 @@
+"""Timing on a CUDA device, for the benchmark scripts and bench/gpu_check.py: wall-clock seconds
+between synchronisations, and the device's own dense matrix-multiply and copy rates that
+achieved figures are compared with."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def seconds_per_call(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
+    """Mean seconds of ``fn`` after ``warmup`` calls, the device synchronised around the timed ones."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def dense_matmul_tflops(size: int = 8192, iters: int = 20, dtype: torch.dtype = torch.bfloat16) -> float:
+    """A size^3 matrix multiply's rate on random data (TFLOP/s)."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    return 2 * size**3 / seconds_per_call(lambda: torch.mm(a, b, out=out), warmup=5, iters=iters) / 1e12
+
+
+def copy_gbps(mib: int = 1024, iters: int = 20) -> float:
+    """A device-to-device copy of a buffer far larger than L2: bytes read + written per second (GB/s)."""
+    src = torch.empty(mib * 2**20, device="cuda", dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / seconds_per_call(lambda: dst.copy_(src), warmup=3, iters=iters) / 1e9
