@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 
 # The tiny end-to-end distillation on CPU: 2 gloo processes at tensor parallel 2 (a few minutes).
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/tiny_demo.py --config examples/configs/tiny_cpu.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/tiny_demo.py --config examples/configs/tiny_cpu.yaml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -182,7 +182,7 @@ def _ddp_stand_in_config():
     model (only ``calculate_per_token_loss``, false: gradients are averaged over ranks)."""
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1)
+    return TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1, cuda_graph_scope=[])
 
 
 def _megatron_optimizer_config(lr, betas, eps, weight_decay, dtype: torch.dtype):

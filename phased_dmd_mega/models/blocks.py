@@ -321,6 +321,7 @@ def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, in
         # is_first_microbatch is False, which megatron's wrapper sets after that call and never
         # resets: trained weights would be used as they were at step 0. Recast every call.
         disable_parameter_transpose_cache=True,
+        cuda_graph_scope=[],  # the default "full" warns on every build (its deprecated spelling)
     )
 
 

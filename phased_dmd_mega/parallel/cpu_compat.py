@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -155,6 +156,8 @@ def apply() -> bool:
         setattr(owner, attr, replacement)
         PATCHES[name] = replacement
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_SameGeneratorFilter())
+    # A CUDA stream setting, advised by megatron's linears on their first call: no stream here.
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
     _applied = True
     return True
 
