@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models import WanArch, WanModel, WanParallel
+from phased_dmd_mega.models import ModelParallelOptions, WanArch, WanModel
 from phased_dmd_mega.models.wan import diffusers_weight_rules
 from phased_dmd_mega.models.weights import (
     COLUMN,
@@ -83,7 +83,7 @@ def diffusers_variant(request, tmp_path_factory):
 
 def load_model(folder, sequence_parallel=False, **options):
     arch = WanArch.from_diffusers_config(json.loads((folder / "config.json").read_text()))
-    par = WanParallel(sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options)
+    par = ModelParallelOptions(sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options)
     model = WanModel(arch, par)
     layout = parallel.layout()
     state = load_rank_state(

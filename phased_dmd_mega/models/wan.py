@@ -1,8 +1,10 @@
-"""Wan 2.1 / 2.2 DiT on megatron-core (spec: models.md, "Wan 2.1 / 2.2").
+"""Wan 2.1 / 2.2 DiT on megatron-core: the computation of diffusers' ``WanTransformer3DModel``
+(and of Wan-Video's original ``WanModel``), with megatron's tensor-parallel layers.
 
 One block: adaLN-modulated self-attention with 3D RoPE, un-modulated cross-attention to the text
 (plus the image branch of Wan2.1 I2V), adaLN-modulated GELU(tanh) MLP. Heads and the MLP are
-split over tensor-parallel ranks; tokens over Megatron sequence-parallel and Ulysses ranks.
+split over tensor-parallel ranks; tokens over Megatron sequence-parallel and Ulysses ranks. The
+Hugging Face names and layouts of its weights are in ``wan_formats``.
 """
 
 from __future__ import annotations
@@ -14,18 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phased_dmd_mega.models import blocks
-from phased_dmd_mega.models.attention import AttentionCore, KeyMask
-from phased_dmd_mega.models.blocks import (
+from phased_dmd_mega.models.attention import AttentionCore, KeyMask, attention_backend
+from phased_dmd_mega.models.embeddings import (
+    TimestepEmbedding,
+    apply_rope_interleaved,
+    grid_positions,
+    rope_frequencies,
+    sinusoidal_embedding,
+)
+from phased_dmd_mega.models.layers import (
     FP32LayerNorm,
-    ModelParallelOptions,
+    LinearSpec,
+    ParallelMLP,
     RMSNormAcrossHeads,
-    TokenSharding,
     divide,
     gelu_tanh,
     init_method,
+    layer_setup,
+    model_parallel_config,
     modulate,
+    split_fused_heads,
 )
+from phased_dmd_mega.models.options import ModelParallelOptions, fp8_autocast, without_fp8
+from phased_dmd_mega.models.recompute import run_blocks
+from phased_dmd_mega.models.token_sharding import TokenSharding, latent_tokens
+from phased_dmd_mega.parallel.plan import ParallelPlan, apply_parallel_plan
+from phased_dmd_mega.parallel.state import tensor_parallel_size
+
+# ----------------------------------------------------------------------------- 1. architecture
 
 
 @dataclass(frozen=True)
@@ -113,99 +131,7 @@ WAN_PRESETS: Dict[str, WanArch] = {
 }
 
 
-# The parallel options are the same for every DiT; the old name stays for existing imports.
-WanParallel = ModelParallelOptions
-
-
-class WanSelfAttention(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config):
-        super().__init__()
-        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
-        init = init_method(par)
-        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
-        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(par.attention, self.num_local_heads, self.head_dim, ulysses=True)
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
-
-    def forward(self, x, rope_angles, key_mask):
-        qkv, _ = self.linear_qkv(x)
-        q, k, v = blocks.split_fused_heads(qkv, self.num_local_heads, 3, self.head_dim)
-        q = self.q_norm(q.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
-        k = self.k_norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
-        q = blocks.apply_rope_interleaved(q, rope_angles)
-        k = blocks.apply_rope_interleaved(k, rope_angles)
-        out = self.core(q, k, v, key_mask)
-        out, _ = self.linear_proj(out.flatten(2))
-        return out
-
-
-class WanCrossAttention(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config, context_config):
-        super().__init__()
-        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
-        init = init_method(par)
-        self.fp8_recipe = par.fp8_recipe
-        self.linear_q = spec.column_parallel(arch.dim, arch.dim, config, init)
-        # The text is short and whole on every rank: no sequence-parallel gather for it.
-        self.linear_kv = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
-        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.has_image = arch.image_dim is not None
-        if self.has_image:
-            self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
-            self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(par.attention, self.num_local_heads, self.head_dim, ulysses=False, cross=True)
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
-
-    def _keys_values(self, linear, norm, context):
-        # Context lengths (257 CLIP tokens) need not suit FP8 GEMMs, and their share of the
-        # compute is small: their keys and values stay in high precision.
-        with blocks.without_fp8(self.fp8_recipe):
-            kv, _ = linear(context)
-        k, v = blocks.split_fused_heads(kv, self.num_local_heads, 2, self.head_dim)
-        k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
-        return k, v
-
-    def forward(self, x, context, image_context):
-        q, _ = self.linear_q(x)
-        q = self.q_norm(q).unflatten(-1, (self.num_local_heads, self.head_dim))
-        k, v = self._keys_values(self.linear_kv, self.k_norm, context)
-        out = self.core(q, k, v)
-        if self.has_image and image_context is not None:
-            k_img, v_img = self._keys_values(self.linear_kv_img, self.k_img_norm, image_context)
-            out = out + self.core(q, k_img, v_img)
-        out, _ = self.linear_proj(out.flatten(2))
-        return out
-
-
-class WanBlock(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec, config, context_config):
-        super().__init__()
-        self.norm1 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.self_attention = WanSelfAttention(arch, par, spec, config)
-        self.cross_attention_norm = (
-            FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype) if arch.cross_attn_norm else nn.Identity()
-        )
-        self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
-        self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.mlp = blocks.ParallelMLP(arch.dim, arch.ffn_dim, par, spec, config)
-        self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
-        if par.sequence_parallel:
-            blocks.mark_sequence_parallel(self.cross_attention_norm)
-            self.modulation.sequence_parallel = True
-
-    def forward(self, x, e0, context, image_context, rope_angles, key_mask):
-        """x [S, B, D]; e0 [B, 6, D] or per token [S, B, 6, D]."""
-        e = (self.modulation.float() + e0.float()).unbind(-2)
-        shift, scale, gate, c_shift, c_scale, c_gate = e
-        h = modulate(self.norm1(x), shift, scale).type_as(x)
-        x = (x.float() + self.self_attention(h, rope_angles, key_mask).float() * gate).type_as(x)
-        x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
-        h = modulate(self.norm2(x), c_shift, c_scale).type_as(x)
-        return (x.float() + self.mlp(h).float() * c_gate).type_as(x)
+# ----------------------------------------------------------------------------- 2. embeddings
 
 
 class WanImageEmbedding(nn.Module):
@@ -225,38 +151,140 @@ class WanImageEmbedding(nn.Module):
         return self.norm2(self.linear_2(F.gelu(self.linear_1(self.norm1(image)))))
 
 
+# ----------------------------------------------------------------------------- 3. attention
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec: LinearSpec, config):
+        super().__init__()
+        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = arch.head_dim
+        init = init_method(par)
+        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
+        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.core = AttentionCore(attention_backend(par), self.num_local_heads, self.head_dim, ulysses=True)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+
+    def forward(self, x, rope_angles, key_mask):
+        qkv, _ = self.linear_qkv(x)
+        q, k, v = split_fused_heads(qkv, self.num_local_heads, 3, self.head_dim)
+        q = self.q_norm(q.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        k = self.k_norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        q = apply_rope_interleaved(q, rope_angles)
+        k = apply_rope_interleaved(k, rope_angles)
+        out = self.core(q, k, v, key_mask)
+        out, _ = self.linear_proj(out.flatten(2))
+        return out
+
+
+class WanCrossAttention(nn.Module):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec: LinearSpec, config, context_config):
+        super().__init__()
+        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = arch.head_dim
+        init = init_method(par)
+        self.fp8_recipe = par.fp8_recipe
+        self.linear_q = spec.column_parallel(arch.dim, arch.dim, config, init)
+        # The text is short and whole on every rank: no sequence-parallel gather for it.
+        self.linear_kv = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
+        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.has_image = arch.image_dim is not None
+        if self.has_image:
+            self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
+            self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.core = AttentionCore(attention_backend(par), self.num_local_heads, self.head_dim, ulysses=False,
+                                  cross=True)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+
+    def _keys_values(self, linear, norm, context):
+        # Context lengths (257 CLIP tokens) need not suit FP8 GEMMs, and their share of the
+        # compute is small: their keys and values stay in high precision.
+        with without_fp8(self.fp8_recipe):
+            kv, _ = linear(context)
+        k, v = split_fused_heads(kv, self.num_local_heads, 2, self.head_dim)
+        k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        return k, v
+
+    def forward(self, x, context, image_context):
+        q, _ = self.linear_q(x)
+        q = self.q_norm(q).unflatten(-1, (self.num_local_heads, self.head_dim))
+        k, v = self._keys_values(self.linear_kv, self.k_norm, context)
+        out = self.core(q, k, v)
+        if self.has_image and image_context is not None:
+            k_img, v_img = self._keys_values(self.linear_kv_img, self.k_img_norm, image_context)
+            out = out + self.core(q, k_img, v_img)
+        out, _ = self.linear_proj(out.flatten(2))
+        return out
+
+
+# ----------------------------------------------------------------------------- 4. transformer block
+
+
+class WanBlock(nn.Module):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec, config, context_config):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.self_attention = WanSelfAttention(arch, par, spec, config)
+        self.cross_attention_norm = (
+            FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype)
+            if arch.cross_attn_norm else nn.Identity()
+        )
+        self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
+        self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.mlp = ParallelMLP(arch.dim, arch.ffn_dim, par, spec, config)
+        self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
+
+    def forward(self, x, e0, context, image_context, rope_angles, key_mask):
+        """x [S, B, D]; e0 [B, 6, D] or per token [S, B, 6, D]."""
+        e = (self.modulation.float() + e0.float()).unbind(-2)
+        shift, scale, gate, c_shift, c_scale, c_gate = e
+        h = modulate(self.norm1(x), shift, scale).type_as(x)
+        x = (x.float() + self.self_attention(h, rope_angles, key_mask).float() * gate).type_as(x)
+        x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
+        h = modulate(self.norm2(x), c_shift, c_scale).type_as(x)
+        return (x.float() + self.mlp(h).float() * c_gate).type_as(x)
+
+
+# ----------------------------------------------------------------------------- 5. the model
+
+# The replicated parameters whose gradients are partial sums over the TP group (parallel.plan):
+# under sequence parallelism each rank embeds, modulates and projects out its own tokens only.
+WAN_PARALLEL_PLAN = ParallelPlan(
+    token_sharded=("patch_embedding", "time_embedding", "time_projection", "blocks.*.cross_attention_norm",
+                   "blocks.*.modulation", "head_modulation", "head"),
+)
+
+
 class WanModel(nn.Module):
     """The Wan DiT for the current parallel state (call ``parallel.initialize`` first)."""
 
-    def __init__(self, arch: WanArch, par: WanParallel = WanParallel()):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions = ModelParallelOptions()):
         super().__init__()
-        spec, config = blocks.layer_setup(par)
+        spec, config = layer_setup(par)
         self.arch, self.par = arch, par
         dtype = par.dtype
-        context_config = blocks.model_parallel_config(False, dtype, par.initialize)
+        context_config = model_parallel_config(False, dtype, par.initialize)
         self.sequence_parallel = config.sequence_parallel
 
         self.patch_embedding = nn.Conv3d(arch.in_channels, arch.dim, arch.patch_size, arch.patch_size, dtype=dtype)
-        self.time_embedding = blocks.TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
+        self.time_embedding = TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
         self.time_projection = nn.Linear(arch.dim, 6 * arch.dim, dtype=dtype)
-        self.text_embedding = nn.ModuleDict(
-            {"linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype), "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype)}
-        )
+        self.text_embedding = nn.ModuleDict({
+            "linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype),
+            "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype),
+        })
         self.image_embedding = WanImageEmbedding(arch, dtype) if arch.image_dim is not None else None
         self.blocks = nn.ModuleList(WanBlock(arch, par, spec, config, context_config) for _ in range(arch.num_layers))
         self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.randn(1, 2, arch.dim, dtype=dtype) / arch.dim**0.5)
         self.head = nn.Linear(arch.dim, arch.out_channels * self.patch_volume, dtype=dtype)
-        if self.sequence_parallel:
-            # Replicated parameters that only see this rank's tokens under sequence parallelism.
-            for module in (self.patch_embedding, self.time_embedding, self.time_projection, self.head):
-                blocks.mark_sequence_parallel(module)
-            self.head_modulation.sequence_parallel = True
-        blocks.tag_tensor_parallel_parameters(self)
+        apply_parallel_plan(self, WAN_PARALLEL_PLAN, self.sequence_parallel)
 
     @property
     def token_patch(self) -> Tuple[int, int, int]:
-        """The (frames, height, width) latent patch of one token (blocks.latent_tokens)."""
+        """The (frames, height, width) latent patch of one token (latent_tokens)."""
         return tuple(self.arch.patch_size)
 
     @property
@@ -276,12 +304,12 @@ class WanModel(nn.Module):
 
     def rope_angles(self, grid, sharding: TokenSharding, device) -> torch.Tensor:
         """Angles for this Ulysses shard's tokens (its true positions; padding gets position 0)."""
-        positions = blocks.grid_positions(sharding.ulysses_index(device), grid)
-        return blocks.rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
+        positions = grid_positions(sharding.ulysses_index(device), grid)
+        return rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype):
         """timestep [B] or per token [S, B] on the 0..1000 scale -> (e, e0)."""
-        sinusoid = blocks.sinusoidal_embedding(timestep, self.arch.freq_dim)
+        sinusoid = sinusoidal_embedding(timestep, self.arch.freq_dim)
         e = self.time_embedding(sinusoid)
         e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.arch.dim))
         return e.to(dtype), e0
@@ -299,7 +327,7 @@ class WanModel(nn.Module):
         """This rank's tokens [S_local, B, D] of [B, C, F, H, W] latents. The patch embedding is a
         convolution whose stride is its kernel, i.e. one linear map per patch: applied to this
         rank's patches only, no rank holds the whole sequence at model width."""
-        patches = sharding.local_slice(blocks.latent_tokens(latents, self.token_patch).transpose(0, 1))
+        patches = sharding.local_slice(latent_tokens(latents, self.token_patch).transpose(0, 1))
         conv = self.patch_embedding
         return F.linear(patches, conv.weight.flatten(1), conv.bias)
 
@@ -308,7 +336,8 @@ class WanModel(nn.Module):
         f, h, w = grid
         pt, ph, pw = self.arch.patch_size
         x = tokens.permute(1, 0, 2).reshape(tokens.shape[1], f, h, w, pt, ph, pw, self.arch.out_channels)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[1], self.arch.out_channels, f * pt, h * ph, w * pw)
+        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(tokens.shape[1], self.arch.out_channels, f * pt, h * ph, w * pw)
 
     # ------------------------------------------------------------------ forward
 
@@ -328,8 +357,8 @@ class WanModel(nn.Module):
         angles = self.rope_angles(grid, sharding, tokens.device)
         key_mask = KeyMask.of(sharding.key_padding_mask(tokens.device), tokens.shape[1])
         par = self.par
-        with blocks.fp8_autocast(par.fp8_recipe):
-            tokens = blocks.run_blocks(
+        with fp8_autocast(par.fp8_recipe):
+            tokens = run_blocks(
                 self.blocks, tokens, e0, context, image_context, angles, key_mask,
                 recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
             )
@@ -366,7 +395,6 @@ class WanModel(nn.Module):
             image = self.image_embedding(encoder_hidden_states_image.to(dtype)).transpose(0, 1)
         out = self.forward_tokens(tokens, e, e0, text, image, grid, sharding)
         return self.unpatchify(sharding.gather(out), grid)
-
 
 # ----------------------------------------------------------------------------- weight names
 
