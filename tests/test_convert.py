@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from phased_dmd_mega import convert
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
 from phased_dmd_mega.models.shards import TensorEntry, parse_size, write_sharded
-from phased_dmd_mega.models.wan import WanArch, diffusers_weight_rules
-from phased_dmd_mega.models.wan_formats import CheckpointError, diffusers_shapes
+from phased_dmd_mega.models.wan import WanArch
+from phased_dmd_mega.models.wan_formats import CheckpointError, diffusers_shapes, diffusers_weight_rules
 from tiny_models import WAN_TINY
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,8 +22,8 @@ from phased_dmd_mega import convert, parallel
 from phased_dmd_mega.models import QwenImageModel, load_pretrained
 from phased_dmd_mega.models.architectures import CheckpointError, registry
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, diffusers_weight_rules
-from phased_dmd_mega.models.qwen_image_formats import diffusers_shapes
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch
+from phased_dmd_mega.models.qwen_image_formats import diffusers_shapes, diffusers_weight_rules
 from phased_dmd_mega.models.shards import parse_size
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 from test_convert import _rewrite_single_file, assert_bitwise_equal, assert_refused, read_folder

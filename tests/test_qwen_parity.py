@@ -16,7 +16,8 @@ import torch
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.models import ModelParallelOptions, QwenImageArch, QwenImageModel
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, diffusers_weight_rules
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS
+from phased_dmd_mega.models.qwen_image_formats import diffusers_weight_rules
 from phased_dmd_mega.models.weights import (
     COLUMN,
     ROW,

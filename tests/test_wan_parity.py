@@ -12,7 +12,7 @@ import torch
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.models import ModelParallelOptions, WanArch, WanModel
-from phased_dmd_mega.models.wan import diffusers_weight_rules
+from phased_dmd_mega.models.wan_formats import diffusers_weight_rules
 from phased_dmd_mega.models.weights import (
     COLUMN,
     ROW,

@@ -1,7 +1,7 @@
-"""Qwen-Image's Hugging Face layout (diffusers ``QwenImageTransformer2DModel``): config and tensor
-shapes, and ``QWEN_IMAGE``, the adapter through which the checkpoint code handles Qwen-Image
-(see ``architectures``). There is no other layout: Qwen-Image is released in diffusers form, as a
-transformer folder or as a pipeline root with ``transformer/``.
+"""Qwen-Image's Hugging Face layout (diffusers ``QwenImageTransformer2DModel``): weight names, config
+and tensor shapes, and ``QWEN_IMAGE``, the adapter through which the checkpoint code handles
+Qwen-Image (see ``architectures``). There is no other layout: Qwen-Image is released in
+diffusers form, as a transformer folder or as a pipeline root with ``transformer/``.
 
 The shapes are written out rather than read off a diffusers model built on the meta device: the
 same answer without importing diffusers or building 60 blocks, and the tests check the table
@@ -10,15 +10,12 @@ against diffusers' own parameters (tiny and full size).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, Mapping
 
 from phased_dmd_mega.models.architectures import Architecture, CheckpointError, Shape, add_linear
-from phased_dmd_mega.models.qwen_image import (
-    QWEN_IMAGE_PRESETS,
-    QwenImageArch,
-    QwenImageModel,
-    diffusers_weight_rules,
-)
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
+from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
 DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
 # diffusers config fields that do not change the weights: kept from the source when exporting.
@@ -28,6 +25,43 @@ _STREAMS = (
     ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
     ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_q", "norm_added_k"),
 )
+
+
+def diffusers_weight_rules(arch: QwenImageArch):
+    """The adapter between diffusers' ``QwenImageTransformer2DModel`` and ``QwenImageModel``
+    names. Per-head q/k norm weights are whole on every rank ([head_dim], shared by the heads)."""
+    linear = partial(linear_rules, head_dim=arch.head_dim)
+    single = partial(tensor_rules, head_dim=arch.head_dim)
+
+    def stream(own, attn, q, k, v, out, norm_q, norm_k):
+        return (
+            linear(f"{own}.linear_qkv", (f"{attn}.{q}", f"{attn}.{k}", f"{attn}.{v}"), COLUMN)
+            + single(f"{own}.q_norm.weight", f"{attn}.{norm_q}.weight")
+            + single(f"{own}.k_norm.weight", f"{attn}.{norm_k}.weight")
+            + linear(f"{own}.linear_proj", f"{attn}.{out}", ROW)
+        )
+
+    def mlp(own, source):
+        fc1 = linear(f"{own}.linear_fc1", f"{source}.net.0.proj", COLUMN)
+        return fc1 + linear(f"{own}.linear_fc2", f"{source}.net.2", ROW)
+
+    rules = linear("img_in", "img_in")
+    rules += single("txt_norm.weight", "txt_norm.weight")
+    rules += linear("txt_in", "txt_in")
+    rules += linear("time_embedding.linear_1", "time_text_embed.timestep_embedder.linear_1")
+    rules += linear("time_embedding.linear_2", "time_text_embed.timestep_embedder.linear_2")
+    for i in range(arch.num_layers):
+        own, hf = f"blocks.{i}", f"transformer_blocks.{i}"
+        rules += linear(f"{own}.img_mod", f"{hf}.img_mod.1")
+        rules += linear(f"{own}.txt_mod", f"{hf}.txt_mod.1")
+        rules += stream(f"{own}.attention.img", f"{hf}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k")
+        rules += stream(f"{own}.attention.txt", f"{hf}.attn", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                        "norm_added_q", "norm_added_k")
+        rules += mlp(f"{own}.img_mlp", f"{hf}.img_mlp")
+        rules += mlp(f"{own}.txt_mlp", f"{hf}.txt_mlp")
+    rules += linear("head_modulation", "norm_out.linear")
+    rules += linear("head", "proj_out")
+    return rules
 
 
 def diffusers_shapes(arch: QwenImageArch) -> Dict[str, Shape]:
