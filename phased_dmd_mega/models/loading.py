@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from phased_dmd_mega.log import get_logger
-from phased_dmd_mega.models.architectures import CheckpointError
+from phased_dmd_mega.models.architecture_types import CheckpointError
 from phased_dmd_mega.models.checkpoints import (
     CheckpointView,
     check_tensor_parallel,

@@ -1,6 +1,6 @@
 """Qwen-Image's Hugging Face layout (diffusers ``QwenImageTransformer2DModel``): weight names, config
 and tensor shapes, and ``QWEN_IMAGE``, the adapter through which the checkpoint code handles
-Qwen-Image (see ``architectures``). There is no other layout: Qwen-Image is released in
+Qwen-Image (see ``architecture_types``). There is no other layout: Qwen-Image is released in
 diffusers form, as a transformer folder or as a pipeline root with ``transformer/``.
 
 The shapes are written out rather than read off a diffusers model built on the meta device: the
@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Dict, Mapping
 
-from phased_dmd_mega.models.architectures import Architecture, CheckpointError, Shape, add_linear
+from phased_dmd_mega.models.architecture_types import Architecture, CheckpointError, Shape, add_linear
 from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 

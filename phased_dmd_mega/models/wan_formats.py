@@ -1,5 +1,5 @@
 """Wan's two Hugging Face layouts: original (Wan-Video) and diffusers names, configs and shapes,
-and ``WAN``, the adapter through which the checkpoint code handles Wan (see ``architectures``).
+and ``WAN``, the adapter through which the checkpoint code handles Wan (see ``architecture_types``).
 
 The weight rule table (``diffusers_weight_rules``) speaks diffusers names. An original Wan folder
 is read through the key renames of diffusers' Wan conversion script
@@ -14,7 +14,7 @@ import re
 from functools import partial
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from phased_dmd_mega.models.architectures import (
+from phased_dmd_mega.models.architecture_types import (
     Architecture,
     CheckpointError,
     ExpertPairs,
