@@ -58,6 +58,7 @@ class Architecture:
     diffusers_shapes: Callable[[Any], Dict[str, Shape]]  # arch -> every diffusers tensor's shape
     # (config, where) -> arch, refusing what the model does not implement (CheckpointError)
     arch_from_diffusers_config: Callable[[Config, str], Any]
+    arch_to_diffusers_config: Callable[[Any], Dict[str, Any]]  # arch -> its diffusers config.json
     diffusers_fields: Tuple[str, ...]  # fields that tell its diffusers config when _class_name is absent
     diffusers_non_arch_fields: Tuple[str, ...]  # kept from the source config on export
     summary: Callable[[Any], str]  # arch -> "dim 64, 4 heads, ..." for messages
@@ -92,7 +93,7 @@ class Architecture:
 
     def diffusers_config(self, arch, source: Optional[Config] = None) -> Dict[str, Any]:
         """A diffusers config.json for ``arch``, keeping ``source``'s non-architecture fields."""
-        return keep_fields(arch.to_diffusers_config(), source, self.diffusers_non_arch_fields)
+        return keep_fields(self.arch_to_diffusers_config(arch), source, self.diffusers_non_arch_fields)
 
     # ------------------------------------------------------------------ the mega format's record
 

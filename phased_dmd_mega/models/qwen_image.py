@@ -22,7 +22,7 @@ Conventions that differ from diffusers' ``QwenImageTransformer2DModel``:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -99,43 +99,6 @@ class QwenImageArch:
     def out_features(self) -> int:
         return self.out_channels * self.patch_size**2
 
-    @classmethod
-    def from_diffusers_config(cls, config: Dict[str, Any]) -> "QwenImageArch":
-        """From a diffusers ``QwenImageTransformer2DModel`` config.json (plain Qwen-Image:
-        the guidance, zero_cond_t, additional-t and layer-3D-RoPE variants are refused)."""
-        for flag in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
-            if config.get(flag):
-                raise ValueError(f"unsupported Qwen-Image variant: {flag}=True")
-        patch = config.get("patch_size", 2)
-        packed_in = config.get("in_channels", 64)
-        return cls(
-            num_heads=config.get("num_attention_heads", 24),
-            head_dim=config.get("attention_head_dim", 128),
-            num_layers=config.get("num_layers", 60),
-            in_channels=divide(packed_in, patch * patch, "Qwen-Image packed in_channels vs patch area"),
-            # diffusers: 16 when absent, in_channels (the packed count, used as is) when null.
-            out_channels=config.get("out_channels", 16) or packed_in,
-            text_dim=config.get("joint_attention_dim", 3584),
-            patch_size=patch,
-            axes_dims_rope=tuple(config.get("axes_dims_rope", (16, 56, 56))),
-        )
-
-    def to_diffusers_config(self) -> Dict[str, Any]:
-        return {
-            "_class_name": "QwenImageTransformer2DModel",
-            "patch_size": self.patch_size,
-            "in_channels": self.packed_channels,
-            "out_channels": self.out_channels,
-            "num_layers": self.num_layers,
-            "attention_head_dim": self.head_dim,
-            "num_attention_heads": self.num_heads,
-            "joint_attention_dim": self.text_dim,
-            "guidance_embeds": False,
-            "axes_dims_rope": list(self.axes_dims_rope),
-            "zero_cond_t": False,
-            "use_additional_t_cond": False,
-            "use_layer3d_rope": False,
-        }
 
 
 QWEN_IMAGE_PRESETS: Dict[str, QwenImageArch] = {

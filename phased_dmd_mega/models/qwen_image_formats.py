@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Dict, Mapping
 
 from phased_dmd_mega.models.architecture_types import Architecture, CheckpointError, Shape, add_linear
+from phased_dmd_mega.models.layers import divide
 from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
@@ -88,11 +89,51 @@ def diffusers_shapes(arch: QwenImageArch) -> Dict[str, Shape]:
     return shapes
 
 
+def from_diffusers_config(config: Dict[str, Any]) -> QwenImageArch:
+    """From a diffusers ``QwenImageTransformer2DModel`` config.json (plain Qwen-Image:
+    the guidance, zero_cond_t, additional-t and layer-3D-RoPE variants are refused)."""
+    for flag in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
+        if config.get(flag):
+            raise ValueError(f"unsupported Qwen-Image variant: {flag}=True")
+    patch = config.get("patch_size", 2)
+    packed_in = config.get("in_channels", 64)
+    return QwenImageArch(
+        num_heads=config.get("num_attention_heads", 24),
+        head_dim=config.get("attention_head_dim", 128),
+        num_layers=config.get("num_layers", 60),
+        in_channels=divide(packed_in, patch * patch, "Qwen-Image packed in_channels vs patch area"),
+        # diffusers: 16 when absent, in_channels (the packed count, used as is) when null.
+        out_channels=config.get("out_channels", 16) or packed_in,
+        text_dim=config.get("joint_attention_dim", 3584),
+        patch_size=patch,
+        axes_dims_rope=tuple(config.get("axes_dims_rope", (16, 56, 56))),
+    )
+
+
+def to_diffusers_config(arch: QwenImageArch) -> Dict[str, Any]:
+    """A diffusers ``QwenImageTransformer2DModel`` config.json for ``arch``."""
+    return {
+        "_class_name": "QwenImageTransformer2DModel",
+        "patch_size": arch.patch_size,
+        "in_channels": arch.packed_channels,
+        "out_channels": arch.out_channels,
+        "num_layers": arch.num_layers,
+        "attention_head_dim": arch.head_dim,
+        "num_attention_heads": arch.num_heads,
+        "joint_attention_dim": arch.text_dim,
+        "guidance_embeds": False,
+        "axes_dims_rope": list(arch.axes_dims_rope),
+        "zero_cond_t": False,
+        "use_additional_t_cond": False,
+        "use_layer3d_rope": False,
+    }
+
+
 def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> QwenImageArch:
     """QwenImageArch of a diffusers config.json (absent fields take diffusers' defaults, as
     diffusers itself does), refusing the variants QwenImageModel does not implement."""
     try:
-        return QwenImageArch.from_diffusers_config(dict(config))
+        return from_diffusers_config(dict(config))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: {err}") from err
 
@@ -114,6 +155,7 @@ QWEN_IMAGE = Architecture(
     weight_rules=diffusers_weight_rules,
     diffusers_shapes=diffusers_shapes,
     arch_from_diffusers_config=arch_from_diffusers_config,
+    arch_to_diffusers_config=to_diffusers_config,
     diffusers_fields=("num_attention_heads", "joint_attention_dim"),
     diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,

@@ -10,7 +10,7 @@ Hugging Face names and layouts of its weights are in ``wan_formats``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,48 +74,6 @@ class WanArch:
         d = self.head_dim
         return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
 
-    @classmethod
-    def from_diffusers_config(cls, config: Dict[str, Any]) -> "WanArch":
-        """From a diffusers ``WanTransformer3DModel`` config.json."""
-        known = {
-            "dim": config["num_attention_heads"] * config["attention_head_dim"],
-            "ffn_dim": config["ffn_dim"],
-            "num_heads": config["num_attention_heads"],
-            "num_layers": config["num_layers"],
-            "in_channels": config["in_channels"],
-            "out_channels": config.get("out_channels") or config["in_channels"],
-            "text_dim": config.get("text_dim", 4096),
-            "freq_dim": config.get("freq_dim", 256),
-            "patch_size": tuple(config.get("patch_size", (1, 2, 2))),
-            "eps": config.get("eps", 1e-6),
-            "cross_attn_norm": config.get("cross_attn_norm", True),
-            "image_dim": config.get("image_dim"),
-            "pos_embed_seq_len": config.get("pos_embed_seq_len"),
-        }
-        if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
-            raise ValueError(f"unsupported Wan qk_norm {config.get('qk_norm')!r}")
-        return cls(**known)
-
-    def to_diffusers_config(self) -> Dict[str, Any]:
-        return {
-            "_class_name": "WanTransformer3DModel",
-            "patch_size": list(self.patch_size),
-            "num_attention_heads": self.num_heads,
-            "attention_head_dim": self.head_dim,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "text_dim": self.text_dim,
-            "freq_dim": self.freq_dim,
-            "ffn_dim": self.ffn_dim,
-            "num_layers": self.num_layers,
-            "cross_attn_norm": self.cross_attn_norm,
-            "qk_norm": "rms_norm_across_heads",
-            "eps": self.eps,
-            "image_dim": self.image_dim,
-            "added_kv_proj_dim": self.dim if self.image_dim is not None else None,
-            "rope_max_seq_len": 1024,
-            "pos_embed_seq_len": self.pos_embed_seq_len,
-        }
 
 
 _14B = WanArch()

@@ -228,6 +228,51 @@ DIFFUSERS_NON_ARCH_FIELDS = ("_diffusers_version", "rope_max_seq_len")
 ORIGINAL_NON_ARCH_FIELDS = ("_diffusers_version", "model_type", "text_len")
 
 
+def from_diffusers_config(config: Dict[str, Any]) -> WanArch:
+    """From a diffusers ``WanTransformer3DModel`` config.json."""
+    known = {
+        "dim": config["num_attention_heads"] * config["attention_head_dim"],
+        "ffn_dim": config["ffn_dim"],
+        "num_heads": config["num_attention_heads"],
+        "num_layers": config["num_layers"],
+        "in_channels": config["in_channels"],
+        "out_channels": config.get("out_channels") or config["in_channels"],
+        "text_dim": config.get("text_dim", 4096),
+        "freq_dim": config.get("freq_dim", 256),
+        "patch_size": tuple(config.get("patch_size", (1, 2, 2))),
+        "eps": config.get("eps", 1e-6),
+        "cross_attn_norm": config.get("cross_attn_norm", True),
+        "image_dim": config.get("image_dim"),
+        "pos_embed_seq_len": config.get("pos_embed_seq_len"),
+    }
+    if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ValueError(f"unsupported Wan qk_norm {config.get('qk_norm')!r}")
+    return WanArch(**known)
+
+
+def to_diffusers_config(arch: WanArch) -> Dict[str, Any]:
+    """A diffusers ``WanTransformer3DModel`` config.json for ``arch``."""
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(arch.patch_size),
+        "num_attention_heads": arch.num_heads,
+        "attention_head_dim": arch.head_dim,
+        "in_channels": arch.in_channels,
+        "out_channels": arch.out_channels,
+        "text_dim": arch.text_dim,
+        "freq_dim": arch.freq_dim,
+        "ffn_dim": arch.ffn_dim,
+        "num_layers": arch.num_layers,
+        "cross_attn_norm": arch.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": arch.eps,
+        "image_dim": arch.image_dim,
+        "added_kv_proj_dim": arch.dim if arch.image_dim is not None else None,
+        "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": arch.pos_embed_seq_len,
+    }
+
+
 def is_original_config(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") == ORIGINAL_CLASS or ("dim" in config and "num_heads" in config)
 
@@ -240,7 +285,7 @@ def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> WanArch
     required = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels")
     require_fields(config, required, where)
     try:
-        arch = WanArch.from_diffusers_config(dict(config))
+        arch = from_diffusers_config(dict(config))
     except ValueError as err:
         raise CheckpointError(f"{where}: {err}") from err
     added_kv = config.get("added_kv_proj_dim")
@@ -358,6 +403,7 @@ WAN = Architecture(
     weight_rules=diffusers_weight_rules,
     diffusers_shapes=diffusers_shapes,
     arch_from_diffusers_config=arch_from_diffusers_config,
+    arch_to_diffusers_config=to_diffusers_config,
     diffusers_fields=("num_attention_heads", "ffn_dim"),
     diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
