@@ -179,7 +179,7 @@ def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
     """Time one configuration; a failure is recorded in its row and the next one still runs."""
     from phased_dmd_mega.benchmarking import seconds_per_call
     from phased_dmd_mega.models.attention import has_flash_attention
-    from phased_dmd_mega.models.layers import has_transformer_engine
+    from phased_dmd_mega.parallel.linears import has_transformer_engine
 
     if (row.backend == "flash" and not has_flash_attention()) or (
             row.layers == "transformer_engine" and not has_transformer_engine()):

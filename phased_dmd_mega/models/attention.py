@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phased_dmd_mega.models.layers import divide, has_transformer_engine
+from phased_dmd_mega.models.layers import divide
 from phased_dmd_mega.models.options import ModelParallelOptions
+from phased_dmd_mega.parallel.linears import has_transformer_engine
 from phased_dmd_mega.parallel.state import ulysses_size
 
 ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")

@@ -6,15 +6,16 @@ Activations follow megatron's layout: tokens first, ``[S, B, ...]``.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from phased_dmd_mega.models.options import ModelParallelOptions
+from phased_dmd_mega.parallel.linears import has_transformer_engine, local_linear_classes, te_linear_classes
+from phased_dmd_mega.parallel.megatron_config import stand_in_transformer_config
 from phased_dmd_mega.parallel.state import tensor_parallel_group, tensor_parallel_size
 
 
@@ -55,26 +56,6 @@ def row_parallel_kwargs(config, init) -> Dict[str, Any]:
                 is_expert=False)
 
 
-def has_transformer_engine() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
-def local_linear_classes() -> Tuple[type, type]:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    return ColumnParallelLinear, RowParallelLinear
-
-
-def te_linear_classes() -> Optional[Tuple[type, type]]:
-    """megatron's TE wrappers, or None where TE cannot be imported (megatron then defines them
-    over a MagicMock, which no module is an instance of)."""
-    from megatron.core.extensions import transformer_engine as mcore_te
-
-    if not mcore_te.HAVE_TE:
-        return None
-    return mcore_te.TEColumnParallelLinear, mcore_te.TERowParallelLinear
-
-
 def linear_spec(transformer_impl: str = "local") -> LinearSpec:
     if transformer_impl == "local":
         return LinearSpec(*local_linear_classes())
@@ -87,20 +68,6 @@ def linear_spec(transformer_impl: str = "local") -> LinearSpec:
             )
         return LinearSpec(*classes)
     raise ValueError(f"unknown transformer_impl {transformer_impl!r}; expected local or transformer_engine")
-
-
-def parallel_linear_kind(module: nn.Module) -> Optional[str]:
-    """"column" or "row" for a tensor-parallel linear of either family, else None."""
-    families = [local_linear_classes()]
-    te = te_linear_classes() if has_transformer_engine() else None
-    if te is not None:
-        families.append(te)
-    for column, row in families:
-        if isinstance(module, column):
-            return "column"
-        if isinstance(module, row):
-            return "row"
-    return None
 
 
 # ----------------------------------------------------------------------------- megatron's config
@@ -123,11 +90,9 @@ def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, in
     the local layers would take: megatron's TE wrappers read TransformerConfig fields
     (``disable_parameter_transpose_cache``, ``symmetric_ar_type``). Its layer and head counts
     describe no model (nothing here reads them); the heads only have to divide by TP."""
-    from megatron.core.transformer import TransformerConfig
-
     tp = tensor_parallel_size()
-    return TransformerConfig(
-        num_layers=1, hidden_size=tp, num_attention_heads=tp,
+    return stand_in_transformer_config(
+        hidden_size=tp, num_attention_heads=tp,
         tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
@@ -138,7 +103,6 @@ def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, in
         # is_first_microbatch is False, which megatron's wrapper sets after that call and never
         # resets: trained weights would be used as they were at step 0. Recast every call.
         disable_parameter_transpose_cache=True,
-        cuda_graph_scope=[],  # the default "full" warns on every build (its deprecated spelling)
     )
 
 

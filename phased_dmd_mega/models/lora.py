@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from phased_dmd_mega.models.layers import parallel_linear_kind
+from phased_dmd_mega.parallel.linears import parallel_linear_kind
 from phased_dmd_mega.parallel.state import tensor_parallel_rank, tensor_parallel_size
 
 

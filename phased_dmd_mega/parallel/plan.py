@@ -27,6 +27,7 @@ from typing import Iterable, Tuple
 
 from torch import nn
 
+from phased_dmd_mega.parallel.linears import parallel_linear_kind
 from phased_dmd_mega.parallel.state import tensor_parallel_size
 
 
@@ -55,9 +56,6 @@ def apply_parallel_plan(model: nn.Module, plan: ParallelPlan, sequence_parallel:
 
 def tag_tensor_parallel_parameters(module: nn.Module) -> None:
     """megatron's split tags on the weights (and column-parallel biases) of every parallel linear."""
-    # Imported here: the models import this module to apply their plans.
-    from phased_dmd_mega.models.layers import parallel_linear_kind
-
     for layer in module.modules():
         kind = parallel_linear_kind(layer)
         if kind == "column":

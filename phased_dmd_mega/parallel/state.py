@@ -131,7 +131,8 @@ def initialize(
             f"x ulysses_parallel ({ulysses_parallel}) = {model_parallel}"
         )
 
-    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mcore_tp
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
