@@ -70,12 +70,12 @@ def qwen_tokens(width: int, height: int) -> Tuple[int, int]:
 
 
 def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> Callable[[], None]:
-    from phased_dmd_mega.models.blocks import fp8_autocast
-    from phased_dmd_mega.models.wan import WAN_PRESETS, WanModel, WanParallel
+    from phased_dmd_mega.models.options import ModelParallelOptions, fp8_autocast
+    from phased_dmd_mega.models.wan import WAN_PRESETS, WanModel
 
     arch = replace(WAN_PRESETS["wan2.1-t2v-14b"], num_layers=1)
-    par = WanParallel(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
-                      dtype=torch.bfloat16, initialize=False)
+    par = ModelParallelOptions(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
+                               dtype=torch.bfloat16, initialize=False)
     model = WanModel(arch, par).cuda()
     grid = tuple(args.grid)
     tokens = grid[0] * grid[1] * grid[2]
@@ -94,10 +94,10 @@ def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> C
 
 
 def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> Callable[[], None]:
-    from phased_dmd_mega.models import blocks
     from phased_dmd_mega.models.attention import KeyMask
-    from phased_dmd_mega.models.blocks import ModelParallelOptions, fp8_autocast
+    from phased_dmd_mega.models.options import ModelParallelOptions, fp8_autocast
     from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageModel
+    from phased_dmd_mega.models.token_sharding import joint_key_mask
 
     arch = replace(QWEN_IMAGE_PRESETS["qwen-image"], num_layers=1)
     par = ModelParallelOptions(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
@@ -111,7 +111,7 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
     mask = None
     if args.text_real < args.text:
         mask = (torch.arange(args.text, device="cuda") < args.text_real)[None, :]
-    key_mask = KeyMask.of(blocks.joint_key_mask([(txt_sharding, mask), (img_sharding, None)], 1, "cuda"), 1)
+    key_mask = KeyMask.of(joint_key_mask([(txt_sharding, mask), (img_sharding, None)], 1, "cuda"), 1)
     img = torch.randn(image_tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     txt = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     # As in the model, where temb comes from trainable layers: the modulations get input gradients too.
@@ -179,7 +179,7 @@ def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
     """Time one configuration; a failure is recorded in its row and the next one still runs."""
     from phased_dmd_mega.benchmarking import seconds_per_call
     from phased_dmd_mega.models.attention import has_flash_attention
-    from phased_dmd_mega.models.blocks import has_transformer_engine
+    from phased_dmd_mega.parallel.linears import has_transformer_engine
 
     if (row.backend == "flash" and not has_flash_attention()) or (
             row.layers == "transformer_engine" and not has_transformer_engine()):

@@ -28,8 +28,9 @@ def write_random_checkpoint(folder: Path, preset: str, dtype: torch.dtype, shard
     from safetensors.torch import save_file
 
     from phased_dmd_mega.models.wan import WAN_PRESETS
+    from phased_dmd_mega.models.wan_formats import to_diffusers_config
 
-    config = WAN_PRESETS[preset].to_diffusers_config()
+    config = to_diffusers_config(WAN_PRESETS[preset])
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in WanTransformer3DModel(**config).state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def parameter_counts(arch: str, preset: str, lora_rank: int = 0,
     import torch
 
     from phased_dmd_mega.models.architectures import registry
-    from phased_dmd_mega.models.blocks import ModelParallelOptions
+    from phased_dmd_mega.models.options import ModelParallelOptions
 
     architecture = registry()[arch]
     if preset not in architecture.presets:

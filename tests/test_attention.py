@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from phased_dmd_mega import parallel
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
 from phased_dmd_mega.models.attention import KeyMask, choose_attention_backend, sdpa_attention
-from phased_dmd_mega.models.blocks import TokenSharding, check_fp8_recipe
+from phased_dmd_mega.models.options import check_fp8_recipe
+from phased_dmd_mega.models.token_sharding import TokenSharding
 from phased_dmd_mega.models.wan import WAN_PRESETS
 from phased_dmd_mega.testing import run_distributed
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models import WanModel, WanParallel
+from phased_dmd_mega.models import ModelParallelOptions, WanModel
 from phased_dmd_mega.models.attention import AttentionCore, KeyMask, resolve_attention_backend
-from phased_dmd_mega.models.blocks import linear_spec
+from phased_dmd_mega.models.layers import linear_spec
 from phased_dmd_mega.models.wan import WAN_PRESETS
 
 TINY = WAN_PRESETS["tiny"]
@@ -52,12 +52,12 @@ def test_transformer_engine_spec_is_a_clear_error_without_te():
 @on_cpu
 def test_model_with_te_spec_fails_before_building(single_process):
     with pytest.raises(RuntimeError, match="transformer_engine"):
-        WanModel(TINY, WanParallel(transformer_impl="transformer_engine"))
+        WanModel(TINY, ModelParallelOptions(transformer_impl="transformer_engine"))
 
 
 def test_fp8_needs_the_te_spec(single_process):
     with pytest.raises(ValueError, match="fp8_recipe='delayed' needs transformer_impl='transformer_engine'"):
-        WanModel(TINY, WanParallel(fp8_recipe="delayed"))
+        WanModel(TINY, ModelParallelOptions(fp8_recipe="delayed"))
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_fp8_needs_the_te_spec(single_process):
 )
 def test_recompute_options_are_checked(single_process, options, message):
     with pytest.raises(ValueError, match=message):
-        WanModel(TINY, WanParallel(**options))
+        WanModel(TINY, ModelParallelOptions(**options))
 
 
 def test_heads_not_divisible_by_tp_name_both_numbers():
@@ -81,7 +81,7 @@ def _three_heads_at_tp2():
     from dataclasses import replace
 
     parallel.initialize(tensor_parallel=2)
-    WanModel(replace(TINY, dim=48, num_heads=3), WanParallel())
+    WanModel(replace(TINY, dim=48, num_heads=3), ModelParallelOptions())
 
 
 def _sdpa_reference(q, k, v, key_mask=None):
@@ -107,7 +107,7 @@ def test_split_weights_are_tagged_whether_initialised_or_built_for_loading(singl
     from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, QwenImageModel
 
     def tags(initialize):
-        options = WanParallel(initialize=initialize)
+        options = ModelParallelOptions(initialize=initialize)
         model = WanModel(TINY, options) if model_name == "wan" else QwenImageModel(QWEN_IMAGE_PRESETS["tiny"], options)
         return {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None)) for n, p in model.named_parameters()}
 

@@ -21,8 +21,12 @@ from safetensors.torch import save_file
 from phased_dmd_mega import convert
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
 from phased_dmd_mega.models.shards import TensorEntry, parse_size, write_sharded
-from phased_dmd_mega.models.wan import WanArch, diffusers_weight_rules
-from phased_dmd_mega.models.wan_formats import CheckpointError, diffusers_shapes
+from phased_dmd_mega.models.wan_formats import (
+    CheckpointError,
+    diffusers_shapes,
+    diffusers_weight_rules,
+    from_diffusers_config,
+)
 from tiny_models import WAN_TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +166,7 @@ def assert_refused(action, message, dst):
 def test_shape_table_and_rule_table_cover_every_diffusers_tensor(variant):
     overrides = VARIANTS.get(variant, dict(image_dim=8, added_kv_proj_dim=48, pos_embed_seq_len=10))
     model = diffusers_model(**overrides)
-    arch = WanArch.from_diffusers_config(dict(model.config))
+    arch = from_diffusers_config(dict(model.config))
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert diffusers_shapes(arch) == expected
     assert {s for rule in diffusers_weight_rules(arch) for s in rule.sources} == set(expected)
@@ -241,7 +245,7 @@ def test_mega_format_holds_full_fused_tensors_under_own_names(tmp_path):
     convert.hf_to_mega(src, tmp_path / "mega", tensor_parallel=2)
     config = json.loads((tmp_path / "mega" / "config.json").read_text())
     assert config["format"] == "phased-dmd-mega" and config["arch"] == "wan" and config["tensor_parallel"] == 2
-    arch = WanArch.from_diffusers_config(json.loads((src / "config.json").read_text()))
+    arch = from_diffusers_config(json.loads((src / "config.json").read_text()))
     assert config["architecture"]["dim"] == 48 and config["architecture"]["num_heads"] == 4
     assert config["provenance"]["source_layout"] == "diffusers"
     mega, hf = read_folder(tmp_path / "mega"), read_folder(src)

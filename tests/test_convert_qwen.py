@@ -22,8 +22,13 @@ from phased_dmd_mega import convert, parallel
 from phased_dmd_mega.models import QwenImageModel, load_pretrained
 from phased_dmd_mega.models.architectures import CheckpointError, registry
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, diffusers_weight_rules
-from phased_dmd_mega.models.qwen_image_formats import diffusers_shapes
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch
+from phased_dmd_mega.models.qwen_image_formats import (
+    diffusers_shapes,
+    diffusers_weight_rules,
+    from_diffusers_config,
+    to_diffusers_config,
+)
 from phased_dmd_mega.models.shards import parse_size
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 from test_convert import _rewrite_single_file, assert_bitwise_equal, assert_refused, read_folder
@@ -97,14 +102,14 @@ def test_shape_table_and_rule_table_cover_every_diffusers_tensor():
     from diffusers import QwenImageTransformer2DModel
 
     model = diffusers_model()
-    arch = QwenImageArch.from_diffusers_config(dict(model.config))
+    arch = from_diffusers_config(dict(model.config))
     assert arch == QWEN_IMAGE_PRESETS["tiny"]
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert diffusers_shapes(arch) == expected
     assert {s for rule in diffusers_weight_rules(arch) for s in rule.sources} == set(expected)
     # and at full size, against diffusers' model built on the meta device (no memory)
     full = QWEN_IMAGE_PRESETS["qwen-image"]
-    config = {k: v for k, v in full.to_diffusers_config().items() if k != "_class_name"}
+    config = {k: v for k, v in to_diffusers_config(full).items() if k != "_class_name"}
     with torch.device("meta"):
         big = QwenImageTransformer2DModel(**config)
     assert diffusers_shapes(full) == {name: tuple(p.shape) for name, p in big.named_parameters()}

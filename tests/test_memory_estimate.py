@@ -33,8 +33,7 @@ from phased_dmd_mega.memory_estimate import (
     parameter_counts,
     roles_of,
 )
-from phased_dmd_mega.models import QwenImageArch, QwenImageModel, WanArch, WanModel
-from phased_dmd_mega.models.blocks import ModelParallelOptions
+from phased_dmd_mega.models import ModelParallelOptions, QwenImageArch, QwenImageModel, WanArch, WanModel
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
 ROOT = Path(__file__).resolve().parent.parent

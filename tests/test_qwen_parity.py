@@ -15,8 +15,13 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models import ModelParallelOptions, QwenImageArch, QwenImageModel
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, diffusers_weight_rules
+from phased_dmd_mega.models import ModelParallelOptions, QwenImageModel
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS
+from phased_dmd_mega.models.qwen_image_formats import (
+    diffusers_weight_rules,
+    from_diffusers_config,
+    to_diffusers_config,
+)
 from phased_dmd_mega.models.weights import (
     COLUMN,
     ROW,
@@ -87,7 +92,7 @@ def diffusers_model(tmp_path_factory):
 
 
 def load_arch(folder):
-    return QwenImageArch.from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    return from_diffusers_config(json.loads((folder / "config.json").read_text()))
 
 
 def load_model(folder, sequence_parallel=False, **options):
@@ -191,11 +196,11 @@ def test_arch_presets_and_config_round_trip(diffusers_model):
     full = QWEN_IMAGE_PRESETS["qwen-image"]
     assert (full.num_layers, full.num_heads, full.head_dim, full.text_dim, full.ffn_dim) == (60, 24, 128, 3584, 12288)
     for preset in QWEN_IMAGE_PRESETS.values():
-        assert QwenImageArch.from_diffusers_config(preset.to_diffusers_config()) == preset
+        assert from_diffusers_config(to_diffusers_config(preset)) == preset
     # The adapter names exactly the tensors diffusers saved.
     check_source_keys(diffusers_weight_rules(arch), TensorReader(folder).keys(), str(folder))
     with pytest.raises(ValueError, match="zero_cond_t"):
-        QwenImageArch.from_diffusers_config({**TINY, "zero_cond_t": True})
+        from_diffusers_config({**TINY, "zero_cond_t": True})
 
 
 @pytest.mark.parametrize(

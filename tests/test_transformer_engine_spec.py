@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, ModelParallelOptions, QwenImageModel, WanModel, blocks
+from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, ModelParallelOptions, QwenImageModel, WanModel, layers
 from phased_dmd_mega.models.wan import WAN_PRESETS
+from phased_dmd_mega.parallel import linears
 
 MEGATRON_TE = Path(megatron.core.__file__).parent / "extensions" / "transformer_engine.py"
 WRAPPERS = {"column": "TEColumnParallelLinear", "row": "TERowParallelLinear"}
@@ -76,7 +77,8 @@ def _config_fields_read(tree) -> set:
 
 def _recorded_linears(monkeypatch, build):
     """Every (kind, args, kwargs) a model's constructor passes to its parallel linears."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear as column, RowParallelLinear as row
+    from megatron.core.tensor_parallel import ColumnParallelLinear as column
+    from megatron.core.tensor_parallel import RowParallelLinear as row
 
     calls = []
 
@@ -90,7 +92,7 @@ def _recorded_linears(monkeypatch, build):
             calls.append(("row", args, kwargs))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(blocks, "linear_spec", lambda impl="local": blocks.LinearSpec(RecordedColumn, RecordedRow))
+    monkeypatch.setattr(layers, "linear_spec", lambda impl="local": layers.LinearSpec(RecordedColumn, RecordedRow))
     build()
     return calls
 
@@ -124,7 +126,7 @@ def test_the_config_has_every_field_the_te_wrappers_read(single_process, monkeyp
 
 
 def test_the_spec_arguments_bind_to_the_local_layers_too(single_process):
-    column, row = blocks.local_linear_classes()
-    config = blocks.model_parallel_config(False, torch.float32, True)
-    inspect.signature(column).bind(8, 16, **blocks.column_parallel_kwargs(config, torch.nn.init.zeros_))
-    inspect.signature(row).bind(16, 8, **blocks.row_parallel_kwargs(config, torch.nn.init.zeros_))
+    column, row = linears.local_linear_classes()
+    config = layers.model_parallel_config(False, torch.float32, True)
+    inspect.signature(column).bind(8, 16, **layers.column_parallel_kwargs(config, torch.nn.init.zeros_))
+    inspect.signature(row).bind(16, 8, **layers.row_parallel_kwargs(config, torch.nn.init.zeros_))

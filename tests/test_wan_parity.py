@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models import WanArch, WanModel, WanParallel
-from phased_dmd_mega.models.wan import diffusers_weight_rules
+from phased_dmd_mega.models import ModelParallelOptions, WanModel
+from phased_dmd_mega.models.wan_formats import diffusers_weight_rules, from_diffusers_config
 from phased_dmd_mega.models.weights import (
     COLUMN,
     ROW,
@@ -82,8 +82,8 @@ def diffusers_variant(request, tmp_path_factory):
 
 
 def load_model(folder, sequence_parallel=False, **options):
-    arch = WanArch.from_diffusers_config(json.loads((folder / "config.json").read_text()))
-    par = WanParallel(sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options)
+    arch = from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    par = ModelParallelOptions(sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options)
     model = WanModel(arch, par)
     layout = parallel.layout()
     state = load_rank_state(
@@ -121,7 +121,7 @@ def test_tp1_forward_and_gradients_match_diffusers(diffusers_t2v):
 
 def _assert_grads_match(own_grads, ref_grads, folder):
     """Own gradients (full, unsharded) against diffusers' via the adapter's table."""
-    arch = WanArch.from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    arch = from_diffusers_config(json.loads((folder / "config.json").read_text()))
     expected = load_rank_state(diffusers_weight_rules(arch), ref_grads, 0, 1)
     assert set(expected) == set(own_grads)
     for name, grad in own_grads.items():
@@ -152,7 +152,7 @@ def test_tp2_gradients_match_diffusers(diffusers_t2v, sequence_parallel):
     else:
         for _, _, dlatents in results:
             assert rel_error(dlatents, ref_dlatents) < TOLERANCE
-    arch = WanArch.from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    arch = from_diffusers_config(json.loads((folder / "config.json").read_text()))
     _assert_grads_match(_unshard_grads(arch, [r[1] for r in results]), ref_grads, folder)
 
 
@@ -215,5 +215,5 @@ def test_activation_recompute_changes_nothing_numerically(diffusers_t2v, options
 def test_activation_recompute_under_tp2_sp(diffusers_t2v):
     folder, ref_out, grad_out, ref_grads, _ = diffusers_t2v
     results = run_distributed(_run_layout, 2, folder, 2, 1, True, grad_out, "t2v", recompute="full")
-    arch = WanArch.from_diffusers_config(json.loads((folder / "config.json").read_text()))
+    arch = from_diffusers_config(json.loads((folder / "config.json").read_text()))
     _assert_grads_match(_unshard_grads(arch, [r[1] for r in results]), ref_grads, folder)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.models.blocks import latent_tokens
+from phased_dmd_mega.models.token_sharding import latent_tokens
 
 
 @dataclass(frozen=True)

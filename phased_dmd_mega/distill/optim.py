@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.parallel.megatron_config import stand_in_transformer_config
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 MAIN_PARAM = "main_param"  # the fp32 copy the distributed optimizer keeps of bf16/fp16 weights
@@ -180,9 +181,7 @@ class OwnedSlice:
 def _ddp_stand_in_config():
     """megatron's DDP wants a TransformerConfig; it reads nothing from it that describes the
     model (only ``calculate_per_token_loss``, false: gradients are averaged over ranks)."""
-    from megatron.core.transformer import TransformerConfig
-
-    return TransformerConfig(num_layers=1, hidden_size=1, num_attention_heads=1, cuda_graph_scope=[])
+    return stand_in_transformer_config()
 
 
 def _megatron_optimizer_config(lr, betas, eps, weight_decay, dtype: torch.dtype):

@@ -413,7 +413,7 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
         architecture = registry()[model_cfg.arch]
         preset = model_cfg.preset or "tiny"
         log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.arch, preset)
-        from phased_dmd_mega.models.blocks import ModelParallelOptions
+        from phased_dmd_mega.models.options import ModelParallelOptions
 
         par = ModelParallelOptions(sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights,
                                    **options)

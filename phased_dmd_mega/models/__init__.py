@@ -1,9 +1,9 @@
 """DiT backbones on megatron-core and their Hugging Face weight adapters."""
 
-from phased_dmd_mega.models.blocks import ModelParallelOptions
 from phased_dmd_mega.models.loading import load_pretrained
+from phased_dmd_mega.models.options import ModelParallelOptions
 from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
-from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel, WanParallel
+from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel
 
 __all__ = [
     "ModelParallelOptions",
@@ -13,6 +13,5 @@ __all__ = [
     "WAN_PRESETS",
     "WanArch",
     "WanModel",
-    "WanParallel",
     "load_pretrained",
 ]

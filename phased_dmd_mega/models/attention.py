@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phased_dmd_mega.models import blocks
+from phased_dmd_mega.models.layers import divide
+from phased_dmd_mega.models.options import ModelParallelOptions
+from phased_dmd_mega.parallel.linears import has_transformer_engine
+from phased_dmd_mega.parallel.state import ulysses_size
 
 ATTENTION_BACKENDS = ("auto", "flash", "te", "sdpa")
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # what flash-attn and TE's fused kernels take
@@ -58,7 +61,12 @@ def choose_attention_backend(requested: str, dtype: torch.dtype, transformer_imp
 def resolve_attention_backend(requested: str, transformer_impl: str = "local",
                               dtype: torch.dtype = torch.bfloat16) -> str:
     return choose_attention_backend(requested, dtype, transformer_impl, flash_available=has_flash_attention(),
-                                    te_available=blocks.has_transformer_engine())
+                                    te_available=has_transformer_engine())
+
+
+def attention_backend(options: ModelParallelOptions) -> str:
+    """The attention backend ``options`` resolve to here."""
+    return resolve_attention_backend(options.attention_backend, options.transformer_impl, options.dtype)
 
 
 # ----------------------------------------------------------------------------- masks and packing
@@ -129,13 +137,12 @@ class AttentionCore(nn.Module):
     def __init__(self, backend: str, num_local_heads: int, head_dim: int, ulysses: bool, cross: bool = False):
         super().__init__()
         self.backend, self.head_dim, self.cross = backend, head_dim, cross
-        self.ulysses = ulysses and blocks.ulysses_size() > 1
+        self.ulysses = ulysses and ulysses_size() > 1
         if self.ulysses:
-            blocks.divide(num_local_heads, blocks.ulysses_size(),
-                          "attention heads per tensor-parallel rank vs Ulysses size")
+            divide(num_local_heads, ulysses_size(), "attention heads per tensor-parallel rank vs Ulysses size")
         self._te_attention = None
         if backend == "te":
-            local = num_local_heads // (blocks.ulysses_size() if self.ulysses else 1)
+            local = num_local_heads // (ulysses_size() if self.ulysses else 1)
             self._te_attention = _te_dot_product_attention(local, head_dim, cross)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -28,11 +28,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from phased_dmd_mega.models.architecture_types import MEGA_FORMAT, Architecture, CheckpointError, Shape
 from phased_dmd_mega.models.architectures import (
-    MEGA_FORMAT,
-    Architecture,
-    CheckpointError,
-    Shape,
     architecture_of,
     check_requested_family,
     check_requested_name,

@@ -15,14 +15,14 @@ import torch
 from torch import nn
 
 from phased_dmd_mega.log import get_logger
-from phased_dmd_mega.models.architectures import CheckpointError
-from phased_dmd_mega.models.blocks import ModelParallelOptions
+from phased_dmd_mega.models.architecture_types import CheckpointError
 from phased_dmd_mega.models.checkpoints import (
     CheckpointView,
     check_tensor_parallel,
     inspect_checkpoint,
     open_model,
 )
+from phased_dmd_mega.models.options import ModelParallelOptions
 
 log = get_logger(__name__)
 

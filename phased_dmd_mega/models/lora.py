@@ -25,7 +25,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from phased_dmd_mega.models import blocks
+from phased_dmd_mega.parallel.linears import parallel_linear_kind
+from phased_dmd_mega.parallel.state import tensor_parallel_rank, tensor_parallel_size
 
 
 class _AdapterState:
@@ -65,7 +66,7 @@ class LoRALinear(nn.Module):
     def add(self, name: str, rank: int, alpha: float) -> LoRAPair:
         weight = self.base.weight
         out_local, in_local = weight.shape
-        tp, rank_in_tp = blocks.tp_size(), blocks.tp_rank()
+        tp, rank_in_tp = tensor_parallel_size(), tensor_parallel_rank()
         full_in = in_local * tp if self.kind == "row" else in_local
         # The same A on every rank and at every TP size: drawn whole from a seed of the names.
         gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{self.path}".encode()))
@@ -95,7 +96,7 @@ class LoRALinear(nn.Module):
     def _update(self, x: torch.Tensor, pair: LoRAPair) -> torch.Tensor:
         from megatron.core import tensor_parallel as mtp
 
-        tp = blocks.tp_size()
+        tp = tensor_parallel_size()
         if self.kind == "column":
             if tp > 1:
                 x = (mtp.gather_from_sequence_parallel_region(x) if self.sequence_parallel
@@ -118,7 +119,7 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str]) -> List[LoRALin
     targets = tuple(target_modules)
     wrapped = []
     for path, module in list(model.named_modules()):
-        kind = blocks.parallel_linear_kind(module)  # local megatron or Transformer Engine
+        kind = parallel_linear_kind(module)  # local megatron or Transformer Engine
         if kind is None or not path.split(".")[-1] in targets:
             continue
         parent_path, _, attr = path.rpartition(".")

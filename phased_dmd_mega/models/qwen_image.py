@@ -1,9 +1,11 @@
-"""Qwen-Image MMDiT on megatron-core (spec: models.md, "Qwen-Image").
+"""Qwen-Image MMDiT on megatron-core: the computation of diffusers' ``QwenImageTransformer2DModel``,
+with megatron's tensor-parallel layers.
 
 Two token streams, image and text, each with its own adaLN modulation, projections and MLP; one
 joint attention over [text, image] per block, with multi-axis RoPE (MSRoPE) and the text padding
-masked on the keys. Built from the pieces in ``blocks`` that Wan uses too: heads and MLPs split
-over tensor-parallel ranks, both streams' tokens over Megatron sequence-parallel and Ulysses ranks.
+masked on the keys. Built from the layers Wan uses too: heads and MLPs split over tensor-parallel
+ranks, both streams' tokens over Megatron sequence-parallel and Ulysses ranks. The Hugging Face
+names and layouts of its weights are in ``qwen_image_formats``.
 
 Conventions that differ from diffusers' ``QwenImageTransformer2DModel``:
 
@@ -20,24 +22,38 @@ Conventions that differ from diffusers' ``QwenImageTransformer2DModel``:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phased_dmd_mega.models import blocks
-from phased_dmd_mega.models.attention import AttentionCore, KeyMask
-from phased_dmd_mega.models.blocks import (
+from phased_dmd_mega.models.attention import AttentionCore, KeyMask, attention_backend
+from phased_dmd_mega.models.embeddings import (
+    TimestepEmbedding,
+    apply_rope_interleaved,
+    grid_positions,
+    rope_frequencies,
+    sinusoidal_embedding,
+)
+from phased_dmd_mega.models.layers import (
     FP32LayerNorm,
-    ModelParallelOptions,
+    LinearSpec,
     ParallelMLP,
     RMSNorm,
-    TokenSharding,
     divide,
     init_method,
+    layer_setup,
     modulate,
+    split_fused_heads,
 )
+from phased_dmd_mega.models.options import ModelParallelOptions, fp8_autocast
+from phased_dmd_mega.models.recompute import run_blocks
+from phased_dmd_mega.models.token_sharding import TokenSharding, joint_key_mask
+from phased_dmd_mega.parallel.plan import ParallelPlan, apply_parallel_plan
+from phased_dmd_mega.parallel.state import tensor_parallel_size
+
+# ----------------------------------------------------------------------------- 1. architecture
 
 # diffusers' QwenTimestepProjEmbeddings: Timesteps(256, flip_sin_to_cos=True, shift 0, scale 1000).
 TIMESTEP_CHANNELS = 256
@@ -83,43 +99,6 @@ class QwenImageArch:
     def out_features(self) -> int:
         return self.out_channels * self.patch_size**2
 
-    @classmethod
-    def from_diffusers_config(cls, config: Dict[str, Any]) -> "QwenImageArch":
-        """From a diffusers ``QwenImageTransformer2DModel`` config.json (plain Qwen-Image:
-        the guidance, zero_cond_t, additional-t and layer-3D-RoPE variants are refused)."""
-        for flag in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
-            if config.get(flag):
-                raise ValueError(f"unsupported Qwen-Image variant: {flag}=True")
-        patch = config.get("patch_size", 2)
-        packed_in = config.get("in_channels", 64)
-        return cls(
-            num_heads=config.get("num_attention_heads", 24),
-            head_dim=config.get("attention_head_dim", 128),
-            num_layers=config.get("num_layers", 60),
-            in_channels=divide(packed_in, patch * patch, "Qwen-Image packed in_channels vs patch area"),
-            # diffusers: 16 when absent, in_channels (the packed count, used as is) when null.
-            out_channels=config.get("out_channels", 16) or packed_in,
-            text_dim=config.get("joint_attention_dim", 3584),
-            patch_size=patch,
-            axes_dims_rope=tuple(config.get("axes_dims_rope", (16, 56, 56))),
-        )
-
-    def to_diffusers_config(self) -> Dict[str, Any]:
-        return {
-            "_class_name": "QwenImageTransformer2DModel",
-            "patch_size": self.patch_size,
-            "in_channels": self.packed_channels,
-            "out_channels": self.out_channels,
-            "num_layers": self.num_layers,
-            "attention_head_dim": self.head_dim,
-            "num_attention_heads": self.num_heads,
-            "joint_attention_dim": self.text_dim,
-            "guidance_embeds": False,
-            "axes_dims_rope": list(self.axes_dims_rope),
-            "zero_cond_t": False,
-            "use_additional_t_cond": False,
-            "use_layer3d_rope": False,
-        }
 
 
 QWEN_IMAGE_PRESETS: Dict[str, QwenImageArch] = {
@@ -129,7 +108,7 @@ QWEN_IMAGE_PRESETS: Dict[str, QwenImageArch] = {
 }
 
 
-# ----------------------------------------------------------------------------- latent packing
+# ----------------------------------------------------------------------------- 2. latent packing
 
 
 def pack_latents(latents: torch.Tensor, patch: int) -> torch.Tensor:
@@ -148,36 +127,30 @@ def unpack_latents(tokens: torch.Tensor, grid: Tuple[int, int], patch: int) -> t
     return x.permute(2, 3, 0, 4, 1, 5).reshape(batch, -1, h * patch, w * patch)
 
 
-# ----------------------------------------------------------------------------- block
+# ----------------------------------------------------------------------------- 3. attention
 
 
 class QwenStreamProjections(nn.Module):
     """One stream's side of the joint attention: fused per-head QKV (column-parallel), per-head
     RMSNorm on q and k, and the output projection (row-parallel)."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: blocks.LinearSpec, config):
+    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
-        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Qwen-Image heads vs tensor_parallel")
+        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Qwen-Image heads vs tensor_parallel")
         self.head_dim = arch.head_dim
         init = init_method(par)
         self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
         self.q_norm = RMSNorm(arch.head_dim, arch.eps, par.dtype)
         self.k_norm = RMSNorm(arch.head_dim, arch.eps, par.dtype)
         self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
-        if blocks.tp_size() > 1:
-            # One [head_dim] weight shared by all heads: each TP rank sees only its own heads,
-            # so the gradient is a partial sum over the TP group (megatron's qk_layernorm case),
-            # with or without sequence parallelism.
-            blocks.mark_sequence_parallel(self.q_norm)
-            blocks.mark_sequence_parallel(self.k_norm)
 
     def qkv(self, x: torch.Tensor, rope_angles: torch.Tensor):
         """x [S, B, D] -> q, k, v [S', B, local heads, head_dim] (S' = S gathered over the TP
         group under sequence parallelism), q and k normed and rotated."""
         fused, _ = self.linear_qkv(x)
-        q, k, v = blocks.split_fused_heads(fused, self.num_local_heads, 3, self.head_dim)
-        q = blocks.apply_rope_interleaved(self.q_norm(q), rope_angles)
-        k = blocks.apply_rope_interleaved(self.k_norm(k), rope_angles)
+        q, k, v = split_fused_heads(fused, self.num_local_heads, 3, self.head_dim)
+        q = apply_rope_interleaved(self.q_norm(q), rope_angles)
+        k = apply_rope_interleaved(self.k_norm(k), rope_angles)
         return q, k, v
 
     def project(self, attended: torch.Tensor) -> torch.Tensor:
@@ -190,14 +163,14 @@ class QwenJointAttention(nn.Module):
 
     Under Ulysses each rank concatenates its text shard and its image shard and the all-to-all
     exchanges that joint sequence as one: afterwards every rank holds all text and image tokens
-    for its heads, ordered rank by rank (see ``blocks.joint_key_mask``, which builds the key
+    for its heads, ordered rank by rank (see ``token_sharding.joint_key_mask``, which builds the key
     mask in the same order; RoPE was applied per token before, so the order is harmless)."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: blocks.LinearSpec, config):
+    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
         self.img = QwenStreamProjections(arch, par, spec, config)
         self.txt = QwenStreamProjections(arch, par, spec, config)
-        self.core = AttentionCore(par.attention, self.img.num_local_heads, arch.head_dim, ulysses=True)
+        self.core = AttentionCore(attention_backend(par), self.img.num_local_heads, arch.head_dim, ulysses=True)
 
     def forward(self, img, txt, img_angles, txt_angles, key_mask):
         img_q, img_k, img_v = self.img.qkv(img, img_angles)
@@ -209,6 +182,9 @@ class QwenJointAttention(nn.Module):
         return self.img.project(img_out), self.txt.project(txt_out)
 
 
+# ----------------------------------------------------------------------------- 4. transformer block
+
+
 def _gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (x.float() + update.float() * gate).type_as(x)
 
@@ -217,7 +193,7 @@ class QwenImageBlock(nn.Module):
     """Dual-stream block: both streams are modulated by the time embedding, attend jointly, and
     go through their own MLP."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: blocks.LinearSpec, config):
+    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
         dim = arch.dim
         # SiLU -> Linear(dim, 6*dim): [shift1, scale1, gate1, shift2, scale2, gate2].
@@ -228,10 +204,6 @@ class QwenImageBlock(nn.Module):
         self.attention = QwenJointAttention(arch, par, spec, config)
         self.img_mlp = ParallelMLP(dim, arch.ffn_dim, par, spec, config)
         self.txt_mlp = ParallelMLP(dim, arch.ffn_dim, par, spec, config)
-        if config.sequence_parallel:
-            # Replicated, but their gradients come from this rank's tokens only.
-            blocks.mark_sequence_parallel(self.img_mod)
-            blocks.mark_sequence_parallel(self.txt_mod)
 
     def _norm_modulate(self, x, shift, scale):
         return modulate(self.norm(x), shift, scale).type_as(x)
@@ -256,7 +228,19 @@ class QwenImageBlock(nn.Module):
         return img, txt
 
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- 5. the model
+
+# The replicated parameters whose gradients are partial sums over the TP group (parallel.plan).
+QWEN_IMAGE_PARALLEL_PLAN = ParallelPlan(
+    # Under sequence parallelism each rank embeds, modulates and projects out its own tokens of
+    # both streams only.
+    token_sharded=("img_in", "txt_norm", "txt_in", "time_embedding", "blocks.*.img_mod", "blocks.*.txt_mod",
+                   "head_modulation", "head"),
+    # One [head_dim] q/k norm weight shared by all heads, of which each TP rank has its own:
+    # megatron's qk_layernorm case, with or without sequence parallelism.
+    head_sharded=("blocks.*.attention.img.q_norm", "blocks.*.attention.img.k_norm",
+                  "blocks.*.attention.txt.q_norm", "blocks.*.attention.txt.k_norm"),
+)
 
 
 class QwenImageModel(nn.Module):
@@ -264,7 +248,7 @@ class QwenImageModel(nn.Module):
 
     def __init__(self, arch: QwenImageArch, par: ModelParallelOptions = ModelParallelOptions()):
         super().__init__()
-        spec, config = blocks.layer_setup(par)
+        spec, config = layer_setup(par)
         self.arch, self.par = arch, par
         dtype = par.dtype
         self.sequence_parallel = config.sequence_parallel
@@ -272,22 +256,17 @@ class QwenImageModel(nn.Module):
         self.img_in = nn.Linear(arch.packed_channels, arch.dim, dtype=dtype)
         self.txt_norm = RMSNorm(arch.text_dim, arch.eps, dtype)
         self.txt_in = nn.Linear(arch.text_dim, arch.dim, dtype=dtype)
-        self.time_embedding = blocks.TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
+        self.time_embedding = TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
         self.blocks = nn.ModuleList(QwenImageBlock(arch, par, spec, config) for _ in range(arch.num_layers))
         # diffusers' norm_out (AdaLayerNormContinuous: SiLU -> Linear, chunks (scale, shift)).
         self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
         self.head_modulation = nn.Linear(arch.dim, 2 * arch.dim, dtype=dtype)
         self.head = nn.Linear(arch.dim, arch.out_features, dtype=dtype)
-        if self.sequence_parallel:
-            # Replicated parameters that only see this rank's tokens under sequence parallelism.
-            embeddings = (self.img_in, self.txt_norm, self.txt_in, self.time_embedding)
-            for module in (*embeddings, self.head_modulation, self.head):
-                blocks.mark_sequence_parallel(module)
-        blocks.tag_tensor_parallel_parameters(self)
+        apply_parallel_plan(self, QWEN_IMAGE_PARALLEL_PLAN, self.sequence_parallel)
 
     @property
     def token_patch(self) -> Tuple[int, int, int]:
-        """The (frames, height, width) latent patch of one token (blocks.latent_tokens)."""
+        """The (frames, height, width) latent patch of one token (token_sharding.latent_tokens)."""
         return 1, self.arch.patch_size, self.arch.patch_size
 
     # ------------------------------------------------------------------ pieces of the forward
@@ -311,16 +290,16 @@ class QwenImageModel(nn.Module):
         scale_rope): image tokens at frame 0 and centred rows/columns -(h - h//2) .. h//2 - 1;
         text token i at max(h//2, w//2) + i on all three axes. Padding angles are unused."""
         h, w = grid
-        img_positions = blocks.grid_positions(img_sharding.ulysses_index(device), (1, h, w))
+        img_positions = grid_positions(img_sharding.ulysses_index(device), (1, h, w))
         img_positions = img_positions - torch.tensor([0, h - h // 2, w - w // 2], device=device)
         txt_positions = (max(h // 2, w // 2) + txt_sharding.ulysses_index(device))[:, None].expand(-1, 3)
         axes, theta = self.arch.axes_dims_rope, self.arch.rope_theta
-        return blocks.rope_frequencies(img_positions, axes, theta), blocks.rope_frequencies(txt_positions, axes, theta)
+        return rope_frequencies(img_positions, axes, theta), rope_frequencies(txt_positions, axes, theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype) -> torch.Tensor:
         """timestep [B] on the 0..1000 scale -> temb [B, D] (module docstring: the convention)."""
         sigma = timestep.float() / TIMESTEP_SCALE
-        sinusoid = blocks.sinusoidal_embedding(sigma, self.arch.freq_dim, scale=TIMESTEP_SCALE)
+        sinusoid = sinusoidal_embedding(sigma, self.arch.freq_dim, scale=TIMESTEP_SCALE)
         return self.time_embedding(sinusoid).to(dtype)
 
     def embed_image(self, packed: torch.Tensor) -> torch.Tensor:
@@ -363,10 +342,10 @@ class QwenImageModel(nn.Module):
         # Text first, as in diffusers' joint sequence (and in QwenJointAttention).
         batch = img.shape[1]
         key_mask = KeyMask.of(
-            blocks.joint_key_mask([(txt_sharding, context_mask), (img_sharding, None)], batch, img.device), batch)
+            joint_key_mask([(txt_sharding, context_mask), (img_sharding, None)], batch, img.device), batch)
         par = self.par
-        with blocks.fp8_autocast(par.fp8_recipe):
-            img, _ = blocks.run_blocks(
+        with fp8_autocast(par.fp8_recipe):
+            img, _ = run_blocks(
                 self.blocks, (img, txt), temb, img_angles, txt_angles, key_mask,
                 recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
             )
@@ -407,46 +386,3 @@ class QwenImageModel(nn.Module):
         velocity = unpack_latents(img_sharding.gather(out), grid, self.arch.patch_size)
         return velocity.unsqueeze(2) if with_frame_axis else velocity
 
-
-# ----------------------------------------------------------------------------- weight names
-
-
-def diffusers_weight_rules(arch: QwenImageArch):
-    """The adapter between diffusers' ``QwenImageTransformer2DModel`` and ``QwenImageModel``
-    names. Per-head q/k norm weights are whole on every rank ([head_dim], shared by the heads)."""
-    from functools import partial
-
-    from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
-
-    linear = partial(linear_rules, head_dim=arch.head_dim)
-    single = partial(tensor_rules, head_dim=arch.head_dim)
-
-    def stream(own, attn, q, k, v, out, norm_q, norm_k):
-        return (
-            linear(f"{own}.linear_qkv", (f"{attn}.{q}", f"{attn}.{k}", f"{attn}.{v}"), COLUMN)
-            + single(f"{own}.q_norm.weight", f"{attn}.{norm_q}.weight")
-            + single(f"{own}.k_norm.weight", f"{attn}.{norm_k}.weight")
-            + linear(f"{own}.linear_proj", f"{attn}.{out}", ROW)
-        )
-
-    def mlp(own, source):
-        fc1 = linear(f"{own}.linear_fc1", f"{source}.net.0.proj", COLUMN)
-        return fc1 + linear(f"{own}.linear_fc2", f"{source}.net.2", ROW)
-
-    rules = linear("img_in", "img_in")
-    rules += single("txt_norm.weight", "txt_norm.weight")
-    rules += linear("txt_in", "txt_in")
-    rules += linear("time_embedding.linear_1", "time_text_embed.timestep_embedder.linear_1")
-    rules += linear("time_embedding.linear_2", "time_text_embed.timestep_embedder.linear_2")
-    for i in range(arch.num_layers):
-        own, hf = f"blocks.{i}", f"transformer_blocks.{i}"
-        rules += linear(f"{own}.img_mod", f"{hf}.img_mod.1")
-        rules += linear(f"{own}.txt_mod", f"{hf}.txt_mod.1")
-        rules += stream(f"{own}.attention.img", f"{hf}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k")
-        rules += stream(f"{own}.attention.txt", f"{hf}.attn", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                        "norm_added_q", "norm_added_k")
-        rules += mlp(f"{own}.img_mlp", f"{hf}.img_mlp")
-        rules += mlp(f"{own}.txt_mlp", f"{hf}.txt_mlp")
-    rules += linear("head_modulation", "norm_out.linear")
-    rules += linear("head", "proj_out")
-    return rules

@@ -1,7 +1,7 @@
-"""Qwen-Image's Hugging Face layout (diffusers ``QwenImageTransformer2DModel``): config and tensor
-shapes, and ``QWEN_IMAGE``, the adapter through which the checkpoint code handles Qwen-Image
-(see ``architectures``). There is no other layout: Qwen-Image is released in diffusers form, as a
-transformer folder or as a pipeline root with ``transformer/``.
+"""Qwen-Image's Hugging Face layout (diffusers ``QwenImageTransformer2DModel``): weight names, config
+and tensor shapes, and ``QWEN_IMAGE``, the adapter through which the checkpoint code handles
+Qwen-Image (see ``architecture_types``). There is no other layout: Qwen-Image is released in
+diffusers form, as a transformer folder or as a pipeline root with ``transformer/``.
 
 The shapes are written out rather than read off a diffusers model built on the meta device: the
 same answer without importing diffusers or building 60 blocks, and the tests check the table
@@ -10,15 +10,13 @@ against diffusers' own parameters (tiny and full size).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, Mapping
 
-from phased_dmd_mega.models.architectures import Architecture, CheckpointError, Shape, add_linear
-from phased_dmd_mega.models.qwen_image import (
-    QWEN_IMAGE_PRESETS,
-    QwenImageArch,
-    QwenImageModel,
-    diffusers_weight_rules,
-)
+from phased_dmd_mega.models.architecture_types import Architecture, CheckpointError, Shape, add_linear
+from phased_dmd_mega.models.layers import divide
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
+from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
 DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
 # diffusers config fields that do not change the weights: kept from the source when exporting.
@@ -28,6 +26,43 @@ _STREAMS = (
     ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
     ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_q", "norm_added_k"),
 )
+
+
+def diffusers_weight_rules(arch: QwenImageArch):
+    """The adapter between diffusers' ``QwenImageTransformer2DModel`` and ``QwenImageModel``
+    names. Per-head q/k norm weights are whole on every rank ([head_dim], shared by the heads)."""
+    linear = partial(linear_rules, head_dim=arch.head_dim)
+    single = partial(tensor_rules, head_dim=arch.head_dim)
+
+    def stream(own, attn, q, k, v, out, norm_q, norm_k):
+        return (
+            linear(f"{own}.linear_qkv", (f"{attn}.{q}", f"{attn}.{k}", f"{attn}.{v}"), COLUMN)
+            + single(f"{own}.q_norm.weight", f"{attn}.{norm_q}.weight")
+            + single(f"{own}.k_norm.weight", f"{attn}.{norm_k}.weight")
+            + linear(f"{own}.linear_proj", f"{attn}.{out}", ROW)
+        )
+
+    def mlp(own, source):
+        fc1 = linear(f"{own}.linear_fc1", f"{source}.net.0.proj", COLUMN)
+        return fc1 + linear(f"{own}.linear_fc2", f"{source}.net.2", ROW)
+
+    rules = linear("img_in", "img_in")
+    rules += single("txt_norm.weight", "txt_norm.weight")
+    rules += linear("txt_in", "txt_in")
+    rules += linear("time_embedding.linear_1", "time_text_embed.timestep_embedder.linear_1")
+    rules += linear("time_embedding.linear_2", "time_text_embed.timestep_embedder.linear_2")
+    for i in range(arch.num_layers):
+        own, hf = f"blocks.{i}", f"transformer_blocks.{i}"
+        rules += linear(f"{own}.img_mod", f"{hf}.img_mod.1")
+        rules += linear(f"{own}.txt_mod", f"{hf}.txt_mod.1")
+        rules += stream(f"{own}.attention.img", f"{hf}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k")
+        rules += stream(f"{own}.attention.txt", f"{hf}.attn", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                        "norm_added_q", "norm_added_k")
+        rules += mlp(f"{own}.img_mlp", f"{hf}.img_mlp")
+        rules += mlp(f"{own}.txt_mlp", f"{hf}.txt_mlp")
+    rules += linear("head_modulation", "norm_out.linear")
+    rules += linear("head", "proj_out")
+    return rules
 
 
 def diffusers_shapes(arch: QwenImageArch) -> Dict[str, Shape]:
@@ -54,11 +89,51 @@ def diffusers_shapes(arch: QwenImageArch) -> Dict[str, Shape]:
     return shapes
 
 
+def from_diffusers_config(config: Dict[str, Any]) -> QwenImageArch:
+    """From a diffusers ``QwenImageTransformer2DModel`` config.json (plain Qwen-Image:
+    the guidance, zero_cond_t, additional-t and layer-3D-RoPE variants are refused)."""
+    for flag in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
+        if config.get(flag):
+            raise ValueError(f"unsupported Qwen-Image variant: {flag}=True")
+    patch = config.get("patch_size", 2)
+    packed_in = config.get("in_channels", 64)
+    return QwenImageArch(
+        num_heads=config.get("num_attention_heads", 24),
+        head_dim=config.get("attention_head_dim", 128),
+        num_layers=config.get("num_layers", 60),
+        in_channels=divide(packed_in, patch * patch, "Qwen-Image packed in_channels vs patch area"),
+        # diffusers: 16 when absent, in_channels (the packed count, used as is) when null.
+        out_channels=config.get("out_channels", 16) or packed_in,
+        text_dim=config.get("joint_attention_dim", 3584),
+        patch_size=patch,
+        axes_dims_rope=tuple(config.get("axes_dims_rope", (16, 56, 56))),
+    )
+
+
+def to_diffusers_config(arch: QwenImageArch) -> Dict[str, Any]:
+    """A diffusers ``QwenImageTransformer2DModel`` config.json for ``arch``."""
+    return {
+        "_class_name": "QwenImageTransformer2DModel",
+        "patch_size": arch.patch_size,
+        "in_channels": arch.packed_channels,
+        "out_channels": arch.out_channels,
+        "num_layers": arch.num_layers,
+        "attention_head_dim": arch.head_dim,
+        "num_attention_heads": arch.num_heads,
+        "joint_attention_dim": arch.text_dim,
+        "guidance_embeds": False,
+        "axes_dims_rope": list(arch.axes_dims_rope),
+        "zero_cond_t": False,
+        "use_additional_t_cond": False,
+        "use_layer3d_rope": False,
+    }
+
+
 def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> QwenImageArch:
     """QwenImageArch of a diffusers config.json (absent fields take diffusers' defaults, as
     diffusers itself does), refusing the variants QwenImageModel does not implement."""
     try:
-        return QwenImageArch.from_diffusers_config(dict(config))
+        return from_diffusers_config(dict(config))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: {err}") from err
 
@@ -80,6 +155,7 @@ QWEN_IMAGE = Architecture(
     weight_rules=diffusers_weight_rules,
     diffusers_shapes=diffusers_shapes,
     arch_from_diffusers_config=arch_from_diffusers_config,
+    arch_to_diffusers_config=to_diffusers_config,
     diffusers_fields=("num_attention_heads", "joint_attention_dim"),
     diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,

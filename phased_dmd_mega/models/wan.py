@@ -1,31 +1,49 @@
-"""Wan 2.1 / 2.2 DiT on megatron-core (spec: models.md, "Wan 2.1 / 2.2").
+"""Wan 2.1 / 2.2 DiT on megatron-core: the computation of diffusers' ``WanTransformer3DModel``
+(and of Wan-Video's original ``WanModel``), with megatron's tensor-parallel layers.
 
 One block: adaLN-modulated self-attention with 3D RoPE, un-modulated cross-attention to the text
 (plus the image branch of Wan2.1 I2V), adaLN-modulated GELU(tanh) MLP. Heads and the MLP are
-split over tensor-parallel ranks; tokens over Megatron sequence-parallel and Ulysses ranks.
+split over tensor-parallel ranks; tokens over Megatron sequence-parallel and Ulysses ranks. The
+Hugging Face names and layouts of its weights are in ``wan_formats``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phased_dmd_mega.models import blocks
-from phased_dmd_mega.models.attention import AttentionCore, KeyMask
-from phased_dmd_mega.models.blocks import (
+from phased_dmd_mega.models.attention import AttentionCore, KeyMask, attention_backend
+from phased_dmd_mega.models.embeddings import (
+    TimestepEmbedding,
+    apply_rope_interleaved,
+    grid_positions,
+    rope_frequencies,
+    sinusoidal_embedding,
+)
+from phased_dmd_mega.models.layers import (
     FP32LayerNorm,
-    ModelParallelOptions,
+    LinearSpec,
+    ParallelMLP,
     RMSNormAcrossHeads,
-    TokenSharding,
     divide,
     gelu_tanh,
     init_method,
+    layer_setup,
+    model_parallel_config,
     modulate,
+    split_fused_heads,
 )
+from phased_dmd_mega.models.options import ModelParallelOptions, fp8_autocast, without_fp8
+from phased_dmd_mega.models.recompute import run_blocks
+from phased_dmd_mega.models.token_sharding import TokenSharding, latent_tokens
+from phased_dmd_mega.parallel.plan import ParallelPlan, apply_parallel_plan
+from phased_dmd_mega.parallel.state import tensor_parallel_size
+
+# ----------------------------------------------------------------------------- 1. architecture
 
 
 @dataclass(frozen=True)
@@ -56,48 +74,6 @@ class WanArch:
         d = self.head_dim
         return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
 
-    @classmethod
-    def from_diffusers_config(cls, config: Dict[str, Any]) -> "WanArch":
-        """From a diffusers ``WanTransformer3DModel`` config.json."""
-        known = {
-            "dim": config["num_attention_heads"] * config["attention_head_dim"],
-            "ffn_dim": config["ffn_dim"],
-            "num_heads": config["num_attention_heads"],
-            "num_layers": config["num_layers"],
-            "in_channels": config["in_channels"],
-            "out_channels": config.get("out_channels") or config["in_channels"],
-            "text_dim": config.get("text_dim", 4096),
-            "freq_dim": config.get("freq_dim", 256),
-            "patch_size": tuple(config.get("patch_size", (1, 2, 2))),
-            "eps": config.get("eps", 1e-6),
-            "cross_attn_norm": config.get("cross_attn_norm", True),
-            "image_dim": config.get("image_dim"),
-            "pos_embed_seq_len": config.get("pos_embed_seq_len"),
-        }
-        if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
-            raise ValueError(f"unsupported Wan qk_norm {config.get('qk_norm')!r}")
-        return cls(**known)
-
-    def to_diffusers_config(self) -> Dict[str, Any]:
-        return {
-            "_class_name": "WanTransformer3DModel",
-            "patch_size": list(self.patch_size),
-            "num_attention_heads": self.num_heads,
-            "attention_head_dim": self.head_dim,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "text_dim": self.text_dim,
-            "freq_dim": self.freq_dim,
-            "ffn_dim": self.ffn_dim,
-            "num_layers": self.num_layers,
-            "cross_attn_norm": self.cross_attn_norm,
-            "qk_norm": "rms_norm_across_heads",
-            "eps": self.eps,
-            "image_dim": self.image_dim,
-            "added_kv_proj_dim": self.dim if self.image_dim is not None else None,
-            "rope_max_seq_len": 1024,
-            "pos_embed_seq_len": self.pos_embed_seq_len,
-        }
 
 
 _14B = WanArch()
@@ -113,99 +89,7 @@ WAN_PRESETS: Dict[str, WanArch] = {
 }
 
 
-# The parallel options are the same for every DiT; the old name stays for existing imports.
-WanParallel = ModelParallelOptions
-
-
-class WanSelfAttention(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config):
-        super().__init__()
-        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
-        init = init_method(par)
-        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
-        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(par.attention, self.num_local_heads, self.head_dim, ulysses=True)
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
-
-    def forward(self, x, rope_angles, key_mask):
-        qkv, _ = self.linear_qkv(x)
-        q, k, v = blocks.split_fused_heads(qkv, self.num_local_heads, 3, self.head_dim)
-        q = self.q_norm(q.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
-        k = self.k_norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
-        q = blocks.apply_rope_interleaved(q, rope_angles)
-        k = blocks.apply_rope_interleaved(k, rope_angles)
-        out = self.core(q, k, v, key_mask)
-        out, _ = self.linear_proj(out.flatten(2))
-        return out
-
-
-class WanCrossAttention(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec: blocks.LinearSpec, config, context_config):
-        super().__init__()
-        self.num_local_heads = divide(arch.num_heads, blocks.tp_size(), "Wan heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
-        init = init_method(par)
-        self.fp8_recipe = par.fp8_recipe
-        self.linear_q = spec.column_parallel(arch.dim, arch.dim, config, init)
-        # The text is short and whole on every rank: no sequence-parallel gather for it.
-        self.linear_kv = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
-        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.has_image = arch.image_dim is not None
-        if self.has_image:
-            self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
-            self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(par.attention, self.num_local_heads, self.head_dim, ulysses=False, cross=True)
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
-
-    def _keys_values(self, linear, norm, context):
-        # Context lengths (257 CLIP tokens) need not suit FP8 GEMMs, and their share of the
-        # compute is small: their keys and values stay in high precision.
-        with blocks.without_fp8(self.fp8_recipe):
-            kv, _ = linear(context)
-        k, v = blocks.split_fused_heads(kv, self.num_local_heads, 2, self.head_dim)
-        k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
-        return k, v
-
-    def forward(self, x, context, image_context):
-        q, _ = self.linear_q(x)
-        q = self.q_norm(q).unflatten(-1, (self.num_local_heads, self.head_dim))
-        k, v = self._keys_values(self.linear_kv, self.k_norm, context)
-        out = self.core(q, k, v)
-        if self.has_image and image_context is not None:
-            k_img, v_img = self._keys_values(self.linear_kv_img, self.k_img_norm, image_context)
-            out = out + self.core(q, k_img, v_img)
-        out, _ = self.linear_proj(out.flatten(2))
-        return out
-
-
-class WanBlock(nn.Module):
-    def __init__(self, arch: WanArch, par: WanParallel, spec, config, context_config):
-        super().__init__()
-        self.norm1 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.self_attention = WanSelfAttention(arch, par, spec, config)
-        self.cross_attention_norm = (
-            FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype) if arch.cross_attn_norm else nn.Identity()
-        )
-        self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
-        self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.mlp = blocks.ParallelMLP(arch.dim, arch.ffn_dim, par, spec, config)
-        self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
-        if par.sequence_parallel:
-            blocks.mark_sequence_parallel(self.cross_attention_norm)
-            self.modulation.sequence_parallel = True
-
-    def forward(self, x, e0, context, image_context, rope_angles, key_mask):
-        """x [S, B, D]; e0 [B, 6, D] or per token [S, B, 6, D]."""
-        e = (self.modulation.float() + e0.float()).unbind(-2)
-        shift, scale, gate, c_shift, c_scale, c_gate = e
-        h = modulate(self.norm1(x), shift, scale).type_as(x)
-        x = (x.float() + self.self_attention(h, rope_angles, key_mask).float() * gate).type_as(x)
-        x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
-        h = modulate(self.norm2(x), c_shift, c_scale).type_as(x)
-        return (x.float() + self.mlp(h).float() * c_gate).type_as(x)
+# ----------------------------------------------------------------------------- 2. embeddings
 
 
 class WanImageEmbedding(nn.Module):
@@ -225,38 +109,140 @@ class WanImageEmbedding(nn.Module):
         return self.norm2(self.linear_2(F.gelu(self.linear_1(self.norm1(image)))))
 
 
+# ----------------------------------------------------------------------------- 3. attention
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec: LinearSpec, config):
+        super().__init__()
+        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = arch.head_dim
+        init = init_method(par)
+        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
+        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.core = AttentionCore(attention_backend(par), self.num_local_heads, self.head_dim, ulysses=True)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+
+    def forward(self, x, rope_angles, key_mask):
+        qkv, _ = self.linear_qkv(x)
+        q, k, v = split_fused_heads(qkv, self.num_local_heads, 3, self.head_dim)
+        q = self.q_norm(q.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        k = self.k_norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        q = apply_rope_interleaved(q, rope_angles)
+        k = apply_rope_interleaved(k, rope_angles)
+        out = self.core(q, k, v, key_mask)
+        out, _ = self.linear_proj(out.flatten(2))
+        return out
+
+
+class WanCrossAttention(nn.Module):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec: LinearSpec, config, context_config):
+        super().__init__()
+        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = arch.head_dim
+        init = init_method(par)
+        self.fp8_recipe = par.fp8_recipe
+        self.linear_q = spec.column_parallel(arch.dim, arch.dim, config, init)
+        # The text is short and whole on every rank: no sequence-parallel gather for it.
+        self.linear_kv = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
+        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.has_image = arch.image_dim is not None
+        if self.has_image:
+            self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
+            self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.core = AttentionCore(attention_backend(par), self.num_local_heads, self.head_dim, ulysses=False,
+                                  cross=True)
+        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+
+    def _keys_values(self, linear, norm, context):
+        # Context lengths (257 CLIP tokens) need not suit FP8 GEMMs, and their share of the
+        # compute is small: their keys and values stay in high precision.
+        with without_fp8(self.fp8_recipe):
+            kv, _ = linear(context)
+        k, v = split_fused_heads(kv, self.num_local_heads, 2, self.head_dim)
+        k = norm(k.flatten(2)).unflatten(-1, (self.num_local_heads, self.head_dim))
+        return k, v
+
+    def forward(self, x, context, image_context):
+        q, _ = self.linear_q(x)
+        q = self.q_norm(q).unflatten(-1, (self.num_local_heads, self.head_dim))
+        k, v = self._keys_values(self.linear_kv, self.k_norm, context)
+        out = self.core(q, k, v)
+        if self.has_image and image_context is not None:
+            k_img, v_img = self._keys_values(self.linear_kv_img, self.k_img_norm, image_context)
+            out = out + self.core(q, k_img, v_img)
+        out, _ = self.linear_proj(out.flatten(2))
+        return out
+
+
+# ----------------------------------------------------------------------------- 4. transformer block
+
+
+class WanBlock(nn.Module):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec, config, context_config):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.self_attention = WanSelfAttention(arch, par, spec, config)
+        self.cross_attention_norm = (
+            FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype)
+            if arch.cross_attn_norm else nn.Identity()
+        )
+        self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
+        self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
+        self.mlp = ParallelMLP(arch.dim, arch.ffn_dim, par, spec, config)
+        self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
+
+    def forward(self, x, e0, context, image_context, rope_angles, key_mask):
+        """x [S, B, D]; e0 [B, 6, D] or per token [S, B, 6, D]."""
+        e = (self.modulation.float() + e0.float()).unbind(-2)
+        shift, scale, gate, c_shift, c_scale, c_gate = e
+        h = modulate(self.norm1(x), shift, scale).type_as(x)
+        x = (x.float() + self.self_attention(h, rope_angles, key_mask).float() * gate).type_as(x)
+        x = x + self.cross_attention(self.cross_attention_norm(x), context, image_context)
+        h = modulate(self.norm2(x), c_shift, c_scale).type_as(x)
+        return (x.float() + self.mlp(h).float() * c_gate).type_as(x)
+
+
+# ----------------------------------------------------------------------------- 5. the model
+
+# The replicated parameters whose gradients are partial sums over the TP group (parallel.plan):
+# under sequence parallelism each rank embeds, modulates and projects out its own tokens only.
+WAN_PARALLEL_PLAN = ParallelPlan(
+    token_sharded=("patch_embedding", "time_embedding", "time_projection", "blocks.*.cross_attention_norm",
+                   "blocks.*.modulation", "head_modulation", "head"),
+)
+
+
 class WanModel(nn.Module):
     """The Wan DiT for the current parallel state (call ``parallel.initialize`` first)."""
 
-    def __init__(self, arch: WanArch, par: WanParallel = WanParallel()):
+    def __init__(self, arch: WanArch, par: ModelParallelOptions = ModelParallelOptions()):
         super().__init__()
-        spec, config = blocks.layer_setup(par)
+        spec, config = layer_setup(par)
         self.arch, self.par = arch, par
         dtype = par.dtype
-        context_config = blocks.model_parallel_config(False, dtype, par.initialize)
+        context_config = model_parallel_config(False, dtype, par.initialize)
         self.sequence_parallel = config.sequence_parallel
 
         self.patch_embedding = nn.Conv3d(arch.in_channels, arch.dim, arch.patch_size, arch.patch_size, dtype=dtype)
-        self.time_embedding = blocks.TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
+        self.time_embedding = TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
         self.time_projection = nn.Linear(arch.dim, 6 * arch.dim, dtype=dtype)
-        self.text_embedding = nn.ModuleDict(
-            {"linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype), "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype)}
-        )
+        self.text_embedding = nn.ModuleDict({
+            "linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype),
+            "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype),
+        })
         self.image_embedding = WanImageEmbedding(arch, dtype) if arch.image_dim is not None else None
         self.blocks = nn.ModuleList(WanBlock(arch, par, spec, config, context_config) for _ in range(arch.num_layers))
         self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.randn(1, 2, arch.dim, dtype=dtype) / arch.dim**0.5)
         self.head = nn.Linear(arch.dim, arch.out_channels * self.patch_volume, dtype=dtype)
-        if self.sequence_parallel:
-            # Replicated parameters that only see this rank's tokens under sequence parallelism.
-            for module in (self.patch_embedding, self.time_embedding, self.time_projection, self.head):
-                blocks.mark_sequence_parallel(module)
-            self.head_modulation.sequence_parallel = True
-        blocks.tag_tensor_parallel_parameters(self)
+        apply_parallel_plan(self, WAN_PARALLEL_PLAN, self.sequence_parallel)
 
     @property
     def token_patch(self) -> Tuple[int, int, int]:
-        """The (frames, height, width) latent patch of one token (blocks.latent_tokens)."""
+        """The (frames, height, width) latent patch of one token (latent_tokens)."""
         return tuple(self.arch.patch_size)
 
     @property
@@ -276,12 +262,12 @@ class WanModel(nn.Module):
 
     def rope_angles(self, grid, sharding: TokenSharding, device) -> torch.Tensor:
         """Angles for this Ulysses shard's tokens (its true positions; padding gets position 0)."""
-        positions = blocks.grid_positions(sharding.ulysses_index(device), grid)
-        return blocks.rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
+        positions = grid_positions(sharding.ulysses_index(device), grid)
+        return rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype):
         """timestep [B] or per token [S, B] on the 0..1000 scale -> (e, e0)."""
-        sinusoid = blocks.sinusoidal_embedding(timestep, self.arch.freq_dim)
+        sinusoid = sinusoidal_embedding(timestep, self.arch.freq_dim)
         e = self.time_embedding(sinusoid)
         e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.arch.dim))
         return e.to(dtype), e0
@@ -299,7 +285,7 @@ class WanModel(nn.Module):
         """This rank's tokens [S_local, B, D] of [B, C, F, H, W] latents. The patch embedding is a
         convolution whose stride is its kernel, i.e. one linear map per patch: applied to this
         rank's patches only, no rank holds the whole sequence at model width."""
-        patches = sharding.local_slice(blocks.latent_tokens(latents, self.token_patch).transpose(0, 1))
+        patches = sharding.local_slice(latent_tokens(latents, self.token_patch).transpose(0, 1))
         conv = self.patch_embedding
         return F.linear(patches, conv.weight.flatten(1), conv.bias)
 
@@ -308,7 +294,8 @@ class WanModel(nn.Module):
         f, h, w = grid
         pt, ph, pw = self.arch.patch_size
         x = tokens.permute(1, 0, 2).reshape(tokens.shape[1], f, h, w, pt, ph, pw, self.arch.out_channels)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[1], self.arch.out_channels, f * pt, h * ph, w * pw)
+        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(tokens.shape[1], self.arch.out_channels, f * pt, h * ph, w * pw)
 
     # ------------------------------------------------------------------ forward
 
@@ -328,8 +315,8 @@ class WanModel(nn.Module):
         angles = self.rope_angles(grid, sharding, tokens.device)
         key_mask = KeyMask.of(sharding.key_padding_mask(tokens.device), tokens.shape[1])
         par = self.par
-        with blocks.fp8_autocast(par.fp8_recipe):
-            tokens = blocks.run_blocks(
+        with fp8_autocast(par.fp8_recipe):
+            tokens = run_blocks(
                 self.blocks, tokens, e0, context, image_context, angles, key_mask,
                 recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
             )
@@ -367,52 +354,3 @@ class WanModel(nn.Module):
         out = self.forward_tokens(tokens, e, e0, text, image, grid, sharding)
         return self.unpatchify(sharding.gather(out), grid)
 
-
-# ----------------------------------------------------------------------------- weight names
-
-
-def diffusers_weight_rules(arch: WanArch):
-    """The adapter between diffusers' ``WanTransformer3DModel`` and ``WanModel`` names."""
-    from functools import partial
-
-    from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
-
-    linear = partial(linear_rules, head_dim=arch.head_dim)
-    single = partial(tensor_rules, head_dim=arch.head_dim)
-
-    rules = linear("patch_embedding", "patch_embedding")
-    rules += linear("time_embedding.linear_1", "condition_embedder.time_embedder.linear_1")
-    rules += linear("time_embedding.linear_2", "condition_embedder.time_embedder.linear_2")
-    rules += linear("time_projection", "condition_embedder.time_proj")
-    rules += linear("text_embedding.linear_1", "condition_embedder.text_embedder.linear_1")
-    rules += linear("text_embedding.linear_2", "condition_embedder.text_embedder.linear_2")
-    if arch.image_dim is not None:
-        image = "condition_embedder.image_embedder"
-        rules += linear("image_embedding.norm1", f"{image}.norm1")
-        rules += linear("image_embedding.linear_1", f"{image}.ff.net.0.proj")
-        rules += linear("image_embedding.linear_2", f"{image}.ff.net.2")
-        rules += linear("image_embedding.norm2", f"{image}.norm2")
-        if arch.pos_embed_seq_len is not None:
-            rules += single("image_embedding.pos_embed", f"{image}.pos_embed")
-    for i in range(arch.num_layers):
-        own, hf = f"blocks.{i}", f"blocks.{i}"
-        rules += linear(f"{own}.self_attention.linear_qkv", (f"{hf}.attn1.to_q", f"{hf}.attn1.to_k", f"{hf}.attn1.to_v"), COLUMN)
-        rules += single(f"{own}.self_attention.q_norm.weight", f"{hf}.attn1.norm_q.weight", COLUMN)
-        rules += single(f"{own}.self_attention.k_norm.weight", f"{hf}.attn1.norm_k.weight", COLUMN)
-        rules += linear(f"{own}.self_attention.linear_proj", f"{hf}.attn1.to_out.0", ROW)
-        rules += linear(f"{own}.cross_attention.linear_q", f"{hf}.attn2.to_q", COLUMN)
-        rules += linear(f"{own}.cross_attention.linear_kv", (f"{hf}.attn2.to_k", f"{hf}.attn2.to_v"), COLUMN)
-        rules += single(f"{own}.cross_attention.q_norm.weight", f"{hf}.attn2.norm_q.weight", COLUMN)
-        rules += single(f"{own}.cross_attention.k_norm.weight", f"{hf}.attn2.norm_k.weight", COLUMN)
-        if arch.image_dim is not None:
-            rules += linear(f"{own}.cross_attention.linear_kv_img", (f"{hf}.attn2.add_k_proj", f"{hf}.attn2.add_v_proj"), COLUMN)
-            rules += single(f"{own}.cross_attention.k_img_norm.weight", f"{hf}.attn2.norm_added_k.weight", COLUMN)
-        rules += linear(f"{own}.cross_attention.linear_proj", f"{hf}.attn2.to_out.0", ROW)
-        if arch.cross_attn_norm:
-            rules += linear(f"{own}.cross_attention_norm", f"{hf}.norm2")
-        rules += linear(f"{own}.mlp.linear_fc1", f"{hf}.ffn.net.0.proj", COLUMN)
-        rules += linear(f"{own}.mlp.linear_fc2", f"{hf}.ffn.net.2", ROW)
-        rules += single(f"{own}.modulation", f"{hf}.scale_shift_table")
-    rules += single("head_modulation", "scale_shift_table")
-    rules += linear("head", "proj_out")
-    return rules

@@ -1,18 +1,20 @@
 """Wan's two Hugging Face layouts: original (Wan-Video) and diffusers names, configs and shapes,
-and ``WAN``, the adapter through which the checkpoint code handles Wan (see ``architectures``).
+and ``WAN``, the adapter through which the checkpoint code handles Wan (see ``architecture_types``).
 
-The weight rule table (``wan.diffusers_weight_rules``) speaks diffusers names. An original Wan
-folder is read through the renames of models.md (original -> diffusers, applied in order as
-substring replacements); writing one needs the inverse, which is checked against the forward
-renames for every key so the two can never drift apart.
+The weight rule table (``diffusers_weight_rules``) speaks diffusers names. An original Wan folder
+is read through the key renames of diffusers' Wan conversion script
+(``scripts/convert_wan_to_diffusers.py``: original -> diffusers, applied in order as substring
+replacements); writing one needs the inverse, which is checked against the forward renames for
+every key so the two can never drift apart.
 """
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from phased_dmd_mega.models.architectures import (
+from phased_dmd_mega.models.architecture_types import (
     Architecture,
     CheckpointError,
     ExpertPairs,
@@ -22,7 +24,8 @@ from phased_dmd_mega.models.architectures import (
     keep_fields,
     require_fields,
 )
-from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel, diffusers_weight_rules
+from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel
+from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
 __all__ = ["CheckpointError", "Shape", "WAN"]  # the first two are re-exported for existing imports
 
@@ -84,7 +87,7 @@ def _replace_in_order(name: str, renames: Iterable[Tuple[str, str]]) -> str:
 
 
 def original_to_diffusers_name(name: str) -> str:
-    """An original Wan key -> its diffusers key (models.md's renames, in order)."""
+    """An original Wan key -> its diffusers key (the conversion script's renames, in order)."""
     name = _replace_in_order(name, _EMBEDDING_AND_HEAD_RENAMES)
     name = _swap_norm2_norm3(name)
     return _replace_in_order(name, _IMAGE_AND_ATTENTION_RENAMES)
@@ -115,6 +118,54 @@ def original_names(diffusers_names: Iterable[str]) -> Dict[str, str]:
     if len(set(mapping.values())) != len(mapping):
         raise AssertionError("two diffusers keys map to one original Wan key")
     return mapping
+
+
+# ----------------------------------------------------------------------------- weight names
+
+
+def diffusers_weight_rules(arch: WanArch):
+    """The adapter between diffusers' ``WanTransformer3DModel`` and ``WanModel`` names."""
+    linear = partial(linear_rules, head_dim=arch.head_dim)
+    single = partial(tensor_rules, head_dim=arch.head_dim)
+
+    rules = linear("patch_embedding", "patch_embedding")
+    rules += linear("time_embedding.linear_1", "condition_embedder.time_embedder.linear_1")
+    rules += linear("time_embedding.linear_2", "condition_embedder.time_embedder.linear_2")
+    rules += linear("time_projection", "condition_embedder.time_proj")
+    rules += linear("text_embedding.linear_1", "condition_embedder.text_embedder.linear_1")
+    rules += linear("text_embedding.linear_2", "condition_embedder.text_embedder.linear_2")
+    if arch.image_dim is not None:
+        image = "condition_embedder.image_embedder"
+        rules += linear("image_embedding.norm1", f"{image}.norm1")
+        rules += linear("image_embedding.linear_1", f"{image}.ff.net.0.proj")
+        rules += linear("image_embedding.linear_2", f"{image}.ff.net.2")
+        rules += linear("image_embedding.norm2", f"{image}.norm2")
+        if arch.pos_embed_seq_len is not None:
+            rules += single("image_embedding.pos_embed", f"{image}.pos_embed")
+    for i in range(arch.num_layers):
+        own, hf = f"blocks.{i}", f"blocks.{i}"
+        qkv = (f"{hf}.attn1.to_q", f"{hf}.attn1.to_k", f"{hf}.attn1.to_v")
+        rules += linear(f"{own}.self_attention.linear_qkv", qkv, COLUMN)
+        rules += single(f"{own}.self_attention.q_norm.weight", f"{hf}.attn1.norm_q.weight", COLUMN)
+        rules += single(f"{own}.self_attention.k_norm.weight", f"{hf}.attn1.norm_k.weight", COLUMN)
+        rules += linear(f"{own}.self_attention.linear_proj", f"{hf}.attn1.to_out.0", ROW)
+        rules += linear(f"{own}.cross_attention.linear_q", f"{hf}.attn2.to_q", COLUMN)
+        rules += linear(f"{own}.cross_attention.linear_kv", (f"{hf}.attn2.to_k", f"{hf}.attn2.to_v"), COLUMN)
+        rules += single(f"{own}.cross_attention.q_norm.weight", f"{hf}.attn2.norm_q.weight", COLUMN)
+        rules += single(f"{own}.cross_attention.k_norm.weight", f"{hf}.attn2.norm_k.weight", COLUMN)
+        if arch.image_dim is not None:
+            kv_img = (f"{hf}.attn2.add_k_proj", f"{hf}.attn2.add_v_proj")
+            rules += linear(f"{own}.cross_attention.linear_kv_img", kv_img, COLUMN)
+            rules += single(f"{own}.cross_attention.k_img_norm.weight", f"{hf}.attn2.norm_added_k.weight", COLUMN)
+        rules += linear(f"{own}.cross_attention.linear_proj", f"{hf}.attn2.to_out.0", ROW)
+        if arch.cross_attn_norm:
+            rules += linear(f"{own}.cross_attention_norm", f"{hf}.norm2")
+        rules += linear(f"{own}.mlp.linear_fc1", f"{hf}.ffn.net.0.proj", COLUMN)
+        rules += linear(f"{own}.mlp.linear_fc2", f"{hf}.ffn.net.2", ROW)
+        rules += single(f"{own}.modulation", f"{hf}.scale_shift_table")
+    rules += single("head_modulation", "scale_shift_table")
+    rules += linear("head", "proj_out")
+    return rules
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -177,6 +228,51 @@ DIFFUSERS_NON_ARCH_FIELDS = ("_diffusers_version", "rope_max_seq_len")
 ORIGINAL_NON_ARCH_FIELDS = ("_diffusers_version", "model_type", "text_len")
 
 
+def from_diffusers_config(config: Dict[str, Any]) -> WanArch:
+    """From a diffusers ``WanTransformer3DModel`` config.json."""
+    known = {
+        "dim": config["num_attention_heads"] * config["attention_head_dim"],
+        "ffn_dim": config["ffn_dim"],
+        "num_heads": config["num_attention_heads"],
+        "num_layers": config["num_layers"],
+        "in_channels": config["in_channels"],
+        "out_channels": config.get("out_channels") or config["in_channels"],
+        "text_dim": config.get("text_dim", 4096),
+        "freq_dim": config.get("freq_dim", 256),
+        "patch_size": tuple(config.get("patch_size", (1, 2, 2))),
+        "eps": config.get("eps", 1e-6),
+        "cross_attn_norm": config.get("cross_attn_norm", True),
+        "image_dim": config.get("image_dim"),
+        "pos_embed_seq_len": config.get("pos_embed_seq_len"),
+    }
+    if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ValueError(f"unsupported Wan qk_norm {config.get('qk_norm')!r}")
+    return WanArch(**known)
+
+
+def to_diffusers_config(arch: WanArch) -> Dict[str, Any]:
+    """A diffusers ``WanTransformer3DModel`` config.json for ``arch``."""
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(arch.patch_size),
+        "num_attention_heads": arch.num_heads,
+        "attention_head_dim": arch.head_dim,
+        "in_channels": arch.in_channels,
+        "out_channels": arch.out_channels,
+        "text_dim": arch.text_dim,
+        "freq_dim": arch.freq_dim,
+        "ffn_dim": arch.ffn_dim,
+        "num_layers": arch.num_layers,
+        "cross_attn_norm": arch.cross_attn_norm,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": arch.eps,
+        "image_dim": arch.image_dim,
+        "added_kv_proj_dim": arch.dim if arch.image_dim is not None else None,
+        "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": arch.pos_embed_seq_len,
+    }
+
+
 def is_original_config(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") == ORIGINAL_CLASS or ("dim" in config and "num_heads" in config)
 
@@ -189,7 +285,7 @@ def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> WanArch
     required = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels")
     require_fields(config, required, where)
     try:
-        arch = WanArch.from_diffusers_config(dict(config))
+        arch = from_diffusers_config(dict(config))
     except ValueError as err:
         raise CheckpointError(f"{where}: {err}") from err
     added_kv = config.get("added_kv_proj_dim")
@@ -307,6 +403,7 @@ WAN = Architecture(
     weight_rules=diffusers_weight_rules,
     diffusers_shapes=diffusers_shapes,
     arch_from_diffusers_config=arch_from_diffusers_config,
+    arch_to_diffusers_config=to_diffusers_config,
     diffusers_fields=("num_attention_heads", "ffn_dim"),
     diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,

@@ -131,7 +131,8 @@ def initialize(
             f"x ulysses_parallel ({ulysses_parallel}) = {model_parallel}"
         )
 
-    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mcore_tp
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
@@ -215,3 +216,36 @@ def data_parallel_group(with_ulysses: bool = True) -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group(with_context_parallel=with_ulysses)
+
+
+def tensor_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tensor_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def ulysses_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_world_size()
+
+
+def ulysses_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_rank()
+
+
+def amax_reduction_group() -> dist.ProcessGroup:
+    """The group over which FP8 delayed scaling all-reduces its amax history: the tensor- and
+    Ulysses-parallel ranks, which run the same samples through the same modules (data-parallel
+    ranks may route samples to different experts, so they are left out)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=True)
