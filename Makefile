@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.phased-dmd-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast setup clean-venv gpu-wheels
+.PHONY: demo test test-fast lint setup clean-venv gpu-wheels
 
 setup: $(STAMP)
 
@@ -19,9 +19,14 @@ $(STAMP): setup.py
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
-# The whole suite, slow multi-process tests included (what CI runs).
-test: $(STAMP)
+# The linter and the format check (settings in pyproject.toml), then the whole suite, slow
+# multi-process tests included (what CI runs).
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Day-to-day loop: everything but the tests marked slow.
 test-fast: $(STAMP)

@@ -11,9 +11,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-VERSION = re.search(
-    r'__version__ = "([^"]+)"', (ROOT / "phased_dmd_mega" / "__init__.py").read_text()
-).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "phased_dmd_mega" / "__init__.py").read_text()).group(1)
 
 # Pinned ranges; the Dockerfile pins versions inside them (tests/test_packaging.py checks).
 INSTALL_REQUIRES = [
@@ -38,6 +36,7 @@ EXTRAS_REQUIRE = {
         "matplotlib>=3.8,<4",
         "tensorboard>=2.16,<3",
         "peft>=0.21,<0.22",  # diffusers' load_lora_weights, for the LoRA export tests
+        "ruff>=0.17,<0.18",  # lint and format check, run by `make test` before the tests
     ],
     # Decoding samples to frames (`phased-dmd sample --vae`, logging.sample_vae): diffusers' VAEs.
     "sample": ["diffusers>=0.42.1,<0.43"],
@@ -45,9 +44,7 @@ EXTRAS_REQUIRE = {
     "tensorboard": ["tensorboard>=2.16,<3"],
 }
 
-PACKAGES = find_packages(include=["phased_dmd_mega", "phased_dmd_mega.*"]) + [
-    "phased_dmd_mega.kernels"
-]
+PACKAGES = find_packages(include=["phased_dmd_mega", "phased_dmd_mega.*"]) + ["phased_dmd_mega.kernels"]
 
 setup(
     name="phased-dmd-mega",

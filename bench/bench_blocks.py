@@ -45,8 +45,9 @@ def wan_block_flops(tokens: int, dim: int, ffn: int, text: int) -> float:
     return 3.0 * (self_attn + cross_attn + mlp)
 
 
-def qwen_block_flops(image_tokens: int, text_tokens: int, dim: int, ffn: int, batch: int = 1,
-                     real_text_tokens: Optional[int] = None) -> float:
+def qwen_block_flops(
+    image_tokens: int, text_tokens: int, dim: int, ffn: int, batch: int = 1, real_text_tokens: Optional[int] = None
+) -> float:
     """Matrix-multiply FLOPs of one Qwen-Image block, forward + backward (backward = 2 x forward):
     per stream its modulation (one [B, dim] row), fused QKV, output projection and MLP; then one
     attention over the real tokens of the joint [text, image] sequence."""
@@ -74,8 +75,13 @@ def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> C
     from phased_dmd_mega.models.wan import WAN_PRESETS, WanModel
 
     arch = replace(WAN_PRESETS["wan2.1-t2v-14b"], num_layers=1)
-    par = ModelParallelOptions(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
-                               dtype=torch.bfloat16, initialize=False)
+    par = ModelParallelOptions(
+        attention_backend=backend,
+        transformer_impl=transformer_impl,
+        fp8_recipe=fp8,
+        dtype=torch.bfloat16,
+        initialize=False,
+    )
     model = WanModel(arch, par).cuda()
     grid = tuple(args.grid)
     tokens = grid[0] * grid[1] * grid[2]
@@ -100,8 +106,13 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
     from phased_dmd_mega.models.token_sharding import joint_key_mask
 
     arch = replace(QWEN_IMAGE_PRESETS["qwen-image"], num_layers=1)
-    par = ModelParallelOptions(attention_backend=backend, transformer_impl=transformer_impl, fp8_recipe=fp8,
-                               dtype=torch.bfloat16, initialize=False)
+    par = ModelParallelOptions(
+        attention_backend=backend,
+        transformer_impl=transformer_impl,
+        fp8_recipe=fp8,
+        dtype=torch.bfloat16,
+        initialize=False,
+    )
     model = QwenImageModel(arch, par).cuda()
     grid = qwen_tokens(*args.size)
     image_tokens = grid[0] * grid[1]
@@ -138,18 +149,27 @@ def workload(args) -> Tuple[str, float]:
 
     arch = QWEN_IMAGE_PRESETS["qwen-image"]
     h, w = qwen_tokens(*args.size)
-    described = (f"Qwen-Image block, {args.size[0]}x{args.size[1]}: {h * w} image tokens, {args.text} text "
-                 f"({args.text_real} real)")
+    described = (
+        f"Qwen-Image block, {args.size[0]}x{args.size[1]}: {h * w} image tokens, {args.text} text "
+        f"({args.text_real} real)"
+    )
     return described, qwen_block_flops(h * w, args.text, arch.dim, arch.ffn_dim, real_text_tokens=args.text_real)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("wan", "qwen_image"), default="wan")
-    parser.add_argument("--grid", type=int, nargs=3, default=[21, 30, 52],
-                        help="wan: latent tokens f h w after patching")
-    parser.add_argument("--size", type=int, nargs=2, default=[1664, 928], metavar=("W", "H"),
-                        help="qwen_image: image width and height in pixels")
+    parser.add_argument(
+        "--grid", type=int, nargs=3, default=[21, 30, 52], help="wan: latent tokens f h w after patching"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[1664, 928],
+        metavar=("W", "H"),
+        help="qwen_image: image width and height in pixels",
+    )
     parser.add_argument("--text", type=int, default=512, help="text tokens")
     parser.add_argument("--text-real", type=int, default=448, help="qwen_image: real text tokens (the rest is masked)")
     parser.add_argument("--backends", nargs="+", default=["sdpa", "flash", "te"])
@@ -182,7 +202,8 @@ def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
     from phased_dmd_mega.parallel.linears import has_transformer_engine
 
     if (row.backend == "flash" and not has_flash_attention()) or (
-            row.layers == "transformer_engine" and not has_transformer_engine()):
+        row.layers == "transformer_engine" and not has_transformer_engine()
+    ):
         row.status = "not installed"
         return row
     try:
@@ -206,8 +227,10 @@ def print_table(rows, described: str, peak: float) -> None:
         if row.status != "ok":
             print(f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.status} | - | - |")
             continue
-        print(f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.ms:.1f} | {row.tflops:.0f} | "
-              f"{100 * row.fraction_of_matmul:.0f}% |")
+        print(
+            f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.ms:.1f} | {row.tflops:.0f} | "
+            f"{100 * row.fraction_of_matmul:.0f}% |"
+        )
     for row in rows:
         if row.error:
             print(f"\n{row.backend} / {row.layers} / fp8 {row.fp8 or '-'} failed: {row.error}", file=sys.stderr)
@@ -220,8 +243,9 @@ def main(argv=None) -> int:
         print(f"{described}: {flops / 1e12:.2f} TFLOP per forward + backward")
         return 0
     if not torch.cuda.is_available():
-        print("bench_blocks needs CUDA (no GPU visible); --flops-only prints the FLOP count without one",
-              file=sys.stderr)
+        print(
+            "bench_blocks needs CUDA (no GPU visible); --flops-only prints the FLOP count without one", file=sys.stderr
+        )
         return 2
     from phased_dmd_mega import parallel
     from phased_dmd_mega.benchmarking import dense_matmul_tflops

@@ -79,8 +79,9 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch
 
     layout = PhaseLayout.build(steps, num_phases=phases, shift=5.0)
     generators, fakes = [role() for _ in range(phases)], [role() for _ in range(phases)]
-    settings = PhasedDMDSettings(method=method, fake_updates_per_generator_update=1, seed=0,
-                                 micro_batch_size=micro_batch_size or None)
+    settings = PhasedDMDSettings(
+        method=method, fake_updates_per_generator_update=1, seed=0, micro_batch_size=micro_batch_size or None
+    )
     trainer = PhasedDMD(layout, GuidedTeacher(teacher, 1.0), generators, fakes, settings, device)
     context = torch.randn(batch, 16, arch.text_dim, device=device)
     step_batch = Batch(Condition(context), Condition(torch.zeros_like(context)), (batch, 16, 1, size, size))
@@ -102,8 +103,13 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch
     # Micro-batches save and free their tensors one after another: a sum over the update would
     # not be what is held at once, so only the resident figures are reported for them.
     held = None if micro_batch_size else sum(saved.values()) / 2**20
-    return {"method": label, "saved_for_backward_mib": held,
-            "before_mib": before, "peak_mib": peak, "update_mib": peak - before}
+    return {
+        "method": label,
+        "saved_for_backward_mib": held,
+        "before_mib": before,
+        "peak_mib": peak,
+        "update_mib": peak - before,
+    }
 
 
 def main() -> int:
@@ -112,8 +118,12 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="latent height and width (tokens = size^2 / 4)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--micro-batch-size", type=int, default=0,
-                        help="also measure Phased DMD with data.micro_batch_size (gradient accumulation)")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=0,
+        help="also measure Phased DMD with data.micro_batch_size (gradient accumulation)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -124,8 +134,22 @@ def main() -> int:
     if args.micro_batch_size:
         runs.append(("phased_dmd_4_steps_2_phases", args.micro_batch_size))
     for name, micro in runs:
-        command = [sys.executable, __file__, "--one", name, "--dim", str(args.dim), "--layers", str(args.layers),
-                   "--size", str(args.size), "--batch", str(args.batch), "--micro-batch-size", str(micro)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--dim",
+            str(args.dim),
+            "--layers",
+            str(args.layers),
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--micro-batch-size",
+            str(micro),
+        ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     unit = "allocated (CUDA)" if torch.cuda.is_available() else "resident (CPU)"
@@ -133,8 +157,9 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for row in rows:
         held = "-" if row["saved_for_backward_mib"] is None else f"{row['saved_for_backward_mib']:.1f}"
-        print(f"| {row['method']} | {held} | {row['before_mib']:.0f} | "
-              f"{row['peak_mib']:.0f} | {row['update_mib']:.0f} |")
+        print(
+            f"| {row['method']} | {held} | {row['before_mib']:.0f} | {row['peak_mib']:.0f} | {row['update_mib']:.0f} |"
+        )
     return 0
 
 

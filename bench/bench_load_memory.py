@@ -43,7 +43,7 @@ def write_random_checkpoint(folder: Path, preset: str, dtype: torch.dtype, shard
             index += 1
             name = f"diffusion_pytorch_model-{index:05d}.safetensors"
             save_file(shard, str(folder / name))
-            weight_map.update({k: name for k in shard})
+            weight_map.update(dict.fromkeys(shard, name))
             shard, shard_size = {}, 0
 
     for key, shape in shapes.items():
@@ -54,7 +54,9 @@ def write_random_checkpoint(folder: Path, preset: str, dtype: torch.dtype, shard
         if shard_size >= shard_bytes:
             flush()
     flush()
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return total
 
@@ -97,11 +99,18 @@ def main() -> int:
     if not (folder / "config.json").exists():
         count = write_random_checkpoint(folder, args.preset, getattr(torch, args.dtype))
         print(f"wrote a random {args.preset} checkpoint ({count / 1e9:.2f} B parameters) to {folder}")
-    print("| TP | rank | RSS before load (MiB) | peak RSS during load (MiB) | peak minus before (MiB) | local weights (MiB) | load s |")
+    print(
+        "| TP | rank | RSS before load (MiB) | peak RSS during load (MiB) | peak minus before (MiB) "
+        "| local weights (MiB) | load s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for tp in args.tp:
-        for rank, (before, after, params, seconds) in enumerate(run_distributed(load_and_measure, tp, str(folder), tp, args.dtype, timeout_s=3600)):
-            print(f"| {tp} | {rank} | {before:.0f} | {after:.0f} | {after - before:.0f} | {params:.0f} | {seconds:.1f} |")
+        for rank, (before, after, params, seconds) in enumerate(
+            run_distributed(load_and_measure, tp, str(folder), tp, args.dtype, timeout_s=3600)
+        ):
+            print(
+                f"| {tp} | {rank} | {before:.0f} | {after:.0f} | {after - before:.0f} | {params:.0f} | {seconds:.1f} |"
+            )
     return 0
 
 

@@ -67,8 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--block", type=int, default=None, help="elements per Triton program (default: the kernels' own)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
-                        help="also write the rows to PATH as a JSON list of objects (the table is printed either way)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the rows to PATH as a JSON list of objects (the table is printed either way)",
+    )
     args = parser.parse_args(argv)
     args.dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
     args.ops = [name.strip() for name in args.ops.split(",") if name.strip()]
@@ -87,9 +92,7 @@ def time_ms(fn: Callable[[], None], args, grad_to_none=None) -> float:
     """Median milliseconds per call; Triton's do_bench flushes L2 between calls."""
     from triton.testing import do_bench
 
-    return do_bench(
-        fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grad_to_none, return_mode="median"
-    )
+    return do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, grad_to_none=grad_to_none, return_mode="median")
 
 
 def copy_bandwidth_gbps(args) -> float:
@@ -175,9 +178,7 @@ def measure(op: str, dtype_name: str, copy_gbps: float, args) -> Row:
         fused_gbps=fused_gbps,
         eager_gbps=moved / (eager_ms * 1e-3) / 1e9,
         copy_fraction=fused_gbps / copy_gbps,
-        max_rel_diff=max(
-            relative_difference(fused_value, eager_value), relative_difference(fused_grad, eager_grad)
-        ),
+        max_rel_diff=max(relative_difference(fused_value, eager_value), relative_difference(fused_grad, eager_grad)),
     )
 
 

@@ -34,11 +34,18 @@ def measure(distributed: bool, dtype_name: str, preset: str) -> dict:
         t = torch.tensor([500.0, 250.0])
         context = torch.randn(2, 8, arch.text_dim, dtype=dtype)
         model(x, t, context).float().square().mean().backward()
-        grads = (sum(b.grad_data.numel() * b.grad_data.element_size() for b in role.ddp.buffers) if distributed
-                 else sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()))
+        grads = (
+            sum(b.grad_data.numel() * b.grad_data.element_size() for b in role.ddp.buffers)
+            if distributed
+            else sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        )
         role.step()
-        return {"rank": layout.rank, "parameters": sum(p.numel() for p in model.parameters()),
-                "state_bytes": role.state_bytes(), "gradient_bytes": grads}
+        return {
+            "rank": layout.rank,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "state_bytes": role.state_bytes(),
+            "gradient_bytes": grads,
+        }
     finally:
         parallel.destroy()
 
@@ -54,15 +61,23 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         for distributed in (False, True):
             ranks = run_distributed(measure, args.dp, distributed, dtype, args.preset)
-            rows.append({"optimizer": "distributed" if distributed else "per-rank AdamW", "dtype": dtype,
-                         "parameters": ranks[0]["parameters"],
-                         "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
-                         "gradient_bytes_per_rank": [r["gradient_bytes"] for r in ranks]})
+            rows.append(
+                {
+                    "optimizer": "distributed" if distributed else "per-rank AdamW",
+                    "dtype": dtype,
+                    "parameters": ranks[0]["parameters"],
+                    "state_bytes_per_rank": [r["state_bytes"] for r in ranks],
+                    "gradient_bytes_per_rank": [r["gradient_bytes"] for r in ranks],
+                }
+            )
     print("| optimizer | weights | parameters | optimizer state per rank (bytes) | gradients per rank (bytes) |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['optimizer']} | {row['dtype']} | {row['parameters']} | "
-              f"{', '.join(map(str, row['state_bytes_per_rank']))} | {', '.join(map(str, row['gradient_bytes_per_rank']))} |")
+        print(
+            f"| {row['optimizer']} | {row['dtype']} | {row['parameters']} | "
+            f"{', '.join(map(str, row['state_bytes_per_rank']))} | "
+            f"{', '.join(map(str, row['gradient_bytes_per_rank']))} |"
+        )
     print(json.dumps(rows))
 
 

@@ -69,7 +69,12 @@ def teacher_pairs(teacher: Experts, data: demo.Patterns, count: int, s: float, S
         gen = torch.Generator().manual_seed(seed * 7919 + k)
         rows = min(chunk, count - k * chunk)
         y = torch.randint(0, data.classes, (rows,), generator=gen)
-        x_s = integrate(teacher, torch.randn((rows, *data.means.shape[2:]), generator=gen), fine_times(1.0, s, FINE_STEPS, S), data.condition(y))
+        x_s = integrate(
+            teacher,
+            torch.randn((rows, *data.means.shape[2:]), generator=gen),
+            fine_times(1.0, s, FINE_STEPS, S),
+            data.condition(y),
+        )
         labels.append(y)
         anchors.append(x_s)
         targets.append(integrate(teacher, x_s, fine_times(s, 0.0, FINE_STEPS, S), data.condition(y)))
@@ -77,8 +82,17 @@ def teacher_pairs(teacher: Experts, data: demo.Patterns, count: int, s: float, S
     return torch.cat(labels), torch.cat(anchors), torch.cat(targets)
 
 
-def regress(generator: Experts, pairs, phase_times: Sequence[float], data: demo.Patterns, updates: int, batch: int,
-            lr: float, seed: int, report) -> float:
+def regress(
+    generator: Experts,
+    pairs,
+    phase_times: Sequence[float],
+    data: demo.Patterns,
+    updates: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    report,
+) -> float:
     """Mean-squared error of the two-step output against the ODE target; returns the last 250
     updates' mean loss (the fit to the training pairs)."""
     labels, anchors, targets = pairs
@@ -110,7 +124,12 @@ def main() -> int:
     last = layout.num_phases - 1
     s, S = layout.phase_start(last), layout.shift
     phase_times = [layout.times[i] for i in layout.steps_of_phase(last)] + [layout.phase_end(last)]
-    log.info("low-noise phase: steps at %s; regression on %d pairs, %d updates", [round(t, 4) for t in phase_times], args.pairs, args.updates)
+    log.info(
+        "low-noise phase: steps at %s; regression on %d pairs, %d updates",
+        [round(t, 4) for t in phase_times],
+        args.pairs,
+        args.updates,
+    )
 
     started = time.perf_counter()
     pairs = teacher_pairs(teacher, data, args.pairs, s, S, cfg.run.seed + 1)
@@ -120,7 +139,9 @@ def main() -> int:
         held_out = integrate(teacher, noise, fine_times(1.0, s, FINE_STEPS, S), condition)
         results = {
             "teacher_4_steps": data.score(integrate(teacher, noise, layout.times, condition), labels),
-            "teacher_fine_ode_targets": data.score(integrate(teacher, held_out, fine_times(s, 0.0, FINE_STEPS, S), condition), labels),
+            "teacher_fine_ode_targets": data.score(
+                integrate(teacher, held_out, fine_times(s, 0.0, FINE_STEPS, S), condition), labels
+            ),
             "teacher_two_coarse_steps": data.score(integrate(teacher, held_out, phase_times, condition), labels),
         }
 
@@ -129,18 +150,34 @@ def main() -> int:
     def report(step: int, loss: float) -> None:
         with torch.no_grad():
             score = data.score(integrate(generator, held_out, phase_times, condition), labels)
-        log.info("update %d/%d  training-pair MSE %.5f  held-out distance %.4f  %.0f s", step, args.updates, loss,
-                 score["distance_to_data"], time.perf_counter() - started)
+        log.info(
+            "update %d/%d  training-pair MSE %.5f  held-out distance %.4f  %.0f s",
+            step,
+            args.updates,
+            loss,
+            score["distance_to_data"],
+            time.perf_counter() - started,
+        )
 
     fit = regress(generator, pairs, phase_times, data, args.updates, args.batch, args.lr, cfg.run.seed, report)
     with torch.no_grad():
-        results["regressed_two_steps"] = {**data.score(integrate(generator, held_out, phase_times, condition), labels),
-                                          "training_pair_rms": math.sqrt(fit)}
+        results["regressed_two_steps"] = {
+            **data.score(integrate(generator, held_out, phase_times, condition), labels),
+            "training_pair_rms": math.sqrt(fit),
+        }
 
     if setup.layout.rank == 0:
-        results["settings"] = {"pairs": args.pairs, "updates": args.updates, "batch": args.batch, "lr": args.lr,
-                               "phase_times": phase_times, "fine_steps": FINE_STEPS, "model": setup.model_size,
-                               "tensor_parallel": setup.layout.tensor_parallel, "seconds": time.perf_counter() - started}
+        results["settings"] = {
+            "pairs": args.pairs,
+            "updates": args.updates,
+            "batch": args.batch,
+            "lr": args.lr,
+            "phase_times": phase_times,
+            "fine_steps": FINE_STEPS,
+            "model": setup.model_size,
+            "tensor_parallel": setup.layout.tensor_parallel,
+            "seconds": time.perf_counter() - started,
+        }
         (setup.out / "regression_oracle.json").write_text(json.dumps(results, indent=2))
         print("\n| low-noise phase from the teacher's anchors at t = %.4f | distance to data | mode coverage |" % s)
         print("|---|---|---|")

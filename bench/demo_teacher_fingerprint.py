@@ -30,8 +30,14 @@ def fingerprint(checkout: Path, steps: int) -> dict:
     args = demo.demo_parser("fingerprint").parse_args([])
     parallel.initialize(tensor_parallel=2, seed=0)
     torch.set_num_threads(1)
-    data = demo.Patterns.make(classes=args.classes, modes=args.modes, channels=4, size=8,
-                              noise=args.data_noise, text_dim=demo.WAN_PRESETS["tiny"].text_dim)
+    data = demo.Patterns.make(
+        classes=args.classes,
+        modes=args.modes,
+        channels=4,
+        size=8,
+        noise=args.data_noise,
+        text_dim=demo.WAN_PRESETS["tiny"].text_dim,
+    )
     options = demo.ModelParallelOptions(attention_backend="sdpa", sequence_parallel=False)
     teacher = demo.build_model(options, dim=args.model_dim, ffn_dim=args.model_ffn, layers=args.model_layers)
     weights = {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}
@@ -52,9 +58,11 @@ def compare(a: Path, b: Path) -> None:
         right = torch.load(f"{b}.rank{rank}")
         differing = [k for k in left["weights"] if not torch.equal(left["weights"][k], right["weights"].get(k))]
         output_diff = (left["output"] - right["output"]).abs().max().item()
-        print(f"rank {rank}: {len(differing)} of {len(left['weights'])} initial tensors differ"
-              f"{' (' + ', '.join(differing[:5]) + ')' if differing else ''}; "
-              f"output max |diff| {output_diff:.3g}; loss {left['loss']:.10g} vs {right['loss']:.10g}")
+        print(
+            f"rank {rank}: {len(differing)} of {len(left['weights'])} initial tensors differ"
+            f"{' (' + ', '.join(differing[:5]) + ')' if differing else ''}; "
+            f"output max |diff| {output_diff:.3g}; loss {left['loss']:.10g} vs {right['loss']:.10g}"
+        )
 
 
 def main() -> None:

@@ -76,7 +76,11 @@ TRAINING_RESOLUTION = {"frames": 81, "height": 480, "width": 832}
 PACKAGES = {
     "torch": ("torch", "torch", ["torch"]),
     "triton": ("triton", "triton", ["triton", "pytorch-triton"]),
-    "transformer_engine": ("transformer_engine.pytorch", "transformer_engine", ["transformer_engine", "transformer-engine"]),
+    "transformer_engine": (
+        "transformer_engine.pytorch",
+        "transformer_engine",
+        ["transformer_engine", "transformer-engine"],
+    ),
     "flash_attn": ("flash_attn", "flash_attn", ["flash_attn", "flash-attn"]),
     "megatron-core": ("megatron.core", "megatron.core", ["megatron-core", "megatron_core"]),
     "deepspeed": ("deepspeed", "deepspeed", ["deepspeed"]),
@@ -183,8 +187,16 @@ def run_stage(stage: Stage, context: Context) -> StageRecord:
     command = shlex.join(stage.command)
     if left < MIN_STAGE_S:
         progress(context, f"{stage.name} not started: the overall deadline of {OVERALL_DEADLINE_S} s was reached")
-        return StageRecord(stage.name, stage.title, FAILED, 0.0, 0.0, command, {},
-                           f"not started: the overall deadline of {OVERALL_DEADLINE_S} s was reached")
+        return StageRecord(
+            stage.name,
+            stage.title,
+            FAILED,
+            0.0,
+            0.0,
+            command,
+            {},
+            f"not started: the overall deadline of {OVERALL_DEADLINE_S} s was reached",
+        )
     progress(context, f"{stage.name} started (budget {budget:.0f} s)")
     log = context.out / "logs" / f"{stage.name}.log"
     try:
@@ -196,8 +208,16 @@ def run_stage(stage: Stage, context: Context) -> StageRecord:
     else:
         verdict, seconds = summarize_safely(stage, outcome), outcome.seconds
     progress(context, f"{stage.name} {verdict.status} in {seconds:.1f} s")
-    return StageRecord(stage.name, stage.title, verdict.status, round(seconds, 2), round(budget, 1), command,
-                       verdict.details, verdict.error)
+    return StageRecord(
+        stage.name,
+        stage.title,
+        verdict.status,
+        round(seconds, 2),
+        round(budget, 1),
+        command,
+        verdict.details,
+        verdict.error,
+    )
 
 
 def summarize_safely(stage: Stage, outcome: Outcome) -> Verdict:
@@ -236,8 +256,15 @@ def run_command(command: Sequence[str], budget_s: float, log_path: Path, env: Di
     start = time.monotonic()
     with open(log_path, "wb") as log:
         # A session of its own: the terminal's Ctrl-C reaches this script, which then stops the tree.
-        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=env, cwd=cwd, start_new_session=True)
+        process = subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         timed_out = False
         try:
             process.wait(timeout=budget_s)
@@ -287,7 +314,7 @@ def proc_stat(pid: int) -> Optional[List[str]]:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rfind(")") + 2:].split()
+    return text[text.rfind(")") + 2 :].split()
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -332,8 +359,19 @@ def wheel_files(folder: Path) -> List[Path]:
 def wheels_stage(wheels: List[Path], site: Path) -> Stage:
     """pip install --no-index --no-deps --target SITE (or, where pip is absent, the wheels unpacked)."""
     if importlib.util.find_spec("pip") is not None:
-        command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
-                   "--disable-pip-version-check", "--target", str(site), *map(str, wheels)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            *map(str, wheels),
+        ]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--unpack-wheels", str(site), *map(str, wheels)]
 
@@ -417,8 +455,12 @@ def cudnn_version(torch) -> str:
 def driver_version() -> str:
     """The NVIDIA driver release: nvidia-smi, else the kernel module's own line."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.splitlines()[0].strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -482,8 +524,10 @@ def read_json(path: Path, what: str) -> Any:
 
 def summarize_environment(path: Path, outcome: Outcome) -> Verdict:
     facts = read_json(path, "the environment probe's facts")
-    summary = (f"{facts.get('gpu', '?')}, {fmt(facts.get('bf16_gemm_tflops'), 0)} TFLOP/s bf16 GEMM, "
-               f"{fmt(facts.get('copy_gbps'), 0)} GB/s copy")
+    summary = (
+        f"{facts.get('gpu', '?')}, {fmt(facts.get('bf16_gemm_tflops'), 0)} TFLOP/s bf16 GEMM, "
+        f"{fmt(facts.get('copy_gbps'), 0)} GB/s copy"
+    )
     details = dict(facts, summary=summary)
     if outcome.returncode != 0 or facts.get("errors"):
         errors = "; ".join(f"{k}: {v}" for k, v in facts.get("errors", {}).items())
@@ -509,15 +553,22 @@ def summarize_pytest(junit: Path, outcome: Outcome) -> Verdict:
             failing.append(name)
         elif (skip := case.find("skipped")) is not None:
             skipped.append({"test": name, "reason": skip.get("message", "")})
-    counts = {"tests": total, "passed": total - len(failing) - len(skipped), "failed": len(failing),
-              "skipped": len(skipped)}
+    counts = {
+        "tests": total,
+        "passed": total - len(failing) - len(skipped),
+        "failed": len(failing),
+        "skipped": len(skipped),
+    }
     summary = f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped"
     details = {**counts, "failing": failing, "skipped_tests": skipped, "summary": summary}
     if outcome.returncode == 5 or total == 0:
         return Verdict(FAILED, details, "no test marked gpu was collected")
     if outcome.returncode != 0 or failing:
-        return Verdict(FAILED, details, f"failing: {', '.join(failing) or 'none'} (exit status "
-                                        f"{outcome.returncode})\n{outcome.tail()}")
+        return Verdict(
+            FAILED,
+            details,
+            f"failing: {', '.join(failing) or 'none'} (exit status {outcome.returncode})\n{outcome.tail()}",
+        )
     return Verdict(PASSED, details)
 
 
@@ -531,8 +582,10 @@ def summarize_losses(path: Path, outcome: Outcome) -> Verdict:
     if not isinstance(rows, list) or not rows:
         raise StageError(f"{path}: expected a non-empty JSON list of rows")
     best = max(rows, key=lambda r: r["copy_fraction"])
-    summary = (f"{len(rows)} cases; fused up to {best['eager_ms'] / best['fused_ms']:.1f}x eager, "
-               f"{100 * best['copy_fraction']:.0f}% of copy bandwidth")
+    summary = (
+        f"{len(rows)} cases; fused up to {best['eager_ms'] / best['fused_ms']:.1f}x eager, "
+        f"{100 * best['copy_fraction']:.0f}% of copy bandwidth"
+    )
     return Verdict(PASSED, {"rows": rows, "summary": summary})
 
 
@@ -550,7 +603,11 @@ def summarize_blocks(path: Path, outcome: Outcome) -> Verdict:
     if not path.is_file() and outcome.returncode != 0:
         return failed_with_output(outcome)
     rows = read_json(path, "bench_blocks.py --json")
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and BLOCK_ROW_KEYS <= set(r) for r in rows):
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(r, dict) and set(r) >= BLOCK_ROW_KEYS for r in rows)
+    ):
         raise StageError(f"{path}: expected a non-empty JSON list of rows with keys {sorted(BLOCK_ROW_KEYS)}")
     rows = [dict(r, status=NOT_RUN if r["status"] == "not installed" else r["status"]) for r in rows]
     unknown = [row_label(r) for r in rows if r["status"] not in ("ok", "failed", NOT_RUN)]
@@ -560,8 +617,9 @@ def summarize_blocks(path: Path, outcome: Outcome) -> Verdict:
     failed = [r for r in rows if r["status"] == "failed"]
     not_run = [row_label(r) for r in rows if r["status"] == NOT_RUN]
     parts = [f"{row_label(r)} {fmt(r['tflops'], 0)} TFLOP/s" for r in ran]
-    summary = "; ".join(parts + [f"{row_label(r)} failed" for r in failed]
-                        + ([f"not run: {', '.join(not_run)}"] if not_run else []))
+    summary = "; ".join(
+        parts + [f"{row_label(r)} failed" for r in failed] + ([f"not run: {', '.join(not_run)}"] if not_run else [])
+    )
     details = {"rows": rows, "not_run": not_run, "summary": summary}
     if failed:
         errors = "\n".join(f"{row_label(r)}: {r.get('error') or 'failed'}" for r in failed)
@@ -581,13 +639,20 @@ def training_config(run_dir: Path) -> Dict[str, Any]:
     return {
         "run": {"name": "gpu_check", "output_dir": str(run_dir), "seed": 0},
         "model": {
-            "arch": "wan", "preset": "wan2.1-t2v-1.3b", "teacher_path": None, "dtype": "bfloat16",
-            "attention_backend": "auto", "lora": {"rank": 32},
+            "arch": "wan",
+            "preset": "wan2.1-t2v-1.3b",
+            "teacher_path": None,
+            "dtype": "bfloat16",
+            "attention_backend": "auto",
+            "lora": {"rank": 32},
             # Without recompute one 81x480x832 sample keeps about 140 GiB of activations (memory_estimate).
             "recompute": "full",
         },
-        "phases": {"num_phases": 2, "iterations_per_phase": TRAINING_ITERATIONS // 2,
-                   "fake_updates_per_generator_update": 1},
+        "phases": {
+            "num_phases": 2,
+            "iterations_per_phase": TRAINING_ITERATIONS // 2,
+            "fake_updates_per_generator_update": 1,
+        },
         "data": {"synthetic_prompts": 4, "batch_size": 1, "resolutions": [dict(TRAINING_RESOLUTION)]},
         # Only the run's final checkpoint; never resume from an earlier check's.
         "checkpoint": {"dir": str(run_dir / "checkpoints"), "save_every": 1_000_000, "resume": "none"},
@@ -600,8 +665,10 @@ def write_training_config(path: Path, run_dir: Path) -> None:
 
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends; start from nothing
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Written by bench/gpu_check.py: the training stage's run.\n"
-                    + yaml.safe_dump(training_config(run_dir), sort_keys=False))
+    path.write_text(
+        "# Written by bench/gpu_check.py: the training stage's run.\n"
+        + yaml.safe_dump(training_config(run_dir), sort_keys=False)
+    )
 
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
@@ -637,14 +704,19 @@ def summarize_training(run_dir: Path, outcome: Outcome) -> Verdict:
         details["peak_memory_gib"] = max(r["peak_memory_gib"] or 0.0 for r in iterations)
         steady = iterations[1:] or iterations  # the first iteration includes compiling and warm-up
         details["mean_step_seconds"] = sum(r["step_seconds"] or 0.0 for r in steady) / len(steady)
-        details["summary"] = (f"{len(iterations)} iterations, {details['mean_step_seconds']:.1f} s per step "
-                              f"after the first, peak {details['peak_memory_gib']:.1f} GiB")
+        details["summary"] = (
+            f"{len(iterations)} iterations, {details['mean_step_seconds']:.1f} s per step "
+            f"after the first, peak {details['peak_memory_gib']:.1f} GiB"
+        )
     if outcome.returncode != 0:
         return Verdict(FAILED, details, f"exit status {outcome.returncode}\n{outcome.tail()}")
     if len(iterations) != TRAINING_ITERATIONS:
         return Verdict(FAILED, details, f"{len(iterations)} iterations logged, {TRAINING_ITERATIONS} expected")
-    nonfinite = [r["iteration"] for r in iterations
-                 if not all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for k in ("dmd_loss", "fake_loss"))]
+    nonfinite = [
+        r["iteration"]
+        for r in iterations
+        if not all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for k in ("dmd_loss", "fake_loss"))
+    ]
     if nonfinite:
         return Verdict(FAILED, details, f"non-finite losses at iterations {nonfinite}")
     return Verdict(PASSED, details)
@@ -664,30 +736,85 @@ def build_stages(out: Path, names: Sequence[str] = STAGE_NAMES) -> List[Stage]:
 
     def blocks(model: str, name: str, title: str) -> Stage:
         path = out / f"{name}.json"
-        command = [python, "bench/bench_blocks.py", "--model", model, "--backends", "sdpa", "flash", "te",
-                   "--fp8", "delayed", "--iters", "5", "--json", str(path)]
-        return Stage(name, title, command, BUDGETS_S[name], partial(summarize_blocks, path),
-                     prepare=partial(remove, path))
+        command = [
+            python,
+            "bench/bench_blocks.py",
+            "--model",
+            model,
+            "--backends",
+            "sdpa",
+            "flash",
+            "te",
+            "--fp8",
+            "delayed",
+            "--iters",
+            "5",
+            "--json",
+            str(path),
+        ]
+        return Stage(
+            name, title, command, BUDGETS_S[name], partial(summarize_blocks, path), prepare=partial(remove, path)
+        )
 
     stages = {
-        "environment": Stage("environment", "environment",
-                             [python, str(Path(__file__).resolve()), "--probe-environment", str(env_json)],
-                             BUDGETS_S["environment"], partial(summarize_environment, env_json),
-                             prepare=partial(remove, env_json)),
-        "pytest_gpu": Stage("pytest_gpu", "pytest -m gpu tests/test_gpu.py",
-                            [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
-                             f"--junitxml={junit}"],
-                            BUDGETS_S["pytest_gpu"], partial(summarize_pytest, junit), prepare=partial(remove, junit)),
-        "bench_losses": Stage("bench_losses", "bench_losses", [python, "bench/bench_losses.py", "--json", str(losses_json)],
-                              BUDGETS_S["bench_losses"], partial(summarize_losses, losses_json),
-                              prepare=partial(remove, losses_json)),
+        "environment": Stage(
+            "environment",
+            "environment",
+            [python, str(Path(__file__).resolve()), "--probe-environment", str(env_json)],
+            BUDGETS_S["environment"],
+            partial(summarize_environment, env_json),
+            prepare=partial(remove, env_json),
+        ),
+        "pytest_gpu": Stage(
+            "pytest_gpu",
+            "pytest -m gpu tests/test_gpu.py",
+            [
+                python,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "tests/test_gpu.py",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+            ],
+            BUDGETS_S["pytest_gpu"],
+            partial(summarize_pytest, junit),
+            prepare=partial(remove, junit),
+        ),
+        "bench_losses": Stage(
+            "bench_losses",
+            "bench_losses",
+            [python, "bench/bench_losses.py", "--json", str(losses_json)],
+            BUDGETS_S["bench_losses"],
+            partial(summarize_losses, losses_json),
+            prepare=partial(remove, losses_json),
+        ),
         "bench_blocks_wan": blocks("wan", "bench_blocks_wan", "bench_blocks wan"),
         "bench_blocks_qwen": blocks("qwen_image", "bench_blocks_qwen", "bench_blocks qwen_image"),
-        "training": Stage("training", "training iteration",
-                          [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           "-m", "phased_dmd_mega", "train", "--config", str(train_yaml)],
-                          BUDGETS_S["training"], partial(summarize_training, run_dir),
-                          prepare=partial(write_training_config, train_yaml, run_dir)),
+        "training": Stage(
+            "training",
+            "training iteration",
+            [
+                python,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "1",
+                "-m",
+                "phased_dmd_mega",
+                "train",
+                "--config",
+                str(train_yaml),
+            ],
+            BUDGETS_S["training"],
+            partial(summarize_training, run_dir),
+            prepare=partial(write_training_config, train_yaml, run_dir),
+        ),
     }
     return [stages[name] for name in names]
 
@@ -710,15 +837,21 @@ def device_line(records: Sequence[StageRecord]) -> str:
     env = next((r.details for r in records if r.name == "environment" and r.details.get("gpu")), None)
     if env is None:
         return nvidia_smi_device() or "unknown (the environment stage did not report it)"
-    return (f"{env['gpu']}, compute capability {env.get('compute_capability')}, {fmt(env.get('memory_gib'))} GiB, "
-            f"driver {env.get('driver')}, CUDA {env.get('cuda')}")
+    return (
+        f"{env['gpu']}, compute capability {env.get('compute_capability')}, {fmt(env.get('memory_gib'))} GiB, "
+        f"driver {env.get('driver')}, CUDA {env.get('cuda')}"
+    )
 
 
 def nvidia_smi_device() -> Optional[str]:
     """The first GPU as nvidia-smi names it (no CUDA context in this process)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = out.stdout.strip().splitlines()
@@ -738,11 +871,16 @@ def report_dict(records: Sequence[StageRecord], command: str, date: str, seconds
 
 def markdown_report(report: Dict[str, Any]) -> str:
     records = [StageRecord(**r) for r in report["stages"].values()]
-    lines = [f"# GPU check, {report['date']}", "",
-             f"- Device: {report['device']}",
-             f"- Command: `{report['command']}`",
-             f"- Result: {result_line(records)}, in {report['seconds']:.0f} s", "",
-             "| stage | status | seconds | result |", "|---|---|---:|---|"]
+    lines = [
+        f"# GPU check, {report['date']}",
+        "",
+        f"- Device: {report['device']}",
+        f"- Command: `{report['command']}`",
+        f"- Result: {result_line(records)}, in {report['seconds']:.0f} s",
+        "",
+        "| stage | status | seconds | result |",
+        "|---|---|---:|---|",
+    ]
     for r in records:
         result = first_line(r.error) if r.status == FAILED and r.error else r.details.get("summary", "")
         lines.append(f"| {r.title} | {r.status} | {r.seconds:.1f} | {cell(result)} |")
@@ -768,7 +906,9 @@ def rendered(section: Callable[[Dict[str, Any]], List[str]], details: Dict[str, 
 
 def result_line(records: Sequence[StageRecord]) -> str:
     count = {status: sum(r.status == status for r in records) for status in (PASSED, FAILED, NOT_RUN)}
-    text = f"{count[PASSED]} of {len(records)} stages passed" + (f", {count[NOT_RUN]} not run" if count[NOT_RUN] else "")
+    text = f"{count[PASSED]} of {len(records)} stages passed" + (
+        f", {count[NOT_RUN]} not run" if count[NOT_RUN] else ""
+    )
     if count[FAILED]:
         return f"**failed** ({', '.join(r.title for r in records if r.status == FAILED)}); {text}"
     return f"**passed**; {text}"
@@ -784,9 +924,17 @@ def first_line(text: Optional[str]) -> str:
 
 def environment_section(d: Dict[str, Any]) -> List[str]:
     lines = ["| | |", "|---|---|"]
-    for key, label in (("gpu", "GPU"), ("compute_capability", "compute capability"), ("memory_gib", "memory (GiB)"),
-                       ("gpu_count", "GPUs visible"), ("driver", "driver"), ("cuda", "CUDA"), ("cudnn", "cuDNN"),
-                       ("python", "Python"), ("project_location", "phased_dmd_mega from")):
+    for key, label in (
+        ("gpu", "GPU"),
+        ("compute_capability", "compute capability"),
+        ("memory_gib", "memory (GiB)"),
+        ("gpu_count", "GPUs visible"),
+        ("driver", "driver"),
+        ("cuda", "CUDA"),
+        ("cudnn", "cuDNN"),
+        ("python", "Python"),
+        ("project_location", "phased_dmd_mega from"),
+    ):
         lines.append(f"| {label} | {cell(fmt(d.get(key)))} |")
     for name, version in d.get("versions", {}).items():
         lines.append(f"| {name} | {cell(version)} |")
@@ -805,35 +953,49 @@ def pytest_section(d: Dict[str, Any]) -> List[str]:
 
 
 def losses_section(d: Dict[str, Any]) -> List[str]:
-    lines = ["| loss | dtype | elements | fused fwd+bwd (ms) | eager fwd+bwd (ms) | speedup | fused GB/s | "
-             "% of copy BW | max rel. diff |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| loss | dtype | elements | fused fwd+bwd (ms) | eager fwd+bwd (ms) | speedup | fused GB/s | "
+        "% of copy BW | max rel. diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in d["rows"]:
-        lines.append(f"| {r['op']} | {r['dtype']} | {r['elements']:,} | {r['fused_ms']:.3f} | {r['eager_ms']:.3f} | "
-                     f"{r['eager_ms'] / r['fused_ms']:.2f}x | {r['fused_gbps']:.0f} | {100 * r['copy_fraction']:.0f}% | "
-                     f"{r['max_rel_diff']:.1e} |")
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {r['elements']:,} | {r['fused_ms']:.3f} | {r['eager_ms']:.3f} | "
+            f"{r['eager_ms'] / r['fused_ms']:.2f}x | {r['fused_gbps']:.0f} | {100 * r['copy_fraction']:.0f}% | "
+            f"{r['max_rel_diff']:.1e} |"
+        )
     return lines
 
 
 def blocks_section(d: Dict[str, Any]) -> List[str]:
-    lines = ["| attention | layers | fp8 | status | ms / fwd+bwd | TFLOP/s | of matmul rate |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| attention | layers | fp8 | status | ms / fwd+bwd | TFLOP/s | of matmul rate |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for r in d["rows"]:
         fraction = r.get("fraction_of_matmul")
         share = f"{100 * fraction:.0f}%" if isinstance(fraction, (int, float)) else "-"
-        lines.append(f"| {r['backend']} | {r['layers']} | {r.get('fp8') or '-'} | {r['status']} | "
-                     f"{fmt(r.get('ms'))} | {fmt(r.get('tflops'), 0)} | {share} |")
+        lines.append(
+            f"| {r['backend']} | {r['layers']} | {r.get('fp8') or '-'} | {r['status']} | "
+            f"{fmt(r.get('ms'))} | {fmt(r.get('tflops'), 0)} | {share} |"
+        )
     return lines
 
 
 def training_section(d: Dict[str, Any]) -> List[str]:
-    lines = [f"Wan2.1-T2V-1.3B architecture, random teacher, LoRA rank 32, bf16, recompute full, batch 1 at "
-             f"{TRAINING_RESOLUTION['frames']}x{TRAINING_RESOLUTION['height']}x{TRAINING_RESOLUTION['width']}, "
-             "one GPU.", "",
-             "| iteration | phase | step (s) | peak memory (GiB) | tokens/s | dmd loss | fake loss |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Wan2.1-T2V-1.3B architecture, random teacher, LoRA rank 32, bf16, recompute full, batch 1 at "
+        f"{TRAINING_RESOLUTION['frames']}x{TRAINING_RESOLUTION['height']}x{TRAINING_RESOLUTION['width']}, "
+        "one GPU.",
+        "",
+        "| iteration | phase | step (s) | peak memory (GiB) | tokens/s | dmd loss | fake loss |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in d.get("iterations", []):
-        lines.append(f"| {r['iteration']} | {r['phase']} | {fmt(r['step_seconds'], 2)} | {fmt(r['peak_memory_gib'])} | "
-                     f"{fmt(r['tokens_per_second'], 0)} | {fmt(r['dmd_loss'], 4)} | {fmt(r['fake_loss'], 4)} |")
+        lines.append(
+            f"| {r['iteration']} | {r['phase']} | {fmt(r['step_seconds'], 2)} | {fmt(r['peak_memory_gib'])} | "
+            f"{fmt(r['tokens_per_second'], 0)} | {fmt(r['dmd_loss'], 4)} | {fmt(r['fake_loss'], 4)} |"
+        )
     return lines
 
 
@@ -847,8 +1009,9 @@ SECTIONS: Dict[str, Callable[[Dict[str, Any]], List[str]]] = {
 }
 
 
-def write_report(out: Path, records: Sequence[StageRecord], command: str, seconds: float,
-                 date: Optional[str] = None) -> Dict[str, Any]:
+def write_report(
+    out: Path, records: Sequence[StageRecord], command: str, seconds: float, date: Optional[str] = None
+) -> Dict[str, Any]:
     date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = report_dict(records, command, date, seconds)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -879,15 +1042,30 @@ def cuda_missing() -> Optional[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="folder for report.json, report.md, logs/ and the stages' files (created if missing)")
-    parser.add_argument("--wheels", type=Path, metavar="DIR",
-                        help="install this project and the packages the machine lacks from this folder of wheels "
-                             "(make gpu-wheels fills .gpu-wheels/) into OUT/site, first on every stage's PYTHONPATH")
-    parser.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=list(STAGE_NAMES), metavar="NAME",
-                        help="run only these stages, e.g. to repeat a failed one (default: all six)")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="folder for report.json, report.md, logs/ and the stages' files (created if missing)",
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        metavar="DIR",
+        help="install this project and the packages the machine lacks from this folder of wheels "
+        "(make gpu-wheels fills .gpu-wheels/) into OUT/site, first on every stage's PYTHONPATH",
+    )
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGE_NAMES,
+        default=list(STAGE_NAMES),
+        metavar="NAME",
+        help="run only these stages, e.g. to repeat a failed one (default: all six)",
+    )
     parser.add_argument("--probe-environment", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--unpack-wheels", type=Path, nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -910,7 +1088,9 @@ def check(args: argparse.Namespace) -> int:
     site = out / "site" if wheels else None
     start = time.monotonic()
     context = Context(out, stage_env(site), ROOT, start, start + OVERALL_DEADLINE_S)
-    stages = ([wheels_stage(wheels, site)] if wheels else []) + build_stages(out, [n for n in STAGE_NAMES if n in args.stages])
+    stages = ([wheels_stage(wheels, site)] if wheels else []) + build_stages(
+        out, [n for n in STAGE_NAMES if n in args.stages]
+    )
     records = run_stages(stages, context)
     command = shlex.join(["python", "bench/gpu_check.py", *args.argv])
     report = write_report(out, records, command, context.elapsed())

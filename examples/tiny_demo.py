@@ -59,9 +59,14 @@ class Patterns:
         gen = torch.Generator().manual_seed(seed)
         y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
         shapes = [
-            torch.sign(torch.sin(3 * x)), torch.sign(torch.sin(3 * y)), torch.sign(x * y),
-            1 - 2 * (x**2 + y**2 < 0.5).float(), torch.sign(x + y), torch.sign(x - y + 0.3),
-            torch.cos(4 * x) * torch.cos(4 * y), 1 - 2 * ((x.abs() < 0.4) | (y.abs() < 0.4)).float(),
+            torch.sign(torch.sin(3 * x)),
+            torch.sign(torch.sin(3 * y)),
+            torch.sign(x * y),
+            1 - 2 * (x**2 + y**2 < 0.5).float(),
+            torch.sign(x + y),
+            torch.sign(x - y + 0.3),
+            torch.cos(4 * x) * torch.cos(4 * y),
+            1 - 2 * ((x.abs() < 0.4) | (y.abs() < 0.4)).float(),
         ]
         if classes * modes > len(shapes):  # 8 patterns: e.g. 2 prompts x 4 modes (the default)
             raise ValueError(f"at most {len(shapes)} patterns are defined")
@@ -111,7 +116,9 @@ def build_model(options: ModelParallelOptions, dim: int, ffn_dim: int, layers: i
     return Experts(WanModel(arch, options))
 
 
-def pretrain_teacher(teacher: Experts, data: Patterns, steps: int, batch: int, lr: float, shift_s: float, seed: int) -> float:
+def pretrain_teacher(
+    teacher: Experts, data: Patterns, steps: int, batch: int, lr: float, shift_s: float, seed: int
+) -> float:
     """Flow matching on the known distribution, through the same optimizer path as distillation.
     The learning rate decays to zero on a cosine: in a short run that gives a far sharper
     teacher (fewer blended samples) than a constant rate."""
@@ -211,7 +218,9 @@ def save_grid(path: Path, rows: Dict[str, torch.Tensor], data: Patterns, per_cla
     fig, axes = plt.subplots(len(rows) + 1, columns, figsize=(columns * 0.6, (len(rows) + 1) * 0.7))
     for k in range(data.classes):
         for j in range(shown):
-            axes[0, k * shown + j].imshow(data.means[k, j % data.means.shape[1], 0, 0], cmap="gray", vmin=-1.5, vmax=1.5)
+            axes[0, k * shown + j].imshow(
+                data.means[k, j % data.means.shape[1], 0, 0], cmap="gray", vmin=-1.5, vmax=1.5
+            )
     axes[0, 0].set_ylabel("data", rotation=0, ha="right", fontsize=7)
     for r, (name, samples) in enumerate(rows.items(), start=1):
         for k in range(data.classes):
@@ -267,15 +276,28 @@ def set_up(args) -> DemoSetup:
     res = cfg.data.resolutions[0]
     geometry = LatentGeometry(channels=4, temporal=1, spatial=8)
     channels, _, size, _ = geometry.latent_shape(*res.pixels)
-    data_settings = {"classes": args.classes, "modes": args.modes, "channels": channels, "size": size, "noise": args.data_noise}
+    data_settings = {
+        "classes": args.classes,
+        "modes": args.modes,
+        "channels": channels,
+        "size": size,
+        "noise": args.data_noise,
+    }
     data = Patterns.make(**data_settings, text_dim=WAN_PRESETS["tiny"].text_dim)
-    options = ModelParallelOptions(attention_backend=cfg.model.attention_backend, sequence_parallel=cfg.parallel.sequence_parallel)
+    options = ModelParallelOptions(
+        attention_backend=cfg.model.attention_backend, sequence_parallel=cfg.parallel.sequence_parallel
+    )
     log.info("tiny demo: %d processes, tensor parallel %d", layout.world_size, layout.tensor_parallel)
 
     model_size = {"dim": args.model_dim, "ffn_dim": args.model_ffn, "layers": args.model_layers}
     teacher = build_model(options, **model_size)
-    teacher_settings = {"steps": args.teacher_steps, "batch": args.teacher_batch, "lr_schedule": "cosine",
-                        "seed": cfg.run.seed, "tp": layout.tensor_parallel}
+    teacher_settings = {
+        "steps": args.teacher_steps,
+        "batch": args.teacher_batch,
+        "lr_schedule": "cosine",
+        "seed": cfg.run.seed,
+        "tp": layout.tensor_parallel,
+    }
     cache = teacher_cache_path(out, {**teacher_settings, **data_settings, **model_size})
     if cache.exists():
         teacher.load_state_dict(torch.load(cache))
@@ -295,7 +317,10 @@ def main() -> int:
 
     summary, rows = {}, {}
     labels = eval_labels(data, args.eval_per_class)  # the reference: true samples, the metric's floor
-    summary["data_samples"] = {**data.score(data.draw(labels, torch.Generator().manual_seed(98)), labels), "seconds": 0.0}
+    summary["data_samples"] = {
+        **data.score(data.draw(labels, torch.Generator().manual_seed(98)), labels),
+        "seconds": 0.0,
+    }
     for name, steps in (("teacher_40_steps", 40), ("teacher_4_steps", cfg.phases.num_steps)):
         teacher_layout = PhaseLayout.build(steps, num_phases=1, shift=cfg.phases.shift)
         samples, _, summary[name] = evaluate([teacher], teacher_layout, data, args.eval_per_class)
@@ -309,10 +334,15 @@ def main() -> int:
         rows[method] = samples
 
     if layout.rank == 0:
-        summary["settings"] = {"teacher_steps": args.teacher_steps, "teacher_batch": args.teacher_batch,
-                               "generator_updates": args.iterations, "model": setup.model_size,
-                               "processes": layout.world_size, "tensor_parallel": layout.tensor_parallel,
-                               "total_seconds": time.perf_counter() - started}
+        summary["settings"] = {
+            "teacher_steps": args.teacher_steps,
+            "teacher_batch": args.teacher_batch,
+            "generator_updates": args.iterations,
+            "model": setup.model_size,
+            "processes": layout.world_size,
+            "tensor_parallel": layout.tensor_parallel,
+            "total_seconds": time.perf_counter() - started,
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         save_grid(out / "samples.png", rows, data, args.eval_per_class)
         print("\n| method | distance to data (lower is better) | mode coverage | sampling s |")

@@ -163,7 +163,9 @@ _TOY_LAYOUT = PhaseLayout.build(2, num_phases=2, shift=1.0)
 assert _TOY_LAYOUT.phase_end(0) == S
 
 
-def train_velocity_model(make_batch: Callable[[torch.Generator], tuple], settings: TrainSettings, seed: int) -> VelocityMLP:
+def train_velocity_model(
+    make_batch: Callable[[torch.Generator], tuple], settings: TrainSettings, seed: int
+) -> VelocityMLP:
     """Adam with a cosine-decayed learning rate; the decay removes most of the SGD noise."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -246,7 +248,9 @@ def run_experiment(
         "subinterval": lambda g: subinterval_batch(data, settings.batch, g, naive=False, clamp=settings.weight_clamp),
         "naive": lambda g: subinterval_batch(data, settings.batch, g, naive=True, clamp=settings.weight_clamp),
     }
-    models = {name: train_velocity_model(make, settings, seed + 10 * i) for i, (name, make) in enumerate(batches.items())}
+    models = {
+        name: train_velocity_model(make, settings, seed + 10 * i) for i, (name, make) in enumerate(batches.items())
+    }
 
     num_samples, ode_steps = (2000, 40) if fast else (10000, 100)
     x1 = torch.randn(num_samples, generator=torch.Generator().manual_seed(seed + 100), dtype=torch.float64)
@@ -289,8 +293,16 @@ def plot_trajectories(
     hist_ax = axes[3]
     hist_ax.plot(data.density(grid, S), grid, color="black", lw=1.5, label="true p(x_s)")
     for name, path in paths.items():
-        hist_ax.hist(path[-1].numpy(), bins=60, range=(-4, 4), density=True, orientation="horizontal",
-                     histtype="step", color=colors[name], label=name)
+        hist_ax.hist(
+            path[-1].numpy(),
+            bins=60,
+            range=(-4, 4),
+            density=True,
+            orientation="horizontal",
+            histtype="step",
+            color=colors[name],
+            label=name,
+        )
     hist_ax.set_title("end points at t = s = 0.5", fontsize=9)
     hist_ax.set_xlabel("density")
     hist_ax.legend(fontsize=8)
@@ -313,7 +325,9 @@ def _print_results(results: Dict[str, object]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="training iterations per model (default 1500 fast, 8000 full)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training iterations per model (default 1500 fast, 8000 full)"
+    )
     parser.add_argument("--out", default="runs/toy_subinterval.png", help="where to write the figure ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="the quick version the test runs")

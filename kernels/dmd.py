@@ -84,9 +84,7 @@ def _dmd_direction_kernel(
     inv_numel = (1.0 / (count * batch)).to(tl.float32)  # over all samples, all ranks
 
     fake = tl.load(fake_ptr + row * fake_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
-    teacher = tl.load(
-        teacher_ptr + row * teacher_batch_stride + offsets, mask=mask, other=0.0
-    ).to(tl.float32)
+    teacher = tl.load(teacher_ptr + row * teacher_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
     direction = (fake - teacher) * inv_norm
     # torch.nan_to_num: NaN -> 0, +-inf -> +-FMAX.
     direction = tl.where(direction != direction, 0.0, direction)
@@ -122,8 +120,15 @@ def abs_diff_partials(a: torch.Tensor, b: torch.Tensor, block: Optional[int] = N
         return partials
     with device_guard(a):
         _abs_diff_partial_kernel[(batch * blocks,)](
-            a_rows, b_rows, partials, per_sample, a_stride, b_stride, blocks,
-            BLOCK=block, num_warps=num_warps,
+            a_rows,
+            b_rows,
+            partials,
+            per_sample,
+            a_stride,
+            b_stride,
+            blocks,
+            BLOCK=block,
+            num_warps=num_warps,
         )
     return partials
 
@@ -172,10 +177,22 @@ def dmd_direction_partials(
         return partials, (grad if write else None)
     with device_guard(fake):
         _dmd_direction_kernel[(batch * blocks,)](
-            f_rows, t_rows, stats.contiguous(), grad, partials,
-            per_sample, f_stride, t_stride, blocks, batch, float(norm_min),
-            FMAX=FP32_MAX, BLOCK=block, WRITE_GRAD=write,
-            SOFTWARE_BF16=software_bf16_rounding(), num_warps=num_warps,
+            f_rows,
+            t_rows,
+            stats.contiguous(),
+            grad,
+            partials,
+            per_sample,
+            f_stride,
+            t_stride,
+            blocks,
+            batch,
+            float(norm_min),
+            FMAX=FP32_MAX,
+            BLOCK=block,
+            WRITE_GRAD=write,
+            SOFTWARE_BF16=software_bf16_rounding(),
+            num_warps=num_warps,
         )
     return partials, (grad if write else None)
 
@@ -237,9 +254,5 @@ def dmd_loss_triton(
     normaliser and the mean are over whole samples, so all ranks return the unsplit loss.
     """
     if not (x0_student.shape == x0_fake.shape == x0_teacher.shape):
-        raise ValueError(
-            f"shape mismatch: {x0_student.shape}, {x0_fake.shape}, {x0_teacher.shape}"
-        )
-    return DMDLossFunction.apply(
-        x0_student, x0_fake.detach(), x0_teacher.detach(), float(norm_min), group, block
-    )
+        raise ValueError(f"shape mismatch: {x0_student.shape}, {x0_fake.shape}, {x0_teacher.shape}")
+    return DMDLossFunction.apply(x0_student, x0_fake.detach(), x0_teacher.detach(), float(norm_min), group, block)

@@ -230,8 +230,16 @@ def scale_rows(
     block, blocks, num_warps = launch_config(per_sample, block)
     with device_guard(x):
         _scale_rows_kernel[(batch * blocks,)](
-            rows, scale, out, per_sample, batch_stride, scale_stride, blocks,
-            BLOCK=block, SOFTWARE_BF16=software_bf16_rounding(), num_warps=num_warps,
+            rows,
+            scale,
+            out,
+            per_sample,
+            batch_stride,
+            scale_stride,
+            blocks,
+            BLOCK=block,
+            SOFTWARE_BF16=software_bf16_rounding(),
+            num_warps=num_warps,
         )
     return out
 
@@ -277,20 +285,30 @@ def subinterval_loss_partials(
     block, blocks, num_warps = launch_config(per_sample, block)
     partials = torch.empty(batch, blocks, dtype=torch.float32, device=v_pred.device)
     # When no gradient is wanted the kernel never stores through grad_ptr; any tensor will do.
-    grad = (
-        torch.empty(v_pred.shape, dtype=v_pred.dtype, device=v_pred.device)
-        if write_grad
-        else partials
-    )
+    grad = torch.empty(v_pred.shape, dtype=v_pred.dtype, device=v_pred.device) if write_grad else partials
     if batch * per_sample == 0:
         return partials, (grad if write_grad else None)
     with device_guard(v_pred):
         _subinterval_loss_kernel[(batch * blocks,)](
-            v_rows, xs_rows, eps_rows, s, t, grad, partials,
-            per_sample, v_stride, xs_stride, eps_stride, blocks, 1.0 / per_sample,
+            v_rows,
+            xs_rows,
+            eps_rows,
+            s,
+            t,
+            grad,
+            partials,
+            per_sample,
+            v_stride,
+            xs_stride,
+            eps_stride,
+            blocks,
+            1.0 / per_sample,
             float(weight_clamp) if has_clamp else 0.0,
-            HAS_CLAMP=has_clamp, BLOCK=block, WRITE_GRAD=write_grad,
-            SOFTWARE_BF16=software_bf16_rounding(), num_warps=num_warps,
+            HAS_CLAMP=has_clamp,
+            BLOCK=block,
+            WRITE_GRAD=write_grad,
+            SOFTWARE_BF16=software_bf16_rounding(),
+            num_warps=num_warps,
         )
     return partials, (grad if write_grad else None)
 
@@ -334,6 +352,4 @@ def subinterval_flow_loss_triton(
 
     ``s`` and ``t`` are ``[B]`` times (or scalars); the coefficients are computed in-kernel.
     """
-    return SubintervalFlowLossFunction.apply(
-        v_pred, x_s.detach(), eps.detach(), s, t, weight_clamp, block
-    )
+    return SubintervalFlowLossFunction.apply(v_pred, x_s.detach(), eps.detach(), s, t, weight_clamp, block)

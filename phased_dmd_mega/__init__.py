@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 # "GPU paths"), and torch's deprecation of the collectives megatron-core 0.16 calls.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 warnings.filterwarnings(
-    "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
     category=FutureWarning,
 )

@@ -99,16 +99,23 @@ def _sharded_boxes(flat: torch.Tensor, start: int, stop: int, key: str, like: nn
     replica_id = (0, 0 if split else tp_rank, 0)  # data-parallel ranks hold disjoint slices
     pieces = {}
     for index, (offset, box, first) in enumerate(flat_range_boxes(like.shape, start, stop)):
-        data = flat[first - start:first - start + math.prod(box)].view(box)
+        data = flat[first - start : first - start + math.prod(box)].view(box)
         pieces[f"{key}.box{index}"] = ShardedTensor(
-            key, data, data.dtype, tuple(box), tuple(global_shape),
-            tuple(o + t for o, t in zip(offset, tp_offset)), None, replica_id,
+            key,
+            data,
+            data.dtype,
+            tuple(box),
+            tuple(global_shape),
+            tuple(o + t for o, t in zip(offset, tp_offset)),
+            None,
+            replica_id,
         )
     return pieces
 
 
-def _distributed_optimizer_state(role_name: str, role: DistributedRoleOptimizer,
-                                 saved_states: Sequence[str]) -> Dict[str, Any]:
+def _distributed_optimizer_state(
+    role_name: str, role: DistributedRoleOptimizer, saved_states: Sequence[str]
+) -> Dict[str, Any]:
     state: Dict[str, Any] = {}
     params = dict(role.model.named_parameters())
     for name, owned in role.owned_slices().items():
@@ -120,14 +127,16 @@ def _distributed_optimizer_state(role_name: str, role: DistributedRoleOptimizer,
 
 
 def _saved_states(role) -> List[str]:
-    if isinstance(role, DistributedRoleOptimizer) and any(p.dtype != torch.float32 for p in role.model.parameters()
-                                                          if p.requires_grad):
+    if isinstance(role, DistributedRoleOptimizer) and any(
+        p.dtype != torch.float32 for p in role.model.parameters() if p.requires_grad
+    ):
         return [*ADAM_STATES, MAIN_PARAM]
     return list(ADAM_STATES)
 
 
-def sharded_state_dict(roles: Mapping[str, Any], metadata: Dict[str, Any],
-                       saved_states: Optional[Mapping[str, Sequence[str]]] = None) -> Dict[str, Any]:
+def sharded_state_dict(
+    roles: Mapping[str, Any], metadata: Dict[str, Any], saved_states: Optional[Mapping[str, Sequence[str]]] = None
+) -> Dict[str, Any]:
     """``roles`` maps a name to an object with ``.model`` and ``.optimizer`` (RoleOptimizer or
     DistributedRoleOptimizer); an optimizer of None saves weights alone (e.g. an EMA copy).
     ``saved_states``: the optimizer states to read per role (those a checkpoint holds)."""
@@ -170,8 +179,14 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save_checkpoint(root, iteration: int, roles: Mapping[str, Any], metadata: Dict[str, Any], keep_last: int = 3,
-                    files: Optional[Mapping[str, str]] = None) -> Path:
+def save_checkpoint(
+    root,
+    iteration: int,
+    roles: Mapping[str, Any],
+    metadata: Dict[str, Any],
+    keep_last: int = 3,
+    files: Optional[Mapping[str, str]] = None,
+) -> Path:
     """Write, publish atomically, point ``latest`` at it, keep the last ``keep_last``.
     ``files`` (name -> text, e.g. the run's ``config.yaml``) are written beside the tensors by
     rank 0, so that every checkpoint describes itself."""
@@ -235,8 +250,9 @@ def _states_in_checkpoint(common: Dict[str, Any], roles: Mapping[str, Any]) -> D
     return found
 
 
-def _load_distributed_optimizer(role_name: str, role: DistributedRoleOptimizer, loaded: Dict[str, Any],
-                                states: Sequence[str]) -> None:
+def _load_distributed_optimizer(
+    role_name: str, role: DistributedRoleOptimizer, loaded: Dict[str, Any], states: Sequence[str]
+) -> None:
     params, values = dict(role.model.named_parameters()), {}
     slices = role.owned_slices()
     for name, owned in slices.items():

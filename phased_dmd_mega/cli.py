@@ -37,7 +37,8 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     to_mega = directions.add_parser(
-        "hf-to-mega", help="a Wan or Qwen-Image Hugging Face checkpoint -> the trainer's format",
+        "hf-to-mega",
+        help="a Wan or Qwen-Image Hugging Face checkpoint -> the trainer's format",
         description="Convert a Hugging Face checkpoint to the trainer's own format: Wan in the diffusers "
         "or original layout (one model or the two Wan2.2 A14B experts), Qwen-Image in the diffusers "
         "layout (a transformer folder or a pipeline root); sharded or not.",
@@ -46,19 +47,27 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     to_mega.add_argument("--tp", type=int, default=1, help="tensor parallel size to check and record (default 1)")
     to_mega.add_argument("--boundary-ratio", type=float, help="two experts: override the stored/default boundary")
     to_hf = directions.add_parser(
-        "mega-to-hf", help="the trainer's format -> a Hugging Face (diffusers, or original Wan) checkpoint",
+        "mega-to-hf",
+        help="the trainer's format -> a Hugging Face (diffusers, or original Wan) checkpoint",
         description="Convert the trainer's own format back to a Hugging Face layout.",
     )
     _add_convert_common(to_hf)
-    to_hf.add_argument("--layout", choices=("diffusers", "original"), default="diffusers",
-                       help="diffusers (WanTransformer3DModel, QwenImageTransformer2DModel) or original "
-                       "Wan names (Wan only; default diffusers)")
+    to_hf.add_argument(
+        "--layout",
+        choices=("diffusers", "original"),
+        default="diffusers",
+        help="diffusers (WanTransformer3DModel, QwenImageTransformer2DModel) or original "
+        "Wan names (Wan only; default diffusers)",
+    )
 
 
 def _add_convert_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="wan",
-                        help="wan or qwen_image (the numbers come from the source's config), or a preset of "
-                        "either that the source must match (default wan)")
+    parser.add_argument(
+        "--arch",
+        default="wan",
+        help="wan or qwen_image (the numbers come from the source's config), or a preset of "
+        "either that the source must match (default wan)",
+    )
     parser.add_argument("--src", required=True, help="source folder")
     parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -82,12 +91,24 @@ def _run_convert(args: argparse.Namespace) -> int:
     setup_logging()
     try:
         if args.direction == "hf-to-mega":
-            dst = convert.hf_to_mega(args.src, args.dst, arch=args.arch, tensor_parallel=args.tp,
-                                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                                     boundary_ratio=args.boundary_ratio)
+            dst = convert.hf_to_mega(
+                args.src,
+                args.dst,
+                arch=args.arch,
+                tensor_parallel=args.tp,
+                overwrite=args.overwrite,
+                max_shard_bytes=args.max_shard_size,
+                boundary_ratio=args.boundary_ratio,
+            )
         else:
-            dst = convert.mega_to_hf(args.src, args.dst, layout=args.layout, arch=args.arch,
-                                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
+            dst = convert.mega_to_hf(
+                args.src,
+                args.dst,
+                layout=args.layout,
+                arch=args.arch,
+                overwrite=args.overwrite,
+                max_shard_bytes=args.max_shard_size,
+            )
     except CheckpointError as err:
         return _usage_error(f"convert {args.direction}", str(err))
     print(dst)
@@ -100,38 +121,74 @@ def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
         "exactly as the family's diffusers pipeline encodes them. Re-running the same command resumes "
         "an interrupted run; launch it with torchrun to encode shards on several GPUs."
     )
-    parser.add_argument("--family", required=True, choices=("wan", "qwen_image"),
-                        help="wan (umT5, zero-padded to 512 tokens) or qwen_image (Qwen2.5-VL, masked)")
-    parser.add_argument("--text-encoder", required=True, metavar="PATH",
-                        help="the text encoder folder, or a diffusers pipeline root with text_encoder/ and tokenizer/")
-    parser.add_argument("--tokenizer", metavar="PATH",
-                        help="tokenizer folder (default: the pipeline's tokenizer/, or beside the text encoder)")
-    parser.add_argument("--prompts", required=True, metavar="FILE",
-                        help=".txt (one prompt per line), .jsonl or .json (objects with a prompt field), .csv")
-    parser.add_argument("--prompt-field", default="prompt", help="field or column of .jsonl/.json/.csv (default prompt)")
+    parser.add_argument(
+        "--family",
+        required=True,
+        choices=("wan", "qwen_image"),
+        help="wan (umT5, zero-padded to 512 tokens) or qwen_image (Qwen2.5-VL, masked)",
+    )
+    parser.add_argument(
+        "--text-encoder",
+        required=True,
+        metavar="PATH",
+        help="the text encoder folder, or a diffusers pipeline root with text_encoder/ and tokenizer/",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="tokenizer folder (default: the pipeline's tokenizer/, or beside the text encoder)",
+    )
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help=".txt (one prompt per line), .jsonl or .json (objects with a prompt field), .csv",
+    )
+    parser.add_argument(
+        "--prompt-field", default="prompt", help="field or column of .jsonl/.json/.csv (default prompt)"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="cache folder to write (or to finish)")
-    parser.add_argument("--negative-prompt", metavar="TEXT",
-                        help="negative prompt for classifier-free guidance (default: '' for wan, ' ' for qwen_image)")
+    parser.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="negative prompt for classifier-free guidance (default: '' for wan, ' ' for qwen_image)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per encoder call (default 8)")
     parser.add_argument("--shard-size", type=int, default=1000, help="prompts per safetensors shard (default 1000)")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
-                        help="encoder and stored dtype (default bf16)")
+    parser.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
+        help="encoder and stored dtype (default bf16)",
+    )
     parser.add_argument("--device", help="e.g. cuda:0 or cpu (default: this rank's GPU, else the CPU)")
-    parser.add_argument("--max-sequence-length", type=int,
-                        help="text tokens kept (default: 512, the pipelines' default; qwen_image up to 1024)")
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="text tokens kept (default: 512, the pipelines' default; qwen_image up to 1024)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a cache of other inputs in --out")
     images = parser.add_argument_group(
         "first-frame images (Wan2.2 I2V)",
         "rows of a .jsonl/.json/.csv prompt file that name an image (relative paths: from the file's folder) "
-        "also store WanImageToVideoPipeline's image condition: the first frame's VAE latents")
+        "also store WanImageToVideoPipeline's image condition: the first frame's VAE latents",
+    )
     images.add_argument("--vae", metavar="PATH", help="AutoencoderKLWan folder, or a diffusers pipeline root with vae/")
-    images.add_argument("--resolution", metavar="FxHxW", action="append",
-                        help="frames x height x width to train at, e.g. 81x480x832 (the default); repeat it to "
-                        "encode each first frame at every resolution of a run's data.resolutions mixture")
+    images.add_argument(
+        "--resolution",
+        metavar="FxHxW",
+        action="append",
+        help="frames x height x width to train at, e.g. 81x480x832 (the default); repeat it to "
+        "encode each first frame at every resolution of a run's data.resolutions mixture",
+    )
     images.add_argument("--image-field", default="image", help="field or column naming the image (default image)")
-    images.add_argument("--resize-mode", default="default", choices=("default", "crop", "fill"),
-                        help="default: resized to the resolution as the pipeline does; crop: aspect kept, centre "
-                        "cropped; fill: aspect kept, borders filled from the image (diffusers' resize modes)")
+    images.add_argument(
+        "--resize-mode",
+        default="default",
+        choices=("default", "crop", "fill"),
+        help="default: resized to the resolution as the pipeline does; crop: aspect kept, centre "
+        "cropped; fill: aspect kept, borders filled from the image (diffusers' resize modes)",
+    )
 
 
 def _run_encode(args: argparse.Namespace) -> int:
@@ -140,11 +197,23 @@ def _run_encode(args: argparse.Namespace) -> int:
 
     setup_logging()
     options = EncodeOptions(
-        family=args.family, text_encoder=args.text_encoder, tokenizer=args.tokenizer, prompts=args.prompts,
-        prompt_field=args.prompt_field, out=args.out, negative_prompt=args.negative_prompt,
-        batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
-        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, vae=args.vae,
-        resolution=",".join(args.resolution) if args.resolution else None, image_field=args.image_field, resize_mode=args.resize_mode,
+        family=args.family,
+        text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer,
+        prompts=args.prompts,
+        prompt_field=args.prompt_field,
+        out=args.out,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        device=args.device,
+        max_sequence_length=args.max_sequence_length,
+        overwrite=args.overwrite,
+        vae=args.vae,
+        resolution=",".join(args.resolution) if args.resolution else None,
+        image_field=args.image_field,
+        resize_mode=args.resize_mode,
     )
     try:
         folder = encode_prompts(options)
@@ -155,48 +224,82 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="a training checkpoint: an iter_N folder, or a checkpoint root (its `latest` is used)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training checkpoint: an iter_N folder, or a checkpoint root (its `latest` is used)",
+    )
     parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
-    parser.add_argument("--layout", choices=("diffusers", "original"), default="diffusers",
-                        help="diffusers transformers and PEFT LoRA files, or original Wan folders and Wan-Video/ComfyUI "
-                             "LoRA keys (Wan only); default diffusers")
-    parser.add_argument("--ema", action="store_true", help="export the generators' EMA copies (optimizer.ema_decay runs)")
-    parser.add_argument("--merge", action="store_true",
-                        help="LoRA runs: write full weights W + (alpha/r) B A instead of LoRA files")
+    parser.add_argument(
+        "--layout",
+        choices=("diffusers", "original"),
+        default="diffusers",
+        help="diffusers transformers and PEFT LoRA files, or original Wan folders and Wan-Video/ComfyUI "
+        "LoRA keys (Wan only); default diffusers",
+    )
+    parser.add_argument(
+        "--ema", action="store_true", help="export the generators' EMA copies (optimizer.ema_decay runs)"
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA runs: write full weights W + (alpha/r) B A instead of LoRA files"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="per safetensors file (default 5GB)")
     _add_checkpoint_overrides(parser)
 
 
 def _add_checkpoint_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="changes to the checkpoint's stored config.yaml, e.g. model.teacher_path=/new/place")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="changes to the checkpoint's stored config.yaml, e.g. model.teacher_path=/new/place",
+    )
 
 
 def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a training checkpoint (iter_N folder or checkpoint root)")
     source.add_argument("--exported", help="a folder written by `phased-dmd export` (full or merged weights)")
-    parser.add_argument("--output", "-o", required=True, help="folder for the samples (must not exist without --overwrite)")
+    parser.add_argument(
+        "--output", "-o", required=True, help="folder for the samples (must not exist without --overwrite)"
+    )
     parser.add_argument("--ema", action="store_true", help="--checkpoint: sample with the generators' EMA copies")
-    parser.add_argument("--prompts", help="prompt-embedding cache folder (default: the run's own prompts); for an "
-                        "image-to-video run it also gives the first frames, at --resolution")
+    parser.add_argument(
+        "--prompts",
+        help="prompt-embedding cache folder (default: the run's own prompts); for an "
+        "image-to-video run it also gives the first frames, at --resolution",
+    )
     parser.add_argument("--indices", type=_indices, help="prompt rows to sample, e.g. 0,3,7 (default 0..N-1)")
-    parser.add_argument("--synthetic-prompts", type=int, default=0, metavar="N",
-                        help="N random prompt embeddings instead of a cache (smoke tests)")
+    parser.add_argument(
+        "--synthetic-prompts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N random prompt embeddings instead of a cache (smoke tests)",
+    )
     parser.add_argument("--num-samples", "-n", type=int, help="samples to draw without --indices (default 1)")
-    parser.add_argument("--resolution", type=_resolution,
-                        help="FRAMESxHEIGHTxWIDTH or HEIGHTxWIDTH in pixels (default: the run's first resolution)")
+    parser.add_argument(
+        "--resolution",
+        type=_resolution,
+        help="FRAMESxHEIGHTxWIDTH or HEIGHTxWIDTH in pixels (default: the run's first resolution)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per generator call (default 1)")
     parser.add_argument("--vae", help="diffusers VAE folder, or a pipeline root with vae/: decode to PNG (and mp4)")
     parser.add_argument("--vae-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--fps", type=int, default=16, help="frame rate of the mp4 files (default 16)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="--exported: the models' dtype (default: the exported weights')")
-    parser.add_argument("--attention-backend", choices=("auto", "flash", "te", "sdpa"), default="auto",
-                        help="--exported: attention implementation (a checkpoint's config says its own)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="--exported: the models' dtype (default: the exported weights')",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "flash", "te", "sdpa"),
+        default="auto",
+        help="--exported: attention implementation (a checkpoint's config says its own)",
+    )
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (launch as many processes)")
     parser.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence parallel size")
     parser.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism inside TP")
@@ -233,8 +336,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
     def export():
         distilled = open_generators(args.checkpoint, ema=args.ema, overrides=args.overrides)
-        return export_generators(distilled, args.dst, layout=args.layout, merge=args.merge, overwrite=args.overwrite,
-                                 max_shard_bytes=args.max_shard_size)
+        return export_generators(
+            distilled,
+            args.dst,
+            layout=args.layout,
+            merge=args.merge,
+            overwrite=args.overwrite,
+            max_shard_bytes=args.max_shard_size,
+        )
 
     return _with_models("export", export)
 
@@ -245,9 +354,18 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.exported and args.overrides:
         return _usage_error("sample", "key=value overrides change a checkpoint's config; --exported has none")
     request = SampleRequest(
-        output=args.output, prompts=args.prompts, indices=args.indices, synthetic_prompts=args.synthetic_prompts,
-        num_samples=args.num_samples, resolution=args.resolution, seed=args.seed, batch_size=args.batch_size,
-        vae=args.vae, vae_dtype=args.vae_dtype, fps=args.fps, overwrite=args.overwrite,
+        output=args.output,
+        prompts=args.prompts,
+        indices=args.indices,
+        synthetic_prompts=args.synthetic_prompts,
+        num_samples=args.num_samples,
+        resolution=args.resolution,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        vae=args.vae,
+        vae_dtype=args.vae_dtype,
+        fps=args.fps,
+        overwrite=args.overwrite,
     )
 
     def draw():
@@ -292,12 +410,18 @@ _SUBCOMMANDS: Dict[str, str] = {
 }
 
 _RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _run_train, "convert": _run_convert, "export": _run_export, "sample": _run_sample,
+    "train": _run_train,
+    "convert": _run_convert,
+    "export": _run_export,
+    "sample": _run_sample,
     "encode-prompts": _run_encode,
 }
 _ARGUMENTS: Dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "train": _add_config_arguments, "convert": _add_convert_arguments, "export": _add_export_arguments,
-    "sample": _add_sample_arguments, "encode-prompts": _add_encode_arguments,
+    "train": _add_config_arguments,
+    "convert": _add_convert_arguments,
+    "export": _add_export_arguments,
+    "sample": _add_sample_arguments,
+    "encode-prompts": _add_encode_arguments,
 }
 
 

@@ -147,8 +147,11 @@ class PhasesConfig:
         )
         check(self.iterations_per_phase >= 1, "iterations_per_phase", "must be >= 1")
         if self.iterations_by_phase is not None:
-            check(len(self.iterations_by_phase) == self.num_phases, "iterations_by_phase",
-                  f"has {len(self.iterations_by_phase)} entries but num_phases is {self.num_phases}")
+            check(
+                len(self.iterations_by_phase) == self.num_phases,
+                "iterations_by_phase",
+                f"has {len(self.iterations_by_phase)} entries but num_phases is {self.num_phases}",
+            )
             check(all(n >= 1 for n in self.iterations_by_phase), "iterations_by_phase", "every entry must be >= 1")
         check(self.fake_updates_per_generator_update >= 1, "fake_updates_per_generator_update", "must be >= 1")
         check(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
@@ -227,8 +230,11 @@ class DataConfig:
     def validate(self, check):
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         if self.micro_batch_size is not None:
-            check(1 <= self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0,
-                  "micro_batch_size", f"must divide batch_size {self.batch_size}, got {self.micro_batch_size}")
+            check(
+                1 <= self.micro_batch_size <= self.batch_size and self.batch_size % self.micro_batch_size == 0,
+                "micro_batch_size",
+                f"must divide batch_size {self.batch_size}, got {self.micro_batch_size}",
+            )
         check(self.synthetic_prompts >= 0, "synthetic_prompts", "must be >= 0")
         check(len(self.resolutions) >= 1, "resolutions", "needs at least one entry")
         total = sum(r.probability for r in self.resolutions)
@@ -396,9 +402,7 @@ class _Builder:
         for key in data:
             if key not in known:
                 self.fail(f"{prefix}{key}", f"unknown key; {cls.__name__} has {', '.join(sorted(known))}")
-        values = {
-            name: self.convert(hints[name], data[name], f"{prefix}{name}") for name in known if name in data
-        }
+        values = {name: self.convert(hints[name], data[name], f"{prefix}{name}") for name in known if name in data}
         return cls(**values)
 
     def convert(self, tp: Any, value: Any, key: str) -> Any:

@@ -67,8 +67,16 @@ def hf_to_mega(
     checkpoint = inspect_checkpoint(src, arch)
     if checkpoint.layout == "mega":
         raise CheckpointError(f"{src} is already in the trainer's format ({MEGA_FORMAT}); use mega-to-hf")
-    return convert(checkpoint, dst, to="mega", arch=arch, tensor_parallel=tensor_parallel, overwrite=overwrite,
-                   max_shard_bytes=max_shard_bytes, boundary_ratio=boundary_ratio)
+    return convert(
+        checkpoint,
+        dst,
+        to="mega",
+        arch=arch,
+        tensor_parallel=tensor_parallel,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        boundary_ratio=boundary_ratio,
+    )
 
 
 def mega_to_hf(
@@ -116,8 +124,9 @@ def convert(
         )
     dst = Path(dst)
     check_destination(checkpoint.root, dst, overwrite)
-    models = {name: open_model(folder, checkpoint.layout, arch, architecture)
-              for name, folder in checkpoint.folders.items()}
+    models = {
+        name: open_model(folder, checkpoint.layout, arch, architecture) for name, folder in checkpoint.folders.items()
+    }
     for files in models.values():
         check_tensor_parallel(files.arch, tensor_parallel)
     ratio = _experts_boundary(checkpoint, models, boundary_ratio)
@@ -260,18 +269,22 @@ def _source_config(files: ModelFiles, layout: str) -> Optional[Dict[str, Any]]:
 # ----------------------------------------------------------------------------- two experts
 
 
-def _write_experts_index(staging: Path, checkpoint: Checkpoint, models: Dict[str, ModelFiles], to: str,
-                         ratio: float, tensor_parallel: int) -> None:
+def _write_experts_index(
+    staging: Path, checkpoint: Checkpoint, models: Dict[str, ModelFiles], to: str, ratio: float, tensor_parallel: int
+) -> None:
     if to == "mega":
-        write_json(staging / "config.json", {
-            "format": MEGA_FORMAT,
-            "format_version": MEGA_FORMAT_VERSION,
-            "arch": checkpoint.architecture.name,
-            "experts": dict(EXPERT_FOLDERS["mega"]),
-            "boundary_ratio": ratio,
-            "tensor_parallel": tensor_parallel,
-            "provenance": _experts_provenance(checkpoint),
-        })
+        write_json(
+            staging / "config.json",
+            {
+                "format": MEGA_FORMAT,
+                "format_version": MEGA_FORMAT_VERSION,
+                "arch": checkpoint.architecture.name,
+                "experts": dict(EXPERT_FOLDERS["mega"]),
+                "boundary_ratio": ratio,
+                "tensor_parallel": tensor_parallel,
+                "provenance": _experts_provenance(checkpoint),
+            },
+        )
     elif to == "diffusers":
         index = model_index(checkpoint.architecture, models["high"].arch, ratio, pipeline_source_index(checkpoint))
         write_json(staging / "model_index.json", index)
@@ -301,7 +314,9 @@ def pipeline_source_index(checkpoint: Checkpoint) -> Optional[Dict[str, Any]]:
     return None
 
 
-def model_index(architecture: Architecture, arch, ratio: float, source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def model_index(
+    architecture: Architecture, arch, ratio: float, source: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """A model_index.json for the two transformers only (the other pipeline components are
     not part of the conversion); ``source``: the model_index.json the weights came from, whose
     pipeline class and diffusers version are kept."""

@@ -98,13 +98,23 @@ class ImageConditionSpec:
         return resolution_text(self.resolution) + " (frames x height x width)"
 
     def to_index(self) -> dict:
-        return {"resolution": list(self.resolution), "latent_shape": list(self.latent_shape),
-                "mask_channels": self.mask_channels, "spatial": self.spatial, "tensor": self.tensor}
+        return {
+            "resolution": list(self.resolution),
+            "latent_shape": list(self.latent_shape),
+            "mask_channels": self.mask_channels,
+            "spatial": self.spatial,
+            "tensor": self.tensor,
+        }
 
     @classmethod
     def from_index(cls, entry: dict) -> "ImageConditionSpec":
-        return cls(tuple(entry["resolution"]), tuple(entry["latent_shape"]), int(entry["mask_channels"]),
-                   int(entry["spatial"]), entry.get("tensor", IMAGE_LATENTS))
+        return cls(
+            tuple(entry["resolution"]),
+            tuple(entry["latent_shape"]),
+            int(entry["mask_channels"]),
+            int(entry["spatial"]),
+            entry.get("tensor", IMAGE_LATENTS),
+        )
 
     @classmethod
     def all_from_index(cls, index: dict) -> Tuple["ImageConditionSpec", ...]:
@@ -153,14 +163,17 @@ class ImageConditions:
         """The condition at ``resolution`` (frames, height, width in pixels); None: the only one."""
         if resolution is None:
             if len(self.specs) > 1:
-                raise ValueError(f"{self.where} holds first frames at several resolutions ({self.describe()}): "
-                                 "say which one")
+                raise ValueError(
+                    f"{self.where} holds first frames at several resolutions ({self.describe()}): say which one"
+                )
             return self.first
         key = tuple(int(v) for v in resolution)
         if key not in self.specs:
-            raise ValueError(f"{self.where} holds no first-frame latents at {resolution_text(key)} (frames x "
-                             f"height x width); it has {self.describe()}: encode that resolution too "
-                             "(`phased-dmd encode-prompts --vae ... --resolution FxHxW`, once per resolution)")
+            raise ValueError(
+                f"{self.where} holds no first-frame latents at {resolution_text(key)} (frames x "
+                f"height x width); it has {self.describe()}: encode that resolution too "
+                "(`phased-dmd encode-prompts --vae ... --resolution FxHxW`, once per resolution)"
+            )
         return self.specs[key]
 
     def check_resolutions(self, resolutions: Sequence) -> None:
@@ -171,7 +184,8 @@ class ImageConditions:
             raise ValueError(
                 f"data.resolutions {listed} disagree with {self.where}, whose first-frame latents were encoded at "
                 f"{self.describe()} (frames x height x width) only: remove them from data.resolutions or encode "
-                f"the cache with --resolution for each")
+                f"the cache with --resolution for each"
+            )
 
 
 def pick_resolution(resolutions: Sequence, seed: int, iteration: int):
@@ -202,8 +216,9 @@ class PromptSource:
     def negative(self, batch: int) -> Condition:
         raise NotImplementedError
 
-    def sample(self, batch: int, generator: torch.Generator,
-               resolution: Optional[Sequence[int]] = None) -> Tuple[Condition, Condition]:
+    def sample(
+        self, batch: int, generator: torch.Generator, resolution: Optional[Sequence[int]] = None
+    ) -> Tuple[Condition, Condition]:
         indices = torch.randint(0, len(self), (batch,), generator=generator).tolist()
         return self.conditions(indices, resolution)
 
@@ -238,15 +253,20 @@ def read_prompt_cache_index(folder) -> dict:
     folder = Path(folder)
     index_file = folder / PROMPT_CACHE_INDEX
     if not index_file.is_file():
-        raise FileNotFoundError(f"{folder} is not a prompt cache: {PROMPT_CACHE_INDEX} is missing "
-                                "(write one with `phased-dmd encode-prompts`)")
+        raise FileNotFoundError(
+            f"{folder} is not a prompt cache: {PROMPT_CACHE_INDEX} is missing "
+            "(write one with `phased-dmd encode-prompts`)"
+        )
     index = json.loads(index_file.read_text())
     if index.get("format") != PROMPT_CACHE_FORMAT or index.get("version") != PROMPT_CACHE_VERSION:
-        raise ValueError(f"{index_file} is not a version-{PROMPT_CACHE_VERSION} prompt cache index "
-                         f"(format {index.get('format')!r}, version {index.get('version')!r})")
+        raise ValueError(
+            f"{index_file} is not a version-{PROMPT_CACHE_VERSION} prompt cache index "
+            f"(format {index.get('format')!r}, version {index.get('version')!r})"
+        )
     if not index.get("complete"):
-        raise ValueError(f"{folder} is an unfinished prompt cache: re-run the same `phased-dmd encode-prompts` "
-                         "command to finish it")
+        raise ValueError(
+            f"{folder} is an unfinished prompt cache: re-run the same `phased-dmd encode-prompts` command to finish it"
+        )
     return index
 
 
@@ -277,8 +297,10 @@ class PromptCache(PromptSource):
         other = PromptCache(negative_from)
         mine = (self.family, self.dim, self.pad_to, self.masked)
         if (other.family, other.dim, other.pad_to, other.masked) != mine:
-            raise ValueError(f"negative prompt cache {other.folder} ({other.family}, width {other.dim}) does not "
-                             f"match prompt cache {self.folder} ({self.family}, width {self.dim})")
+            raise ValueError(
+                f"negative prompt cache {other.folder} ({other.family}, width {other.dim}) does not "
+                f"match prompt cache {self.folder} ({self.family}, width {self.dim})"
+            )
         if other._negative is None:
             raise ValueError(f"negative prompt cache {other.folder} has no negative-prompt embeddings")
         return other._negative
@@ -289,8 +311,10 @@ class PromptCache(PromptSource):
     def check_model(self, arch: str, text_dim: int) -> None:
         """Refuse a cache written for another model family or text width."""
         if self.family != arch or self.dim != text_dim:
-            raise ValueError(f"prompt cache {self.folder} holds {self.family} embeddings of width {self.dim}; "
-                             f"the model ({arch}) takes text of width {text_dim}")
+            raise ValueError(
+                f"prompt cache {self.folder} holds {self.family} embeddings of width {self.dim}; "
+                f"the model ({arch}) takes text of width {text_dim}"
+            )
 
     # -- one trimmed row [L, D] at a time
 

@@ -2,11 +2,17 @@
 
 A K-phase generator is K experts, one per group of sampling steps. What is written:
 
-| phases | teacher / architecture | full weights (``--layout``)                                    | LoRA (diffusers: PEFT files; original: Wan-Video / ComfyUI keys) |
-|--------|------------------------|-----------------------------------------------------------------|------------------------------|
-| 1      | any                    | the destination is one transformer folder                       | ``pytorch_lora_weights.safetensors``; original: ``lora.safetensors`` |
-| 2      | Wan (any)              | diffusers: ``transformer/`` + ``transformer_2/`` + model_index.json with ``boundary_ratio``; original: ``high_noise_model/`` + ``low_noise_model/`` | ``transformer_lora.safetensors`` + ``transformer_2_lora.safetensors``; original: ``high_noise_model_lora.safetensors`` + ``low_noise_model_lora.safetensors`` |
-| 2+     | otherwise              | ``phase_0/``, ``phase_1/``, ...: one transformer folder per phase | ``phase_<k>_lora.safetensors`` |
+- 1 phase (any teacher): full weights go to one transformer folder (the destination); LoRA to
+  ``pytorch_lora_weights.safetensors`` (original layout: ``lora.safetensors``).
+- 2 phases from a Wan teacher: full weights go to ``transformer/`` + ``transformer_2/`` +
+  model_index.json with ``boundary_ratio`` (original layout: ``high_noise_model/`` +
+  ``low_noise_model/``); LoRA to ``transformer_lora.safetensors`` + ``transformer_2_lora.safetensors``
+  (original: ``high_noise_model_lora.safetensors`` + ``low_noise_model_lora.safetensors``).
+- 2 or more phases otherwise: ``phase_0/``, ``phase_1/``, ...: one transformer folder per phase;
+  LoRA to ``phase_<k>_lora.safetensors``.
+
+Full weights follow ``--layout``; LoRA files are diffusers' PEFT files, or in the original layout
+the Wan-Video / ComfyUI keys.
 
 Every export also holds ``phased_dmd.json``: the step table (timesteps, shift), which folder or
 LoRA file serves which steps, the teacher expert each LoRA sits on, and where the weights came from.
@@ -127,7 +133,9 @@ def export_generators(
         raise ValueError("export runs at tensor and Ulysses parallel 1 (open the checkpoint in one process)")
     architecture = distilled.architecture
     if layout not in architecture.hf_layouts:
-        raise CheckpointError(f"{architecture.title} has no {layout!r} layout (it has {', '.join(architecture.hf_layouts)})")
+        raise CheckpointError(
+            f"{architecture.title} has no {layout!r} layout (it has {', '.join(architecture.hf_layouts)})"
+        )
     as_lora = distilled.lora and not merge
     if merge and not distilled.lora:
         raise ValueError(f"--merge folds LoRA adapters into the weights, but {distilled.path} holds full generators")
@@ -147,14 +155,23 @@ def export_generators(
                 files = _model_files(distilled, slot.phase, _plain_parameters(generator))
                 convert.write_model(staging / slot.folder, files, layout, 1, max_shard_bytes)
         if not as_lora and slots[0].pipeline_expert is not None and layout == "diffusers":
-            index = convert.model_index(architecture, distilled.arch, pipeline_boundary_ratio(distilled.layout),
-                                        _teacher_pipeline_index(distilled))
+            index = convert.model_index(
+                architecture,
+                distilled.arch,
+                pipeline_boundary_ratio(distilled.layout),
+                _teacher_pipeline_index(distilled),
+            )
             convert.write_json(staging / "model_index.json", index)
         elif not as_lora and slots[0].pipeline_expert is not None:
-            log.warning("the original Wan layout stores no boundary: give Wan's own sampler boundary %.6g "
-                        "(phased_dmd.json), not its default", pipeline_boundary_ratio(distilled.layout))
+            log.warning(
+                "the original Wan layout stores no boundary: give Wan's own sampler boundary %.6g "
+                "(phased_dmd.json), not its default",
+                pipeline_boundary_ratio(distilled.layout),
+            )
         convert.write_json(staging / EXPORT_INFO, export_info(distilled, slots, layout, as_lora, merge))
-    log.info("exported %s (iteration %d%s) to %s", distilled.path, distilled.iteration, ", EMA" if distilled.ema else "", dst)
+    log.info(
+        "exported %s (iteration %d%s) to %s", distilled.path, distilled.iteration, ", EMA" if distilled.ema else "", dst
+    )
     return dst
 
 
@@ -233,13 +250,17 @@ def lora_state(view, distilled: DistilledGenerators) -> Tuple[Dict[str, torch.Te
             tensors[f"{LORA_PREFIX}.{module}.lora_A.weight"] = a.clone()  # one copy per module: PEFT keeps one each
             tensors[f"{LORA_PREFIX}.{module}.lora_B.weight"] = b_part.contiguous()
     lora = distilled.config.model.lora
-    targets = sorted({key[len(LORA_PREFIX) + 1: -len(".lora_A.weight")] for key in tensors if key.endswith("lora_A.weight")})
+    targets = sorted(
+        {key[len(LORA_PREFIX) + 1 : -len(".lora_A.weight")] for key in tensors if key.endswith("lora_A.weight")}
+    )
     # The project scales by (alpha or rank) / rank (models.lora); PEFT by lora_alpha / r.
     config = {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": targets}
     return tensors, config
 
 
-def original_lora_state(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], architecture) -> Dict[str, torch.Tensor]:
+def original_lora_state(
+    tensors: Dict[str, torch.Tensor], config: Dict[str, Any], architecture
+) -> Dict[str, torch.Tensor]:
     """:func:`lora_state`'s pairs under the original Wan module names, as Wan-Video tools and
     ComfyUI read them: ``diffusion_model.<module>.lora_down.weight`` (A), ``.lora_up.weight``
     (B) and the scalar ``.alpha`` (their scale is alpha / rank, as PEFT's)."""
@@ -269,13 +290,17 @@ def _write_lora(path: Path, view, distilled: DistilledGenerators, layout: str = 
 # ----------------------------------------------------------------------------- phased_dmd.json
 
 
-def export_info(distilled: DistilledGenerators, slots: List[Slot], layout: str, as_lora: bool,
-                merge: bool) -> Dict[str, Any]:
+def export_info(
+    distilled: DistilledGenerators, slots: List[Slot], layout: str, as_lora: bool, merge: bool
+) -> Dict[str, Any]:
     steps = distilled.layout
     phases = []
     for slot in slots:
-        entry = {"phase": slot.phase, "steps": list(steps.steps_of_phase(slot.phase)),
-                 "timesteps": [1000.0 * steps.times[i] for i in steps.steps_of_phase(slot.phase)]}
+        entry = {
+            "phase": slot.phase,
+            "steps": list(steps.steps_of_phase(slot.phase)),
+            "timesteps": [1000.0 * steps.times[i] for i in steps.steps_of_phase(slot.phase)],
+        }
         if as_lora:
             entry.update(lora=slot.lora_file, base_expert=distilled.base_experts[slot.phase])
         else:
@@ -295,8 +320,12 @@ def export_info(distilled: DistilledGenerators, slots: List[Slot], layout: str, 
         "sigmas": list(steps.times),  # t of each step, then 0
         "timesteps": [1000.0 * t for t in steps.times[:-1]],  # the model's timestep input at each step
         "phases": phases,
-        "source": {"checkpoint": str(Path(distilled.path).resolve()), "iteration": distilled.iteration,
-                   "ema": distilled.ema, "teacher_path": distilled.config.model.teacher_path},
+        "source": {
+            "checkpoint": str(Path(distilled.path).resolve()),
+            "iteration": distilled.iteration,
+            "ema": distilled.ema,
+            "teacher_path": distilled.config.model.teacher_path,
+        },
         "exporter": f"phased-dmd-mega {__version__}",
     }
     if slots[0].pipeline_expert is not None:
@@ -313,8 +342,10 @@ def read_export_info(folder: PathLike) -> Dict[str, Any]:
     if info.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{Path(folder) / EXPORT_INFO}: format {info.get('format')!r} is not {EXPORT_FORMAT!r}")
     if info.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise CheckpointError(f"{Path(folder) / EXPORT_INFO}: format_version {info.get('format_version')} "
-                              f"(this version reads {EXPORT_FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{Path(folder) / EXPORT_INFO}: format_version {info.get('format_version')} "
+            f"(this version reads {EXPORT_FORMAT_VERSION})"
+        )
     return info
 
 
@@ -333,8 +364,10 @@ def open_export(folder: PathLike, dtype: Optional[str] = None, attention_backend
     folder = Path(folder)
     info = read_export_info(folder)
     if info["weights"] == "lora":
-        raise ValueError(f"{folder} holds LoRA files, which need their base model: sample from the training "
-                         f"checkpoint ({info['source']['checkpoint']}), or export it with --merge")
+        raise ValueError(
+            f"{folder} holds LoRA files, which need their base model: sample from the training "
+            f"checkpoint ({info['source']['checkpoint']}), or export it with --merge"
+        )
     torch_dtype = getattr(torch, dtype or info["dtype"])
     device = parallel.layout().device
     generators = []

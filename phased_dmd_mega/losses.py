@@ -131,14 +131,9 @@ def subinterval_weight(s: Time, t: Time, weight_clamp: Optional[float] = None) -
 def subinterval_noise(x_s: torch.Tensor, eps: torch.Tensor, s: Time, t: Time) -> torch.Tensor:
     """``x_t = alpha_{t|s} x_s + sigma_{t|s} eps``: the forward process from time s to time t."""
     batch, device = x_s.shape[0], x_s.device
-    alpha_ts, sigma_ts, *_ = subinterval_coefficients(
-        _as_times(s, batch, device), _as_times(t, batch, device)
-    )
+    alpha_ts, sigma_ts, *_ = subinterval_coefficients(_as_times(s, batch, device), _as_times(t, batch, device))
     dtype = _compute_dtype(x_s, eps)
-    x_t = (
-        _per_sample(alpha_ts, x_s, dtype) * x_s.to(dtype)
-        + _per_sample(sigma_ts, eps, dtype) * eps.to(dtype)
-    )
+    x_t = _per_sample(alpha_ts, x_s, dtype) * x_s.to(dtype) + _per_sample(sigma_ts, eps, dtype) * eps.to(dtype)
     return x_t.to(torch.promote_types(x_s.dtype, eps.dtype))
 
 
@@ -148,14 +143,9 @@ def subinterval_target(x_s: torch.Tensor, eps: torch.Tensor, s: Time, t: Time) -
     With ``s = 0`` this is the flow-matching target ``eps - x0``.
     """
     batch, device = x_s.shape[0], x_s.device
-    *_, c_eps, inv_alpha_s = subinterval_coefficients(
-        _as_times(s, batch, device), _as_times(t, batch, device)
-    )
+    *_, c_eps, inv_alpha_s = subinterval_coefficients(_as_times(s, batch, device), _as_times(t, batch, device))
     dtype = _compute_dtype(x_s, eps)
-    target = (
-        _per_sample(c_eps, eps, dtype) * eps.to(dtype)
-        - x_s.to(dtype) * _per_sample(inv_alpha_s, x_s, dtype)
-    )
+    target = _per_sample(c_eps, eps, dtype) * eps.to(dtype) - x_s.to(dtype) * _per_sample(inv_alpha_s, x_s, dtype)
     return target.to(torch.promote_types(x_s.dtype, eps.dtype))
 
 

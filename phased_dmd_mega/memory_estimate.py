@@ -100,8 +100,9 @@ def _one_process_layout():
 
 
 @functools.lru_cache(maxsize=None)
-def parameter_counts(arch: str, preset: str, lora_rank: int = 0,
-                     lora_targets: Tuple[str, ...] = ()) -> Tuple[ParameterCount, ParameterCount]:
+def parameter_counts(
+    arch: str, preset: str, lora_rank: int = 0, lora_targets: Tuple[str, ...] = ()
+) -> Tuple[ParameterCount, ParameterCount]:
     """(the model, one role's LoRA adapters) of a preset, built on the meta device."""
     import torch
 
@@ -187,9 +188,18 @@ def tokens_of(arch_name: str, arch, resolution) -> Tuple[int, int]:
     return (height // p) * (width // p), TEXT_TOKENS  # joint attention: the text is a second token stream
 
 
-def activation_bytes(blocks: BlockActivations, num_layers: int, batch: int, tokens: int, text_tokens: int,
-                     tensor_parallel: int, ulysses: int, sequence_parallel: bool,
-                     recompute: str, recompute_num_blocks: int) -> Tuple[float, float]:
+def activation_bytes(
+    blocks: BlockActivations,
+    num_layers: int,
+    batch: int,
+    tokens: int,
+    text_tokens: int,
+    tensor_parallel: int,
+    ulysses: int,
+    sequence_parallel: bool,
+    recompute: str,
+    recompute_num_blocks: int,
+) -> Tuple[float, float]:
     """(kept for the backward, working memory) of one forward with gradient."""
     local_tokens = batch * (tokens + text_tokens) / ulysses
     per_block = local_tokens * blocks.per_token(tensor_parallel, sequence_parallel)
@@ -262,16 +272,20 @@ def optimizer_items(cfg: Config, trainable: int, largest: int, per_role: float, 
     weight = DTYPE_BYTES[cfg.model.dtype]
     if not cfg.optimizer.distributed:
         return [
-            (f"AdamW states (2 per trainable parameter, {cfg.model.dtype}, whole on every rank)",
-             trainable * per_role * 2 * weight),
+            (
+                f"AdamW states (2 per trainable parameter, {cfg.model.dtype}, whole on every rank)",
+                trainable * per_role * 2 * weight,
+            ),
             ("gradients of the largest role", largest * per_role * weight),
         ]
     sharing = data_parallel * cfg.parallel.ulysses_parallel  # megatron's optimizer splits over DP x Ulysses
     main_copy = 0 if weight == FP32 else FP32  # fp32 weights are their own main copy
     what = "fp32 moments" + (" + fp32 main copy" if main_copy else "")
     return [
-        (f"AdamW states ({what}, split over {sharing} DP x Ulysses ranks)",
-         trainable * per_role * (2 * FP32 + main_copy) / sharing),
+        (
+            f"AdamW states ({what}, split over {sharing} DP x Ulysses ranks)",
+            trainable * per_role * (2 * FP32 + main_copy) / sharing,
+        ),
         ("gradients (fp32 DDP buffer per trainable role)", trainable * per_role * FP32),
     ]
 
@@ -281,11 +295,14 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
 
     model_cfg, par = cfg.model, cfg.parallel
     if model_cfg.preset is None:
-        raise ConfigError("model.preset: the memory estimate needs the architecture's preset name "
-                          f"(one of: {', '.join(registry()[model_cfg.arch].presets)})")
+        raise ConfigError(
+            "model.preset: the memory estimate needs the architecture's preset name "
+            f"(one of: {', '.join(registry()[model_cfg.arch].presets)})"
+        )
     arch = registry()[model_cfg.arch].presets.get(model_cfg.preset)
-    model, adapters = parameter_counts(model_cfg.arch, model_cfg.preset, model_cfg.lora.rank,
-                                       tuple(model_cfg.lora.target_modules))
+    model, adapters = parameter_counts(
+        model_cfg.arch, model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
+    )
     check_heads(cfg, arch)
     tp, ulysses, sp = par.tensor_parallel, par.ulysses_parallel, par.sequence_parallel
     weight = DTYPE_BYTES[model_cfg.dtype]
@@ -301,12 +318,28 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     )
     blocks = block_activations(model_cfg.arch, arch, weight)
     micro = cfg.data.micro_batch_size or cfg.data.batch_size  # gradient accumulation: one micro-batch at a time
-    kept, working = activation_bytes(blocks, arch.num_layers, micro, tokens, text_tokens, tp,
-                                     ulysses, sp, model_cfg.recompute, model_cfg.recompute_num_blocks)
+    kept, working = activation_bytes(
+        blocks,
+        arch.num_layers,
+        micro,
+        tokens,
+        text_tokens,
+        tp,
+        ulysses,
+        sp,
+        model_cfg.recompute,
+        model_cfg.recompute_num_blocks,
+    )
     role_kind = f"LoRA rank {model_cfg.lora.rank} adapters" if lora else "full copies"
     items = [
-        (f"teacher weights ({experts} expert{'s' * (experts > 1)}, {model_cfg.dtype}, frozen)", experts * per_model * weight),
-        (f"trainable roles: {roles.generators} generators + {roles.fakes} fakes, {role_kind}", trainable * per_role * weight),
+        (
+            f"teacher weights ({experts} expert{'s' * (experts > 1)}, {model_cfg.dtype}, frozen)",
+            experts * per_model * weight,
+        ),
+        (
+            f"trainable roles: {roles.generators} generators + {roles.fakes} fakes, {role_kind}",
+            trainable * per_role * weight,
+        ),
         *optimizer_items(cfg, trainable, roles.largest, per_role, data_parallel),
         (f"generator EMA ({roles.ema} copies)", roles.ema * per_role * weight),
         (f"activations kept for the backward (recompute {model_cfg.recompute})", kept),
@@ -332,8 +365,10 @@ def format_estimate(est: Estimate, source: str) -> str:
     width = max(len(name) for name, _ in est.items)
     lines += [f"  {name:<{width}}  {value / GIB:7.1f} GiB" for name, value in est.items]
     verdict = "fits" if est.fits else "does NOT fit"
-    lines.append(f"  {'total (estimate)':<{width}}  {est.total / GIB:7.1f} GiB: {verdict} in {HEADROOM:.0%} of "
-                 f"an {GPU_NAME} ({GPU_MEMORY_GIB} GiB)")
+    lines.append(
+        f"  {'total (estimate)':<{width}}  {est.total / GIB:7.1f} GiB: {verdict} in {HEADROOM:.0%} of "
+        f"an {GPU_NAME} ({GPU_MEMORY_GIB} GiB)"
+    )
     return "\n".join(lines)
 
 
@@ -369,8 +404,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--config", "-c", help="YAML run configuration")
     parser.add_argument("--markdown", nargs="+", metavar="CONFIG", help="one table row per config (the README's table)")
-    parser.add_argument("--data-parallel", type=int, default=1, metavar="N",
-                        help="model replicas the distributed optimizer splits its states over (default 1: the upper bound)")
+    parser.add_argument(
+        "--data-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="model replicas the distributed optimizer splits its states over (default 1: the upper bound)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of --config")
     args = parser.parse_args(argv)
     try:

@@ -42,7 +42,11 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega.data import (
-    PROMPT_CACHE_FORMAT, PROMPT_CACHE_INDEX, PROMPT_CACHE_VERSION, ImageConditionSpec, resolution_text,
+    PROMPT_CACHE_FORMAT,
+    PROMPT_CACHE_INDEX,
+    PROMPT_CACHE_VERSION,
+    ImageConditionSpec,
+    resolution_text,
 )
 from phased_dmd_mega.log import get_logger
 
@@ -50,8 +54,14 @@ log = get_logger(__name__)
 
 NEGATIVE_FILE = "negative.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 class PromptEncodingError(ValueError):
@@ -98,8 +108,10 @@ def read_prompt_rows(path, field: str = "prompt", image_field: Optional[str] = N
         if any(given):
             if not all(given):
                 where = items[given.index(False)][0]
-                raise PromptEncodingError(f"{where}: no {image_field!r} image, but other rows name one: every row "
-                                          "needs its first-frame image, or none")
+                raise PromptEncodingError(
+                    f"{where}: no {image_field!r} image, but other rows name one: every row "
+                    "needs its first-frame image, or none"
+                )
             rows.image_names = names
             rows.images = [_existing_image(path.parent / name, where) for name, (where, _) in zip(names, items)]
     return rows
@@ -159,8 +171,11 @@ def _csv_prompts(path: Path, field: str) -> List[Tuple[str, object]]:
         reader = csv.DictReader(file)
         if field not in (reader.fieldnames or []):
             raise PromptEncodingError(f"{path}: no {field!r} column (columns: {reader.fieldnames})")
-        return [(f"{path} row {n}", row) for n, row in enumerate(reader, start=1)
-                if row[field] is not None and row[field].strip()]
+        return [
+            (f"{path} row {n}", row)
+            for n, row in enumerate(reader, start=1)
+            if row[field] is not None and row[field].strip()
+        ]
 
 
 # ----------------------------------------------------------------------------- encoder folders
@@ -175,8 +190,10 @@ def resolve_encoder_folders(text_encoder, tokenizer=None) -> Tuple[Path, Path]:
         raise PromptEncodingError(f"--text-encoder {root} is not a folder")
     encoder = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
     if not (encoder / "config.json").is_file():
-        raise PromptEncodingError(f"--text-encoder {root}: no config.json (expected a Hugging Face text encoder "
-                                  "folder or a diffusers pipeline root with text_encoder/)")
+        raise PromptEncodingError(
+            f"--text-encoder {root}: no config.json (expected a Hugging Face text encoder "
+            "folder or a diffusers pipeline root with text_encoder/)"
+        )
     if tokenizer is not None:
         tokenizer = Path(tokenizer)
         if not tokenizer.is_dir():
@@ -185,8 +202,10 @@ def resolve_encoder_folders(text_encoder, tokenizer=None) -> Tuple[Path, Path]:
     for candidate in (root / "tokenizer", encoder / "tokenizer", encoder, encoder.parent / "tokenizer"):
         if (candidate / "tokenizer_config.json").is_file():
             return encoder, candidate
-    raise PromptEncodingError(f"no tokenizer found beside --text-encoder {root} (no tokenizer_config.json in "
-                              "tokenizer/, the folder itself or ../tokenizer); pass --tokenizer")
+    raise PromptEncodingError(
+        f"no tokenizer found beside --text-encoder {root} (no tokenizer_config.json in "
+        "tokenizer/, the folder itself or ../tokenizer); pass --tokenizer"
+    )
 
 
 def _is_weight(path: Path) -> bool:
@@ -228,13 +247,17 @@ class TextEncoder:
         self.encoder_folder, self.tokenizer_folder = Path(encoder), Path(tokenizer)
         self.max_sequence_length = max_sequence_length or self.default_max_length
         if not 1 <= self.max_sequence_length <= self.longest_max_length:
-            raise PromptEncodingError(f"--max-sequence-length {self.max_sequence_length}: {self.family} takes 1 to "
-                                      f"{self.longest_max_length} tokens")
+            raise PromptEncodingError(
+                f"--max-sequence-length {self.max_sequence_length}: {self.family} takes 1 to "
+                f"{self.longest_max_length} tokens"
+            )
         self.config = json.loads((self.encoder_folder / "config.json").read_text())
         model_type = self.config.get("model_type")
         if model_type not in self.model_types:
-            raise PromptEncodingError(f"--text-encoder {self.encoder_folder} is a {model_type!r} model (config.json "
-                                      f"model_type); --family {self.family} needs {self.wanted}")
+            raise PromptEncodingError(
+                f"--text-encoder {self.encoder_folder} is a {model_type!r} model (config.json "
+                f"model_type); --family {self.family} needs {self.wanted}"
+            )
         self.model = self.tokenizer = None
 
     @property
@@ -315,9 +338,15 @@ class WanTextEncoder(TextEncoder):
 
     @torch.inference_mode()
     def encode(self, prompts):
-        tokens = self.tokenizer([clean_wan_prompt(p) for p in prompts], padding="max_length",
-                                max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
-                                return_attention_mask=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            [clean_wan_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         device = next(self.model.parameters()).device
         hidden = self.model(tokens.input_ids.to(device), tokens.attention_mask.to(device)).last_hidden_state
         lengths = tokens.attention_mask.gt(0).sum(dim=1).tolist()
@@ -332,9 +361,11 @@ class QwenImageTextEncoder(TextEncoder):
     default_negative = " "  # what Qwen-Image's examples pass; the pipeline has no CFG without one
     default_max_length = 512  # QwenImagePipeline.__call__'s max_sequence_length
     longest_max_length = 1024  # the pipeline refuses more
-    template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-                "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
-                "<|im_end|>\n<|im_start|>assistant\n")
+    template = (
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+        "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     drop_tokens = 34  # the template's system part and "<|im_start|>user\n"
     tokenizer_max_length = 1024
 
@@ -353,13 +384,21 @@ class QwenImageTextEncoder(TextEncoder):
 
     @torch.inference_mode()
     def encode(self, prompts):
-        tokens = self.tokenizer([self.template.format(p) for p in prompts], padding=True, truncation=True,
-                                max_length=self.tokenizer_max_length + self.drop_tokens, return_tensors="pt")
+        tokens = self.tokenizer(
+            [self.template.format(p) for p in prompts],
+            padding=True,
+            truncation=True,
+            max_length=self.tokenizer_max_length + self.drop_tokens,
+            return_tensors="pt",
+        )
         device = next(self.model.parameters()).device
-        out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device),
-                         output_hidden_states=True)
+        out = self.model(
+            input_ids=tokens.input_ids.to(device),
+            attention_mask=tokens.attention_mask.to(device),
+            output_hidden_states=True,
+        )
         hidden, mask = out.hidden_states[-1], tokens.attention_mask.to(device).bool()
-        return [h[m][self.drop_tokens:][: self.max_sequence_length].to("cpu", copy=True) for h, m in zip(hidden, mask)]
+        return [h[m][self.drop_tokens :][: self.max_sequence_length].to("cpu", copy=True) for h, m in zip(hidden, mask)]
 
 
 FAMILIES: Dict[str, type] = {cls.family: cls for cls in (WanTextEncoder, QwenImageTextEncoder)}
@@ -375,8 +414,9 @@ def parse_resolution(text: str) -> Tuple[int, int, int]:
     """``"81x480x832"`` -> (frames, height, width)."""
     parts = str(text).lower().split("x")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise PromptEncodingError(f"--resolution {text!r}: expected FRAMESxHEIGHTxWIDTH of positive integers, "
-                                  "e.g. 81x480x832")
+        raise PromptEncodingError(
+            f"--resolution {text!r}: expected FRAMESxHEIGHTxWIDTH of positive integers, e.g. 81x480x832"
+        )
     frames, height, width = (int(p) for p in parts)
     return frames, height, width
 
@@ -399,12 +439,16 @@ class FirstFrameEncoder:
         root = Path(vae)
         self.folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
         if not (self.folder / "config.json").is_file():
-            raise PromptEncodingError(f"--vae {root}: no config.json (expected an AutoencoderKLWan folder or a "
-                                      "diffusers pipeline root with vae/)")
+            raise PromptEncodingError(
+                f"--vae {root}: no config.json (expected an AutoencoderKLWan folder or a "
+                "diffusers pipeline root with vae/)"
+            )
         self.config = json.loads((self.folder / "config.json").read_text())
         if self.config.get("_class_name") != "AutoencoderKLWan":
-            raise PromptEncodingError(f"--vae {self.folder} is a {self.config.get('_class_name')!r} (config.json "
-                                      "_class_name); Wan image conditions need an AutoencoderKLWan")
+            raise PromptEncodingError(
+                f"--vae {self.folder} is a {self.config.get('_class_name')!r} (config.json "
+                "_class_name); Wan image conditions need an AutoencoderKLWan"
+            )
         if resize_mode not in RESIZE_MODES:
             raise PromptEncodingError(f"--resize-mode {resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
         self.resize_mode = resize_mode
@@ -419,18 +463,32 @@ class FirstFrameEncoder:
             raise PromptEncodingError(
                 f"--resolution {resolution_text(resolution)}: the VAE {self.folder} compresses time by "
                 f"{temporal} and space by {spatial}, so frames must be {temporal}k + 1 and height and width "
-                f"multiples of {spatial}")
-        latent_shape = (int(self.config.get("z_dim", 16)), (frames - 1) // temporal + 1, height // spatial,
-                        width // spatial)
-        return ImageConditionSpec(resolution, latent_shape, mask_channels=temporal, spatial=spatial,
-                                  tensor=ImageConditionSpec.tensor_name(resolution))
+                f"multiples of {spatial}"
+            )
+        latent_shape = (
+            int(self.config.get("z_dim", 16)),
+            (frames - 1) // temporal + 1,
+            height // spatial,
+            width // spatial,
+        )
+        return ImageConditionSpec(
+            resolution,
+            latent_shape,
+            mask_channels=temporal,
+            spatial=spatial,
+            tensor=ImageConditionSpec.tensor_name(resolution),
+        )
 
     def describe(self) -> str:
         return ", ".join(spec.describe() for spec in self.specs)
 
     def settings(self) -> Dict[str, object]:
-        return {"vae": encoder_digest(self.folder), "resolutions": [list(spec.resolution) for spec in self.specs],
-                "resize_mode": self.resize_mode, "vae_dtype": "float32"}
+        return {
+            "vae": encoder_digest(self.folder),
+            "resolutions": [list(spec.resolution) for spec in self.specs],
+            "resize_mode": self.resize_mode,
+            "vae_dtype": "float32",
+        }
 
     def load(self, device: torch.device) -> None:
         from diffusers import AutoencoderKLWan
@@ -493,8 +551,9 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def write_rows(path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str],
-               extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+def write_rows(
+    path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str], extra: Optional[Dict[str, torch.Tensor]] = None
+) -> None:
     """Trimmed rows -> one safetensors file (``context`` + ``offsets``, and ``extra`` tensors such
     as the rows' first-frame latents), published atomically."""
     from safetensors.torch import save_file
@@ -505,8 +564,15 @@ def write_rows(path: Path, rows: Sequence[torch.Tensor], metadata: Dict[str, str
     _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def write_embeddings_cache(folder, rows: Sequence[torch.Tensor], negative: torch.Tensor, family: str = "wan",
-                           pad_to: Optional[int] = None, masked: bool = False, source: str = "precomputed") -> Path:
+def write_embeddings_cache(
+    folder,
+    rows: Sequence[torch.Tensor],
+    negative: torch.Tensor,
+    family: str = "wan",
+    pad_to: Optional[int] = None,
+    masked: bool = False,
+    source: str = "precomputed",
+) -> Path:
     """A prompt cache from embeddings computed elsewhere (rows [L_i, D], negative [L, D]): one
     shard, the same index as ``encode-prompts`` writes. Refuses an existing folder."""
     folder = Path(folder)
@@ -521,12 +587,25 @@ def write_embeddings_cache(folder, rows: Sequence[torch.Tensor], negative: torch
     write_rows(folder / NEGATIVE_FILE, [negative], stamp)
     shard = "shard-00000.safetensors"
     write_rows(folder / shard, list(rows), stamp)
-    _write_index(folder, {
-        "format": PROMPT_CACHE_FORMAT, "version": PROMPT_CACHE_VERSION, "complete": True, "family": family,
-        "dim": dims.pop(), "pad_to": pad_to, "masked": masked, "dtype": str(rows[0].dtype).removeprefix("torch."),
-        "count": len(rows), "fingerprint": digest, "settings": {"source": source}, "source": {"embeddings": source},
-        "negative": {"file": NEGATIVE_FILE, "prompt": None}, "shards": [{"file": shard, "count": len(rows)}],
-    })
+    _write_index(
+        folder,
+        {
+            "format": PROMPT_CACHE_FORMAT,
+            "version": PROMPT_CACHE_VERSION,
+            "complete": True,
+            "family": family,
+            "dim": dims.pop(),
+            "pad_to": pad_to,
+            "masked": masked,
+            "dtype": str(rows[0].dtype).removeprefix("torch."),
+            "count": len(rows),
+            "fingerprint": digest,
+            "settings": {"source": source},
+            "source": {"embeddings": source},
+            "negative": {"file": NEGATIVE_FILE, "prompt": None},
+            "shards": [{"file": shard, "count": len(rows)}],
+        },
+    )
     return folder
 
 
@@ -545,8 +624,14 @@ def _write_index(folder: Path, index: Dict[str, object]) -> None:
 
 
 def _cache_files(folder: Path) -> List[Path]:
-    return [p for p in folder.iterdir() if p.name == PROMPT_CACHE_INDEX or p.name == NEGATIVE_FILE
-            or (p.name.startswith("shard-") and p.suffix == ".safetensors") or ".tmp" in p.name]
+    return [
+        p
+        for p in folder.iterdir()
+        if p.name == PROMPT_CACHE_INDEX
+        or p.name == NEGATIVE_FILE
+        or (p.name.startswith("shard-") and p.suffix == ".safetensors")
+        or ".tmp" in p.name
+    ]
 
 
 def prepare_folder(folder: Path, index: Dict[str, object], overwrite: bool) -> None:
@@ -560,14 +645,17 @@ def prepare_folder(folder: Path, index: Dict[str, object], overwrite: bool) -> N
             return
         if not overwrite:
             changed = sorted(k for k, v in index["settings"].items() if old.get("settings", {}).get(k) != v)
-            raise PromptEncodingError(f"--out {folder} holds a prompt cache of other inputs (differing: "
-                                      f"{', '.join(changed) or 'format'}); pass --overwrite to replace it, "
-                                      "or choose another --out")
+            raise PromptEncodingError(
+                f"--out {folder} holds a prompt cache of other inputs (differing: "
+                f"{', '.join(changed) or 'format'}); pass --overwrite to replace it, "
+                "or choose another --out"
+            )
         for path in _cache_files(folder):
             path.unlink()
     elif folder.exists() and any(folder.iterdir()):
-        raise PromptEncodingError(f"--out {folder} exists, is not empty and is not a prompt cache; "
-                                  "choose another --out")
+        raise PromptEncodingError(
+            f"--out {folder} exists, is not empty and is not a prompt cache; choose another --out"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     _write_index(folder, index)
 
@@ -686,18 +774,24 @@ def first_frame_encoder(opts: EncodeOptions, rows: PromptRows) -> Optional[First
     """The image encoder when the rows name first frames; images and --vae go together."""
     if rows.images is None:
         if opts.vae is not None:
-            raise PromptEncodingError(f"--vae is given but no row of --prompts {opts.prompts} names a first-frame "
-                                      f"image (field or column {opts.image_field!r}, see --image-field)")
+            raise PromptEncodingError(
+                f"--vae is given but no row of --prompts {opts.prompts} names a first-frame "
+                f"image (field or column {opts.image_field!r}, see --image-field)"
+            )
         if opts.resolution is not None:
             raise PromptEncodingError("--resolution is for first-frame images (with --vae) only")
         return None
     if opts.family != "wan":
-        raise PromptEncodingError(f"--prompts {opts.prompts} names first-frame images: image conditions are for "
-                                  f"--family wan (Wan2.2 I2V), not {opts.family}")
+        raise PromptEncodingError(
+            f"--prompts {opts.prompts} names first-frame images: image conditions are for "
+            f"--family wan (Wan2.2 I2V), not {opts.family}"
+        )
     if opts.vae is None:
-        raise PromptEncodingError(f"the rows of --prompts {opts.prompts} name first-frame images (field "
-                                  f"{opts.image_field!r}) but no --vae is given: pass --vae (an AutoencoderKLWan "
-                                  "folder) and --resolution to encode them")
+        raise PromptEncodingError(
+            f"the rows of --prompts {opts.prompts} name first-frame images (field "
+            f"{opts.image_field!r}) but no --vae is given: pass --vae (an AutoencoderKLWan "
+            "folder) and --resolution to encode them"
+        )
     return FirstFrameEncoder(opts.vae, parse_resolutions(opts.resolution or DEFAULT_RESOLUTION), opts.resize_mode)
 
 
@@ -707,21 +801,43 @@ def _images_digest(rows: PromptRows) -> str:
     return hashlib.sha256(json.dumps(entries, ensure_ascii=False).encode()).hexdigest()
 
 
-def _index(encoder: TextEncoder, opts: EncodeOptions, rows: PromptRows, dtype: torch.dtype, negative: str,
-           images: Optional[FirstFrameEncoder]) -> Dict[str, object]:
+def _index(
+    encoder: TextEncoder,
+    opts: EncodeOptions,
+    rows: PromptRows,
+    dtype: torch.dtype,
+    negative: str,
+    images: Optional[FirstFrameEncoder],
+) -> Dict[str, object]:
     prompts = rows.prompts
     prompts_digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
-    settings = {**encoder.settings(), "dtype": str(dtype).removeprefix("torch."), "negative_prompt": negative,
-                "shard_size": opts.shard_size, "prompts": prompts_digest}
+    settings = {
+        **encoder.settings(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "negative_prompt": negative,
+        "shard_size": opts.shard_size,
+        "prompts": prompts_digest,
+    }
     if images is not None:
         settings["images"] = {**images.settings(), "files": _images_digest(rows)}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     index = {
-        "format": PROMPT_CACHE_FORMAT, "version": PROMPT_CACHE_VERSION, "complete": False,
-        "family": encoder.family, "dim": encoder.dim, "pad_to": encoder.pad_to, "masked": encoder.masked,
-        "dtype": settings["dtype"], "count": len(prompts), "fingerprint": fingerprint, "settings": settings,
-        "source": {"prompts": str(Path(opts.prompts).resolve()), "text_encoder": str(encoder.encoder_folder.resolve()),
-                   "tokenizer": str(encoder.tokenizer_folder.resolve())},
+        "format": PROMPT_CACHE_FORMAT,
+        "version": PROMPT_CACHE_VERSION,
+        "complete": False,
+        "family": encoder.family,
+        "dim": encoder.dim,
+        "pad_to": encoder.pad_to,
+        "masked": encoder.masked,
+        "dtype": settings["dtype"],
+        "count": len(prompts),
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "source": {
+            "prompts": str(Path(opts.prompts).resolve()),
+            "text_encoder": str(encoder.encoder_folder.resolve()),
+            "tokenizer": str(encoder.tokenizer_folder.resolve()),
+        },
         "negative": {"file": NEGATIVE_FILE, "prompt": negative},
         "shards": [],
     }
@@ -756,9 +872,17 @@ def encode_prompts(opts: EncodeOptions) -> Path:
     return folder
 
 
-def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], opts: EncodeOptions,
-                    rows: PromptRows, shards: List[Shard], index: Dict[str, object], dtype: torch.dtype, rank: int,
-                    world: int) -> None:
+def _encode_missing(
+    encoder: TextEncoder,
+    images: Optional[FirstFrameEncoder],
+    opts: EncodeOptions,
+    rows: PromptRows,
+    shards: List[Shard],
+    index: Dict[str, object],
+    dtype: torch.dtype,
+    rank: int,
+    world: int,
+) -> None:
     folder, fingerprint, prompts = Path(opts.out), str(index["fingerprint"]), rows.prompts
     done = lambda path: _file_fingerprint(path) == fingerprint  # noqa: E731
     todo = [s for s in shards[rank::world] if not done(folder / s.file)]
@@ -772,8 +896,9 @@ def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], o
     log.info("loading the %s text encoder from %s on %s (%s)", encoder.family, encoder.encoder_folder, device, dtype)
     encoder.load(dtype, device)
     if images is not None and todo:
-        log.info("loading the VAE from %s on %s (float32): first frames at %s", images.folder, device,
-                 images.describe())
+        log.info(
+            "loading the VAE from %s on %s (float32): first frames at %s", images.folder, device, images.describe()
+        )
         images.load(device)
     stamp = {"fingerprint": fingerprint}
     if need_negative:
@@ -794,12 +919,17 @@ def _encode_missing(encoder: TextEncoder, images: Optional[FirstFrameEncoder], o
             extra = None
             if images is not None:
                 extra = {spec.tensor: torch.stack([f[spec.tensor] for f in first_frames]) for spec in images.specs}
-            write_rows(folder / shard.file, embeddings, {**stamp, "shard": str(shard.number),
-                                                         "first_row": str(shard.start)}, extra)
+            write_rows(
+                folder / shard.file,
+                embeddings,
+                {**stamp, "shard": str(shard.number), "first_row": str(shard.start)},
+                extra,
+            )
     finally:
         progress.close()
-    log.info("encoded %d prompts in %d shards (%.1f prompts/s on rank %d)",
-             progress.done, len(todo), progress.rate, rank)
+    log.info(
+        "encoded %d prompts in %d shards (%.1f prompts/s on rank %d)", progress.done, len(todo), progress.rate, rank
+    )
 
 
 def _publish_index(folder: Path, index: Dict[str, object], shards: List[Shard]) -> None:
@@ -817,4 +947,3 @@ def _publish_index(folder: Path, index: Dict[str, object], shards: List[Shard]) 
     _write_index(folder, {**index, "complete": True, "shards": entries})
     size = sum((folder / e["file"]).stat().st_size for e in entries) / 1e9
     log.info("prompt cache %s: %d prompts, %d shards, %.2f GB", folder, index["count"], len(entries), size)
-

@@ -45,13 +45,21 @@ VAE_CLASSES = {"wan": "AutoencoderKLWan", "qwen_image": "AutoencoderKLQwenImage"
 
 def sample_noise(latent_shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     """[N, *latent_shape] standard normal noise, sample i drawn with its own ``seeds[i]``."""
-    return torch.stack([torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.stack(
+        [torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
 
 
 @torch.no_grad()
-def generate(generators: List[Experts], layout: PhaseLayout, condition: Condition, noise: torch.Tensor,
-             step_rule: str = "euler", batch_size: Optional[int] = None,
-             seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+def generate(
+    generators: List[Experts],
+    layout: PhaseLayout,
+    condition: Condition,
+    noise: torch.Tensor,
+    step_rule: str = "euler",
+    batch_size: Optional[int] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """Run the few-step MoE sampler over ``noise`` [N, ...] and ``condition`` (batched like it)
     in batches; returns the latents in float32 on the CPU. ``seeds`` (per sample): a stochastic
     step rule's draws for a batch come from its first sample's seed."""
@@ -63,8 +71,9 @@ def generate(generators: List[Experts], layout: PhaseLayout, condition: Conditio
         stochastic = None
         if step_rule == "stochastic":
             stochastic = torch.Generator(device=device).manual_seed(int(seeds[start]) if seeds is not None else start)
-        latents = few_step_sample(generators, layout, noise[index].to(device), condition.select(index).to(device),
-                                  step_rule, stochastic)
+        latents = few_step_sample(
+            generators, layout, noise[index].to(device), condition.select(index).to(device), step_rule, stochastic
+        )
         out.append(latents.float().cpu())
         log.info("sampled %d/%d", int(index[-1]) + 1, noise.shape[0])
     return torch.cat(out)
@@ -128,8 +137,15 @@ def write_latents(folder: Path, latents: torch.Tensor, prompt_index: Sequence[in
     from safetensors.torch import save_file
 
     path = Path(folder) / LATENTS_FILE
-    save_file({"latents": latents.float().contiguous(), "prompt_index": torch.tensor(list(prompt_index), dtype=torch.int64),
-               "seed": torch.tensor(list(seeds), dtype=torch.int64)}, str(path), metadata={"format": "pt"})
+    save_file(
+        {
+            "latents": latents.float().contiguous(),
+            "prompt_index": torch.tensor(list(prompt_index), dtype=torch.int64),
+            "seed": torch.tensor(list(seeds), dtype=torch.int64),
+        },
+        str(path),
+        metadata={"format": "pt"},
+    )
     return path
 
 
@@ -141,8 +157,10 @@ def write_frames(folder: Path, frames: torch.Tensor, fps: int = 16) -> List[Dict
     folder = Path(folder)
     writer = _video_writer()
     if writer is None and frames.shape[1] > 1:
-        log.info("mp4 files not written: install imageio with an ffmpeg plugin (pip install 'imageio[ffmpeg]'); "
-                 "the frames are written as PNG")
+        log.info(
+            "mp4 files not written: install imageio with an ffmpeg plugin (pip install 'imageio[ffmpeg]'); "
+            "the frames are written as PNG"
+        )
     written = []
     for i, sample_frames in enumerate(frames.numpy()):
         if len(sample_frames) == 1:
@@ -176,10 +194,20 @@ def _video_writer():
     return write
 
 
-def write_samples(generators: List[Experts], layout: PhaseLayout, condition: Condition, noise: torch.Tensor,
-                  folder, vae=None, step_rule: str = "euler", prompt_index: Optional[Sequence[int]] = None,
-                  seeds: Optional[Sequence[int]] = None, batch_size: Optional[int] = None,
-                  info: Optional[Dict[str, Any]] = None, fps: int = 16) -> torch.Tensor:
+def write_samples(
+    generators: List[Experts],
+    layout: PhaseLayout,
+    condition: Condition,
+    noise: torch.Tensor,
+    folder,
+    vae=None,
+    step_rule: str = "euler",
+    prompt_index: Optional[Sequence[int]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
+    info: Optional[Dict[str, Any]] = None,
+    fps: int = 16,
+) -> torch.Tensor:
     """Sample with the generators (every model-parallel rank takes part) and write the latents,
     and the decoded frames when a VAE is given, into ``folder`` (rank 0). Returns the latents."""
     latents = generate(generators, layout, condition, noise, step_rule, batch_size, seeds)
@@ -189,9 +217,17 @@ def write_samples(generators: List[Experts], layout: PhaseLayout, condition: Con
     return latents
 
 
-def record_samples(folder, latents: torch.Tensor, layout: PhaseLayout, step_rule: str,
-                   prompt_index: Optional[Sequence[int]] = None, seeds: Optional[Sequence[int]] = None, vae=None,
-                   info: Optional[Dict[str, Any]] = None, fps: int = 16) -> None:
+def record_samples(
+    folder,
+    latents: torch.Tensor,
+    layout: PhaseLayout,
+    step_rule: str,
+    prompt_index: Optional[Sequence[int]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    vae=None,
+    info: Optional[Dict[str, Any]] = None,
+    fps: int = 16,
+) -> None:
     """Write sampled latents (and, with a VAE, their frames) and ``samples.json`` into ``folder``."""
     count = latents.shape[0]
     seeds = list(seeds) if seeds is not None else [-1] * count  # -1: noise not drawn from a recorded seed
@@ -202,11 +238,16 @@ def record_samples(folder, latents: torch.Tensor, layout: PhaseLayout, step_rule
     decoded = write_frames(folder, decode(vae, latents), fps) if vae is not None else [{} for _ in range(count)]
     record = {
         **(info or {}),
-        "num_steps": layout.num_steps, "steps_per_phase": list(layout.steps_per_phase), "shift": layout.shift,
-        "timesteps": [1000.0 * t for t in layout.times[:-1]], "step_rule": step_rule,
+        "num_steps": layout.num_steps,
+        "steps_per_phase": list(layout.steps_per_phase),
+        "shift": layout.shift,
+        "timesteps": [1000.0 * t for t in layout.times[:-1]],
+        "step_rule": step_rule,
         "latent_shape": list(latents.shape[1:]),
-        "samples": [{"index": i, "prompt_index": p, "seed": s, **d}
-                    for i, (p, s, d) in enumerate(zip(prompt_index, seeds, decoded))],
+        "samples": [
+            {"index": i, "prompt_index": p, "seed": s, **d}
+            for i, (p, s, d) in enumerate(zip(prompt_index, seeds, decoded))
+        ],
     }
     (folder / SAMPLES_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -233,14 +274,31 @@ class PeriodicSamples:
         resolution = cfg.data.resolutions[0].pixels
         prompt_index = [i % len(prompts) for i in range(cfg.logging.sample_count)]
         seeds = [cfg.run.seed + i for i in range(cfg.logging.sample_count)]
-        return cls(prompts.rows(prompt_index, resolution), sample_noise(geometry.latent_shape(*resolution), seeds),
-                   prompt_index, seeds, cfg.phases.step_rule, cfg.logging.sample_vae, arch)
+        return cls(
+            prompts.rows(prompt_index, resolution),
+            sample_noise(geometry.latent_shape(*resolution), seeds),
+            prompt_index,
+            seeds,
+            cfg.phases.step_rule,
+            cfg.logging.sample_vae,
+            arch,
+        )
 
     def write(self, generators: List[Experts], layout: PhaseLayout, folder, iteration: int) -> torch.Tensor:
         if self.vae_path is not None and self._vae is None and parallel.layout().rank == 0:
             self._vae = load_vae(self.vae_path, _architecture_name(self.arch), device=parallel.layout().device)
-        return write_samples(generators, layout, self.condition, self.noise, folder, self._vae, self.step_rule,
-                             self.prompt_index, self.seeds, info={"iteration": iteration})
+        return write_samples(
+            generators,
+            layout,
+            self.condition,
+            self.noise,
+            folder,
+            self._vae,
+            self.step_rule,
+            self.prompt_index,
+            self.seeds,
+            info={"iteration": iteration},
+        )
 
 
 # ----------------------------------------------------------------------------- phased-dmd sample
@@ -268,9 +326,17 @@ class Samplers:
 
         opened = open_generators(path, ema=ema, overrides=overrides)
         cfg = opened.config
-        prompts = build_prompts(cfg, opened.generators[0]) if (cfg.data.prompt_cache or cfg.data.synthetic_prompts) else None
-        return cls(opened.generators, opened.layout, cfg.phases.step_rule, prompts, cfg.data.resolutions[0].pixels,
-                   {"checkpoint": str(opened.path), "iteration": opened.iteration, "ema": ema})
+        prompts = (
+            build_prompts(cfg, opened.generators[0]) if (cfg.data.prompt_cache or cfg.data.synthetic_prompts) else None
+        )
+        return cls(
+            opened.generators,
+            opened.layout,
+            cfg.phases.step_rule,
+            prompts,
+            cfg.data.resolutions[0].pixels,
+            {"checkpoint": str(opened.path), "iteration": opened.iteration, "ema": ema},
+        )
 
     @classmethod
     def from_export(cls, path, dtype: Optional[str] = None, attention_backend: str = "auto") -> "Samplers":
@@ -306,11 +372,14 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
 
     layout = parallel.layout()
     if layout.data_parallel != 1:
-        raise ValueError(f"sampling runs one model-parallel group: launch tensor_parallel x ulysses = "
-                         f"{layout.tensor_parallel * layout.ulysses_parallel} processes, not {layout.world_size}")
+        raise ValueError(
+            f"sampling runs one model-parallel group: launch tensor_parallel x ulysses = "
+            f"{layout.tensor_parallel * layout.ulysses_parallel} processes, not {layout.world_size}"
+        )
     output = Path(request.output)
-    convert.check_destination(Path(samplers.source.get("checkpoint") or samplers.source["exported"]), output,
-                              request.overwrite)
+    convert.check_destination(
+        Path(samplers.source.get("checkpoint") or samplers.source["exported"]), output, request.overwrite
+    )
     prompts = _prompt_source(request, samplers)
     indices = request.indices if request.indices else [i % len(prompts) for i in range(request.num_samples or 1)]
     outside = [i for i in indices if not 0 <= i < len(prompts)]
@@ -324,8 +393,15 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     # An image-to-video generator takes its first frames from the prompt cache, at this resolution.
     shape = latent_geometry(samplers.generators[0], prompts).latent_shape(*resolution)
     seeds = [request.seed + i for i in range(len(indices))]
-    latents = generate(samplers.generators, samplers.layout, prompts.rows(indices, resolution),
-                       sample_noise(shape, seeds), samplers.step_rule, request.batch_size, seeds)
+    latents = generate(
+        samplers.generators,
+        samplers.layout,
+        prompts.rows(indices, resolution),
+        sample_noise(shape, seeds),
+        samplers.step_rule,
+        request.batch_size,
+        seeds,
+    )
     if layout.rank != 0:
         return output
     vae = None

@@ -25,7 +25,6 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.multiprocessing as mp
 
-
 # Set in the environment the ranks start with: read before any of their code runs (CUDA when
 # torch first touches it, Triton when a kernel module is imported).
 HIDDEN_CUDA = {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
@@ -143,8 +142,9 @@ def _fail_if_dead_or_late(procs, outputs, deadline: float, timeout_s: float) -> 
         raise DistributedRunError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
 
 
-def with_parallel_state(fn: Callable[..., Any], *args: Any, parallel_sizes: Optional[Dict[str, Any]] = None,
-                        **kwargs: Any) -> Any:
+def with_parallel_state(
+    fn: Callable[..., Any], *args: Any, parallel_sizes: Optional[Dict[str, Any]] = None, **kwargs: Any
+) -> Any:
     """``fn(*args, **kwargs)`` between ``parallel.initialize(**parallel_sizes)`` and
     ``parallel.destroy()``: in this process (one rank), or on each rank under ``run_distributed``."""
     from phased_dmd_mega import parallel

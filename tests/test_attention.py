@@ -21,15 +21,18 @@ from phased_dmd_mega.testing import run_distributed
 # ----------------------------------------------------------------------------- backend choice
 
 
-@pytest.mark.parametrize("dtype, impl, flash, te, expected", [
-    (torch.bfloat16, "local", True, False, "flash"),
-    (torch.float16, "local", True, False, "flash"),
-    (torch.float32, "local", True, False, "sdpa"),  # flash-attn refuses float32
-    (torch.float32, "transformer_engine", True, True, "sdpa"),
-    (torch.bfloat16, "transformer_engine", False, True, "te"),
-    (torch.bfloat16, "local", False, True, "sdpa"),  # TE attention comes with the TE spec only
-    (torch.bfloat16, "local", False, False, "sdpa"),
-])
+@pytest.mark.parametrize(
+    "dtype, impl, flash, te, expected",
+    [
+        (torch.bfloat16, "local", True, False, "flash"),
+        (torch.float16, "local", True, False, "flash"),
+        (torch.float32, "local", True, False, "sdpa"),  # flash-attn refuses float32
+        (torch.float32, "transformer_engine", True, True, "sdpa"),
+        (torch.bfloat16, "transformer_engine", False, True, "te"),
+        (torch.bfloat16, "local", False, True, "sdpa"),  # TE attention comes with the TE spec only
+        (torch.bfloat16, "local", False, False, "sdpa"),
+    ],
+)
 def test_auto_picks_a_backend_that_takes_the_dtype(dtype, impl, flash, te, expected):
     assert choose_attention_backend("auto", dtype, impl, flash_available=flash, te_available=te) == expected
 
@@ -113,19 +116,31 @@ def test_fp8_pads_each_ranks_tokens_to_what_its_gemms_take(recipe, multiple):
     assert TokenSharding(32760, 2, 0, 4, 0, 8).local_tokens == 4096  # 4,095 without FP8
 
 
-@pytest.mark.parametrize("recipe, capability, message", [
-    ("mxfp8", (9, 0), r"fp8_recipe=mxfp8 needs compute capability 10.0 or higher; this GPU H100 has 9.0: "
-                      r"use delayed or current"),
-    ("delayed", (8, 0), r"needs compute capability 8.9 or higher; this GPU H100 has 8.0: it has no FP8 tensor cores"),
-    ("int4", (9, 0), "fp8_recipe 'int4' is not one of delayed, current, mxfp8"),
-])
+@pytest.mark.parametrize(
+    "recipe, capability, message",
+    [
+        (
+            "mxfp8",
+            (9, 0),
+            r"fp8_recipe=mxfp8 needs compute capability 10.0 or higher; this GPU H100 has 9.0: "
+            r"use delayed or current",
+        ),
+        (
+            "delayed",
+            (8, 0),
+            r"needs compute capability 8.9 or higher; this GPU H100 has 8.0: it has no FP8 tensor cores",
+        ),
+        ("int4", (9, 0), "fp8_recipe 'int4' is not one of delayed, current, mxfp8"),
+    ],
+)
 def test_fp8_recipes_the_gpu_cannot_run_are_refused(recipe, capability, message):
     with pytest.raises(ValueError, match=message):
         check_fp8_recipe(recipe, capability, "H100")
 
 
-@pytest.mark.parametrize("recipe, capability", [("delayed", (9, 0)), ("current", (8, 9)), ("mxfp8", (10, 0)),
-                                                ("mxfp8", None)])
+@pytest.mark.parametrize(
+    "recipe, capability", [("delayed", (9, 0)), ("current", (8, 9)), ("mxfp8", (10, 0)), ("mxfp8", None)]
+)
 def test_fp8_recipes_the_gpu_runs_pass(recipe, capability):
     check_fp8_recipe(recipe, capability)
 

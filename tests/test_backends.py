@@ -30,8 +30,10 @@ def test_auto_resolves_to_sdpa_without_cuda():
 @on_cpu
 @pytest.mark.parametrize(
     "backend, message",
-    [("flash", "attention_backend=flash needs CUDA and the flash_attn package"),
-     ("te", "attention_backend=te needs CUDA and transformer_engine")],
+    [
+        ("flash", "attention_backend=flash needs CUDA and the flash_attn package"),
+        ("te", "attention_backend=te needs CUDA and transformer_engine"),
+    ],
 )
 def test_explicit_gpu_backend_is_a_clear_error(backend, message):
     with pytest.raises(RuntimeError, match=message):
@@ -62,8 +64,10 @@ def test_fp8_needs_the_te_spec(single_process):
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"recompute": "some"}, "recompute 'some' is not one of none, full, blocks"),
-     ({"recompute": "blocks"}, "recompute='blocks' needs recompute_num_blocks >= 1")],
+    [
+        ({"recompute": "some"}, "recompute 'some' is not one of none, full, blocks"),
+        ({"recompute": "blocks"}, "recompute='blocks' needs recompute_num_blocks >= 1"),
+    ],
 )
 def test_recompute_options_are_checked(single_process, options, message):
     with pytest.raises(ValueError, match=message):
@@ -109,8 +113,13 @@ def test_split_weights_are_tagged_whether_initialised_or_built_for_loading(singl
     def tags(initialize):
         options = ModelParallelOptions(initialize=initialize)
         model = WanModel(TINY, options) if model_name == "wan" else QwenImageModel(QWEN_IMAGE_PRESETS["tiny"], options)
-        return {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None)) for n, p in model.named_parameters()}
+        return {
+            n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None))
+            for n, p in model.named_parameters()
+        }
 
     loaded = tags(False)
     assert loaded == tags(True)
-    assert loaded["blocks.0.mlp.linear_fc2.weight" if model_name == "wan" else next(n for n in loaded if n.endswith("fc2.weight"))] == (True, 1)
+    assert loaded[
+        "blocks.0.mlp.linear_fc2.weight" if model_name == "wan" else next(n for n in loaded if n.endswith("fc2.weight"))
+    ] == (True, 1)

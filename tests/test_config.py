@@ -32,7 +32,9 @@ def test_every_example_config_loads(path):
 
 def test_yaml_then_overrides_with_types(tmp_path):
     path = write(tmp_path, "phases:\n  num_steps: 8\n  num_phases: 4\noptimizer:\n  generator:\n    lr: 1e-5\n")
-    cfg = load_config(path, ["optimizer.generator.lr=3e-6", "parallel.sequence_parallel=true", "phases.weight_clamp=10"])
+    cfg = load_config(
+        path, ["optimizer.generator.lr=3e-6", "parallel.sequence_parallel=true", "phases.weight_clamp=10"]
+    )
     assert cfg.phases.num_steps == 8 and cfg.phases.num_phases == 4
     assert cfg.optimizer.generator.lr == 3e-6  # the override wins; "3e-6" (no dot) is a number
     assert cfg.parallel.sequence_parallel is True
@@ -43,8 +45,10 @@ def test_yaml_then_overrides_with_types(tmp_path):
 def test_override_replaces_a_list_of_sections():
     cfg = load_config(
         None,
-        ["data.resolutions=[{frames: 81, height: 480, width: 832, probability: 0.5},"
-         " {frames: 81, height: 832, width: 480, probability: 0.5}]"],
+        [
+            "data.resolutions=[{frames: 81, height: 480, width: 832, probability: 0.5},"
+            " {frames: 81, height: 832, width: 480, probability: 0.5}]"
+        ],
     )
     assert [(r.height, r.width) for r in cfg.data.resolutions] == [(480, 832), (832, 480)]
 
@@ -93,8 +97,10 @@ def test_wrong_types_are_rejected_with_the_key(override, message):
         (["optimizer.fake.betas=[0.9, 1.0]"], r"optimizer.fake.betas: must be two values in \[0, 1\)"),
         (["parallel.tensor_parallel=0"], r"parallel.tensor_parallel: must be >= 1"),
         (["model.fp8_recipe=delayed"], r"model.fp8_recipe: needs model.transformer_impl=transformer_engine"),
-        (["model.attention_backend=flash", "model.dtype=float32"],
-         r"model.attention_backend: flash needs model.dtype bfloat16 or float16 \(flash-attn refuses float32\)"),
+        (
+            ["model.attention_backend=flash", "model.dtype=float32"],
+            r"model.attention_backend: flash needs model.dtype bfloat16 or float16 \(flash-attn refuses float32\)",
+        ),
         (["data.resolutions=[{probability: 0.4}]"], r"data.resolutions: probabilities sum to 0.4, not 1"),
         (["data.batch_size=4", "data.micro_batch_size=3"], r"data.micro_batch_size: must divide batch_size 4, got 3"),
         (["data.batch_size=2", "data.micro_batch_size=4"], r"data.micro_batch_size: must divide batch_size 2, got 4"),

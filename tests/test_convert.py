@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import WAN_TINY
 
 from phased_dmd_mega import convert
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
@@ -27,7 +28,6 @@ from phased_dmd_mega.models.wan_formats import (
     diffusers_weight_rules,
     from_diffusers_config,
 )
-from tiny_models import WAN_TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = WAN_TINY
@@ -102,10 +102,23 @@ def original_config_for(overrides):
     merged = {**TINY, **overrides}
     model_type = "i2v" if "image_dim" in overrides else ("ti2v" if merged["in_channels"] == 48 else "t2v")
     return {
-        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": model_type,
-        "patch_size": [1, 2, 2], "text_len": 512, "in_dim": merged["in_channels"], "dim": 48, "ffn_dim": 32,
-        "freq_dim": 16, "text_dim": 16, "out_dim": merged["out_channels"], "num_heads": 4, "num_layers": 2,
-        "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.30.0",
+        "model_type": model_type,
+        "patch_size": [1, 2, 2],
+        "text_len": 512,
+        "in_dim": merged["in_channels"],
+        "dim": 48,
+        "ffn_dim": 32,
+        "freq_dim": 16,
+        "text_dim": 16,
+        "out_dim": merged["out_channels"],
+        "num_heads": 4,
+        "num_layers": 2,
+        "window_size": [-1, -1],
+        "qk_norm": True,
+        "cross_attn_norm": True,
+        "eps": 1e-6,
     }
 
 
@@ -113,11 +126,15 @@ def save_original(folder, seed=0, dtype=torch.float32, **overrides):
     """An original-layout Wan folder, in two shards with an index (like the 14B releases)."""
     folder = Path(folder)
     folder.mkdir(parents=True)
-    state = {to_original_name(k): v.detach().clone().contiguous()
-             for k, v in diffusers_model(seed, dtype, **overrides).state_dict().items()}
+    state = {
+        to_original_name(k): v.detach().clone().contiguous()
+        for k, v in diffusers_model(seed, dtype, **overrides).state_dict().items()
+    }
     names = sorted(state)
-    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    halves = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, keys in halves.items():
         save_file({k: state[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
@@ -187,9 +204,22 @@ def test_original_export_has_exactly_the_original_wan2_1_i2v_key_set(tmp_path):
         block += [f"{attn}.norm_q.weight", f"{attn}.norm_k.weight"]
     block += [f"cross_attn.{p}_img.{w}" for p in "kv" for w in ("weight", "bias")] + ["cross_attn.norm_k_img.weight"]
     top = ["head.modulation", "patch_embedding.weight", "patch_embedding.bias"]
-    top += [f"{m}.{w}" for m in ("time_embedding.0", "time_embedding.2", "text_embedding.0", "text_embedding.2",
-                                 "time_projection.1", "head.head", "img_emb.proj.0", "img_emb.proj.1",
-                                 "img_emb.proj.3", "img_emb.proj.4") for w in ("weight", "bias")]
+    top += [
+        f"{m}.{w}"
+        for m in (
+            "time_embedding.0",
+            "time_embedding.2",
+            "text_embedding.0",
+            "text_embedding.2",
+            "time_projection.1",
+            "head.head",
+            "img_emb.proj.0",
+            "img_emb.proj.1",
+            "img_emb.proj.3",
+            "img_emb.proj.4",
+        )
+        for w in ("weight", "bias")
+    ]
     expected = set(top) | {f"blocks.{i}.{name}" for i in range(2) for name in block}
     assert set(read_folder(tmp_path / "orig")) == expected
 
@@ -211,8 +241,9 @@ def test_diffusers_round_trip_is_bitwise_and_loads_in_diffusers(tmp_path, varian
     assert len(list((tmp_path / "mega").glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "mega" / "model.safetensors.index.json").is_file()
     assert_bitwise_equal(read_folder(tmp_path / "back"), read_folder(src))
-    assert {t.dtype for t in read_folder(src).values()} == ({torch.float32} if dtype == torch.float32
-                                                            else {torch.bfloat16, torch.float32})
+    assert {t.dtype for t in read_folder(src).values()} == (
+        {torch.float32} if dtype == torch.float32 else {torch.bfloat16, torch.float32}
+    )
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
     if dtype == torch.float32:  # the export is a working diffusers model with the same output
         args, kwargs = inputs(VARIANTS[variant].get("in_channels", 4), image=variant == "i2v")
@@ -265,9 +296,14 @@ def save_diffusers_pipeline(root, boundary_ratio, in_channels=16):
     root.mkdir()
     save_diffusers(root / "transformer", seed=1, in_channels=in_channels)
     save_diffusers(root / "transformer_2", seed=2, in_channels=in_channels)
-    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": boundary_ratio,
-             "transformer": ["diffusers", "WanTransformer3DModel"],
-             "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "boundary_ratio": boundary_ratio,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 
@@ -281,8 +317,9 @@ def test_a14b_diffusers_pipeline_round_trip_keeps_both_experts_and_the_boundary(
     for sub in ("transformer", "transformer_2"):
         assert_bitwise_equal(read_folder(tmp_path / "back" / sub), read_folder(src / sub))
     assert json.loads((tmp_path / "back" / "model_index.json").read_text())["boundary_ratio"] == 0.8
-    assert not torch.equal(read_folder(src / "transformer")["proj_out.weight"],
-                           read_folder(src / "transformer_2")["proj_out.weight"])
+    assert not torch.equal(
+        read_folder(src / "transformer")["proj_out.weight"], read_folder(src / "transformer_2")["proj_out.weight"]
+    )
 
 
 def test_a14b_original_experts_round_trip_with_the_default_i2v_boundary(tmp_path):
@@ -357,15 +394,17 @@ def hf_folder(tmp_path):
 def test_missing_keys_are_listed(tmp_path, hf_folder):
     _rewrite_single_file(hf_folder, lambda s: s.pop("blocks.1.attn1.to_q.weight"))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst),
-                   r"missing keys \(1\): blocks\.1\.attn1\.to_q\.weight", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst), r"missing keys \(1\): blocks\.1\.attn1\.to_q\.weight", dst
+    )
 
 
 def test_unexpected_keys_are_listed(tmp_path, hf_folder):
     _rewrite_single_file(hf_folder, lambda s: s.update({"extra.weight": torch.zeros(2), "blocks.0.x": torch.zeros(1)}))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst),
-                   r"unexpected keys \(2\): blocks\.0\.x, extra\.weight", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst), r"unexpected keys \(2\): blocks\.0\.x, extra\.weight", dst
+    )
 
 
 def test_original_layout_missing_keys_use_original_names(tmp_path):
@@ -380,8 +419,11 @@ def test_original_layout_missing_keys_use_original_names(tmp_path):
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, hf_folder):
     _rewrite_single_file(hf_folder, lambda s: s.update({"blocks.0.ffn.net.0.proj.weight": torch.zeros(33, 48)}))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst),
-                   r"blocks\.0\.ffn\.net\.0\.proj\.weight: \(33, 48\) in the weights, \(32, 48\) from the config", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst),
+        r"blocks\.0\.ffn\.net\.0\.proj\.weight: \(33, 48\) in the weights, \(32, 48\) from the config",
+        dst,
+    )
 
 
 def test_dtype_mismatch_inside_a_fused_tensor_is_refused(tmp_path, hf_folder):
@@ -390,9 +432,12 @@ def test_dtype_mismatch_inside_a_fused_tensor_is_refused(tmp_path, hf_folder):
 
     _rewrite_single_file(hf_folder, edit)
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst),
-                   r"dtype mismatch .*blocks\.0\.attn1\.to_q\.weight torch\.float32, "
-                   r"blocks\.0\.attn1\.to_k\.weight torch\.bfloat16", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst),
+        r"dtype mismatch .*blocks\.0\.attn1\.to_q\.weight torch\.float32, "
+        r"blocks\.0\.attn1\.to_k\.weight torch\.bfloat16",
+        dst,
+    )
 
 
 def test_integer_weights_are_refused(tmp_path, hf_folder):
@@ -401,11 +446,14 @@ def test_integer_weights_are_refused(tmp_path, hf_folder):
     assert_refused(lambda: convert.hf_to_mega(hf_folder, dst), r"floating point: proj_out\.bias \(torch\.int64\)", dst)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("ffn_dim", 64, r"blocks\.0\.ffn\.net\.0\.proj\.weight: \(32, 48\) in the weights, \(64, 48\) from the config"),
-    ("num_layers", 3, r"do not match .*config\.json .*3 layers.*missing keys \(\d+\): blocks\.2\."),
-    ("image_dim", 8, r"added_kv_proj_dim None with image_dim 8"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("ffn_dim", 64, r"blocks\.0\.ffn\.net\.0\.proj\.weight: \(32, 48\) in the weights, \(64, 48\) from the config"),
+        ("num_layers", 3, r"do not match .*config\.json .*3 layers.*missing keys \(\d+\): blocks\.2\."),
+        ("image_dim", 8, r"added_kv_proj_dim None with image_dim 8"),
+    ],
+)
 def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path, hf_folder, field, value, message):
     config = json.loads((hf_folder / "config.json").read_text())
     config[field] = value
@@ -420,14 +468,20 @@ def test_a_mega_config_that_disagrees_with_its_weights_is_refused(tmp_path, hf_f
     config["architecture"]["ffn_dim"] = 64
     (tmp_path / "mega" / "config.json").write_text(json.dumps(config))
     dst = tmp_path / "back"
-    assert_refused(lambda: convert.mega_to_hf(tmp_path / "mega", dst),
-                   r"blocks\.0\.mlp\.linear_fc1\.weight: \(32, 48\) in the weights, \(64, 48\) from the config", dst)
+    assert_refused(
+        lambda: convert.mega_to_hf(tmp_path / "mega", dst),
+        r"blocks\.0\.mlp\.linear_fc1\.weight: \(32, 48\) in the weights, \(64, 48\) from the config",
+        dst,
+    )
 
 
 def test_tensor_parallel_that_does_not_divide_the_heads_is_refused(tmp_path, hf_folder):
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, tensor_parallel=3),
-                   r"tensor parallel size 3 does not divide the 4 attention heads", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst, tensor_parallel=3),
+        r"tensor parallel size 3 does not divide the 4 attention heads",
+        dst,
+    )
 
 
 def test_unknown_layout_is_refused(tmp_path):
@@ -443,30 +497,43 @@ def test_unknown_layout_is_refused(tmp_path):
 def test_ambiguous_layout_is_refused(tmp_path, hf_folder):
     (hf_folder / "model_index.json").write_text("{}")
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst),
-                   r"layout of .*hf is ambiguous: it has config\.json and model_index\.json", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst),
+        r"layout of .*hf is ambiguous: it has config\.json and model_index\.json",
+        dst,
+    )
 
 
 def test_index_naming_an_absent_shard_is_refused(tmp_path):
     src = save_original(tmp_path / "orig")
     (src / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(src, dst),
-                   r"names shards that are not in .*diffusion_pytorch_model-00002-of-00002", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(src, dst),
+        r"names shards that are not in .*diffusion_pytorch_model-00002-of-00002",
+        dst,
+    )
 
 
 def test_preset_that_does_not_match_the_config_is_refused(tmp_path, hf_folder):
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch="tiny"),
-                   r"is not preset 'tiny': dim 48 \(preset 64\)", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst, arch="tiny"), r"is not preset 'tiny': dim 48 \(preset 64\)", dst
+    )
 
 
 def test_wrong_direction_is_refused(tmp_path, hf_folder):
     convert.hf_to_mega(hf_folder, tmp_path / "mega")
-    assert_refused(lambda: convert.mega_to_hf(hf_folder, tmp_path / "x"),
-                   r"is a diffusers checkpoint, not phased-dmd-mega", tmp_path / "x")
-    assert_refused(lambda: convert.hf_to_mega(tmp_path / "mega", tmp_path / "x"), r"already in the trainer's format",
-                   tmp_path / "x")
+    assert_refused(
+        lambda: convert.mega_to_hf(hf_folder, tmp_path / "x"),
+        r"is a diffusers checkpoint, not phased-dmd-mega",
+        tmp_path / "x",
+    )
+    assert_refused(
+        lambda: convert.hf_to_mega(tmp_path / "mega", tmp_path / "x"),
+        r"already in the trainer's format",
+        tmp_path / "x",
+    )
 
 
 def test_existing_destination_needs_overwrite(tmp_path, hf_folder):
@@ -492,23 +559,69 @@ def test_destination_inside_the_source_is_refused(tmp_path, hf_folder):
 
 def test_cli_converts_and_round_trips(tmp_path, hf_folder):
     script = Path(sys.executable).parent / "phased-dmd"
-    run = subprocess.run([str(script), "convert", "hf-to-mega", "--arch", "wan", "--src", str(hf_folder),
-                          "--dst", str(tmp_path / "mega"), "--tp", "2", "--max-shard-size", "40KB"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            str(script),
+            "convert",
+            "hf-to-mega",
+            "--arch",
+            "wan",
+            "--src",
+            str(hf_folder),
+            "--dst",
+            str(tmp_path / "mega"),
+            "--tp",
+            "2",
+            "--max-shard-size",
+            "40KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote model-00001-of-" in run.stderr  # progress, one line per shard
     assert json.loads((tmp_path / "mega" / "config.json").read_text())["tensor_parallel"] == 2
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), "mega-to-hf", "--src",
-                          str(tmp_path / "mega"), "--dst", str(tmp_path / "back"), "--layout", "diffusers"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert.py"),
+            "mega-to-hf",
+            "--src",
+            str(tmp_path / "mega"),
+            "--dst",
+            str(tmp_path / "back"),
+            "--layout",
+            "diffusers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert_bitwise_equal(read_folder(tmp_path / "back"), read_folder(hf_folder))
 
 
 def test_cli_reports_a_bad_tp_with_exit_code_2(tmp_path, hf_folder):
     script = Path(sys.executable).parent / "phased-dmd"
-    run = subprocess.run([str(script), "convert", "hf-to-mega", "--arch", "wan", "--src", str(hf_folder),
-                          "--dst", str(tmp_path / "mega"), "--tp", "3"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            str(script),
+            "convert",
+            "hf-to-mega",
+            "--arch",
+            "wan",
+            "--src",
+            str(hf_folder),
+            "--dst",
+            str(tmp_path / "mega"),
+            "--tp",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     expected = "phased-dmd convert hf-to-mega: error: tensor parallel size 3 does not divide the 4 attention heads"
     assert expected in run.stderr

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_convert import _rewrite_single_file, assert_bitwise_equal, assert_refused, read_folder
+from test_convert import save_diffusers as save_wan_diffusers
+from test_qwen_parity import diffusers_velocity, inputs
+from tiny_models import QWEN_TINY
 
 from phased_dmd_mega import convert, parallel
 from phased_dmd_mega.models import QwenImageModel, load_pretrained
@@ -31,10 +35,6 @@ from phased_dmd_mega.models.qwen_image_formats import (
 )
 from phased_dmd_mega.models.shards import parse_size
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
-from test_convert import _rewrite_single_file, assert_bitwise_equal, assert_refused, read_folder
-from test_convert import save_diffusers as save_wan_diffusers
-from test_qwen_parity import diffusers_velocity, inputs
-from tiny_models import QWEN_TINY
 
 SMALL_SHARDS = "150KB"  # several files for the tiny model (about 1.2 MB in fp32)
 TOLERANCE = 1e-5
@@ -65,9 +65,12 @@ def save_diffusers(folder, seed=0, dtype=torch.float32, shards=SMALL_SHARDS):
 def save_pipeline(root, seed=0):
     """A pipeline root: model_index.json and transformer/ (the other components are not needed)."""
     save_diffusers(root / "transformer", seed)
-    index = {"_class_name": "QwenImagePipeline", "_diffusers_version": "0.42.1",
-             "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKLQwenImage"]}
+    index = {
+        "_class_name": "QwenImagePipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 
@@ -138,8 +141,9 @@ def test_round_trip_is_bitwise_and_loads_in_diffusers(tmp_path, dtype):
     assert (tmp_path / "mega" / "model.safetensors.index.json").is_file()
     source = read_folder(src)
     assert_bitwise_equal(read_folder(tmp_path / "back"), source)
-    assert {t.dtype for t in source.values()} == ({torch.float32} if dtype == torch.float32
-                                                 else {torch.bfloat16, torch.float32})
+    assert {t.dtype for t in source.values()} == (
+        {torch.float32} if dtype == torch.float32 else {torch.bfloat16, torch.float32}
+    )
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
     if dtype == torch.float32:  # the export is a working diffusers model with the same output
         with torch.no_grad():
@@ -152,8 +156,10 @@ def test_mega_format_holds_full_fused_tensors_under_own_names(saved):
     folders, _ = saved
     config = json.loads((folders["mega"] / "config.json").read_text())
     assert config["format"] == "phased-dmd-mega" and config["arch"] == "qwen_image"
-    assert QwenImageArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["architecture"].items()}) \
+    assert (
+        QwenImageArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["architecture"].items()})
         == QWEN_IMAGE_PRESETS["tiny"]
+    )
     assert config["provenance"]["source_layout"] == "diffusers"
     mega, hf = read_folder(folders["mega"]), read_folder(folders["diffusers"])
     assert set(mega) == {rule.own for rule in diffusers_weight_rules(QWEN_IMAGE_PRESETS["tiny"])}
@@ -212,8 +218,11 @@ def test_tp2_load_pretrained_matches_diffusers(saved):
 
 def test_load_pretrained_with_the_wrong_arch_is_refused(saved):
     folders, _ = saved
-    with pytest.raises(CheckpointError, match=r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\).* as arch "
-                                              r"'wan' asks; pass arch 'qwen_image'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\).* as arch "
+        r"'wan' asks; pass arch 'qwen_image'",
+    ):
         in_process(load_pretrained, folders["mega"], arch="wan")
 
 
@@ -223,31 +232,41 @@ def test_load_pretrained_with_the_wrong_arch_is_refused(saved):
 def test_missing_keys_are_listed(tmp_path, hf_folder):
     _rewrite_single_file(hf_folder, lambda s: s.pop("transformer_blocks.1.attn.add_k_proj.bias"))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
-                   r"missing keys \(1\): transformer_blocks\.1\.attn\.add_k_proj\.bias$", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
+        r"missing keys \(1\): transformer_blocks\.1\.attn\.add_k_proj\.bias$",
+        dst,
+    )
 
 
 def test_unexpected_keys_are_listed(tmp_path, hf_folder):
     _rewrite_single_file(hf_folder, lambda s: s.update({"pos_embed.freqs": torch.zeros(2)}))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
-                   r"unexpected keys \(1\): pos_embed\.freqs", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"), r"unexpected keys \(1\): pos_embed\.freqs", dst
+    )
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, hf_folder):
     _rewrite_single_file(hf_folder, lambda s: s.update({"transformer_blocks.0.img_mod.1.weight": torch.zeros(380, 64)}))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
-                   r"transformer_blocks\.0\.img_mod\.1\.weight: \(380, 64\) in the weights, "
-                   r"\(384, 64\) from the config", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
+        r"transformer_blocks\.0\.img_mod\.1\.weight: \(380, 64\) in the weights, "
+        r"\(384, 64\) from the config",
+        dst,
+    )
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("num_layers", 3, r"do not match .*config\.json \(.*3 layers.*missing keys \(\d+\): transformer_blocks\.2\."),
-    ("joint_attention_dim", 32, r"txt_norm\.weight: \(24,\) in the weights, \(32,\) from the config"),
-    ("attention_head_dim", 8, r"config\.json: axes_dims_rope \(4, 6, 6\) must be even and sum to head_dim 8"),
-    ("zero_cond_t", True, r"config\.json: unsupported Qwen-Image variant: zero_cond_t=True"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_layers", 3, r"do not match .*config\.json \(.*3 layers.*missing keys \(\d+\): transformer_blocks\.2\."),
+        ("joint_attention_dim", 32, r"txt_norm\.weight: \(24,\) in the weights, \(32,\) from the config"),
+        ("attention_head_dim", 8, r"config\.json: axes_dims_rope \(4, 6, 6\) must be even and sum to head_dim 8"),
+        ("zero_cond_t", True, r"config\.json: unsupported Qwen-Image variant: zero_cond_t=True"),
+    ],
+)
 def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path, hf_folder, field, value, message):
     config = json.loads((hf_folder / "config.json").read_text())
     config[field] = value
@@ -258,18 +277,27 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path, hf_folder
 
 def test_tensor_parallel_that_does_not_divide_the_heads_is_refused(tmp_path, hf_folder):
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image", tensor_parallel=3),
-                   r"tensor parallel size 3 does not divide the 4 attention heads of this Qwen-Image model", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image", tensor_parallel=3),
+        r"tensor parallel size 3 does not divide the 4 attention heads of this Qwen-Image model",
+        dst,
+    )
 
 
-@pytest.mark.parametrize("arch, message", [
-    ("wan", r"hf/config\.json is a diffusers QwenImageTransformer2DModel config \(Qwen-Image\), neither a diffusers "
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        (
+            "wan",
+            r"hf/config\.json is a diffusers QwenImageTransformer2DModel config \(Qwen-Image\), neither a diffusers "
             r"WanTransformer3DModel config, an original Wan config .* nor a phased-dmd-mega 'wan' config as arch "
-            r"'wan' asks; pass arch 'qwen_image' or a Qwen-Image preset \(qwen-image, tiny\)"),
-    ("wan2.1-t2v-1.3b", r"\(Qwen-Image\), neither .* as arch 'wan2\.1-t2v-1\.3b' \(a Wan preset\) asks"),
-    ("qwen-image", r"is not preset 'qwen-image': num_heads 4 \(preset 24\), head_dim 16 \(preset 128\)"),
-    ("flux", r"unknown arch 'flux': expected 'wan' or 'qwen_image' or a preset"),
-])
+            r"'wan' asks; pass arch 'qwen_image' or a Qwen-Image preset \(qwen-image, tiny\)",
+        ),
+        ("wan2.1-t2v-1.3b", r"\(Qwen-Image\), neither .* as arch 'wan2\.1-t2v-1\.3b' \(a Wan preset\) asks"),
+        ("qwen-image", r"is not preset 'qwen-image': num_heads 4 \(preset 24\), head_dim 16 \(preset 128\)"),
+        ("flux", r"unknown arch 'flux': expected 'wan' or 'qwen_image' or a preset"),
+    ],
+)
 def test_an_arch_that_does_not_match_the_folder_is_refused(tmp_path, hf_folder, arch, message):
     dst = tmp_path / "mega"
     assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch=arch), message, dst)
@@ -278,18 +306,28 @@ def test_an_arch_that_does_not_match_the_folder_is_refused(tmp_path, hf_folder, 
 def test_a_wan_folder_converted_as_qwen_image_is_refused(tmp_path):
     src = save_wan_diffusers(tmp_path / "wan")
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(src, dst, arch="qwen_image"),
-                   r"is a diffusers WanTransformer3DModel config \(Wan\), neither a diffusers "
-                   r"QwenImageTransformer2DModel config nor a phased-dmd-mega 'qwen_image' config as arch 'qwen_image' asks; pass arch 'wan'", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(src, dst, arch="qwen_image"),
+        r"is a diffusers WanTransformer3DModel config \(Wan\), neither a diffusers "
+        r"QwenImageTransformer2DModel config nor a phased-dmd-mega 'qwen_image' config "
+        r"as arch 'qwen_image' asks; pass arch 'wan'",
+        dst,
+    )
 
 
 def test_mega_to_hf_refuses_the_wrong_arch_and_the_original_layout(tmp_path, saved):
     folders, _ = saved
     dst = tmp_path / "back"
-    assert_refused(lambda: convert.mega_to_hf(folders["mega"], dst, arch="wan"),
-                   r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\), neither", dst)
-    assert_refused(lambda: convert.mega_to_hf(folders["mega"], dst, arch="qwen_image", layout="original"),
-                   r"is Qwen-Image, which has no original layout \(it has diffusers, mega\)", dst)
+    assert_refused(
+        lambda: convert.mega_to_hf(folders["mega"], dst, arch="wan"),
+        r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\), neither",
+        dst,
+    )
+    assert_refused(
+        lambda: convert.mega_to_hf(folders["mega"], dst, arch="qwen_image", layout="original"),
+        r"is Qwen-Image, which has no original layout \(it has diffusers, mega\)",
+        dst,
+    )
 
 
 def test_a_mega_config_that_disagrees_with_its_weights_is_refused(tmp_path, saved):
@@ -299,16 +337,22 @@ def test_a_mega_config_that_disagrees_with_its_weights_is_refused(tmp_path, save
     config["architecture"]["text_dim"] = 32
     (mega / "config.json").write_text(json.dumps(config))
     dst = tmp_path / "back"
-    assert_refused(lambda: convert.mega_to_hf(mega, dst, arch="qwen_image"),
-                   r"txt_norm\.weight: \(24,\) in the weights, \(32,\) from the config", dst)
+    assert_refused(
+        lambda: convert.mega_to_hf(mega, dst, arch="qwen_image"),
+        r"txt_norm\.weight: \(24,\) in the weights, \(32,\) from the config",
+        dst,
+    )
 
 
 def test_a_pipeline_with_a_second_transformer_is_refused(tmp_path):
     root = save_pipeline(tmp_path / "pipe")
     save_diffusers(root / "transformer_2", seed=1)
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(root, dst, arch="qwen_image"),
-                   r"laid out as two experts \(high and low noise\), but a Qwen-Image checkpoint holds one model", dst)
+    assert_refused(
+        lambda: convert.hf_to_mega(root, dst, arch="qwen_image"),
+        r"laid out as two experts \(high and low noise\), but a Qwen-Image checkpoint holds one model",
+        dst,
+    )
     assert not inspect_checkpoint(tmp_path / "pipe" / "transformer").has_experts
 
 
@@ -317,9 +361,26 @@ def test_a_pipeline_with_a_second_transformer_is_refused(tmp_path):
 
 def test_cli_converts_with_arch_qwen_image(tmp_path, hf_folder):
     script = Path(sys.executable).parent / "phased-dmd"
-    run = subprocess.run([str(script), "convert", "hf-to-mega", "--arch", "qwen_image", "--src", str(hf_folder),
-                          "--dst", str(tmp_path / "mega"), "--tp", "2", "--max-shard-size", SMALL_SHARDS],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            str(script),
+            "convert",
+            "hf-to-mega",
+            "--arch",
+            "qwen_image",
+            "--src",
+            str(hf_folder),
+            "--dst",
+            str(tmp_path / "mega"),
+            "--tp",
+            "2",
+            "--max-shard-size",
+            SMALL_SHARDS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote model-00001-of-" in run.stderr  # progress, one line per shard
     config = json.loads((tmp_path / "mega" / "config.json").read_text())

@@ -14,9 +14,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer exi
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
 
 
 def test_megatron_rng_seeding_fails_on_cpu_without_the_layer():

@@ -90,7 +90,9 @@ def test_guided_teacher_uses_each_experts_scale():
         def forward(self, x, timestep, context, **kwargs):
             return x + context.mean(dim=(1, 2)).reshape(-1, 1)
 
-    teacher = GuidedTeacher(Experts(ContextFlow(), ContextFlow(), boundary=0.5), guidance_scale=4.0, guidance_scale_low_noise=3.0)
+    teacher = GuidedTeacher(
+        Experts(ContextFlow(), ContextFlow(), boundary=0.5), guidance_scale=4.0, guidance_scale_low_noise=3.0
+    )
     x, t = torch.zeros(2, 3), torch.tensor([0.9, 0.2])
     cond = Condition(torch.ones(2, 1, 1))
     negative = Condition(torch.zeros(2, 1, 1))
@@ -120,8 +122,16 @@ def test_stochastic_rule_keeps_the_sample_on_its_level():
     c = -1.0
     generators = [as_velocity(PointMassFlow(c)) for _ in range(2)]
     noise = torch.randn(B, 1000, generator=torch.Generator().manual_seed(0))
-    anchor = rollout_to_phase_end(generators, LAYOUT, 0, noise, condition(), 2, step_rule="stochastic",
-                                  noise_generator=torch.Generator().manual_seed(5))
+    anchor = rollout_to_phase_end(
+        generators,
+        LAYOUT,
+        0,
+        noise,
+        condition(),
+        2,
+        step_rule="stochastic",
+        noise_generator=torch.Generator().manual_seed(5),
+    )
     s = LAYOUT.phase_end(0)
     fresh = (anchor.x_s - (1 - s) * c) / s  # the noise at level s: fresh, standard normal
     assert not torch.allclose(fresh, noise)
@@ -210,7 +220,9 @@ def test_dmd_gradient_on_the_anchor_is_the_normalised_estimate_gap(form):
     t = torch.tensor([0.9, 0.95, 0.97])
     noised = renoise(anchor.x_s, anchor.s, t, torch.Generator().manual_seed(3))
     teacher, fake = PointMassFlow(1.0), PointMassFlow(-0.5)
-    out = generator_dmd_loss(anchor, noised, GuidedTeacher(Experts(teacher), 1.0), Experts(fake), condition(), condition(), dmd_form=form)
+    out = generator_dmd_loss(
+        anchor, noised, GuidedTeacher(Experts(teacher), 1.0), Experts(fake), condition(), condition(), dmd_form=form
+    )
     out["loss"].backward()
     with torch.no_grad():
         v_real, v_fake = teacher(noised.x_t, 1000 * t, None), fake(noised.x_t, 1000 * t, None)

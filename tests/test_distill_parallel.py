@@ -44,8 +44,9 @@ def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SH
     layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
     generators = _roles(teacher.state_dict(), options, 2, 1e-3, 1.0)
     fakes = _roles(teacher.state_dict(), options, 2, 1e-3, None)
-    settings = PhasedDMDSettings(**{"fake_updates_per_generator_update": 2, "weight_clamp": 10.0, "seed": 5,
-                                    **settings_overrides})
+    settings = PhasedDMDSettings(
+        **{"fake_updates_per_generator_update": 2, "weight_clamp": 10.0, "seed": 5, **settings_overrides}
+    )
     trainer = PhasedDMD(layout, GuidedTeacher(teacher, guidance), generators, fakes, settings)
     gen = torch.Generator().manual_seed(0)
     cond = Condition(torch.randn(shape[0], 4, ARCH.text_dim, generator=gen))
@@ -71,8 +72,13 @@ def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE, micro_batc
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "tp, sequence_parallel, ulysses, shape, micro",
-    [(2, False, 1, SHAPE, None), (2, True, 1, SHAPE, None), (2, True, 1, PADDED_SHAPE, None),
-     (1, False, 2, PADDED_SHAPE, None), (2, True, 1, SHAPE, 1)],
+    [
+        (2, False, 1, SHAPE, None),
+        (2, True, 1, SHAPE, None),
+        (2, True, 1, PADDED_SHAPE, None),
+        (1, False, 2, PADDED_SHAPE, None),
+        (2, True, 1, SHAPE, 1),
+    ],
     ids=["tp2", "tp2_sp", "tp2_sp_padded", "ulysses2_padded", "tp2_sp_micro_batches"],
 )
 def test_split_distillation_reproduces_one_process(tp, sequence_parallel, ulysses, shape, micro):
@@ -99,8 +105,8 @@ def _distill_counting_dit_calls(batched):
 
 
 def test_batched_fake_rollouts_give_the_same_iterations_with_fewer_dit_calls():
-    (ref_logs, ref_weights, ref_calls), = run_distributed(_distill_counting_dit_calls, 1, False)
-    (logs, weights, calls), = run_distributed(_distill_counting_dit_calls, 1, True)
+    ((ref_logs, ref_weights, ref_calls),) = run_distributed(_distill_counting_dit_calls, 1, False)
+    ((logs, weights, calls),) = run_distributed(_distill_counting_dit_calls, 1, True)
     for ref, got in zip(ref_logs, logs):
         for key in ref:
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
@@ -116,7 +122,9 @@ def _distill_recording_calls(micro_batch_size):
     trainer, batch = build_trainer(1, shape=(4, *SHAPE[1:]), micro_batch_size=micro_batch_size)
     calls = []  # (batch, with gradient) of every generator and fake call
     for role in trainer.generators + trainer.fakes:
-        role.model.register_forward_hook(lambda module, args, out: calls.append((out.shape[0], torch.is_grad_enabled())))
+        role.model.register_forward_hook(
+            lambda module, args, out: calls.append((out.shape[0], torch.is_grad_enabled()))
+        )
     logs = run_iterations(trainer, batch, ((0, 0), (1, 1), (1, 2)))
     weights = [p.detach().clone() for role in trainer.generators + trainer.fakes for p in role.model.parameters()]
     parallel.destroy()
@@ -124,8 +132,8 @@ def _distill_recording_calls(micro_batch_size):
 
 
 def test_micro_batches_accumulate_to_the_whole_batch_update():
-    (ref_logs, ref_weights, ref_calls), = run_distributed(_distill_recording_calls, 1, None)
-    (logs, weights, calls), = run_distributed(_distill_recording_calls, 1, 2)
+    ((ref_logs, ref_weights, ref_calls),) = run_distributed(_distill_recording_calls, 1, None)
+    ((logs, weights, calls),) = run_distributed(_distill_recording_calls, 1, 2)
     for ref, got in zip(ref_logs, logs):
         assert set(ref) == set(got)
         for key in ref:
@@ -133,7 +141,7 @@ def test_micro_batches_accumulate_to_the_whole_batch_update():
                 assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
     for ref, got in zip(ref_weights, weights):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    initial, = run_distributed(_initial_weights, 1)
+    (initial,) = run_distributed(_initial_weights, 1)
     assert any(not torch.equal(start, end) for start, end in zip(initial, weights))  # the updates did move them
     # What keeps activations for the backward runs two samples at a time instead of four.
     assert max(n for n, grad in ref_calls if grad) == 4
@@ -160,5 +168,5 @@ def _refused_micro_batch():
 
 
 def test_a_micro_batch_size_that_does_not_divide_the_batch_is_refused():
-    message, = run_distributed(_refused_micro_batch, 1)
+    (message,) = run_distributed(_refused_micro_batch, 1)
     assert message is not None and "micro_batch_size 3" in message and "4 samples" in message

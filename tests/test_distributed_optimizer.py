@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
+from test_distill_parallel import ARCH, SHAPE
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.checkpoint import flat_range_boxes
@@ -23,7 +24,6 @@ from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
 from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.testing import run_distributed
-from test_distill_parallel import ARCH, SHAPE
 
 SCHEDULE = ((0, 0), (0, 1), (1, 2), (1, 3))
 
@@ -44,16 +44,18 @@ def build(tp, distributed, same_data=False, sequence_parallel=False, ulysses=1):
     """Two phases; fake0 has two experts split at t = 0.5, which its re-noise times never reach
     below: its low expert gets no gradient and must stay untouched. Each data-parallel rank gets
     its own prompts unless ``same_data``."""
-    layout = parallel.initialize(tensor_parallel=tp, ulysses_parallel=ulysses, sequence_parallel=sequence_parallel,
-                                 seed=3)
+    layout = parallel.initialize(
+        tensor_parallel=tp, ulysses_parallel=ulysses, sequence_parallel=sequence_parallel, seed=3
+    )
     options = ModelParallelOptions(attention_backend="sdpa", sequence_parallel=sequence_parallel)
     teacher = Experts(WanModel(ARCH, options)).requires_grad_(False)
     state = teacher.high.state_dict()
     generators = [_role(state, options, distributed, 1.0) for _ in range(2)]
     fakes = [_role(state, options, distributed, None, two_experts=(k == 0)) for k in range(2)]
     settings = PhasedDMDSettings(fake_updates_per_generator_update=2, weight_clamp=10.0, seed=5)
-    trainer = PhasedDMD(PhaseLayout.build(4, num_phases=2, shift=5.0), GuidedTeacher(teacher, 3.0),
-                        generators, fakes, settings)
+    trainer = PhasedDMD(
+        PhaseLayout.build(4, num_phases=2, shift=5.0), GuidedTeacher(teacher, 3.0), generators, fakes, settings
+    )
     if same_data:  # every data-parallel rank draws rank 0's noise too: a DP=2 step is a DP=1 step
         trainer._data_parallel_rank = 0
     gen = torch.Generator().manual_seed(0 if same_data else layout.data_parallel_rank)
@@ -80,8 +82,11 @@ def run(trainer, batch, schedule):
 
 
 def weights(trainer):
-    return {f"{role}.{name}": p.detach().clone() for role, r in roles_of(trainer).items()
-            for name, p in r.model.named_parameters()}
+    return {
+        f"{role}.{name}": p.detach().clone()
+        for role, r in roles_of(trainer).items()
+        for name, p in r.model.named_parameters()
+    }
 
 
 def _one_process_group():
@@ -144,8 +149,15 @@ def test_ulysses2_shards_the_state_over_the_ulysses_ranks_too():
 
 def _one_rank_goes_non_finite():
     layout = parallel.initialize(seed=0)
-    role = make_role_optimizer(Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))),
-                               1e-3, (0.0, 0.999), 1e-8, 0.01, 1.0, True)
+    role = make_role_optimizer(
+        Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))),
+        1e-3,
+        (0.0, 0.999),
+        1e-8,
+        0.01,
+        1.0,
+        True,
+    )
     before = {n: p.detach().clone() for n, p in role.model.named_parameters()}
     norms = []
     for poisoned in (True, False):
@@ -178,11 +190,15 @@ def _held_states(role):
     """name -> state -> (start, stop, values) of the slices this rank holds (whole tensors for
     the per-rank optimizer)."""
     if isinstance(role, DistributedRoleOptimizer):
-        return {name: {s: (o.start, o.stop, t.clone()) for s, t in o.states.items()}
-                for name, o in role.owned_slices().items()}
+        return {
+            name: {s: (o.start, o.stop, t.clone()) for s, t in o.states.items()}
+            for name, o in role.owned_slices().items()
+        }
     role.ensure_state()
-    return {name: {s: (0, p.numel(), role.optimizer.state[p][s].reshape(-1).clone()) for s in ("exp_avg", "exp_avg_sq")}
-            for name, p in role.model.named_parameters()}
+    return {
+        name: {s: (0, p.numel(), role.optimizer.state[p][s].reshape(-1).clone()) for s in ("exp_avg", "exp_avg_sq")}
+        for name, p in role.model.named_parameters()
+    }
 
 
 def _snapshot(trainer):
@@ -216,8 +232,11 @@ def _at_dp1_first(root):
 
 
 def _split_dims(trainer):
-    return {f"{role}.{name}": p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-            for role, r in roles_of(trainer).items() for name, p in r.model.named_parameters()}
+    return {
+        f"{role}.{name}": p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        for role, r in roles_of(trainer).items()
+        for name, p in r.model.named_parameters()
+    }
 
 
 def _at_world_2(root):
@@ -287,10 +306,10 @@ def _check_resume(saved, resumed, reference, exact=True):
 
 @pytest.mark.slow
 def test_checkpoints_move_between_dp_sizes_tp_sizes_and_optimizers(tmp_path):
-    (reference, dp1_saved, dp1_per_rank_saved), = run_distributed(_at_dp1_first, 1, tmp_path)
+    ((reference, dp1_saved, dp1_per_rank_saved),) = run_distributed(_at_dp1_first, 1, tmp_path)
     at_world_2 = run_distributed(_at_world_2, 2, tmp_path)
     dp2_saved = [saved for saved, _, _ in at_world_2]
-    (from_dp2, from_dp2_to_per_rank, from_tp2), = run_distributed(_at_dp1_last, 1, tmp_path)
+    ((from_dp2, from_dp2_to_per_rank, from_tp2),) = run_distributed(_at_dp1_last, 1, tmp_path)
     _check_resume(dp2_saved, [from_dp2], reference)  # DP=2 -> DP=1
     _check_resume([dp1_saved], [resumed[0] for _, resumed, _ in at_world_2], reference)  # DP=1 -> DP=2
     _check_resume(dp2_saved, [from_dp2_to_per_rank], reference)  # distributed -> per-rank AdamW
@@ -327,8 +346,9 @@ def test_bf16_weights_resume_with_their_fp32_main_copy(one_rank, tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, {"generator0": saved}, {})
     main = {n: o.states[MAIN_PARAM].clone() for n, o in saved.owned_slices().items()}
     weights_now = dict(saved.model.named_parameters())
-    assert any(not torch.equal(main[n], weights_now[n].detach().float().reshape(-1)) for n in main), \
+    assert any(not torch.equal(main[n], weights_now[n].detach().float().reshape(-1)) for n in main), (
         "the fp32 main copy holds more than the bf16 weights"
+    )
     per_rank = _bf16_role(False)  # the per-rank optimizer reads the same checkpoint (bf16 moments)
     checkpoint.load_checkpoint(tmp_path / "iter_0000001", {"generator0": per_rank})
     resumed = _bf16_role(True)
@@ -338,7 +358,7 @@ def test_bf16_weights_resume_with_their_fp32_main_copy(one_rank, tmp_path):
             assert torch.equal(param, weights_now[name]), name
     for name, owned in resumed.owned_slices().items():
         assert torch.equal(owned.states[MAIN_PARAM], main[name]), name
-    assert resumed.steps() == saved.steps() == {n: 2.0 for n in main}
+    assert resumed.steps() == saved.steps() == dict.fromkeys(main, 2.0)
     assert _bf16_update(resumed, 3) == _bf16_update(saved, 3)  # the same update, bit for bit
     for mine, theirs in zip(resumed.model.parameters(), saved.model.parameters()):
         assert torch.equal(mine, theirs)
@@ -353,8 +373,10 @@ def test_the_run_config_chooses_the_optimizer(one_rank):
         opt = load_config(None, ["optimizer.fake.betas=[0.5,0.99]", "optimizer.grad_clip=2.5", *overrides]).optimizer
         role = role_optimizer(Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))), opt.fake, opt)
         assert isinstance(role, kind) and role.grad_clip == 2.5
-        assert all(g["betas"] == (0.5, 0.99) and g["lr"] == opt.fake.lr and g["weight_decay"] == opt.fake.weight_decay
-                   for g in role.optimizer.param_groups)
+        assert all(
+            g["betas"] == (0.5, 0.99) and g["lr"] == opt.fake.lr and g["weight_decay"] == opt.fake.weight_decay
+            for g in role.optimizer.param_groups
+        )
 
 
 # ----------------------------------------------------------------------------- with Transformer Engine
@@ -413,7 +435,8 @@ class TwoParts(torch.nn.Module):
 
 
 def test_the_distributed_optimizer_counts_steps_per_parameter_with_transformer_engine_installed(
-        one_rank, transformer_engine_adam):
+    one_rank, transformer_engine_adam
+):
     torch.manual_seed(0)
     model, reference_model = TwoParts(), TwoParts()
     reference_model.load_state_dict(model.state_dict())

@@ -13,6 +13,8 @@ import json
 
 import pytest
 import torch
+from test_qwen_parity import diffusers_velocity as qwen_diffusers_velocity
+from tiny_runs import rel_error, save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
 from phased_dmd_mega import cli, parallel
 from phased_dmd_mega.distill.phased import sample
@@ -20,8 +22,6 @@ from phased_dmd_mega.distill.roles import Condition
 from phased_dmd_mega.export import EXPORT_INFO, export_generators, pipeline_boundary_ratio, plan_slots
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.schedule import PhaseLayout
-from test_qwen_parity import diffusers_velocity as qwen_diffusers_velocity
-from tiny_runs import rel_error, save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
 TOLERANCE = 1e-5  # fp32, a different implementation of the same maths
 TRAINED = 1e-4  # an exported generator must be this far (10x TOLERANCE) from its teacher: training moved it
@@ -48,15 +48,24 @@ def diffusers_wan(folder, inputs):
 
 @torch.no_grad()
 def qwen_velocity(model, inputs):
-    return qwen_diffusers_velocity(model, inputs["latents"], inputs["timestep"], inputs["context"], inputs["context_mask"])
+    return qwen_diffusers_velocity(
+        model, inputs["latents"], inputs["timestep"], inputs["context"], inputs["context_mask"]
+    )
 
 
 def wan_pipeline(transformer, transformer_2, boundary_ratio, scheduler=None):
     """A WanPipeline of two transformers only (no text encoder or VAE: embeddings and latents in)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
-                       transformer=transformer, transformer_2=transformer_2, boundary_ratio=boundary_ratio)
+    return WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=boundary_ratio,
+    )
 
 
 def table_scheduler(sigmas):
@@ -102,28 +111,34 @@ def a14b_lora(tmp_path_factory):
     A14B setting), so phase 0's adapters sit on the high-noise expert, phase 1's on the low."""
     tmp = tmp_path_factory.mktemp("a14b")
     teacher = save_a14b_teacher(tmp / "teacher", boundary_ratio=0.875)
-    return train_tiny(tmp, "run", teacher, ["model.lora.rank=4", "model.lora.alpha=2", "phases.shift=7"], extra=_sampled)
+    return train_tiny(
+        tmp, "run", teacher, ["model.lora.rank=4", "model.lora.alpha=2", "phases.shift=7"], extra=_sampled
+    )
 
 
 @pytest.fixture(scope="module")
 def qwen_lora(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen_lora")
-    return train_tiny(tmp, "run", save_qwen_teacher(tmp / "teacher"), ["model.lora.rank=4", "phases.shift=3"],
-                      arch="qwen_image")
+    return train_tiny(
+        tmp, "run", save_qwen_teacher(tmp / "teacher"), ["model.lora.rank=4", "phases.shift=3"], arch="qwen_image"
+    )
 
 
 @pytest.fixture(scope="module")
 def qwen_one_phase(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen_one")
-    return train_tiny(tmp, "run", save_qwen_teacher(tmp / "teacher"), ["phases.method=dmd_sgts", "phases.shift=3"],
-                      arch="qwen_image")
+    return train_tiny(
+        tmp, "run", save_qwen_teacher(tmp / "teacher"), ["phases.method=dmd_sgts", "phases.shift=3"], arch="qwen_image"
+    )
 
 
 # ----------------------------------------------------------------------------- the step table
 
 
-@pytest.mark.parametrize("num_steps, split, shift", [(4, (2, 2), 5.0), (4, (2, 2), 7.0), (4, (1, 3), 3.0),
-                                                     (6, (2, 4), 5.0), (8, (4, 4), 5.0)])
+@pytest.mark.parametrize(
+    "num_steps, split, shift",
+    [(4, (2, 2), 5.0), (4, (2, 2), 7.0), (4, (1, 3), 3.0), (6, (2, 4), 5.0), (8, (4, 4), 5.0)],
+)
 def test_boundary_ratio_routes_every_step_to_the_expert_of_its_phase(num_steps, split, shift):
     layout = PhaseLayout.build(num_steps, steps_per_phase=split, shift=shift)
     boundary_timestep = pipeline_boundary_ratio(layout) * 1000  # diffusers: boundary_ratio * num_train_timesteps
@@ -148,12 +163,17 @@ def test_where_each_phase_is_written():
     assert [s.folder for s in plan_slots(1, wan)] == ["."]
     assert [s.folder for s in plan_slots(2, wan)] == ["transformer", "transformer_2"]
     assert [s.folder for s in plan_slots(2, wan, "original")] == ["high_noise_model", "low_noise_model"]
-    assert [s.lora_file for s in plan_slots(2, wan)] == ["transformer_lora.safetensors", "transformer_2_lora.safetensors"]
+    assert [s.lora_file for s in plan_slots(2, wan)] == [
+        "transformer_lora.safetensors",
+        "transformer_2_lora.safetensors",
+    ]
     assert [s.folder for s in plan_slots(2, qwen)] == ["phase_0", "phase_1"]
     assert [s.folder for s in plan_slots(4, wan)] == ["phase_0", "phase_1", "phase_2", "phase_3"]
     assert plan_slots(1, qwen)[0].lora_file == "pytorch_lora_weights.safetensors"
-    assert [s.lora_file for s in plan_slots(2, wan, "original")] == ["high_noise_model_lora.safetensors",
-                                                                     "low_noise_model_lora.safetensors"]
+    assert [s.lora_file for s in plan_slots(2, wan, "original")] == [
+        "high_noise_model_lora.safetensors",
+        "low_noise_model_lora.safetensors",
+    ]
     assert plan_slots(1, wan, "original")[0].lora_file == "lora.safetensors"
 
 
@@ -171,7 +191,9 @@ def test_full_wan_generators_load_in_diffusers_as_a_two_transformer_pipeline(wan
         assert json.loads((dst / sub / "config.json").read_text())["rope_max_seq_len"] == 32  # kept from the teacher
     layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
     index = json.loads((dst / "model_index.json").read_text())
-    assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == pytest.approx(pipeline_boundary_ratio(layout))
+    assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == pytest.approx(
+        pipeline_boundary_ratio(layout)
+    )
     info = read_info(dst)
     assert info["weights"] == "full" and info["timesteps"] == pytest.approx([1000, 937.5, 833.33333, 625])
     assert [p["model"] for p in info["phases"]] == ["transformer", "transformer_2"] and info["source"]["iteration"] == 3
@@ -229,8 +251,11 @@ def assert_pipeline_reproduces_the_generators(run, dst, info, high_file, low_fil
     from diffusers import WanTransformer3DModel
 
     teacher = run.config.model.teacher_path
-    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(teacher).eval(),
-                        WanTransformer3DModel.from_pretrained(teacher).eval(), info["boundary_ratio"])
+    pipe = wan_pipeline(
+        WanTransformer3DModel.from_pretrained(teacher).eval(),
+        WanTransformer3DModel.from_pretrained(teacher).eval(),
+        info["boundary_ratio"],
+    )
     lora_into(pipe, dst, high_file)
     lora_into(pipe, dst, low_file, load_into_transformer_2=True)
     for k, model in enumerate((pipe.transformer, pipe.transformer_2)):
@@ -250,10 +275,15 @@ def test_wan_lora_files_load_through_the_pipeline_and_reproduce_the_lora_generat
         keys = set(handle.keys())
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert metadata["transformer.r"] == 4 and metadata["transformer.lora_alpha"] == 8.0
-    assert {"transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.to_v.lora_B.weight",
-            "transformer.blocks.1.attn2.to_k.lora_B.weight", "transformer.blocks.1.ffn.net.2.lora_A.weight"} <= keys
-    assert_pipeline_reproduces_the_generators(wan_lora, dst, info, "transformer_lora.safetensors",
-                                              "transformer_2_lora.safetensors")
+    assert {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight",
+        "transformer.blocks.0.attn1.to_v.lora_B.weight",
+        "transformer.blocks.1.attn2.to_k.lora_B.weight",
+        "transformer.blocks.1.ffn.net.2.lora_A.weight",
+    } <= keys
+    assert_pipeline_reproduces_the_generators(
+        wan_lora, dst, info, "transformer_lora.safetensors", "transformer_2_lora.safetensors"
+    )
 
 
 def test_wan_lora_in_original_names_loads_through_diffusers_conversion(wan_lora, tmp_path):
@@ -266,16 +296,23 @@ def test_wan_lora_in_original_names_loads_through_diffusers_conversion(wan_lora,
     assert export("--checkpoint", wan_lora.checkpoints, "--dst", dst, "--layout", "original") == 0
     info = read_info(dst)
     assert info["weights"] == "lora" and info["layout"] == "original"
-    assert [phase["lora"] for phase in info["phases"]] == ["high_noise_model_lora.safetensors",
-                                                           "low_noise_model_lora.safetensors"]
+    assert [phase["lora"] for phase in info["phases"]] == [
+        "high_noise_model_lora.safetensors",
+        "low_noise_model_lora.safetensors",
+    ]
     with safe_open(str(dst / "high_noise_model_lora.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
         alpha = handle.get_tensor("diffusion_model.blocks.0.self_attn.q.alpha")
-    assert {"diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.o.lora_up.weight",
-            "diffusion_model.blocks.1.cross_attn.k.lora_up.weight", "diffusion_model.blocks.1.ffn.2.lora_down.weight"} <= keys
+    assert {
+        "diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+        "diffusion_model.blocks.0.self_attn.o.lora_up.weight",
+        "diffusion_model.blocks.1.cross_attn.k.lora_up.weight",
+        "diffusion_model.blocks.1.ffn.2.lora_down.weight",
+    } <= keys
     assert not any(key.startswith("transformer.") for key in keys) and float(alpha) == 8.0
-    assert_pipeline_reproduces_the_generators(wan_lora, dst, info, "high_noise_model_lora.safetensors",
-                                              "low_noise_model_lora.safetensors")
+    assert_pipeline_reproduces_the_generators(
+        wan_lora, dst, info, "high_noise_model_lora.safetensors", "low_noise_model_lora.safetensors"
+    )
 
 
 def test_merged_lora_equals_the_lora_generators(wan_lora, tmp_path):
@@ -293,8 +330,11 @@ def test_a14b_lora_sits_on_each_expert_and_the_merged_pipeline_reproduces_the_sa
     assert export("--checkpoint", a14b_lora.checkpoints, "--dst", tmp_path / "lora") == 0
     info = read_info(tmp_path / "lora")
     assert [p["base_expert"] for p in info["phases"]] == ["high", "low"]
-    pipe = wan_pipeline(WanTransformer3DModel.from_pretrained(teacher / "transformer").eval(),
-                        WanTransformer3DModel.from_pretrained(teacher / "transformer_2").eval(), info["boundary_ratio"])
+    pipe = wan_pipeline(
+        WanTransformer3DModel.from_pretrained(teacher / "transformer").eval(),
+        WanTransformer3DModel.from_pretrained(teacher / "transformer_2").eval(),
+        info["boundary_ratio"],
+    )
     lora_into(pipe, tmp_path / "lora", "transformer_lora.safetensors")
     lora_into(pipe, tmp_path / "lora", "transformer_2_lora.safetensors", load_into_transformer_2=True)
     for k, model in enumerate((pipe.transformer, pipe.transformer_2)):
@@ -304,20 +344,41 @@ def test_a14b_lora_sits_on_each_expert_and_the_merged_pipeline_reproduces_the_sa
     merged = tmp_path / "merged"
     assert export("--checkpoint", a14b_lora.checkpoints, "--dst", merged, "--merge") == 0
     info = read_info(merged)
-    pipe = WanPipeline.from_pretrained(merged, tokenizer=None, text_encoder=None, vae=None,
-                                       scheduler=table_scheduler(info["sigmas"]))
+    pipe = WanPipeline.from_pretrained(
+        merged, tokenizer=None, text_encoder=None, vae=None, scheduler=table_scheduler(info["sigmas"])
+    )
     assert pipe.config.boundary_ratio == pytest.approx(info["boundary_ratio"]) and info["boundary_ratio"] > 0.875
     reference = a14b_lora.extra
     _, _, frames, height, width = reference["noise"].shape
-    latents = pipe(prompt_embeds=reference["context"], latents=reference["noise"], guidance_scale=1.0,
-                   num_inference_steps=4, num_frames=4 * (frames - 1) + 1, height=8 * height, width=8 * width,
-                   output_type="latent").frames
+    latents = pipe(
+        prompt_embeds=reference["context"],
+        latents=reference["noise"],
+        guidance_scale=1.0,
+        num_inference_steps=4,
+        num_frames=4 * (frames - 1) + 1,
+        height=8 * height,
+        width=8 * width,
+        output_type="latent",
+    ).frames
     assert rel_error(latents, reference["latents"]) < 1e-4  # float32 step table vs float64 times
-    swapped = WanPipeline.from_pretrained(merged, tokenizer=None, text_encoder=None, vae=None, boundary_ratio=0.99,
-                                          scheduler=table_scheduler(info["sigmas"]))
-    wrong = swapped(prompt_embeds=reference["context"], latents=reference["noise"], guidance_scale=1.0,
-                    num_inference_steps=4, num_frames=4 * (frames - 1) + 1, height=8 * height, width=8 * width,
-                    output_type="latent").frames
+    swapped = WanPipeline.from_pretrained(
+        merged,
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        boundary_ratio=0.99,
+        scheduler=table_scheduler(info["sigmas"]),
+    )
+    wrong = swapped(
+        prompt_embeds=reference["context"],
+        latents=reference["noise"],
+        guidance_scale=1.0,
+        num_inference_steps=4,
+        num_frames=4 * (frames - 1) + 1,
+        height=8 * height,
+        width=8 * width,
+        output_type="latent",
+    ).frames
     assert rel_error(wrong, reference["latents"]) > TRAINED  # the routing matters
 
 
@@ -344,8 +405,13 @@ def test_qwen_image_lora_per_phase_loads_through_the_pipeline(qwen_lora, tmp_pat
     assert [p["lora"] for p in info["phases"]] == ["phase_0_lora.safetensors", "phase_1_lora.safetensors"]
     for k, phase in enumerate(info["phases"]):
         transformer = QwenImageTransformer2DModel.from_pretrained(qwen_lora.config.model.teacher_path).eval()
-        pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-                                 tokenizer=None, transformer=transformer)
+        pipe = QwenImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            transformer=transformer,
+        )
         lora_into(pipe, tmp_path / "lora", phase["lora"])
         got = qwen_velocity(pipe.transformer, qwen_lora.inputs)
         assert rel_error(got, qwen_lora.outputs[f"generator{k}"]) < TOLERANCE

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainer import write_config
 
 from phased_dmd_mega import losses, parallel
 from phased_dmd_mega.config import load_config
@@ -26,7 +27,6 @@ from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teache
 from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, ModelParallelOptions, QwenImageModel, WanModel
 from phased_dmd_mega.models.attention import AttentionCore, KeyMask, sdpa_attention
 from phased_dmd_mega.models.wan import WAN_PRESETS
-from test_trainer import write_config
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16
@@ -106,16 +106,22 @@ def test_compiled_dmd_loss_matches_its_float64_formula(dtype):
 
 def _wan_inputs(batch=1):
     gen = torch.Generator(device="cuda").manual_seed(1)
-    return (torch.randn(batch, 16, 2, 16, 16, generator=gen, device="cuda"),
-            torch.tensor([500.0] * batch, device="cuda"),
-            torch.randn(batch, 16, WAN.text_dim, generator=gen, device="cuda"))
+    return (
+        torch.randn(batch, 16, 2, 16, 16, generator=gen, device="cuda"),
+        torch.tensor([500.0] * batch, device="cuda"),
+        torch.randn(batch, 16, WAN.text_dim, generator=gen, device="cuda"),
+    )
 
 
 def _qwen_inputs():
     gen = torch.Generator(device="cuda").manual_seed(2)
     mask = torch.tensor([[1, 1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool, device="cuda")  # holes
-    return (torch.randn(2, 16, 8, 12, generator=gen, device="cuda"), torch.tensor([900.0, 200.0], device="cuda"),
-            torch.randn(2, 7, QWEN.text_dim, generator=gen, device="cuda"), mask)
+    return (
+        torch.randn(2, 16, 8, 12, generator=gen, device="cuda"),
+        torch.tensor([900.0, 200.0], device="cuda"),
+        torch.randn(2, 7, QWEN.text_dim, generator=gen, device="cuda"),
+        mask,
+    )
 
 
 MODELS = {"wan": (WanModel, WAN, _wan_inputs), "qwen_image": (QwenImageModel, QWEN, _qwen_inputs)}
@@ -136,8 +142,9 @@ def _model_pair(name, backend="sdpa", **options):
     model_class, arch, _ = MODELS[name]
     torch.manual_seed(0)
     reference = model_class(arch, ModelParallelOptions(dtype=BF16, attention_backend="sdpa")).cuda()
-    other = model_class(arch, ModelParallelOptions(dtype=BF16, attention_backend=backend, initialize=False,
-                                                   **options)).cuda()
+    other = model_class(
+        arch, ModelParallelOptions(dtype=BF16, attention_backend=backend, initialize=False, **options)
+    ).cuda()
     _copy_parameters(reference, other)
     return reference, other
 
@@ -279,8 +286,13 @@ def test_models_match_sdpa_with_flash_and_te_attention(one_gpu, name, backend):
 # ----------------------------------------------------------------------------- training on CUDA
 
 
-GPU_RUN = ["model.dtype=bfloat16", "model.attention_backend=auto", "phases.iterations_per_phase=1",
-           "checkpoint.save_every=1", "data.batch_size=2"]
+GPU_RUN = [
+    "model.dtype=bfloat16",
+    "model.attention_backend=auto",
+    "phases.iterations_per_phase=1",
+    "checkpoint.save_every=1",
+    "data.batch_size=2",
+]
 RUNS = {
     "full_ema": ["optimizer.ema_decay=0.9"],
     "full_per_rank_adamw": ["optimizer.distributed=false", "optimizer.ema_decay=0.9"],
@@ -313,8 +325,10 @@ def _train(tmp_path: Path, name: str, overrides):
         devices = {t.device.type for m in modules for t in (*m.parameters(), *m.buffers())}
         devices |= {d for role in trainer.roles().values() for d in _optimizer_state_devices(role)}
         trainer.run()
-        weights = {role_name: {n: p.detach().cpu().clone() for n, p in role.model.named_parameters()}
-                   for role_name, role in trainer.roles().items()}
+        weights = {
+            role_name: {n: p.detach().cpu().clone() for n, p in role.model.named_parameters()}
+            for role_name, role in trainer.roles().items()
+        }
     finally:
         parallel.destroy()
     records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -346,8 +360,20 @@ def test_a_tiny_run_trains_checkpoints_and_resumes_on_cuda(tmp_path, run):
 
 def test_the_trainer_runs_under_torchrun_on_nccl(tmp_path):
     config = write_config(tmp_path, phases={"iterations_per_phase": 1})
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "-m", "phased_dmd_mega", "train", "--config", str(config), *GPU_RUN]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "phased_dmd_mega",
+        "train",
+        "--config",
+        str(config),
+        *GPU_RUN,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

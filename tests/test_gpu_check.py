@@ -37,8 +37,13 @@ def process_gone(pid):
 
 def test_without_cuda_it_stops_at_once_with_one_line_and_no_traceback(tmp_path):
     start = time.monotonic()
-    out = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "check")], capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "check")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
     assert time.monotonic() - start < 30  # importing torch is most of it
     assert out.returncode == 2
     assert len(out.stderr.splitlines()) == 1 and "no CUDA device was found" in out.stderr
@@ -49,16 +54,20 @@ def test_without_cuda_it_stops_at_once_with_one_line_and_no_traceback(tmp_path):
 def test_stages_pass_fail_and_time_out_and_the_later_ones_still_run(tmp_path, capsys):
     pid_file = tmp_path / "grandchild.pid"
     # Like torchrun's workers: a child in a session of its own, outside the stage's process group.
-    spawns_and_sleeps = ("import subprocess, sys, time\n"
-                         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
-                         "start_new_session=True)\n"
-                         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-                         "print('still going', flush=True)\n"
-                         "time.sleep(120)\n")
-    stages = [python_stage("first", "print('fine')"),
-              python_stage("second", "import sys; print('boom'); sys.exit(3)"),
-              python_stage("third", spawns_and_sleeps, budget_s=2),
-              python_stage("fourth", "print('after the timeout')")]
+    spawns_and_sleeps = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('still going', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    stages = [
+        python_stage("first", "print('fine')"),
+        python_stage("second", "import sys; print('boom'); sys.exit(3)"),
+        python_stage("third", spawns_and_sleeps, budget_s=2),
+        python_stage("fourth", "print('after the timeout')"),
+    ]
     start = time.monotonic()
     records = gpu_check.run_stages(stages, context(tmp_path))
     assert time.monotonic() - start < 2 + gpu_check.KILL_GRACE_S + 15
@@ -91,14 +100,46 @@ def test_exit_status_is_zero_only_without_failed_stages():
 
 
 BLOCK_ROWS = [
-    {"backend": "sdpa", "layers": "local", "fp8": None, "status": "ok", "ms": 412.5, "tflops": 480.2,
-     "fraction_of_matmul": 0.61, "error": None},
-    {"backend": "flash", "layers": "local", "fp8": None, "status": "not installed", "ms": None, "tflops": None,
-     "fraction_of_matmul": None, "error": None},
-    {"backend": "te", "layers": "transformer_engine", "fp8": None, "status": "not installed", "ms": None,
-     "tflops": None, "fraction_of_matmul": None, "error": None},
-    {"backend": "te", "layers": "transformer_engine", "fp8": "delayed", "status": "not installed", "ms": None,
-     "tflops": None, "fraction_of_matmul": None, "error": None},
+    {
+        "backend": "sdpa",
+        "layers": "local",
+        "fp8": None,
+        "status": "ok",
+        "ms": 412.5,
+        "tflops": 480.2,
+        "fraction_of_matmul": 0.61,
+        "error": None,
+    },
+    {
+        "backend": "flash",
+        "layers": "local",
+        "fp8": None,
+        "status": "not installed",
+        "ms": None,
+        "tflops": None,
+        "fraction_of_matmul": None,
+        "error": None,
+    },
+    {
+        "backend": "te",
+        "layers": "transformer_engine",
+        "fp8": None,
+        "status": "not installed",
+        "ms": None,
+        "tflops": None,
+        "fraction_of_matmul": None,
+        "error": None,
+    },
+    {
+        "backend": "te",
+        "layers": "transformer_engine",
+        "fp8": "delayed",
+        "status": "not installed",
+        "ms": None,
+        "tflops": None,
+        "fraction_of_matmul": None,
+        "error": None,
+    },
 ]
 
 
@@ -134,27 +175,52 @@ def test_pytest_counts_and_failing_names_come_from_the_junit_file(tmp_path):
         "import pytest\n"
         "def test_passes(): pass\n"
         "def test_fails(): assert False\n"
-        "def test_skips(): pytest.skip('transformer_engine is not installed')\n")
+        "def test_skips(): pytest.skip('transformer_engine is not installed')\n"
+    )
     junit = tmp_path / "junit.xml"
-    stage = gpu_check.Stage("pytest_gpu", "pytest -m gpu",
-                            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                             "test_fake.py", f"--junitxml={junit}"],
-                            60, lambda o: gpu_check.summarize_pytest(junit, o))
+    stage = gpu_check.Stage(
+        "pytest_gpu",
+        "pytest -m gpu",
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "test_fake.py",
+            f"--junitxml={junit}",
+        ],
+        60,
+        lambda o: gpu_check.summarize_pytest(junit, o),
+    )
     (record,) = gpu_check.run_stages([stage], context(tmp_path))
     assert record.status == FAILED
-    assert {k: record.details[k] for k in ("tests", "passed", "failed", "skipped")} == \
-        {"tests": 3, "passed": 1, "failed": 1, "skipped": 1}
+    assert {k: record.details[k] for k in ("tests", "passed", "failed", "skipped")} == {
+        "tests": 3,
+        "passed": 1,
+        "failed": 1,
+        "skipped": 1,
+    }
     assert record.details["failing"] == ["test_fake::test_fails"]
     assert record.details["skipped_tests"][0]["reason"].endswith("transformer_engine is not installed")
 
 
 def test_report_json_and_markdown(tmp_path):
     rows = json.dumps(json.dumps(BLOCK_ROWS))
-    stages = [python_stage("environment", "print('probed')"),
-              python_stage("pytest_gpu", "import sys; print('1 failed'); sys.exit(1)"),
-              gpu_check.Stage("bench_blocks_wan", "bench_blocks wan",
-                              [sys.executable, "-c", f"open('blocks.json', 'w').write({rows})"], 30,
-                              lambda o: gpu_check.summarize_blocks(tmp_path / "blocks.json", o))]
+    stages = [
+        python_stage("environment", "print('probed')"),
+        python_stage("pytest_gpu", "import sys; print('1 failed'); sys.exit(1)"),
+        gpu_check.Stage(
+            "bench_blocks_wan",
+            "bench_blocks wan",
+            [sys.executable, "-c", f"open('blocks.json', 'w').write({rows})"],
+            30,
+            lambda o: gpu_check.summarize_blocks(tmp_path / "blocks.json", o),
+        ),
+    ]
     records = gpu_check.run_stages(stages, context(tmp_path))
     report = gpu_check.write_report(tmp_path, records, "python bench/gpu_check.py --out x", 12.3, date="2026-12-01")
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -186,15 +252,29 @@ def test_training_config_is_a_valid_run_of_the_real_architecture(tmp_path):
     assert (cfg.model.dtype, cfg.model.lora.rank, cfg.model.attention_backend) == ("bfloat16", 32, "auto")
     assert [r.pixels for r in cfg.data.resolutions] == [(81, 480, 832)] and cfg.data.batch_size == 1
     assert cfg.data.synthetic_prompts > 0 and cfg.checkpoint.resume == "none"
-    assert (cfg.phases.num_phases, cfg.phases.iterations_per_phase, cfg.phases.fake_updates_per_generator_update) == (2, 2, 1)
+    assert (cfg.phases.num_phases, cfg.phases.iterations_per_phase, cfg.phases.fake_updates_per_generator_update) == (
+        2,
+        2,
+        1,
+    )
     assert Path(cfg.run.output_dir) == tmp_path / "training"
 
 
 def test_training_metrics_give_each_iteration_and_its_memory(tmp_path):
     run_dir = tmp_path / "training"
     run_dir.mkdir()
-    lines = [{"iteration": i, "phase": i // 2, "step_seconds": 10.0 + i, "peak_memory_gib": 40.0 + i,
-              "tokens_per_second": 3000.0, "dmd_loss": 0.1, "fake_loss": 0.2} for i in range(4)]
+    lines = [
+        {
+            "iteration": i,
+            "phase": i // 2,
+            "step_seconds": 10.0 + i,
+            "peak_memory_gib": 40.0 + i,
+            "tokens_per_second": 3000.0,
+            "dmd_loss": 0.1,
+            "fake_loss": 0.2,
+        }
+        for i in range(4)
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     summarize = lambda o: gpu_check.summarize_training(run_dir, o)  # noqa: E731
     (record,) = gpu_check.run_stages([python_stage("training", "pass", summarize=summarize)], context(tmp_path))
@@ -209,15 +289,25 @@ def test_training_metrics_give_each_iteration_and_its_memory(tmp_path):
 def test_bench_losses_json_rows_are_what_the_report_reads(tmp_path):
     import bench_losses
 
-    row = bench_losses.Row(op="dmd", dtype="bf16", elements=100, fused_ms=1.0, eager_ms=3.0, fused_gbps=900.0,
-                           eager_gbps=300.0, copy_fraction=0.3, max_rel_diff=1e-6)
+    row = bench_losses.Row(
+        op="dmd",
+        dtype="bf16",
+        elements=100,
+        fused_ms=1.0,
+        eager_ms=3.0,
+        fused_gbps=900.0,
+        eager_gbps=300.0,
+        copy_fraction=0.3,
+        max_rel_diff=1e-6,
+    )
     bench_losses.write_json([row], tmp_path / "losses.json")
     assert json.loads((tmp_path / "losses.json").read_text())[0]["eager_ms"] == 3.0
     summarize = lambda o: gpu_check.summarize_losses(tmp_path / "losses.json", o)  # noqa: E731
     (record,) = gpu_check.run_stages([python_stage("bench_losses", "pass", summarize=summarize)], context(tmp_path))
     assert record.status == PASSED and record.details["summary"].startswith("1 cases; fused up to 3.0x eager")
     assert "| dmd | bf16 | 100 | 1.000 | 3.000 | 3.00x | 900 | 30% | 1.0e-06 |" in "\n".join(
-        gpu_check.losses_section(record.details))
+        gpu_check.losses_section(record.details)
+    )
 
 
 def test_wheels_install_into_a_site_dir_that_wins_over_the_checkout(tmp_path):
@@ -227,10 +317,13 @@ def test_wheels_install_into_a_site_dir_that_wins_over_the_checkout(tmp_path):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("phased_dmd_mega/__init__.py", "INSTALLED = True\n")
         archive.writestr("phased_dmd_mega/kernels/__init__.py", "")
-        archive.writestr("phased_dmd_mega-0.1.0.dist-info/METADATA",
-                         "Metadata-Version: 2.1\nName: phased-dmd-mega\nVersion: 0.1.0\n")
-        archive.writestr("phased_dmd_mega-0.1.0.dist-info/WHEEL",
-                         "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            "phased_dmd_mega-0.1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: phased-dmd-mega\nVersion: 0.1.0\n"
+        )
+        archive.writestr(
+            "phased_dmd_mega-0.1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         archive.writestr("phased_dmd_mega-0.1.0.dist-info/RECORD", "")
     site = tmp_path / "site"
     ctx = context(tmp_path)
@@ -238,8 +331,14 @@ def test_wheels_install_into_a_site_dir_that_wins_over_the_checkout(tmp_path):
     assert record.status == PASSED, record.error
     code = "import phased_dmd_mega as p, phased_dmd_mega.kernels; print(p.__file__, p.INSTALLED)"
     # From the checkout's root, as the stages run: its own phased_dmd_mega/ must not shadow the wheel's.
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=gpu_check.stage_env(site),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=gpu_check.stage_env(site),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(site / "phased_dmd_mega" / "__init__.py"), "True"]
     gpu_check.unpack_wheels(tmp_path / "unpacked", [wheel])  # the fallback where pip is absent
@@ -254,12 +353,21 @@ def test_check_gpu_wheels_names_duplicates_strays_wrong_tags_and_size(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import check_gpu_wheels
 
-    for name in ("deepspeed-0.19.8-py3-none-any.whl", "hjson-3.1.0-py3-none-any.whl", "hjson-3.0.0-py3-none-any.whl",
-                 "pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl", "six-1.0-py3-none-any.whl"):
+    for name in (
+        "deepspeed-0.19.8-py3-none-any.whl",
+        "hjson-3.1.0-py3-none-any.whl",
+        "hjson-3.0.0-py3-none-any.whl",
+        "pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl",
+        "six-1.0-py3-none-any.whl",
+    ):
         (tmp_path / name).write_bytes(b"x" * 1000)
     (tmp_path / "megatron_core-0.16.1-cp312-cp312-linux_x86_64.whl").write_bytes(b"")
-    found = check_gpu_wheels.problems(tmp_path, ["deepspeed", "hjson", "pydantic-core", "megatron-core", "diffusers"],
-                                      pure=["deepspeed"], max_mib=0.004)
+    found = check_gpu_wheels.problems(
+        tmp_path,
+        ["deepspeed", "hjson", "pydantic-core", "megatron-core", "diffusers"],
+        pure=["deepspeed"],
+        max_mib=0.004,
+    )
     assert found == [
         "megatron_core-0.16.1-cp312-cp312-linux_x86_64.whl: not for CPython 3.12 on manylinux x86_64",
         "pydantic_core-2.50.5-cp311-cp311-manylinux_2_17_x86_64.whl: not for CPython 3.12 on manylinux x86_64",
@@ -270,15 +378,30 @@ def test_check_gpu_wheels_names_duplicates_strays_wrong_tags_and_size(tmp_path):
     ]
 
 
-GPU_WHEELS = {"megatron-core", "deepspeed", "diffusers", "pydantic", "pydantic-core", "annotated-types",
-              "typing-inspection", "typing-extensions", "hjson", "phased-dmd-mega"}
+GPU_WHEELS = {
+    "megatron-core",
+    "deepspeed",
+    "diffusers",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "typing-extensions",
+    "hjson",
+    "phased-dmd-mega",
+}
 
 
 @pytest.mark.slow
 def test_make_gpu_wheels_fills_the_folder_once_per_package_under_60_mib(tmp_path):
     folder = tmp_path / "wheels"
-    out = subprocess.run(["make", "-s", "gpu-wheels", f"GPU_WHEELS={folder}", f"PY={sys.executable}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        ["make", "-s", "gpu-wheels", f"GPU_WHEELS={folder}", f"PY={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     wheels = sorted(folder.glob("*.whl"))
     names = [gpu_check_name(w) for w in wheels]
@@ -288,9 +411,27 @@ def test_make_gpu_wheels_fills_the_folder_once_per_package_under_60_mib(tmp_path
     (deepspeed,) = folder.glob("deepspeed-*.whl")
     assert deepspeed.name == "deepspeed-0.19.8-py3-none-any.whl"
     # The folder installs as gpu_check.py installs it, for the GPU machine's interpreter.
-    target = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(tmp_path / "site"),
-              "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", *map(str, wheels)]
+    target = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--target",
+        str(tmp_path / "site"),
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--platform",
+        "manylinux_2_17_x86_64",
+        *map(str, wheels),
+    ]
     install = subprocess.run(target, capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
     assert (tmp_path / "site" / "phased_dmd_mega" / "kernels" / "__init__.py").is_file()

@@ -59,10 +59,17 @@ def save_i2v_teacher(root: Path) -> Path:
     for seed, sub in ((1, "transformer"), (2, "transformer_2")):
         torch.manual_seed(seed)
         WanTransformer3DModel(**I2V_TINY).save_pretrained(root / sub)
-    index = {"_class_name": "WanImageToVideoPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": BOUNDARY,
-             "expand_timesteps": False, "image_encoder": [None, None], "image_processor": [None, None],
-             "transformer": ["diffusers", "WanTransformer3DModel"],
-             "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    index = {
+        "_class_name": "WanImageToVideoPipeline",
+        "_diffusers_version": "0.42.1",
+        "boundary_ratio": BOUNDARY,
+        "expand_timesteps": False,
+        "image_encoder": [None, None],
+        "image_processor": [None, None],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 
@@ -79,15 +86,27 @@ def assets(tmp_path_factory):
     save_image(root / "images" / "first.png", 1)
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
-        "root": root, "rows": rows, "prompts": root / "prompts.jsonl", "vae": save_vae(root / "vae"),
-        "text": save_wan_text_encoder(root / "text", d_model=16), "teacher": save_i2v_teacher(root / "teacher"),
+        "root": root,
+        "rows": rows,
+        "prompts": root / "prompts.jsonl",
+        "vae": save_vae(root / "vae"),
+        "text": save_wan_text_encoder(root / "text", d_model=16),
+        "teacher": save_i2v_teacher(root / "teacher"),
     }
 
 
 def encode(assets, out: Path, **options) -> Path:
-    options = {"prompts": str(assets["prompts"]), "vae": str(assets["vae"]), "resolution": RESOLUTION,
-               "max_sequence_length": 16, "batch_size": 2, "shard_size": 2, "dtype": "fp32",
-               "negative_prompt": "blurry", **options}
+    options = {
+        "prompts": str(assets["prompts"]),
+        "vae": str(assets["vae"]),
+        "resolution": RESOLUTION,
+        "max_sequence_length": 16,
+        "batch_size": 2,
+        "shard_size": 2,
+        "dtype": "fp32",
+        "negative_prompt": "blurry",
+        **options,
+    }
     return encode_prompts(EncodeOptions(family="wan", text_encoder=str(assets["text"]), out=str(out), **options))
 
 
@@ -99,7 +118,9 @@ def cache(assets):
 @pytest.fixture(scope="module")
 def mixed(assets):
     """The same rows encoded at two resolutions (landscape and portrait)."""
-    return PromptCache(encode(assets, assets["root"] / "mixed", resolution=f"{RESOLUTION},{'x'.join(map(str, PORTRAIT))}"))
+    return PromptCache(
+        encode(assets, assets["root"] / "mixed", resolution=f"{RESOLUTION},{'x'.join(map(str, PORTRAIT))}")
+    )
 
 
 # ----------------------------------------------------------------------------- against the pipeline
@@ -108,26 +129,46 @@ def mixed(assets):
 def pipeline_transformer_inputs(assets, row, guidance_scale=3.0, height=HEIGHT, width=WIDTH):
     """What WanImageToVideoPipeline feeds its transformers ([latents, condition] per call, both CFG
     branches) for the row's image and prompt embeddings."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
     from diffusers.utils import load_image
 
-    experts = [WanTransformer3DModel.from_pretrained(assets["teacher"] / sub) for sub in ("transformer", "transformer_2")]
+    experts = [
+        WanTransformer3DModel.from_pretrained(assets["teacher"] / sub) for sub in ("transformer", "transformer_2")
+    ]
     pipe = WanImageToVideoPipeline(
-        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(assets["vae"]),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=experts[0], transformer_2=experts[1],
+        tokenizer=None,
+        text_encoder=None,
+        vae=AutoencoderKLWan.from_pretrained(assets["vae"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=experts[0],
+        transformer_2=experts[1],
         boundary_ratio=BOUNDARY,
     )
     assert pipe.config.expand_timesteps is False and pipe.image_encoder is None  # as Wan2.2-I2V-A14B
     seen = []
     for expert in experts:
-        expert.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()),
-                                         with_kwargs=True)
+        expert.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True
+        )
     gen = torch.Generator().manual_seed(0)
     text = torch.randn(1, 16, 16, generator=gen)
     with torch.no_grad():
-        pipe(image=load_image(str(assets["root"] / assets["rows"][row]["image"])), prompt_embeds=text,
-             negative_prompt_embeds=torch.zeros_like(text), height=height, width=width, num_frames=FRAMES,
-             num_inference_steps=2, guidance_scale=guidance_scale, output_type="latent")
+        pipe(
+            image=load_image(str(assets["root"] / assets["rows"][row]["image"])),
+            prompt_embeds=text,
+            negative_prompt_embeds=torch.zeros_like(text),
+            height=height,
+            width=width,
+            num_frames=FRAMES,
+            num_inference_steps=2,
+            guidance_scale=guidance_scale,
+            output_type="latent",
+        )
     return seen
 
 
@@ -151,8 +192,15 @@ def test_bf16_rows_round_the_pipelines_condition(assets, cache, tmp_path):
     assert bf16.image_latents(1).dtype == torch.bfloat16
     assert torch.equal(bf16.image_latents(1), cache.image_latents(1).to(torch.bfloat16))
     index = json.loads((tmp_path / "bf16" / "prompts.json").read_text())
-    assert index["image_conditions"] == [{"resolution": [FRAMES, HEIGHT, WIDTH], "latent_shape": [16, 2, 2, 4],
-                                          "mask_channels": 4, "spatial": 8, "tensor": f"image_latents.{RESOLUTION}"}]
+    assert index["image_conditions"] == [
+        {
+            "resolution": [FRAMES, HEIGHT, WIDTH],
+            "latent_shape": [16, 2, 2, 4],
+            "mask_channels": 4,
+            "spatial": 8,
+            "tensor": f"image_latents.{RESOLUTION}",
+        }
+    ]
 
 
 @pytest.mark.parametrize("resolution", [(FRAMES, HEIGHT, WIDTH), PORTRAIT])
@@ -172,8 +220,11 @@ def test_a_cache_of_several_resolutions_holds_the_pipelines_condition_at_each(as
 def test_a_cache_of_several_resolutions_must_be_told_which_and_names_what_it_has(mixed):
     with pytest.raises(ValueError, match=r"first frames at several resolutions \(5x16x32, 5x32x16\): say which one"):
         mixed.rows([0])
-    with pytest.raises(ValueError, match=r"holds no first-frame latents at 5x16x16 .* it has 5x16x32, 5x32x16: "
-                                         r"encode that resolution too"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds no first-frame latents at 5x16x16 .* it has 5x16x32, 5x32x16: "
+        r"encode that resolution too",
+    ):
         mixed.rows([0], (5, 16, 16))
 
 
@@ -217,11 +268,21 @@ def i2v_config(tmp_path: Path, cache_folder, **data):
     config = {
         "run": {"seed": 0, "output_dir": str(tmp_path / "run")},
         "model": {"arch": "wan", "dtype": "float32", "attention_backend": "sdpa"},
-        "phases": {"num_steps": 4, "num_phases": 2, "iterations_per_phase": 2, "fake_updates_per_generator_update": 1,
-                   "guidance_scale": 3.0, "weight_clamp": 10.0},
+        "phases": {
+            "num_steps": 4,
+            "num_phases": 2,
+            "iterations_per_phase": 2,
+            "fake_updates_per_generator_update": 1,
+            "guidance_scale": 3.0,
+            "weight_clamp": 10.0,
+        },
         "optimizer": {"generator": {"lr": 1e-3}, "fake": {"lr": 1e-3}, "ema_decay": 0.5},
-        "data": {"prompt_cache": str(cache_folder), "batch_size": 2,
-                 "resolutions": [{"frames": FRAMES, "height": HEIGHT, "width": WIDTH}], **data},
+        "data": {
+            "prompt_cache": str(cache_folder),
+            "batch_size": 2,
+            "resolutions": [{"frames": FRAMES, "height": HEIGHT, "width": WIDTH}],
+            **data,
+        },
         "checkpoint": {"dir": str(tmp_path / "run" / "checkpoints"), "save_every": 100},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
@@ -248,7 +309,8 @@ def role_models(trainer, teacher) -> dict:
 
 
 def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_sees_the_image_condition(
-        assets, mixed, tmp_path):
+    assets, mixed, tmp_path
+):
     from phased_dmd_mega import parallel
     from phased_dmd_mega.cli import main
     from phased_dmd_mega.config import load_config
@@ -256,9 +318,13 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
     from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
     from phased_dmd_mega.sample import sample_noise
 
-    mixture = [{"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "probability": 0.5},
-               {"frames": PORTRAIT[0], "height": PORTRAIT[1], "width": PORTRAIT[2], "probability": 0.5}]
-    cfg = load_config(i2v_config(tmp_path, mixed.folder, resolutions=mixture), [f"model.teacher_path={assets['teacher']}"])
+    mixture = [
+        {"frames": FRAMES, "height": HEIGHT, "width": WIDTH, "probability": 0.5},
+        {"frames": PORTRAIT[0], "height": PORTRAIT[1], "width": PORTRAIT[2], "probability": 0.5},
+    ]
+    cfg = load_config(
+        i2v_config(tmp_path, mixed.folder, resolutions=mixture), [f"model.teacher_path={assets['teacher']}"]
+    )
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
@@ -275,14 +341,20 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
         conditions = [mixed.conditions([row], PORTRAIT)[0] for row in (0, 1, 0)]
         noise = torch.randn(1, 16, 2, 4, 2, generator=torch.Generator().manual_seed(5))
         samples = [sample(trainer.sampling_generators(), trainer.layout, noise, c) for c in conditions]
-        in_process = sample(trainer.sampling_generators(), trainer.layout, sample_noise((16, 2, 4, 2), [5, 6]),
-                            mixed.rows([0, 1], PORTRAIT))
+        in_process = sample(
+            trainer.sampling_generators(),
+            trainer.layout,
+            sample_noise((16, 2, 4, 2), [5, 6]),
+            mixed.rows([0, 1], PORTRAIT),
+        )
     finally:
         parallel.destroy()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in records)
-    rows_at = {(h // 8, w // 8): [mixed.rows([i], (f, h, w)).concat_latents[0] for i in range(len(mixed))]
-               for f, h, w in ((FRAMES, HEIGHT, WIDTH), PORTRAIT)}
+    rows_at = {
+        (h // 8, w // 8): [mixed.rows([i], (f, h, w)).concat_latents[0] for i in range(len(mixed))]
+        for f, h, w in ((FRAMES, HEIGHT, WIDTH), PORTRAIT)
+    }
     trained_at = {tuple(x.shape[3:]) for name, inputs in seen.items() if not name.endswith("_ema") for x in inputs}
     assert trained_at == set(rows_at)  # the steps drew both resolutions of the mixture
     for name, inputs in seen.items():
@@ -296,12 +368,30 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
     assert torch.equal(samples[0], samples[2])
 
     # `phased-dmd sample` of the checkpoint: the run's cache, the portrait resolution's first frames.
-    assert main(["sample", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--ema", "-o", str(tmp_path / "s"),
-                 "--indices", "0,1", "--seed", "5", "--resolution", "x".join(map(str, PORTRAIT))]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "run" / "checkpoints"),
+                "--ema",
+                "-o",
+                str(tmp_path / "s"),
+                "--indices",
+                "0,1",
+                "--seed",
+                "5",
+                "--resolution",
+                "x".join(map(str, PORTRAIT)),
+            ]
+        )
+        == 0
+    )
     from safetensors.torch import load_file
 
-    torch.testing.assert_close(load_file(str(tmp_path / "s" / "latents.safetensors"))["latents"], in_process,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        load_file(str(tmp_path / "s" / "latents.safetensors"))["latents"], in_process, rtol=1e-5, atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -318,17 +408,28 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
     parallel.initialize(seed=0)
     try:
         teacher = build_teacher(i2v)
-        with pytest.raises(ValueError, match=r"takes 36 input channels for 16 output channels: its 20 extra channels "
-                                             r"are an image condition .* the prompt source has none; .*--vae"):
+        with pytest.raises(
+            ValueError,
+            match=r"takes 36 input channels for 16 output channels: its 20 extra channels "
+            r"are an image condition .* the prompt source has none; .*--vae",
+        ):
             latent_geometry(teacher, SyntheticPrompts(2, 4, 16))
-        with pytest.raises(ValueError, match=r"image condition has 20 channels \(4 mask \+ 16 latent\); the teacher "
-                                             r"takes 16 input channels .* it takes no image condition"):
+        with pytest.raises(
+            ValueError,
+            match=r"image condition has 20 channels \(4 mask \+ 16 latent\); the teacher "
+            r"takes 16 input channels .* it takes no image condition",
+        ):
             latent_geometry(build_teacher(t2v), cache)
-        wrong = load_config(i2v_config(tmp_path, cache.folder), [f"model.teacher_path={assets['teacher']}",
-                                                                  "data.resolutions=[{frames: 1, height: 16, width: 32}]"])
-        with pytest.raises(ValueError, match=rf"data.resolutions 1x16x32 disagree with the prompt cache .*cache, "
-                                             rf"whose first-frame latents were encoded at {RESOLUTION} \(frames x "
-                                             rf"height x width\) only: remove them .* or encode"):
+        wrong = load_config(
+            i2v_config(tmp_path, cache.folder),
+            [f"model.teacher_path={assets['teacher']}", "data.resolutions=[{frames: 1, height: 16, width: 32}]"],
+        )
+        with pytest.raises(
+            ValueError,
+            match=rf"data.resolutions 1x16x32 disagree with the prompt cache .*cache, "
+            rf"whose first-frame latents were encoded at {RESOLUTION} \(frames x "
+            rf"height x width\) only: remove them .* or encode",
+        ):
             Trainer(wrong, teacher, cache, latent_geometry(teacher, cache))
     finally:
         parallel.destroy()
@@ -337,24 +438,34 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
 def test_bad_image_inputs_name_the_row_file_or_option(assets, tmp_path):
     root = assets["root"]
     missing = tmp_path / "missing.jsonl"
-    missing.write_text(json.dumps({"prompt": "a cat", "image": str(root / "images/first.png")}) + "\n"
-                       + json.dumps({"prompt": "a dog", "image": str(tmp_path / "nowhere.png")}) + "\n")
+    missing.write_text(
+        json.dumps({"prompt": "a cat", "image": str(root / "images/first.png")})
+        + "\n"
+        + json.dumps({"prompt": "a dog", "image": str(tmp_path / "nowhere.png")})
+        + "\n"
+    )
     with pytest.raises(PromptEncodingError, match=r"missing.jsonl line 2: image .*nowhere.png does not exist"):
         encode(assets, tmp_path / "a", prompts=str(missing))
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "first.png").write_text("not a picture")
     unreadable = tmp_path / "unreadable.jsonl"
     unreadable.write_text(json.dumps({"prompt": "a cat", "image": "images/first.png"}) + "\n")
-    with pytest.raises(PromptEncodingError, match=r"row 1 of --prompts .*unreadable.jsonl: cannot read image "
-                                                  r".*images/first.png"):
+    with pytest.raises(
+        PromptEncodingError,
+        match=r"row 1 of --prompts .*unreadable.jsonl: cannot read image "
+        r".*images/first.png",
+    ):
         encode(assets, tmp_path / "b", prompts=str(unreadable))
     partly = tmp_path / "partly.jsonl"
     partly.write_text(json.dumps({"prompt": "a cat", "image": str(root / "images/first.png")}) + '\n"a dog"\n')
     with pytest.raises(PromptEncodingError, match=r"partly.jsonl line 2: no 'image' image, but other rows name one"):
         encode(assets, tmp_path / "c", prompts=str(partly))
-    for resolution, message in (("5x20x32", "5x20x32.*height and width multiples of 8"),
-                                ("6x16x32", "6x16x32.*frames must be 4k \\+ 1"), ("5x16", "5x16.*expected FRAMESxHEIGHTxWIDTH"),
-                                ("5x16x32,5x32x16,5x16x32", "5x16x32 is given twice")):
+    for resolution, message in (
+        ("5x20x32", "5x20x32.*height and width multiples of 8"),
+        ("6x16x32", "6x16x32.*frames must be 4k \\+ 1"),
+        ("5x16", "5x16.*expected FRAMESxHEIGHTxWIDTH"),
+        ("5x16x32,5x32x16,5x16x32", "5x16x32 is given twice"),
+    ):
         with pytest.raises(PromptEncodingError, match=rf"--resolution .*{message}"):
             encode(assets, tmp_path / "d", resolution=resolution)
     with pytest.raises(PromptEncodingError, match=r"name first-frame images \(field 'image'\) but no --vae is given"):
@@ -367,14 +478,36 @@ def test_bad_image_inputs_name_the_row_file_or_option(assets, tmp_path):
     assert not any((tmp_path / name).exists() for name in "acdefg")  # refused before anything is written
 
 
-def test_a_cache_of_other_images_or_resolution_is_refused_and_the_same_inputs_resume(assets, cache, mixed, tmp_path,
-                                                                                    capsys):
+def test_a_cache_of_other_images_or_resolution_is_refused_and_the_same_inputs_resume(
+    assets, cache, mixed, tmp_path, capsys
+):
     from phased_dmd_mega.cli import main
 
-    args = ["encode-prompts", "--family", "wan", "--text-encoder", str(assets["text"]), "--prompts",
-            str(assets["prompts"]), "--out", str(cache.folder), "--vae", str(assets["vae"]), "--resolution",
-            RESOLUTION, "--max-sequence-length", "16", "--batch-size", "2", "--shard-size", "2", "--dtype", "fp32",
-            "--negative-prompt", "blurry"]
+    args = [
+        "encode-prompts",
+        "--family",
+        "wan",
+        "--text-encoder",
+        str(assets["text"]),
+        "--prompts",
+        str(assets["prompts"]),
+        "--out",
+        str(cache.folder),
+        "--vae",
+        str(assets["vae"]),
+        "--resolution",
+        RESOLUTION,
+        "--max-sequence-length",
+        "16",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--dtype",
+        "fp32",
+        "--negative-prompt",
+        "blurry",
+    ]
     assert main(args) == 0
     assert "resuming: 2 of 2 shards are already written" in capsys.readouterr().err
     assert main([*args, "--resolution", "1x16x32"]) == 2
@@ -408,10 +541,16 @@ def test_an_i2v_step_at_tensor_parallel_2_with_sequence_parallel_is_the_one_proc
     config = str(i2v_config(tmp_path, cache.folder))
     common = [f"model.teacher_path={assets['teacher']}", "phases.iterations_per_phase=1"]
     runs = {}
-    for name, processes, parallel_options in (("tp1", 1, []),
-                                              ("tp2", 2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"])):
-        overrides = [*common, *parallel_options, f"run.output_dir={tmp_path / name}",
-                     f"checkpoint.dir={tmp_path / name / 'checkpoints'}"]
+    for name, processes, parallel_options in (
+        ("tp1", 1, []),
+        ("tp2", 2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+    ):
+        overrides = [
+            *common,
+            *parallel_options,
+            f"run.output_dir={tmp_path / name}",
+            f"checkpoint.dir={tmp_path / name / 'checkpoints'}",
+        ]
         runs[name] = run_distributed(train_on_rank, processes, config, overrides, timeout_s=600)[0]
     assert len(runs["tp1"]) == len(runs["tp2"]) == 2
     for reference, split in zip(runs["tp1"], runs["tp2"]):

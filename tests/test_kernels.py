@@ -7,8 +7,8 @@ expected values are plain float64 torch expressions. On CPU these run in Triton'
 import pytest
 import torch
 
-from phased_dmd_mega.kernels import dmd, subinterval_loss as sub
-from phased_dmd_mega.kernels import scale_rows
+from phased_dmd_mega.kernels import dmd, scale_rows
+from phased_dmd_mega.kernels import subinterval_loss as sub
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or sub.is_interpreted()),
@@ -132,9 +132,7 @@ def test_dmd_passes_over_several_blocks(gen, dtype):
     torch.testing.assert_close(stats[:2], flat.sum(dim=1), rtol=1e-5, atol=0)
 
     # The second sample's mean |.| (1e-6) is below norm_min (1e-4): the floor applies.
-    partials, grad = dmd.dmd_direction_partials(
-        fake, teacher, stats_for([0.7, 1e-6], 2495), 1e-4, dtype, block=1024
-    )
+    partials, grad = dmd.dmd_direction_partials(fake, teacher, stats_for([0.7, 1e-6], 2495), 1e-4, dtype, block=1024)
     direction = (fake.double() - teacher.double()) / torch.tensor([0.7, 1e-4]).double().reshape(2, 1, 1)
     numel = direction.numel()
     tol = 1e-5 if dtype == torch.float32 else 1e-2

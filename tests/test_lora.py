@@ -17,8 +17,11 @@ TARGETS = ("linear_qkv", "linear_q", "linear_kv", "linear_proj", "linear_fc1", "
 
 def inputs():
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 4, 1, 6, 8, generator=gen), torch.tensor([900.0, 300.0]),
-            torch.randn(2, 5, ARCH.text_dim, generator=gen))
+    return (
+        torch.randn(2, 4, 1, 6, 8, generator=gen),
+        torch.tensor([900.0, 300.0]),
+        torch.randn(2, 5, ARCH.text_dim, generator=gen),
+    )
 
 
 def _set_nonzero_b(view):
@@ -29,7 +32,7 @@ def _set_nonzero_b(view):
         full = torch.randn(full_rows, b.shape[1], generator=torch.Generator().manual_seed(index)) * 0.1
         rank = parallel.layout().tensor_parallel_rank
         with torch.no_grad():
-            b.copy_(full[rank * b.shape[0]:(rank + 1) * b.shape[0]] if full_rows != b.shape[0] else full)
+            b.copy_(full[rank * b.shape[0] : (rank + 1) * b.shape[0]] if full_rows != b.shape[0] else full)
 
 
 def _run(tp, sequence_parallel):
@@ -39,8 +42,14 @@ def _run(tp, sequence_parallel):
     _set_nonzero_b(view)
     out = view(*inputs())
     out.square().mean().backward()
-    grads = {n: (p.grad.clone(), getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None,
-                 bool(getattr(p, "sequence_parallel", False))) for n, p in view.named_parameters()}
+    grads = {
+        n: (
+            p.grad.clone(),
+            getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None,
+            bool(getattr(p, "sequence_parallel", False)),
+        )
+        for n, p in view.named_parameters()
+    }
     parallel.destroy()
     return out.detach(), grads
 

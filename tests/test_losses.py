@@ -120,9 +120,7 @@ def test_noise_and_target_match_spec_formulas(gen):
     x_s, eps = randn((4, 3, 5), gen), randn((4, 3, 5), gen)
     s, t = random_times(4, gen)
     alpha_ts, sigma_ts2, _, _ = ref_coefficients(s, t)
-    expected_noise = (
-        per_sample(alpha_ts, x_s) * x_s.double() + per_sample(sigma_ts2.sqrt(), eps) * eps.double()
-    )
+    expected_noise = per_sample(alpha_ts, x_s) * x_s.double() + per_sample(sigma_ts2.sqrt(), eps) * eps.double()
     assert rel_error(losses.subinterval_noise(x_s, eps, s, t), expected_noise) < 1e-6
     assert rel_error(losses.subinterval_target(x_s, eps, s, t), ref_target(x_s, eps, s, t)) < 1e-6
 
@@ -188,9 +186,7 @@ def test_times_may_be_python_floats(gen):
     for backend in BACKENDS:
         with losses.use_backend(backend):
             by_float = losses.subinterval_flow_loss(x_s, x_s, eps, 0.2, torch.tensor(0.6), 2.0)
-            by_tensor = losses.subinterval_flow_loss(
-                x_s, x_s, eps, torch.full((3,), 0.2), torch.full((3,), 0.6), 2.0
-            )
+            by_tensor = losses.subinterval_flow_loss(x_s, x_s, eps, torch.full((3,), 0.2), torch.full((3,), 0.6), 2.0)
         torch.testing.assert_close(by_float, by_tensor)
     with pytest.raises(ValueError):
         losses.subinterval_target(x_s, eps, torch.zeros(2), torch.ones(2))

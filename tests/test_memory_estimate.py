@@ -44,12 +44,34 @@ LORA_TARGETS = ("linear_qkv", "linear_q", "linear_kv", "linear_proj", "linear_fc
 # ----------------------------------------------------------------------------- parameters
 
 DIFFUSERS_CONFIGS = {
-    "wan2.1-t2v-1.3b": ("WanTransformer3DModel", dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                                                      num_layers=30, in_channels=16, out_channels=16)),
-    "wan2.1-t2v-14b": ("WanTransformer3DModel", dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
-                                                     num_layers=40, in_channels=16, out_channels=16)),
-    "wan2.2-i2v-a14b": ("WanTransformer3DModel", dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824,
-                                                      num_layers=40, in_channels=36, out_channels=16)),
+    "wan2.1-t2v-1.3b": (
+        "WanTransformer3DModel",
+        dict(
+            num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16
+        ),
+    ),
+    "wan2.1-t2v-14b": (
+        "WanTransformer3DModel",
+        dict(
+            num_attention_heads=40,
+            attention_head_dim=128,
+            ffn_dim=13824,
+            num_layers=40,
+            in_channels=16,
+            out_channels=16,
+        ),
+    ),
+    "wan2.2-i2v-a14b": (
+        "WanTransformer3DModel",
+        dict(
+            num_attention_heads=40,
+            attention_head_dim=128,
+            ffn_dim=13824,
+            num_layers=40,
+            in_channels=36,
+            out_channels=16,
+        ),
+    ),
     "qwen-image": ("QwenImageTransformer2DModel", {}),
 }
 
@@ -93,15 +115,20 @@ def _local_counts(arch_name, lora_rank):
 @pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
 def test_per_rank_counts_equal_a_tensor_parallel_run(arch_name):
     model, adapters = parameter_counts(arch_name, "tiny", 4, LORA_TARGETS)
-    for base, lora in run_distributed(with_parallel_state, 2, _local_counts, arch_name, 4,
-                                      parallel_sizes={"tensor_parallel": 2}):
+    for base, lora in run_distributed(
+        with_parallel_state, 2, _local_counts, arch_name, 4, parallel_sizes={"tensor_parallel": 2}
+    ):
         assert base == model.per_rank(2)
         assert lora == adapters.per_rank(2)
 
 
 def test_tensor_parallel_divides_only_the_sharded_weights():
-    cfg1 = load_config(ROOT / "examples/wan22_t2v_a14b.yaml", ["parallel.tensor_parallel=1", "parallel.ulysses_parallel=1"])
-    cfg2 = load_config(ROOT / "examples/wan22_t2v_a14b.yaml", ["parallel.tensor_parallel=2", "parallel.ulysses_parallel=1"])
+    cfg1 = load_config(
+        ROOT / "examples/wan22_t2v_a14b.yaml", ["parallel.tensor_parallel=1", "parallel.ulysses_parallel=1"]
+    )
+    cfg2 = load_config(
+        ROOT / "examples/wan22_t2v_a14b.yaml", ["parallel.tensor_parallel=2", "parallel.ulysses_parallel=1"]
+    )
     model, adapters = parameter_counts("wan", "wan2.2-t2v-a14b", 64, LORA_TARGETS)
     teacher1, teacher2 = estimate(cfg1).item("teacher"), estimate(cfg2).item("teacher")
     assert teacher1 == 2 * model.total * 2  # two bf16 experts
@@ -121,13 +148,16 @@ def _fake_models(cfg):
     return [int(fake_for_phase(teacher, layout, k, cfg).low is not None) + 1 for k in range(layout.num_phases)]
 
 
-@pytest.mark.parametrize("overrides, models", [
-    ([], [1, 2]),  # 4 steps, shift 5: both steps of phase 0 are high-noise ones (t >= 0.875)
-    (["phases.expert_boundary=0.95"], [2, 2]),  # phase 0's second step (0.9375) is a low-noise one
-    (["phases.expert_boundary=0.7"], [1, 2]),  # phase 1's last step (0.625) is below b
-    (["phases.expert_boundary=0.5"], [1, 1]),  # every step is at t >= b: both phases are high-noise
-    (["phases.expert_boundary=0.5", "phases.t_min=0.6"], [1, 1]),  # no re-noise time reaches below b
-])
+@pytest.mark.parametrize(
+    "overrides, models",
+    [
+        ([], [1, 2]),  # 4 steps, shift 5: both steps of phase 0 are high-noise ones (t >= 0.875)
+        (["phases.expert_boundary=0.95"], [2, 2]),  # phase 0's second step (0.9375) is a low-noise one
+        (["phases.expert_boundary=0.7"], [1, 2]),  # phase 1's last step (0.625) is below b
+        (["phases.expert_boundary=0.5"], [1, 1]),  # every step is at t >= b: both phases are high-noise
+        (["phases.expert_boundary=0.5", "phases.t_min=0.6"], [1, 1]),  # no re-noise time reaches below b
+    ],
+)
 def test_fake_models_are_the_experts_their_renoise_times_reach(overrides, models):
     cfg = load_config(ROOT / "examples/wan22_t2v_a14b.yaml", ["model.lora.rank=0", *overrides])
     assert with_parallel_state(_fake_models, cfg) == models
@@ -223,8 +253,12 @@ def _block_bytes(arch_name, recompute):
     base = WAN_SMALL if arch_name == "wan" else QWEN_SMALL
     model_class = WanModel if arch_name == "wan" else QwenImageModel
     latents, t, context, _ = _inputs(arch_name)
-    par = ModelParallelOptions(dtype=torch.bfloat16, attention_backend="sdpa", recompute=recompute,
-                               sequence_parallel=parallel.layout().sequence_parallel)
+    par = ModelParallelOptions(
+        dtype=torch.bfloat16,
+        attention_backend="sdpa",
+        recompute=recompute,
+        sequence_parallel=parallel.layout().sequence_parallel,
+    )
     sizes = []
     for layers in (1, 2):
         torch.manual_seed(0)
@@ -258,7 +292,9 @@ def test_block_activations_per_rank_under_tensor_and_sequence_parallelism(arch_n
     for recompute in ("none", "full"):
         expected = _expected_block_bytes(arch_name, tp, ulysses, tp > 1, recompute)
         sizes = {"tensor_parallel": tp, "ulysses_parallel": ulysses, "sequence_parallel": tp > 1}
-        for measured in run_distributed(with_parallel_state, 2, _block_bytes, arch_name, recompute, parallel_sizes=sizes):
+        for measured in run_distributed(
+            with_parallel_state, 2, _block_bytes, arch_name, recompute, parallel_sizes=sizes
+        ):
             assert measured == pytest.approx(expected, rel=0.05), recompute
 
 
@@ -274,8 +310,10 @@ def test_recipes_fit_an_h100_by_the_estimate():
 def test_readme_table_is_the_tools_output():
     readme = (ROOT / "README.md").read_text()
     table = markdown_table([f"examples/{name}.yaml" for name in RECIPES])
-    assert table in readme, "README's memory table is stale: regenerate it with\n" \
+    assert table in readme, (
+        "README's memory table is stale: regenerate it with\n"
         "python -m phased_dmd_mega.memory_estimate --markdown " + " ".join(f"examples/{n}.yaml" for n in RECIPES)
+    )
 
 
 def test_recipe_comments_state_the_estimate():
@@ -288,8 +326,10 @@ def test_recipe_comments_state_the_estimate():
 
 
 def test_command_line_prints_the_breakdown_and_reports_errors():
-    run = lambda *args: subprocess.run([sys.executable, "-m", "phased_dmd_mega.memory_estimate", *args],  # noqa: E731
-                                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    def run(*args):
+        command = [sys.executable, "-m", "phased_dmd_mega.memory_estimate", *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
     ok = run("--config", "examples/qwen_image.yaml", "data.batch_size=1")
     assert ok.returncode == 0, ok.stderr
     assert "batch 1 per data-parallel rank at 1x1328x1328" in ok.stdout and "total (estimate)" in ok.stdout

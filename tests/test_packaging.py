@@ -61,7 +61,9 @@ def test_regular_install_maps_kernels_into_the_package(tmp_path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("phased_dmd_mega-*.whl")
@@ -72,7 +74,10 @@ def test_regular_install_maps_kernels_into_the_package(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     code = "import phased_dmd_mega.kernels as k; print(k.__file__)"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
@@ -93,11 +98,13 @@ def test_dockerfile_is_pinned_and_consistent_with_setup_py():
         specs = list(requirement.specifier)
         if len(specs) == 1 and specs[0].operator == "==":
             assert name not in IMAGE_OWN, f"Dockerfile pins {name}, which the base image provides"
-            assert required[name].specifier.contains(specs[0].version), \
+            assert required[name].specifier.contains(specs[0].version), (
                 f"{name}=={specs[0].version} is outside setup.py's {required[name]}"
+            )
         else:
-            assert requirement.specifier == required[name].specifier, \
+            assert requirement.specifier == required[name].specifier, (
                 f"Dockerfile gives {name} the range {requirement.specifier}, setup.py {required[name].specifier}"
+            )
     assert "DS_BUILD_OPS=0" in text
     assert re.search(r"pip install --no-deps \.", text), "the package must not replace the image's torch"
     assert 'ENTRYPOINT ["phased-dmd"]' in text
@@ -120,7 +127,8 @@ def test_check_image_accepts_this_environment_and_names_a_missing_transformer_en
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
-        "check_image.py: transformer_engine does not import (ModuleNotFoundError: No module named 'transformer_engine')"]
+        "check_image.py: transformer_engine does not import (ModuleNotFoundError: No module named 'transformer_engine')"
+    ]
 
 
 def test_gpu_only_packages_are_optional():

@@ -29,7 +29,10 @@ def test_single_process_initialize_and_destroy():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"tensor_parallel": 2}, r"world size 1 is not divisible by tensor_parallel \(2\) x ulysses_parallel \(1\) = 2"),
+        (
+            {"tensor_parallel": 2},
+            r"world size 1 is not divisible by tensor_parallel \(2\) x ulysses_parallel \(1\) = 2",
+        ),
         ({"ulysses_parallel": 3}, r"tensor_parallel \(1\) x ulysses_parallel \(3\) = 3"),
         ({"tensor_parallel": 0}, "tensor_parallel must be a positive integer, got 0"),
     ],
@@ -140,8 +143,13 @@ def _tp2_linear_pair(sequence_parallel):
         HIDDEN, FFN, config=config, init_method=torch.nn.init.zeros_, bias=True, gather_output=False
     )
     row = RowParallelLinear(
-        FFN, HIDDEN, config=config, init_method=torch.nn.init.zeros_, bias=True,
-        input_is_parallel=True, skip_bias_add=False,
+        FFN,
+        HIDDEN,
+        config=config,
+        init_method=torch.nn.init.zeros_,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=False,
     )
     t = _reference_tensors()
     with torch.no_grad():

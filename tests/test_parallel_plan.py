@@ -33,10 +33,16 @@ def _cases():
     text_mask = torch.tensor([[True, True, True, False, False], [True] * 5])
     return {
         "wan": (lambda par: WanModel(wan, par), (randn(2, 16, 3, 4, 6), timestep, randn(2, 5, 32)), {}),
-        "wan_i2v": (lambda par: WanModel(i2v, par), (randn(2, 36, 3, 4, 6), timestep, randn(2, 5, 32)),
-                    {"encoder_hidden_states_image": randn(2, 7, 32)}),
-        "qwen_image": (lambda par: QwenImageModel(qwen, par), (randn(2, 16, 6, 8), timestep, randn(2, 5, 24)),
-                       {"context_mask": text_mask}),
+        "wan_i2v": (
+            lambda par: WanModel(i2v, par),
+            (randn(2, 36, 3, 4, 6), timestep, randn(2, 5, 32)),
+            {"encoder_hidden_states_image": randn(2, 7, 32)},
+        ),
+        "qwen_image": (
+            lambda par: QwenImageModel(qwen, par),
+            (randn(2, 16, 6, 8), timestep, randn(2, 5, 24)),
+            {"context_mask": text_mask},
+        ),
     }
 
 
@@ -52,8 +58,11 @@ def _replicated_gradients_and_tags():
         for name, (build, args, kwargs) in _cases().items():
             model = build(ModelParallelOptions(sequence_parallel=sequence_parallel, attention_backend="sdpa"))
             model(*args, **kwargs).square().sum().backward()
-            replicated = {n: p for n, p in model.named_parameters()
-                          if not getattr(p, "tensor_model_parallel", False) and p.grad is not None}
+            replicated = {
+                n: p
+                for n, p in model.named_parameters()
+                if not getattr(p, "tensor_model_parallel", False) and p.grad is not None
+            }
             found[name, sequence_parallel] = (
                 {n: p.grad for n, p in replicated.items()},
                 {n for n, p in replicated.items() if getattr(p, "sequence_parallel", False)},

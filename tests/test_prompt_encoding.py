@@ -15,7 +15,12 @@ from tiny_text_encoders import save_qwen_text_encoder, save_wan_text_encoder
 
 from phased_dmd_mega.data import PromptCache
 from phased_dmd_mega.prompt_encoding import (
-    EncodeOptions, PromptEncodingError, QwenImageTextEncoder, WanTextEncoder, clean_wan_prompt, encode_prompts,
+    EncodeOptions,
+    PromptEncodingError,
+    QwenImageTextEncoder,
+    WanTextEncoder,
+    clean_wan_prompt,
+    encode_prompts,
     read_prompts,
 )
 
@@ -47,8 +52,9 @@ def encode(encoders, family, tmp_path, out="cache", **options) -> Path:
     if family == "wan":  # umT5's relative position buckets for 512 tokens are slow on CPU
         options.setdefault("max_sequence_length", 32)
     options = {"batch_size": 2, "shard_size": 3, "dtype": "fp32", **options}
-    return encode_prompts(EncodeOptions(family=family, text_encoder=str(encoders[family]), out=str(tmp_path / out),
-                                        **options))
+    return encode_prompts(
+        EncodeOptions(family=family, text_encoder=str(encoders[family]), out=str(tmp_path / out), **options)
+    )
 
 
 def batches(count, shard_size, batch_size):
@@ -63,8 +69,9 @@ def wan_pipeline(root: Path, dtype):
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).eval()
-    return WanPipeline(tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"), text_encoder=encoder, vae=None,
-                       scheduler=None)
+    return WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"), text_encoder=encoder, vae=None, scheduler=None
+    )
 
 
 def qwen_pipeline(root: Path, dtype):
@@ -72,8 +79,13 @@ def qwen_pipeline(root: Path, dtype):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype).eval()
-    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=encoder, transformer=None,
-                             tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"))
+    return QwenImagePipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=encoder,
+        transformer=None,
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+    )
 
 
 # ----------------------------------------------------------------------------- against the pipelines
@@ -82,13 +94,24 @@ def qwen_pipeline(root: Path, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_wan_rows_are_what_the_wan_pipeline_feeds_its_transformer(encoders, tmp_path, dtype):
     negative = "blurry, static, worst quality"
-    cache = PromptCache(encode(encoders, "wan", tmp_path, dtype=dtype, negative_prompt=negative,
-                               max_sequence_length=None, batch_size=4, shard_size=4))
+    cache = PromptCache(
+        encode(
+            encoders,
+            "wan",
+            tmp_path,
+            dtype=dtype,
+            negative_prompt=negative,
+            max_sequence_length=None,
+            batch_size=4,
+            shard_size=4,
+        )
+    )
     pipe = wan_pipeline(encoders["wan"], torch.float32 if dtype == "fp32" else torch.bfloat16)
     for group in batches(len(PROMPTS), 4, 4):
         with torch.no_grad():  # as WanPipeline.__call__ runs it
             expected, expected_negative = pipe.encode_prompt(
-                [PROMPTS[i] for i in group], negative_prompt=negative, max_sequence_length=512, device="cpu")
+                [PROMPTS[i] for i in group], negative_prompt=negative, max_sequence_length=512, device="cpu"
+            )
         rows, negatives = cache.conditions(group)
         assert rows.context.shape == (len(group), 512, 16) and rows.context_mask is None
         assert torch.equal(rows.context, expected)
@@ -134,14 +157,20 @@ def test_both_cfg_branches_share_one_padded_length(encoders, tmp_path):
     rows, negatives = qwen.conditions([3])  # the negative " " is shorter than "a fox" with its template
     assert negatives.context_mask.sum().item() == qwen.negative_row().shape[0] < rows.context.shape[1]
     assert torch.equal(negatives.context[0, : qwen.negative_row().shape[0]], qwen.negative_row())
-    assert torch.count_nonzero(negatives.context[0, qwen.negative_row().shape[0]:]) == 0
+    assert torch.count_nonzero(negatives.context[0, qwen.negative_row().shape[0] :]) == 0
 
 
 def test_the_negative_prompt_can_come_from_another_cache(encoders, tmp_path):
     # data.negative_prompt_cache: try another negative prompt without encoding the prompts again.
     plain = encode(encoders, "wan", tmp_path, out="plain")
-    other = encode(encoders, "wan", tmp_path, out="other", prompts=str(write_prompts(tmp_path, ["a"], "one.txt")),
-                   negative_prompt="blurry, static")
+    other = encode(
+        encoders,
+        "wan",
+        tmp_path,
+        out="other",
+        prompts=str(write_prompts(tmp_path, ["a"], "one.txt")),
+        negative_prompt="blurry, static",
+    )
     cache = PromptCache(plain, negative_from=other)
     assert torch.equal(cache.negative_row(), PromptCache(other).negative_row())
     assert not torch.equal(cache.negative_row(), PromptCache(plain).negative_row())
@@ -170,7 +199,7 @@ def test_rows_are_stored_trimmed_with_an_index(encoders, tmp_path):
     assert sum(s["tokens"] for s in index["shards"]) == sum(lengths) < 32 * len(PROMPTS) / 2
     assert lengths[0] == len(PROMPTS[0].split()) + 1  # the words and "</s>"
     padded = cache.rows([0]).context[0]
-    assert torch.equal(padded[: lengths[0]], cache.row(0)) and torch.count_nonzero(padded[lengths[0]:]) == 0
+    assert torch.equal(padded[: lengths[0]], cache.row(0)) and torch.count_nonzero(padded[lengths[0] :]) == 0
 
 
 def same_content(first: Path, second: Path) -> bool:
@@ -178,8 +207,11 @@ def same_content(first: Path, second: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
-        return (a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
-                and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()))
+        return (
+            a.metadata() == b.metadata()
+            and sorted(a.keys()) == sorted(b.keys())
+            and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        )
 
 
 class Interrupted(Exception):
@@ -207,6 +239,7 @@ def test_an_interrupted_run_resumes_without_re_encoding_finished_shards(encoders
     assert sorted(finished) == ["shard-00000.safetensors", "shard-00001.safetensors"]
 
     encoded.clear()
+
     def counting(self, prompts):
         encoded.append(list(prompts))
         return encode_batch(self, prompts)
@@ -235,7 +268,10 @@ def test_other_inputs_are_refused_unless_overwrite(encoders, tmp_path):
     encode(encoders, "wan", tmp_path, prompts=str(other), overwrite=True)
     folder = tmp_path / "cache"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "negative.safetensors", "prompts.json", "shard-00000.safetensors"]
+        "negative.safetensors",
+        "prompts.json",
+        "shard-00000.safetensors",
+    ]
     assert len(PromptCache(folder)) == 2
 
 
@@ -247,11 +283,20 @@ def test_bad_inputs_name_the_file_or_option(encoders, tmp_path):
     with pytest.raises(PromptEncodingError, match="--prompts .*empty.txt holds no prompts"):
         encode(encoders, "wan", tmp_path, prompts=str(empty))
     with pytest.raises(PromptEncodingError, match="is a 'qwen2_5_vl' model .*--family wan needs umT5"):
-        encode_prompts(EncodeOptions(family="wan", text_encoder=str(encoders["qwen_image"]),
-                                     prompts=str(write_prompts(tmp_path)), out=str(tmp_path / "x")))
+        encode_prompts(
+            EncodeOptions(
+                family="wan",
+                text_encoder=str(encoders["qwen_image"]),
+                prompts=str(write_prompts(tmp_path)),
+                out=str(tmp_path / "x"),
+            )
+        )
     with pytest.raises(PromptEncodingError, match="--text-encoder .*no config.json"):
-        encode_prompts(EncodeOptions(family="wan", text_encoder=str(tmp_path), prompts=str(write_prompts(tmp_path)),
-                                     out=str(tmp_path / "x")))
+        encode_prompts(
+            EncodeOptions(
+                family="wan", text_encoder=str(tmp_path), prompts=str(write_prompts(tmp_path)), out=str(tmp_path / "x")
+            )
+        )
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(PromptEncodingError, match="--out .*busy exists, is not empty and is not a prompt cache"):
@@ -294,8 +339,21 @@ def test_the_command_encodes_resumes_and_reports_errors(encoders, tmp_path, caps
 
     prompts, out = write_prompts(tmp_path), tmp_path / "cache"
     # A pipeline root and a .txt file: the tokenizer is found in the root's tokenizer/.
-    args = ["encode-prompts", "--family", "qwen_image", "--text-encoder", str(encoders["qwen_image"]),
-            "--prompts", str(prompts), "--out", str(out), "--shard-size", "4", "--dtype", "fp32"]
+    args = [
+        "encode-prompts",
+        "--family",
+        "qwen_image",
+        "--text-encoder",
+        str(encoders["qwen_image"]),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
+        "--dtype",
+        "fp32",
+    ]
     script = Path(sys.executable).parent / "phased-dmd"  # the installed console script, end to end
     result = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -311,8 +369,19 @@ def test_the_command_encodes_resumes_and_reports_errors(encoders, tmp_path, caps
 
 def encode_on_rank(encoders, prompts, out):
     torch.set_num_threads(1)
-    return str(encode_prompts(EncodeOptions(family="wan", text_encoder=str(encoders["wan"]), prompts=prompts,
-                                            out=out, batch_size=2, shard_size=2, dtype="fp32")))
+    return str(
+        encode_prompts(
+            EncodeOptions(
+                family="wan",
+                text_encoder=str(encoders["wan"]),
+                prompts=prompts,
+                out=out,
+                batch_size=2,
+                shard_size=2,
+                dtype="fp32",
+            )
+        )
+    )
 
 
 def refusal_on_rank(encoders, prompts, out):
@@ -355,10 +424,18 @@ def test_the_trainer_trains_on_an_encoded_cache(encoders, tmp_path):
     config = {
         "run": {"seed": 0, "output_dir": str(tmp_path / "run")},
         "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
-        "phases": {"num_steps": 4, "num_phases": 2, "iterations_per_phase": 1, "fake_updates_per_generator_update": 1,
-                   "guidance_scale": 3.0},
-        "data": {"prompt_cache": str(folder), "batch_size": 2,
-                 "resolutions": [{"frames": 1, "height": 16, "width": 16}]},
+        "phases": {
+            "num_steps": 4,
+            "num_phases": 2,
+            "iterations_per_phase": 1,
+            "fake_updates_per_generator_update": 1,
+            "guidance_scale": 3.0,
+        },
+        "data": {
+            "prompt_cache": str(folder),
+            "batch_size": 2,
+            "resolutions": [{"frames": 1, "height": 16, "width": 16}],
+        },
         "checkpoint": {"dir": str(tmp_path / "run" / "checkpoints"), "save_every": 100},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))

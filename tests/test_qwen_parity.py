@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import QWEN_TINY
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.models import ModelParallelOptions, QwenImageModel
@@ -32,7 +33,6 @@ from phased_dmd_mega.models.weights import (
     split_interleaved_heads,
 )
 from phased_dmd_mega.testing import run_distributed
-from tiny_models import QWEN_TINY
 
 TINY = QWEN_TINY
 TOLERANCE = 1e-5
@@ -61,8 +61,11 @@ def diffusers_velocity(model, latents, timestep, context, context_mask):
     b, c, height, width = latents.shape
     packed = QwenImagePipeline._pack_latents(latents, b, c, height, width)
     out = model(
-        hidden_states=packed, encoder_hidden_states=context, encoder_hidden_states_mask=context_mask,
-        timestep=timestep / 1000, img_shapes=[[(1, height // 2, width // 2)]] * b,
+        hidden_states=packed,
+        encoder_hidden_states=context,
+        encoder_hidden_states_mask=context_mask,
+        timestep=timestep / 1000,
+        img_shapes=[[(1, height // 2, width // 2)]] * b,
     ).sample
     # _unpack_latents takes pixel sizes (VAE factor 8) and returns [B, C, 1, H, W].
     return QwenImagePipeline._unpack_latents(out, height * 8, width * 8, 8)[:, :, 0]
@@ -122,9 +125,7 @@ def _run_layout(folder, tp, ulysses, sequence_parallel, grad_out=None, with_fram
     grads = None
     if grad_out is not None:
         out.backward(grad_out)
-        grads = {
-            name: (_grad(p), bool(getattr(p, "sequence_parallel", False))) for name, p in model.named_parameters()
-        }
+        grads = {name: (_grad(p), bool(getattr(p, "sequence_parallel", False))) for name, p in model.named_parameters()}
     parallel.destroy()
     dlatents = None if latents.grad is None else latents.grad.clone()
     return out.detach(), grads, dlatents, layout.tensor_parallel_rank, layout.ulysses_rank
@@ -169,7 +170,7 @@ def _unshard_tp_grads(arch, rank_grads):
 def _full_grads(arch, results):
     """Unshard over TP within each Ulysses rank, then add the Ulysses ranks' partial sums."""
     by_ulysses = {}
-    for _, grads, _, tp_rank, ulysses_rank in sorted(results, key=lambda r: (r[4], r[3])):
+    for _, grads, _, _tp_rank, ulysses_rank in sorted(results, key=lambda r: (r[4], r[3])):
         by_ulysses.setdefault(ulysses_rank, []).append(grads)
     per_ulysses = [_unshard_tp_grads(arch, group) for group in by_ulysses.values()]
     return {name: sum(g[name] for g in per_ulysses) for name in per_ulysses[0]}
@@ -205,9 +206,11 @@ def test_arch_presets_and_config_round_trip(diffusers_model):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"timestep": torch.zeros(2, 15)}, r"timestep must be \[B\]"),
-     ({"latents": torch.zeros(2, 16, 2, 6, 10)}, r"latents \[B, C, H, W\] or \[B, C, 1, H, W\]"),
-     ({"context_mask": torch.ones(2, 5)}, r"context_mask must be \[B, L\]")],
+    [
+        ({"timestep": torch.zeros(2, 15)}, r"timestep must be \[B\]"),
+        ({"latents": torch.zeros(2, 16, 2, 6, 10)}, r"latents \[B, C, H, W\] or \[B, C, 1, H, W\]"),
+        ({"context_mask": torch.ones(2, 5)}, r"context_mask must be \[B, L\]"),
+    ],
     ids=["per_token_timestep", "two_frames", "mask_shape"],
 )
 def test_bad_inputs_are_clear_errors(change, message):

@@ -23,8 +23,15 @@ GPUS_PER_NODE = 8
 # Spec section 7.
 WAN_VIDEO = [(81, 720, 1280, 0.1), (81, 1280, 720, 0.1), (81, 480, 832, 0.4), (81, 832, 480, 0.4)]
 # 1382 x 1382 of the spec is not a multiple of 16 (8x VAE, 2x2 packing): Qwen-Image's own 1328.
-QWEN_IMAGE = [(1, 1328, 1328), (1, 1664, 928), (1, 928, 1664), (1, 1472, 1104), (1, 1104, 1472),
-              (1, 1584, 1056), (1, 1056, 1584)]
+QWEN_IMAGE = [
+    (1, 1328, 1328),
+    (1, 1664, 928),
+    (1, 928, 1664),
+    (1, 1472, 1104),
+    (1, 1104, 1472),
+    (1, 1584, 1056),
+    (1, 1056, 1584),
+]
 
 
 def recipe(name, *overrides):
@@ -38,8 +45,13 @@ def resolutions(cfg):
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_loads_with_the_cli_dry_run(name):
     script = shutil.which("phased-dmd", path=str(Path(sys.executable).parent))
-    result = subprocess.run([script, "train", "--config", f"examples/{name}.yaml", "--dry-run"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [script, "train", "--config", f"examples/{name}.yaml", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert f"name: {name}" in result.stdout
 

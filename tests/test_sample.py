@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_runs import rel_error, save_wan_teacher, train_tiny
 
 from phased_dmd_mega import cli
-from phased_dmd_mega.prompt_encoding import write_embeddings_cache
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.distill.roles import Condition
+from phased_dmd_mega.prompt_encoding import write_embeddings_cache
 from phased_dmd_mega.sample import decode, load_vae, sample_noise
 from phased_dmd_mega.schedule import PhaseLayout
-from tiny_runs import rel_error, save_wan_teacher, train_tiny
 
 RESOLUTION = (5, 32, 48)  # pixels: 5 frames -> 2 latent frames of 4 x 6
 INDICES, SEED = [2, 0, 3], 7
@@ -45,8 +45,12 @@ def _references(trainer):
     condition = trainer.prompts.rows(INDICES)
 
     def run(generators):
-        return torch.cat([sample(generators, trainer.layout, noise[i:i + 1], condition.select(torch.tensor([i])))
-                          for i in range(len(INDICES))])
+        return torch.cat(
+            [
+                sample(generators, trainer.layout, noise[i : i + 1], condition.select(torch.tensor([i])))
+                for i in range(len(INDICES))
+            ]
+        )
 
     periodic = trainer.samples
     return {
@@ -61,8 +65,12 @@ def _references(trainer):
 def wan_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wan_sample")
     frames, height, width = RESOLUTION
-    overrides = ["optimizer.ema_decay=0.5", "logging.sample_every=3", "logging.sample_count=2",
-                 f"data.resolutions=[{{frames: {frames}, height: {height}, width: {width}}}]"]
+    overrides = [
+        "optimizer.ema_decay=0.5",
+        "logging.sample_every=3",
+        "logging.sample_count=2",
+        f"data.resolutions=[{{frames: {frames}, height: {height}, width: {width}}}]",
+    ]
     return train_tiny(tmp, "run", save_wan_teacher(tmp / "teacher"), overrides, extra=_references)
 
 
@@ -73,8 +81,14 @@ def wan_vae(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("vae")
     torch.manual_seed(3)
-    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0.1, -0.2, 0.3, 0.0],
-                     latents_std=[1.5, 0.7, 2.0, 1.1]).save_pretrained(folder)
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.7, 2.0, 1.1],
+    ).save_pretrained(folder)
     return folder
 
 
@@ -89,6 +103,7 @@ def test_every_step_runs_the_generator_of_its_phase():
         def velocity(x, t, condition):
             calls.append((phase, float(t[0])))
             return torch.zeros_like(x)
+
         return velocity
 
     sample([generator(0), generator(1)], layout, torch.zeros(1, 2), Condition(torch.zeros(1, 1, 1)))
@@ -101,16 +116,35 @@ def test_every_step_runs_the_generator_of_its_phase():
 
 def test_sample_from_a_checkpoint_equals_the_in_process_sampler(wan_run, tmp_path):
     indices = ",".join(map(str, INDICES))
-    assert run_sample("--checkpoint", wan_run.checkpoints, "-o", tmp_path / "s", "--indices", indices,
-                      "--seed", SEED, "--batch-size", 2) == 0
+    assert (
+        run_sample(
+            "--checkpoint",
+            wan_run.checkpoints,
+            "-o",
+            tmp_path / "s",
+            "--indices",
+            indices,
+            "--seed",
+            SEED,
+            "--batch-size",
+            2,
+        )
+        == 0
+    )
     saved = read_latents(tmp_path / "s")
     torch.testing.assert_close(saved["latents"], wan_run.extra["generators"], rtol=TOLERANCE, atol=TOLERANCE)
     assert saved["prompt_index"].tolist() == INDICES and saved["seed"].tolist() == [7, 8, 9]
     record = json.loads((tmp_path / "s" / "samples.json").read_text())
-    assert record["iteration"] == 3 and record["resolution"] == list(RESOLUTION) and record["latent_shape"] == [4, 2, 4, 6]
+    assert (
+        record["iteration"] == 3 and record["resolution"] == list(RESOLUTION) and record["latent_shape"] == [4, 2, 4, 6]
+    )
 
-    assert run_sample("--checkpoint", wan_run.checkpoints, "-o", tmp_path / "ema", "--indices", indices,
-                      "--seed", SEED, "--ema") == 0
+    assert (
+        run_sample(
+            "--checkpoint", wan_run.checkpoints, "-o", tmp_path / "ema", "--indices", indices, "--seed", SEED, "--ema"
+        )
+        == 0
+    )
     ema = read_latents(tmp_path / "ema")["latents"]
     torch.testing.assert_close(ema, wan_run.extra["ema"], rtol=TOLERANCE, atol=TOLERANCE)
     assert rel_error(ema, saved["latents"]) > 1e-4  # the EMA copies are other generators
@@ -118,8 +152,9 @@ def test_sample_from_a_checkpoint_equals_the_in_process_sampler(wan_run, tmp_pat
 
 def test_sampling_from_a_checkpoint_uses_the_runs_float32_precision(wan_run, tmp_path, float32_precision):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    assert run_sample("--checkpoint", wan_run.checkpoints, "-o", tmp_path / "s", "--indices", "0",
-                      "run.tf32=false") == 0
+    assert (
+        run_sample("--checkpoint", wan_run.checkpoints, "-o", tmp_path / "s", "--indices", "0", "run.tf32=false") == 0
+    )
     assert float32_precision() == (False, False, "ieee")
 
 
@@ -127,17 +162,52 @@ def test_exported_generators_and_a_prompt_cache_give_the_same_latents(wan_run, t
     assert cli.main(["export", "--checkpoint", str(wan_run.checkpoints), "--dst", str(tmp_path / "exported")]) == 0
     # The trainer's synthetic prompts (4, seed 0), as a prompt cache on disk.
     context = wan_run.extra["context"]
-    cache = write_embeddings_cache(tmp_path / "cache", list(context), torch.zeros_like(context[0]),
-                                   pad_to=context.shape[1])
+    cache = write_embeddings_cache(
+        tmp_path / "cache", list(context), torch.zeros_like(context[0]), pad_to=context.shape[1]
+    )
     indices, resolution = ",".join(map(str, INDICES)), "x".join(map(str, RESOLUTION))
-    assert run_sample("--exported", tmp_path / "exported", "-o", tmp_path / "a", "--indices", indices, "--seed", SEED,
-                      "--prompts", cache, "--resolution", resolution, "--attention-backend", "sdpa") == 0
-    torch.testing.assert_close(read_latents(tmp_path / "a")["latents"], wan_run.extra["generators"],
-                               rtol=1e-5, atol=1e-5)
-    assert run_sample("--exported", tmp_path / "exported", "-o", tmp_path / "b", "--indices", indices, "--seed", SEED,
-                      "--synthetic-prompts", 4, "--resolution", resolution) == 0
-    torch.testing.assert_close(read_latents(tmp_path / "b")["latents"], wan_run.extra["generators"],
-                               rtol=1e-5, atol=1e-5)
+    assert (
+        run_sample(
+            "--exported",
+            tmp_path / "exported",
+            "-o",
+            tmp_path / "a",
+            "--indices",
+            indices,
+            "--seed",
+            SEED,
+            "--prompts",
+            cache,
+            "--resolution",
+            resolution,
+            "--attention-backend",
+            "sdpa",
+        )
+        == 0
+    )
+    torch.testing.assert_close(
+        read_latents(tmp_path / "a")["latents"], wan_run.extra["generators"], rtol=1e-5, atol=1e-5
+    )
+    assert (
+        run_sample(
+            "--exported",
+            tmp_path / "exported",
+            "-o",
+            tmp_path / "b",
+            "--indices",
+            indices,
+            "--seed",
+            SEED,
+            "--synthetic-prompts",
+            4,
+            "--resolution",
+            resolution,
+        )
+        == 0
+    )
+    torch.testing.assert_close(
+        read_latents(tmp_path / "b")["latents"], wan_run.extra["generators"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_the_trainer_writes_samples_every_sample_every_iterations(wan_run):
@@ -157,7 +227,9 @@ def pipeline_decode(vae, latents):
     from diffusers.video_processor import VideoProcessor
 
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
+        latents.device, latents.dtype
+    )
     with torch.no_grad():
         video = vae.decode(latents / std + mean, return_dict=False)[0]
     return VideoProcessor(vae_scale_factor=8).postprocess_video(video, output_type="pil")
@@ -187,7 +259,9 @@ def test_qwen_image_latents_decode_like_the_pipeline(tmp_path):
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(4)
-    AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).save_pretrained(tmp_path / "vae")
+    AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).save_pretrained(
+        tmp_path / "vae"
+    )
     vae = load_vae(tmp_path / "vae", "qwen_image")
     latents = torch.randn(2, 16, 1, 4, 6, generator=torch.Generator().manual_seed(0))
     frames = decode(vae, latents)
@@ -212,8 +286,16 @@ def test_bad_sampling_requests_are_refused(wan_run, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     lora_export = tmp_path / "lora"
     lora_export.mkdir()
-    (lora_export / "phased_dmd.json").write_text(json.dumps({
-        "format": "phased-dmd-export", "format_version": 1, "weights": "lora", "source": {"checkpoint": "/run/iter_1"}}))
+    (lora_export / "phased_dmd.json").write_text(
+        json.dumps(
+            {
+                "format": "phased-dmd-export",
+                "format_version": 1,
+                "weights": "lora",
+                "source": {"checkpoint": "/run/iter_1"},
+            }
+        )
+    )
     assert run_sample("--exported", lora_export, "-o", tmp_path / "out") == 2
     assert "holds LoRA files, which need their base model" in capsys.readouterr().err
 
@@ -223,10 +305,29 @@ def test_bad_sampling_requests_are_refused(wan_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sampling_at_tensor_parallel_2_under_torchrun_matches_one_process(wan_run, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "phased_dmd_mega", "sample", "--checkpoint", str(wan_run.checkpoints), "-o", str(tmp_path / "tp2"),
-               "--tp", "2", "--indices", ",".join(map(str, INDICES)), "--seed", str(SEED)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "phased_dmd_mega",
+        "sample",
+        "--checkpoint",
+        str(wan_run.checkpoints),
+        "-o",
+        str(tmp_path / "tp2"),
+        "--tp",
+        "2",
+        "--indices",
+        ",".join(map(str, INDICES)),
+        "--seed",
+        str(SEED),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    torch.testing.assert_close(read_latents(tmp_path / "tp2")["latents"], wan_run.extra["generators"],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        read_latents(tmp_path / "tp2")["latents"], wan_run.extra["generators"], rtol=1e-5, atol=1e-5
+    )

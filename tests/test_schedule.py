@@ -254,11 +254,13 @@ def test_a_phase_is_high_noise_when_every_step_of_it_is():
 
 
 def test_renoise_kwargs_follow_config_names():
-    cfg = PhasesConfig(renoise_interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875,
-                       renoise_shift=2.0)
+    cfg = PhasesConfig(
+        renoise_interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875, renoise_shift=2.0
+    )
     kwargs = renoise_kwargs(cfg)
-    assert kwargs == dict(interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875,
-                          renoise_shift=2.0)
+    assert kwargs == dict(
+        interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875, renoise_shift=2.0
+    )
     layout = PhaseLayout.from_config(PhasesConfig(shift=7.0))
     t = sample_renoise_t(layout, 0, 8, torch.Generator().manual_seed(0), **kwargs)
     assert t.shape == (8,)

@@ -113,9 +113,14 @@ def _pytest_with_the_suites_conftest(folder: Path, *args: str) -> str:
     (folder / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n    slow: long\n")
     (folder / "test_probe.py").write_text(PROBE)
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-s", "-rs", "-p", "no:cacheprovider", *args],
-                            cwd=folder, env={**env, "CUDA_VISIBLE_DEVICES": "-1"}, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-s", "-rs", "-p", "no:cacheprovider", *args],
+        cwd=folder,
+        env={**env, "CUDA_VISIBLE_DEVICES": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -125,9 +130,11 @@ def _skip_reasons(out: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("marks, gpu_test_collected",
-                         [([], True), (["-m", "not gpu"], False), (["-m", "not slow"], True)],
-                         ids=["no -m", "not gpu", "not slow"])
+@pytest.mark.parametrize(
+    "marks, gpu_test_collected",
+    [([], True), (["-m", "not gpu"], False), (["-m", "not slow"], True)],
+    ids=["no -m", "not gpu", "not slow"],
+)
 def test_the_suite_hides_cuda_from_a_run_that_is_not_for_gpu_tests(tmp_path, marks, gpu_test_collected):
     out = _pytest_with_the_suites_conftest(tmp_path, *marks)
     assert "seen: {'CUDA_VISIBLE_DEVICES': '', 'TRITON_INTERPRET': '1'}" in out

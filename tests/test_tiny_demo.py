@@ -16,10 +16,24 @@ METHODS = ("teacher_40_steps", "teacher_4_steps", "phased_dmd", "dmd_sgts")
 
 def run_demo(out: Path, script: str = "examples/tiny_demo.py", *extra: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / script), "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
-        "--teacher-steps", "20", "--iterations", "2", "--eval-per-class", "8", *extra,
-        f"run.output_dir={out}", "phases.fake_updates_per_generator_update=1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / script),
+        "--config",
+        str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+        "--teacher-steps",
+        "20",
+        "--iterations",
+        "2",
+        "--eval-per-class",
+        "8",
+        *extra,
+        f"run.output_dir={out}",
+        "phases.fake_updates_per_generator_update=1",
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
@@ -49,7 +63,9 @@ def test_tiny_demo_runs_every_stage_and_reuses_its_teacher(tmp_path):
     assert oracle.returncode == 0, oracle.stderr[-3000:]
     assert "teacher: reusing" in oracle.stderr
     ceiling = json.loads((tmp_path / "regression_oracle.json").read_text())
-    assert ceiling["teacher_4_steps"]["distance_to_data"] == pytest.approx(summary["teacher_4_steps"]["distance_to_data"], rel=1e-5)
+    assert ceiling["teacher_4_steps"]["distance_to_data"] == pytest.approx(
+        summary["teacher_4_steps"]["distance_to_data"], rel=1e-5
+    )
     assert ceiling["settings"]["phase_times"] == pytest.approx([0.8333333, 0.625, 0.0])
     assert math.isfinite(ceiling["regressed_two_steps"]["distance_to_data"])
     assert ceiling["regressed_two_steps"]["training_pair_rms"] > 0

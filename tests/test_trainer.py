@@ -18,14 +18,26 @@ import yaml
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
 from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
-from phased_dmd_mega.distill.trainer import NonFiniteLossError, Trainer, build_teacher, learning_rate_factor, step_schedule
+from phased_dmd_mega.distill.trainer import (
+    NonFiniteLossError,
+    Trainer,
+    build_teacher,
+    learning_rate_factor,
+    step_schedule,
+)
 from phased_dmd_mega.parallel import state as parallel_state
 
 TINY_RUN = {
     "run": {"seed": 1, "max_consecutive_nonfinite": 2},
     "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
-    "phases": {"num_steps": 4, "num_phases": 2, "iterations_per_phase": 3, "fake_updates_per_generator_update": 1,
-               "guidance_scale": 2.0, "weight_clamp": 10.0},
+    "phases": {
+        "num_steps": 4,
+        "num_phases": 2,
+        "iterations_per_phase": 3,
+        "fake_updates_per_generator_update": 1,
+        "guidance_scale": 2.0,
+        "weight_clamp": 10.0,
+    },
     "optimizer": {"generator": {"lr": 1e-3}, "fake": {"lr": 1e-3}},
     "data": {"synthetic_prompts": 4, "batch_size": 2, "resolutions": [{"frames": 1, "height": 32, "width": 48}]},
     "checkpoint": {"save_every": 1, "keep_last": 10},
@@ -49,13 +61,27 @@ def metrics(folder: Path):
     last = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        last[entry["iteration"]] = {k: v for k, v in entry.items() if k not in ("step_seconds", "tokens_per_second", "peak_memory_gib")}
+        last[entry["iteration"]] = {
+            k: v for k, v in entry.items() if k not in ("step_seconds", "tokens_per_second", "peak_memory_gib")
+        }
     return [last[i] for i in sorted(last)]
 
 
 def launch(config: Path, processes: int, *overrides) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "phased_dmd_mega", "train", "--config", str(config), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "phased_dmd_mega",
+        "train",
+        "--config",
+        str(config),
+        *overrides,
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -233,7 +259,9 @@ def test_generator_ema_moves_from_the_teacher_toward_the_generator(tmp_path, dec
 
 
 def test_lora_roles_train_adapters_on_the_shared_frozen_teacher(tmp_path):
-    cfg = load_config(write_config(tmp_path), ["model.lora.rank=4", "optimizer.ema_decay=0.5", "checkpoint.save_every=100"])
+    cfg = load_config(
+        write_config(tmp_path), ["model.lora.rank=4", "optimizer.ema_decay=0.5", "checkpoint.save_every=100"]
+    )
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
@@ -255,8 +283,13 @@ def test_lora_roles_train_adapters_on_the_shared_frozen_teacher(tmp_path):
 
 
 def test_warmup_and_decay_restart_with_each_phase_and_warmup_holds_back_the_generator_only(tmp_path):
-    overrides = ["phases.iterations_per_phase=4", "optimizer.warmup_iterations=2", "optimizer.schedule=linear",
-                 "optimizer.generator.lr=1.0", "optimizer.fake.lr=2.0"]
+    overrides = [
+        "phases.iterations_per_phase=4",
+        "optimizer.warmup_iterations=2",
+        "optimizer.schedule=linear",
+        "optimizer.generator.lr=1.0",
+        "optimizer.fake.lr=2.0",
+    ]
     cfg = load_config(write_config(tmp_path), overrides)
     parallel.initialize(seed=cfg.run.seed)
     try:
@@ -265,8 +298,12 @@ def test_warmup_and_decay_restart_with_each_phase_and_warmup_holds_back_the_gene
         for step in range(8):
             trainer._set_learning_rates(step, 8)
             phase = trainer.schedule[step]
-            rates.append((trainer.generators[phase].optimizer.param_groups[0]["lr"],
-                          trainer.fakes[phase].optimizer.param_groups[0]["lr"]))
+            rates.append(
+                (
+                    trainer.generators[phase].optimizer.param_groups[0]["lr"],
+                    trainer.fakes[phase].optimizer.param_groups[0]["lr"],
+                )
+            )
     finally:
         parallel.destroy()
     decay = [1.0, 0.75, 0.5, 0.25]  # linear over the phase's 4 iterations
@@ -295,8 +332,10 @@ def test_every_role_and_its_optimizer_state_live_on_the_training_device(tmp_path
     """The teacher is built on the CPU and the training device is another one ("meta" stands in
     for a GPU): teacher, generators, fakes and EMA copies, their buffers and optimizer states all
     end up on the training device, full copies and LoRA adapters alike."""
-    cfg = load_config(write_config(tmp_path), [f"model.lora.rank={lora_rank}", "optimizer.ema_decay=0.9",
-                                               "optimizer.distributed=false"])
+    cfg = load_config(
+        write_config(tmp_path),
+        [f"model.lora.rank={lora_rank}", "optimizer.ema_decay=0.9", "optimizer.distributed=false"],
+    )
     training = torch.device("meta")
     parallel.initialize(seed=cfg.run.seed)
     try:

@@ -47,14 +47,22 @@ def _init_signature(class_node) -> inspect.Signature:
     args = init.args
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
-    params = [inspect.Parameter(a.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                default=_DEFAULT if d is not None else inspect.Parameter.empty)
-              for a, d in zip(positional, defaults)][1:]
+    params = [
+        inspect.Parameter(
+            a.arg,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=_DEFAULT if d is not None else inspect.Parameter.empty,
+        )
+        for a, d in zip(positional, defaults)
+    ][1:]
     if args.vararg:
         params.append(inspect.Parameter(args.vararg.arg, inspect.Parameter.VAR_POSITIONAL))
-    params += [inspect.Parameter(a.arg, inspect.Parameter.KEYWORD_ONLY,
-                                 default=_DEFAULT if d is not None else inspect.Parameter.empty)
-               for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+    params += [
+        inspect.Parameter(
+            a.arg, inspect.Parameter.KEYWORD_ONLY, default=_DEFAULT if d is not None else inspect.Parameter.empty
+        )
+        for a, d in zip(args.kwonlyargs, args.kw_defaults)
+    ]
     if args.kwarg:
         params.append(inspect.Parameter(args.kwarg.arg, inspect.Parameter.VAR_KEYWORD))
     return inspect.Signature(params)
@@ -62,15 +70,23 @@ def _init_signature(class_node) -> inspect.Signature:
 
 def _config_fields_read(tree) -> set:
     """``config.X`` and ``self.config.X`` read by the TE linear wrappers and the helpers they call."""
-    names = ("TELinear", "TEColumnParallelLinear", "TERowParallelLinear", "_get_extra_te_kwargs",
-             "condition_init_method")
+    names = (
+        "TELinear",
+        "TEColumnParallelLinear",
+        "TERowParallelLinear",
+        "_get_extra_te_kwargs",
+        "condition_init_method",
+    )
     fields = set()
     for node in (n for name in names for n in ast.walk(_top_level(tree, name))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute)):
             owner = node.value
             if (isinstance(owner, ast.Name) and owner.id == "config") or (
-                    isinstance(owner, ast.Attribute) and owner.attr == "config"
-                    and isinstance(owner.value, ast.Name) and owner.value.id == "self"):
+                isinstance(owner, ast.Attribute)
+                and owner.attr == "config"
+                and isinstance(owner.value, ast.Name)
+                and owner.value.id == "self"
+            ):
                 fields.add(node.attr)
     return fields
 

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import WAN_TINY
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
@@ -21,7 +22,6 @@ from phased_dmd_mega.models.weights import (
     load_rank_state,
 )
 from phased_dmd_mega.testing import run_distributed
-from tiny_models import WAN_TINY
 
 TINY = WAN_TINY
 TOLERANCE = 1e-5
@@ -83,7 +83,9 @@ def diffusers_variant(request, tmp_path_factory):
 
 def load_model(folder, sequence_parallel=False, **options):
     arch = from_diffusers_config(json.loads((folder / "config.json").read_text()))
-    par = ModelParallelOptions(sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options)
+    par = ModelParallelOptions(
+        sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options
+    )
     model = WanModel(arch, par)
     layout = parallel.layout()
     state = load_rank_state(
@@ -103,8 +105,7 @@ def _run_layout(folder, tp, ulysses, sequence_parallel, grad_out=None, variant="
     if grad_out is not None:
         out.backward(grad_out)
         grads = {
-            name: (p.grad.clone(), bool(getattr(p, "sequence_parallel", False)))
-            for name, p in model.named_parameters()
+            name: (p.grad.clone(), bool(getattr(p, "sequence_parallel", False))) for name, p in model.named_parameters()
         }
     parallel.destroy()
     return out.detach(), grads, None if latents.grad is None else latents.grad.clone()

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
+from test_trainer import write_config
+from tiny_models import QWEN_TINY, WAN_TINY
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
-from test_trainer import write_config
-from tiny_models import QWEN_TINY, WAN_TINY
 
 # Fewer iterations than test_trainer's run; the generators still move away from the teacher.
 SHORT = ["phases.iterations_per_phase=2", "checkpoint.save_every=100"]
@@ -37,8 +37,13 @@ def save_a14b_teacher(root: Path, boundary_ratio: float) -> Path:
     (transformer_2/) expert of different weights."""
     save_wan_teacher(root / "transformer", seed=1)
     save_wan_teacher(root / "transformer_2", seed=2)
-    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "boundary_ratio": boundary_ratio,
-             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "boundary_ratio": boundary_ratio,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 
@@ -58,11 +63,18 @@ def velocity_inputs(arch) -> Dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(11)
     timestep = torch.tensor([990.0, 300.0])
     if hasattr(arch, "freq_dim") and hasattr(arch, "cross_attn_norm"):  # Wan
-        return {"latents": torch.randn(2, arch.in_channels, 3, 4, 6, generator=gen), "timestep": timestep,
-                "context": torch.randn(2, 512, arch.text_dim, generator=gen)}
+        return {
+            "latents": torch.randn(2, arch.in_channels, 3, 4, 6, generator=gen),
+            "timestep": timestep,
+            "context": torch.randn(2, 512, arch.text_dim, generator=gen),
+        }
     mask = (torch.arange(7)[None, :] < torch.tensor([7, 4])[:, None]).long()
-    return {"latents": torch.randn(2, arch.in_channels, 6, 10, generator=gen), "timestep": timestep,
-            "context": torch.randn(2, 7, arch.text_dim, generator=gen), "context_mask": mask}
+    return {
+        "latents": torch.randn(2, arch.in_channels, 6, 10, generator=gen),
+        "timestep": timestep,
+        "context": torch.randn(2, 7, arch.text_dim, generator=gen),
+        "context_mask": mask,
+    }
 
 
 @torch.no_grad()
@@ -82,12 +94,20 @@ class TinyRun:
     extra: Any = None
 
 
-def train_tiny(tmp: Path, name: str, teacher: Path, overrides: Sequence[str] = (), arch: str = "wan",
-               extra: Optional[Callable[[Trainer], Any]] = None) -> TinyRun:
+def train_tiny(
+    tmp: Path,
+    name: str,
+    teacher: Path,
+    overrides: Sequence[str] = (),
+    arch: str = "wan",
+    extra: Optional[Callable[[Trainer], Any]] = None,
+) -> TinyRun:
     """Train on ``teacher`` (of architecture ``arch``) in this process, one rank, and record
     the references."""
-    cfg = load_config(write_config(tmp, name), [f"model.teacher_path={teacher}", f"model.arch={arch}", "model.preset=null",
-                                                *SHORT, *overrides])
+    cfg = load_config(
+        write_config(tmp, name),
+        [f"model.teacher_path={teacher}", f"model.arch={arch}", "model.preset=null", *SHORT, *overrides],
+    )
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher_model = build_teacher(cfg)

@@ -47,8 +47,11 @@ def runs_on_the_gpu_machine(wheel: Wheel) -> bool:
     if wheel.abi == "none" and wheel.platform == "any":
         return wheel.python.startswith("py3") or "cp312" in wheel.python.split(".")
     platforms = wheel.platform.split(".")
-    return ("cp312" in wheel.python.split(".") and wheel.abi in ("cp312", "abi3")
-            and all(p.startswith("manylinux") and p.endswith("x86_64") for p in platforms))
+    return (
+        "cp312" in wheel.python.split(".")
+        and wheel.abi in ("cp312", "abi3")
+        and all(p.startswith("manylinux") and p.endswith("x86_64") for p in platforms)
+    )
 
 
 def problems(folder: Path, expect: Sequence[str], pure: Sequence[str], max_mib: float) -> List[str]:
@@ -94,8 +97,12 @@ def listing(folder: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="the folder of wheels")
-    parser.add_argument("--expect", nargs="+", required=True, metavar="NAME", help="packages that must be there, once each")
-    parser.add_argument("--pure", nargs="*", default=[], metavar="NAME", help="packages whose wheel must be py3-none-any")
+    parser.add_argument(
+        "--expect", nargs="+", required=True, metavar="NAME", help="packages that must be there, once each"
+    )
+    parser.add_argument(
+        "--pure", nargs="*", default=[], metavar="NAME", help="packages whose wheel must be py3-none-any"
+    )
     parser.add_argument("--max-mib", type=float, default=60.0, help="size limit of the folder in MiB (default 60)")
     args = parser.parse_args(argv)
     if not args.folder.is_dir():

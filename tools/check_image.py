@@ -33,7 +33,7 @@ def project_requirements() -> List[Requirement]:
     try:
         lines = metadata.requires(PROJECT) or []
     except metadata.PackageNotFoundError:
-        raise SystemExit(f"check_image.py: {PROJECT} is not installed (pip install --no-deps . first)")
+        raise SystemExit(f"check_image.py: {PROJECT} is not installed (pip install --no-deps . first)") from None
     wanted = []
     for line in lines:
         requirement = Requirement(line)
@@ -82,16 +82,22 @@ def transformer_engine_problems() -> List[str]:
         return [f"megatron.core.extensions.transformer_engine does not import ({type(err).__name__}: {err})"]
     if not mcore_te.HAVE_TE:
         return ["megatron-core does not see Transformer Engine (HAVE_TE is False)"]
-    missing = [name for name in ("TEColumnParallelLinear", "TERowParallelLinear", "TEDotProductAttention")
-               if not hasattr(mcore_te, name)]
+    missing = [
+        name
+        for name in ("TEColumnParallelLinear", "TERowParallelLinear", "TEDotProductAttention")
+        if not hasattr(mcore_te, name)
+    ]
     print(f"Transformer Engine {get_te_version()} with megatron-core {megatron.core.__version__}")
     return [f"megatron-core lacks {name}" for name in missing]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requirements-only", action="store_true",
-                        help="check the requirements' versions only, not Transformer Engine with megatron-core")
+    parser.add_argument(
+        "--requirements-only",
+        action="store_true",
+        help="check the requirements' versions only, not Transformer Engine with megatron-core",
+    )
     args = parser.parse_args(argv)
     problems = requirement_problems(project_requirements())
     if not args.requirements_only:

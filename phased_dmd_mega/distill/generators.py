@@ -107,13 +107,25 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     metadata = checkpoint.load_checkpoint(folder, roles)
     device = parallel.layout().device
     generators = [generator.to(device).requires_grad_(False).eval() for generator in generators]
-    log.info("opened %d %s generator%s (%s) of %s, iteration %d", len(generators), "LoRA" if lora else "full",
-             "s" if len(generators) > 1 else "", ", ".join(roles), folder, metadata["iteration"])
+    log.info(
+        "opened %d %s generator%s (%s) of %s, iteration %d",
+        len(generators),
+        "LoRA" if lora else "full",
+        "s" if len(generators) > 1 else "",
+        ", ".join(roles),
+        folder,
+        metadata["iteration"],
+    )
     return DistilledGenerators(
-        path=folder, config=cfg, layout=layout, generators=generators,
+        path=folder,
+        config=cfg,
+        layout=layout,
+        generators=generators,
         base_experts=[_expert_name(teacher, base) for base in bases],
-        teacher=teacher if lora else None, teacher_boundary=teacher.boundary,
-        iteration=int(metadata["iteration"]), ema=ema,
+        teacher=teacher if lora else None,
+        teacher_boundary=teacher.boundary,
+        iteration=int(metadata["iteration"]),
+        ema=ema,
     )
 
 
@@ -129,6 +141,12 @@ def _for_this_layout(cfg: Config) -> Config:
     """The stored configuration, with the parallel section of this process (the run's own may
     have been TP 8 with sequence parallelism; the models are built for the current state)."""
     layout = parallel.layout()
-    return replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=layout.tensor_parallel,
-                                         ulysses_parallel=layout.ulysses_parallel,
-                                         sequence_parallel=layout.sequence_parallel))
+    return replace(
+        cfg,
+        parallel=replace(
+            cfg.parallel,
+            tensor_parallel=layout.tensor_parallel,
+            ulysses_parallel=layout.ulysses_parallel,
+            sequence_parallel=layout.sequence_parallel,
+        ),
+    )

@@ -14,8 +14,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from phased_dmd_mega import flow, losses
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
 from phased_dmd_mega.distill.loss_shard import LossShard
+from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
 from phased_dmd_mega.distill.rollout import Anchor
 
 DMD_FORMS = ("subinterval", "x0")
@@ -33,8 +33,13 @@ class Renoised:
         return Renoised(self.x_t[rows], self.t[rows], self.eps[rows])
 
 
-def renoise(x_s: torch.Tensor, s: float, t: torch.Tensor, generator: Optional[torch.Generator] = None,
-            eps: Optional[torch.Tensor] = None) -> Renoised:
+def renoise(
+    x_s: torch.Tensor,
+    s: float,
+    t: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    eps: Optional[torch.Tensor] = None,
+) -> Renoised:
     """Re-noise ``x_s`` to the times ``t``, with ``eps`` or fresh noise drawn from ``generator``."""
     if eps is None:
         eps = flow.seeded_normal(x_s, generator)

@@ -188,8 +188,15 @@ def _megatron_optimizer_config(lr, betas, eps, weight_decay, dtype: torch.dtype)
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=float(betas[0]), adam_beta2=float(betas[1]),
-        adam_eps=eps, decoupled_weight_decay=True, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=float(betas[0]),
+        adam_beta2=float(betas[1]),
+        adam_eps=eps,
+        decoupled_weight_decay=True,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
         clip_grad=0.0,  # clipping is ours: it must follow the skip of non-finite steps
         use_distributed_optimizer=True,
     )
@@ -220,8 +227,9 @@ class DistributedRoleOptimizer:
     and its hooks); ``optimizer`` is megatron's optimizer, whose ``param_groups`` are the
     AdamW groups (the trainer sets ``lr`` there each step)."""
 
-    def __init__(self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                 grad_clip: Optional[float] = None):
+    def __init__(
+        self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float, grad_clip: Optional[float] = None
+    ):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import get_megatron_optimizer
 
@@ -235,8 +243,9 @@ class DistributedRoleOptimizer:
         # config_overrides={}: weight decay on every parameter, as torch's AdamW does (megatron
         # would otherwise exempt biases and 1-D parameters).
         with _torch_adamw_in_megatron():
-            self.optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides={},
-                                                    use_gloo_process_groups=False)
+            self.optimizer = get_megatron_optimizer(
+                config, [self.ddp], config_overrides={}, use_gloo_process_groups=False
+            )
         self._names = {param: name for name, param in model.named_parameters() if param.requires_grad}
         self._index = {param: i for i, param in enumerate(self._names)}
         self._touched = torch.zeros(len(self._names), device=_collective_device())
@@ -360,14 +369,17 @@ class DistributedRoleOptimizer:
 
 def _pairs_of(sub):
     """(model parameter, fp32 main shard) pairs of one megatron DistributedOptimizer."""
-    for models, shards in ((sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
-                           (sub.model_fp32_groups, sub.shard_fp32_groups)):
+    for models, shards in (
+        (sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
+        (sub.model_fp32_groups, sub.shard_fp32_groups),
+    ):
         for model_group, shard_group in zip(models, shards):
             yield from zip(model_group, shard_group)
 
 
-def make_role_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                        grad_clip: Optional[float], distributed: bool) -> Union[RoleOptimizer, DistributedRoleOptimizer]:
+def make_role_optimizer(
+    model: nn.Module, lr: float, betas, eps: float, weight_decay: float, grad_clip: Optional[float], distributed: bool
+) -> Union[RoleOptimizer, DistributedRoleOptimizer]:
     """The role's optimizer: megatron's distributed optimizer, or torch AdamW on every rank."""
     if distributed:
         return DistributedRoleOptimizer(model, lr, betas, eps, weight_decay, grad_clip)

@@ -30,9 +30,11 @@ class Batch:
     def rows(self, rows: slice) -> "Batch":
         """The samples ``rows`` of the batch (one micro-batch)."""
         index = torch.arange(self.latent_shape[0])[rows]
-        return Batch(self.condition.select(index.to(self.condition.context.device)),
-                     self.negative.select(index.to(self.negative.context.device)),
-                     (len(index), *self.latent_shape[1:]))
+        return Batch(
+            self.condition.select(index.to(self.condition.context.device)),
+            self.negative.select(index.to(self.negative.context.device)),
+            (len(index), *self.latent_shape[1:]),
+        )
 
 
 @dataclass
@@ -96,8 +98,15 @@ class PhasedDMD:
     def _anchor(self, phase: int, batch: Batch, iteration: int, purpose: int, with_grad: bool) -> Anchor:
         gen = self._random(iteration, phase, purpose)
         return rollout_to_phase_end(
-            self._generator_fns(), self.layout, phase, self._noise(batch, gen), batch.condition,
-            self._exit_step(phase, iteration, purpose), self.settings.step_rule, with_grad, gen,
+            self._generator_fns(),
+            self.layout,
+            phase,
+            self._noise(batch, gen),
+            batch.condition,
+            self._exit_step(phase, iteration, purpose),
+            self.settings.step_rule,
+            with_grad,
+            gen,
         )
 
     def _renoise_draws(self, like: torch.Tensor, phase: int, iteration: int, purpose: int):
@@ -138,11 +147,19 @@ class PhasedDMD:
             noise = torch.cat([self._noise(batch, gen) for gen in gens])
             rows = torch.arange(batch.condition.batch, device=noise.device).repeat(len(members))
             grouped = rollout_to_phase_end(
-                self._generator_fns(), self.layout, phase, noise, batch.condition.select(rows),
-                exit_step, self.settings.step_rule, False, gens[0],
+                self._generator_fns(),
+                self.layout,
+                phase,
+                noise,
+                batch.condition.select(rows),
+                exit_step,
+                self.settings.step_rule,
+                False,
+                gens[0],
             )
-            for purpose, x_s, x_exit, flow_exit in zip(members, *(
-                    t.chunk(len(members)) for t in (grouped.x_s, grouped.x_exit, grouped.flow_exit))):
+            for purpose, x_s, x_exit, flow_exit in zip(
+                members, *(t.chunk(len(members)) for t in (grouped.x_s, grouped.x_exit, grouped.flow_exit))
+            ):
                 anchors[purpose] = Anchor(x_s, grouped.s, x_exit, grouped.t_exit, flow_exit)
         return [anchors[purpose] for purpose in purposes]
 
@@ -153,8 +170,15 @@ class PhasedDMD:
 
         def micro_loss(rows: slice):
             micro = batch.rows(rows)
-            loss, whole = fake_score_loss(role.model, anchor.x_s[rows], anchor.s, noised.rows(rows), micro.condition,
-                                          self.settings.weight_clamp, self._loss_shard(micro))
+            loss, whole = fake_score_loss(
+                role.model,
+                anchor.x_s[rows],
+                anchor.s,
+                noised.rows(rows),
+                micro.condition,
+                self.settings.weight_clamp,
+                self._loss_shard(micro),
+            )
             return loss, [loss], {"fake_loss": whole}
 
         logs, norm = self._accumulate(role, batch, micro_loss)
@@ -169,12 +193,26 @@ class PhasedDMD:
         def micro_loss(rows: slice):
             micro = batch.rows(rows)
             anchor = rollout_to_phase_end(
-                self._generator_fns(), self.layout, phase, noise[rows], micro.condition, exit_step,
-                self.settings.step_rule, True, gen,
+                self._generator_fns(),
+                self.layout,
+                phase,
+                noise[rows],
+                micro.condition,
+                exit_step,
+                self.settings.step_rule,
+                True,
+                gen,
             )
             out = generator_dmd_loss(
-                anchor, renoise(anchor.x_s, anchor.s, t[rows], eps=eps[rows]), self.teacher, self.fakes[phase].model,
-                micro.condition, micro.negative, self.settings.dmd_form, self.settings.norm_min, self._loss_shard(micro),
+                anchor,
+                renoise(anchor.x_s, anchor.s, t[rows], eps=eps[rows]),
+                self.teacher,
+                self.fakes[phase].model,
+                micro.condition,
+                micro.negative,
+                self.settings.dmd_form,
+                self.settings.norm_min,
+                self._loss_shard(micro),
             )
             # The guard inside dmd_loss zeroes NaN directions; a teacher or fake model gone
             # non-finite shows in the estimate gap and must skip the update, not step on zeros.
@@ -211,8 +249,14 @@ class PhasedDMD:
 
 
 @torch.no_grad()
-def sample(generators: List[Experts], layout: PhaseLayout, noise: torch.Tensor, condition: Condition,
-           step_rule: str = "euler", noise_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(
+    generators: List[Experts],
+    layout: PhaseLayout,
+    noise: torch.Tensor,
+    condition: Condition,
+    step_rule: str = "euler",
+    noise_generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Few-step sampling: every step uses the generator of its phase (a mixture of experts over
     noise levels, at no extra inference cost)."""
     last = layout.num_phases - 1

@@ -33,19 +33,27 @@ class Condition:
         """The samples at ``index`` (expert routing splits a batch)."""
         pick = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
         return Condition(
-            pick(self.context), pick(self.context_mask), pick(self.concat_latents),
+            pick(self.context),
+            pick(self.context_mask),
+            pick(self.concat_latents),
             {k: v.index_select(0, index) for k, v in self.model_kwargs.items()},
         )
 
     def to(self, device: torch.device) -> "Condition":
         """The same condition on ``device`` (caches are read on the CPU)."""
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return Condition(move(self.context), move(self.context_mask), move(self.concat_latents),
-                         {k: v.to(device) for k, v in self.model_kwargs.items()})
+        return Condition(
+            move(self.context),
+            move(self.context_mask),
+            move(self.concat_latents),
+            {k: v.to(device) for k, v in self.model_kwargs.items()},
+        )
 
     def with_context(self, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> "Condition":
         """The same condition with other prompt embeddings (the negative prompt for CFG)."""
-        return replace(self, context=context, context_mask=context_mask if context_mask is not None else self.context_mask)
+        return replace(
+            self, context=context, context_mask=context_mask if context_mask is not None else self.context_mask
+        )
 
     @staticmethod
     def cat(first: "Condition", second: "Condition") -> "Condition":
@@ -53,8 +61,10 @@ class Condition:
         join = lambda a, b: None if a is None else torch.cat([a, b], 0)  # noqa: E731
         kwargs = {k: torch.cat([v, second.model_kwargs[k]], 0) for k, v in first.model_kwargs.items()}
         return Condition(
-            join(first.context, second.context), join(first.context_mask, second.context_mask),
-            join(first.concat_latents, second.concat_latents), kwargs,
+            join(first.context, second.context),
+            join(first.context_mask, second.context_mask),
+            join(first.concat_latents, second.concat_latents),
+            kwargs,
         )
 
 
@@ -110,7 +120,9 @@ class GuidedTeacher(nn.Module):
         if self.experts.boundary is None:
             return torch.full_like(t, self.guidance_scale)
         high = expert_for_t(t, self.experts.boundary)
-        return torch.where(high, torch.full_like(t, self.guidance_scale), torch.full_like(t, self.guidance_scale_low_noise))
+        return torch.where(
+            high, torch.full_like(t, self.guidance_scale), torch.full_like(t, self.guidance_scale_low_noise)
+        )
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, negative: Condition) -> torch.Tensor:

@@ -40,7 +40,9 @@ class Anchor:
         return flow.x0_from_flow(self.x_exit, self.flow_exit, self.t_exit)
 
 
-def step(x: torch.Tensor, velocity: torch.Tensor, t: float, t_next: float, rule: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+def step(
+    x: torch.Tensor, velocity: torch.Tensor, t: float, t_next: float, rule: str, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """One sampling step from t to t_next: deterministic Euler, or x0 then fresh noise."""
     if rule == "euler" or t_next == 0.0:
         return flow.euler_step(x, velocity, t, t_next)
@@ -81,7 +83,9 @@ def rollout_to_phase_end(
             velocity = generators[layout.phase_of_step[index]](x, _timestep(times[index], x), condition)
             x = step(x, velocity, times[index], times[index + 1], step_rule, noise_generator)
     if exit_step is None:
-        return _through_every_step(generators[phase], steps, times, x, condition, step_rule, with_grad, noise_generator, s)
+        return _through_every_step(
+            generators[phase], steps, times, x, condition, step_rule, with_grad, noise_generator, s
+        )
     with torch.no_grad():
         for index in steps[: exit_step - 1]:
             velocity = generators[phase](x, _timestep(times[index], x), condition)

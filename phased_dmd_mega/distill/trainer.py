@@ -33,22 +33,37 @@ log = get_logger(__name__)
 # What a checkpoint's roles and schedule were built from: a resumed run must agree on these
 # (learning rates, batch sizes, logging, data and checkpoint cadence may change).
 RESUME_FIXED_KEYS = (
-    "model.arch", "model.preset", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules",
-    "phases.method", "phases.num_steps", "phases.num_phases", "phases.steps_per_phase", "phases.shift",
-    "phases.expert_boundary", "phases.phase_order", "phases.iterations_per_phase", "phases.iterations_by_phase",
+    "model.arch",
+    "model.preset",
+    "model.lora.rank",
+    "model.lora.alpha",
+    "model.lora.target_modules",
+    "phases.method",
+    "phases.num_steps",
+    "phases.num_phases",
+    "phases.steps_per_phase",
+    "phases.shift",
+    "phases.expert_boundary",
+    "phases.phase_order",
+    "phases.iterations_per_phase",
+    "phases.iterations_by_phase",
     "optimizer.ema_decay",
 )
 
 
 def resume_conflicts(saved: Config, current: Config) -> List[str]:
     """``key (checkpoint X, now Y)`` for every RESUME_FIXED_KEYS entry on which they differ."""
+
     def value(cfg, key):
         for part in key.split("."):
             cfg = getattr(cfg, part)
         return cfg
 
-    return [f"{key} (checkpoint {value(saved, key)!r}, now {value(current, key)!r})"
-            for key in RESUME_FIXED_KEYS if value(saved, key) != value(current, key)]
+    return [
+        f"{key} (checkpoint {value(saved, key)!r}, now {value(current, key)!r})"
+        for key in RESUME_FIXED_KEYS
+        if value(saved, key) != value(current, key)
+    ]
 
 
 def check_resumable(path: Path, cfg: Config) -> None:
@@ -56,7 +71,9 @@ def check_resumable(path: Path, cfg: Config) -> None:
     weights would load into the wrong roles, or training would silently continue another run."""
     saved_file = path / checkpoint.CONFIG_FILE
     if not saved_file.is_file():  # written by an older version, or by hand: nothing to compare
-        log.warning("%s has no %s: resuming without checking it against this run's config", path, checkpoint.CONFIG_FILE)
+        log.warning(
+            "%s has no %s: resuming without checking it against this run's config", path, checkpoint.CONFIG_FILE
+        )
         return
     try:
         saved = load_config(saved_file)
@@ -66,7 +83,8 @@ def check_resumable(path: Path, cfg: Config) -> None:
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         raise ConfigError(
-            f"cannot resume from {path}: this run differs from the one that wrote it in " + "; ".join(conflicts)
+            f"cannot resume from {path}: this run differs from the one that wrote it in "
+            + "; ".join(conflicts)
             + ". Use the checkpoint's settings, or start afresh (another checkpoint.dir, or checkpoint.resume=none)"
         )
 
@@ -129,8 +147,9 @@ def phase_layout(cfg: Config) -> PhaseLayout:
     """The paper's baselines are one-phase layouts of the same steps."""
     phases = cfg.phases
     if phases.method == "phased_dmd":
-        return PhaseLayout.build(phases.num_steps, num_phases=phases.num_phases,
-                                 steps_per_phase=phases.steps_per_phase, shift=phases.shift)
+        return PhaseLayout.build(
+            phases.num_steps, num_phases=phases.num_phases, steps_per_phase=phases.steps_per_phase, shift=phases.shift
+        )
     return PhaseLayout.build(phases.num_steps, num_phases=1, shift=phases.shift)
 
 
@@ -229,24 +248,36 @@ class Trainer:
         # copies of (or LoRA adapters on) the teacher, made on the teacher's device.
         device = parallel.layout().device
         teacher.to(device)  # build_teacher put it there; a teacher built elsewhere moves now
-        self.generators = [role_optimizer(generator_for_phase(teacher, self.layout, k, cfg).to(device), opt.generator,
-                                          opt) for k in range(self.layout.num_phases)]
-        self.fakes = [role_optimizer(fake_for_phase(teacher, self.layout, k, cfg).to(device), opt.fake, opt)
-                      for k in range(self.layout.num_phases)]
+        self.generators = [
+            role_optimizer(generator_for_phase(teacher, self.layout, k, cfg).to(device), opt.generator, opt)
+            for k in range(self.layout.num_phases)
+        ]
+        self.fakes = [
+            role_optimizer(fake_for_phase(teacher, self.layout, k, cfg).to(device), opt.fake, opt)
+            for k in range(self.layout.num_phases)
+        ]
         phases = cfg.phases
         settings = PhasedDMDSettings(
-            method=phases.method, step_rule=phases.step_rule, dmd_form=phases.dmd_form,
+            method=phases.method,
+            step_rule=phases.step_rule,
+            dmd_form=phases.dmd_form,
             fake_updates_per_generator_update=phases.fake_updates_per_generator_update,
-            batch_fake_rollouts=phases.batch_fake_rollouts, micro_batch_size=cfg.data.micro_batch_size,
-            weight_clamp=phases.weight_clamp, norm_min=phases.norm_min, renoise=renoise_kwargs(phases),
+            batch_fake_rollouts=phases.batch_fake_rollouts,
+            micro_batch_size=cfg.data.micro_batch_size,
+            weight_clamp=phases.weight_clamp,
+            norm_min=phases.norm_min,
+            renoise=renoise_kwargs(phases),
             seed=cfg.run.seed,
         )
         guided = GuidedTeacher(teacher, phases.guidance_scale, phases.guidance_scale_low_noise)
         self.phased = PhasedDMD(self.layout, guided, self.generators, self.fakes, settings, device)
         self.schedule = step_schedule(cfg, self.layout.num_phases)
         # Generator EMA: a frozen copy per phase, moved toward the generator after each update.
-        self.ema = ([ema_of(role.model, k, cfg).to(device) for k, role in enumerate(self.generators)]
-                    if opt.ema_decay is not None else None)
+        self.ema = (
+            [ema_of(role.model, k, cfg).to(device) for k, role in enumerate(self.generators)]
+            if opt.ema_decay is not None
+            else None
+        )
         self.output = Path(cfg.run.output_dir)
         self.samples = None
         if cfg.logging.sample_every:
@@ -263,8 +294,10 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise RuntimeError("logging.tensorboard_dir is set but the tensorboard package is missing: "
-                               "pip install 'phased-dmd-mega[tensorboard]'") from err
+            raise RuntimeError(
+                "logging.tensorboard_dir is set but the tensorboard package is missing: "
+                "pip install 'phased-dmd-mega[tensorboard]'"
+            ) from err
         return SummaryWriter(folder)
 
     def roles(self) -> Dict[str, RoleOptimizer]:
@@ -285,9 +318,9 @@ class Trainer:
         cfg, layout = self.cfg, parallel.layout()
         resolution = pick_resolution(cfg.data.resolutions, cfg.data.seed, step)
         shape = (cfg.data.batch_size, *self.geometry.latent_shape(*resolution.pixels))
-        condition, negative = self.prompts.sample(cfg.data.batch_size,
-                                                  step_generator(cfg.data.seed, step, layout.data_parallel_rank),
-                                                  resolution.pixels)
+        condition, negative = self.prompts.sample(
+            cfg.data.batch_size, step_generator(cfg.data.seed, step, layout.data_parallel_rank), resolution.pixels
+        )
         tokens = shape[0] * shape[2] * shape[3] * shape[4]
         return Batch(condition.to(layout.device), negative.to(layout.device), shape), tokens
 
@@ -305,8 +338,11 @@ class Trainer:
     def resume(self) -> int:
         if self.cfg.checkpoint.resume == "none":
             return 0
-        path = (checkpoint.latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume == "auto"
-                else Path(self.cfg.checkpoint.resume))
+        path = (
+            checkpoint.latest_checkpoint(self.cfg.checkpoint.dir)
+            if self.cfg.checkpoint.resume == "auto"
+            else Path(self.cfg.checkpoint.resume)
+        )
         if path is None:
             return 0
         check_resumable(Path(path), self.cfg)
@@ -330,23 +366,38 @@ class Trainer:
             self._record(step, logs, tokens, finite)
             if nonfinite >= cfg.run.max_consecutive_nonfinite:
                 self.save(step)
-                raise NonFiniteLossError(f"{nonfinite} non-finite steps in a row (up to iteration {step}); "
-                                         f"stopped with a checkpoint in {cfg.checkpoint.dir}")
+                raise NonFiniteLossError(
+                    f"{nonfinite} non-finite steps in a row (up to iteration {step}); "
+                    f"stopped with a checkpoint in {cfg.checkpoint.dir}"
+                )
             stop = self._stop_everywhere()  # every step, on every rank: they must agree
             if (step + 1) % cfg.checkpoint.save_every == 0 or step == total - 1 or stop:
                 self.save(step)
-            if self.samples is not None and not stop and ((step + 1) % cfg.logging.sample_every == 0 or step == total - 1):
-                self.samples.write(self.sampling_generators(), self.layout,
-                                   self.output / "samples" / checkpoint.checkpoint_name(step), step)
+            if (
+                self.samples is not None
+                and not stop
+                and ((step + 1) % cfg.logging.sample_every == 0 or step == total - 1)
+            ):
+                self.samples.write(
+                    self.sampling_generators(),
+                    self.layout,
+                    self.output / "samples" / checkpoint.checkpoint_name(step),
+                    step,
+                )
             if stop:
                 log.warning("SIGTERM: stopped after iteration %d with a checkpoint", step)
                 return step + 1
         return total
 
     def save(self, step: int) -> None:
-        checkpoint.save_checkpoint(self.cfg.checkpoint.dir, step, self.roles(),
-                                   {"phase": self.schedule[step]}, self.cfg.checkpoint.keep_last,
-                                   files={checkpoint.CONFIG_FILE: dump_yaml(self.cfg)})
+        checkpoint.save_checkpoint(
+            self.cfg.checkpoint.dir,
+            step,
+            self.roles(),
+            {"phase": self.schedule[step]},
+            self.cfg.checkpoint.keep_last,
+            files={checkpoint.CONFIG_FILE: dump_yaml(self.cfg)},
+        )
 
     def _set_learning_rates(self, step: int, total: int) -> None:
         """Each phase's roles start afresh, so warmup and decay run per phase: over the
@@ -376,8 +427,13 @@ class Trainer:
             log.warning("iteration %d: non-finite loss or gradient, update skipped (%s)", step, logs)
         if parallel.layout().rank != 0:
             return
-        entry = {"iteration": step, "phase": self.schedule[step], **logs, "tokens_per_second": tokens / logs["step_seconds"],
-                 "peak_memory_gib": peak_memory_gib()}
+        entry = {
+            "iteration": step,
+            "phase": self.schedule[step],
+            **logs,
+            "tokens_per_second": tokens / logs["step_seconds"],
+            "peak_memory_gib": peak_memory_gib(),
+        }
         self.output.mkdir(parents=True, exist_ok=True)
         with open(self.output / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(entry) + "\n")
@@ -387,9 +443,17 @@ class Trainer:
                     self._tensorboard.add_scalar(f"train/{key}", value, step)
             self._tensorboard.flush()
         if step % self.cfg.logging.log_every == 0 or step == len(self.schedule) - 1:
-            log.info("iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  peak %.2f GiB", step + 1,
-                     len(self.schedule), self.schedule[step], logs["dmd_loss"], logs["fake_loss"],
-                     logs["step_seconds"], entry["tokens_per_second"], entry["peak_memory_gib"])
+            log.info(
+                "iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  peak %.2f GiB",
+                step + 1,
+                len(self.schedule),
+                self.schedule[step],
+                logs["dmd_loss"],
+                logs["fake_loss"],
+                logs["step_seconds"],
+                entry["tokens_per_second"],
+                entry["peak_memory_gib"],
+            )
 
 
 # ----------------------------------------------------------------------------- set-up from a config
@@ -405,9 +469,13 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
     from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
 
     model_cfg = cfg.model
-    options = dict(attention_backend=model_cfg.attention_backend, transformer_impl=model_cfg.transformer_impl,
-                   fp8_recipe=model_cfg.fp8_recipe, recompute=model_cfg.recompute,
-                   recompute_num_blocks=model_cfg.recompute_num_blocks)
+    options = dict(
+        attention_backend=model_cfg.attention_backend,
+        transformer_impl=model_cfg.transformer_impl,
+        fp8_recipe=model_cfg.fp8_recipe,
+        recompute=model_cfg.recompute,
+        recompute_num_blocks=model_cfg.recompute_num_blocks,
+    )
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.teacher_path is None:
         architecture = registry()[model_cfg.arch]
@@ -415,18 +483,24 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
         log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.arch, preset)
         from phased_dmd_mega.models.options import ModelParallelOptions
 
-        par = ModelParallelOptions(sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights,
-                                   **options)
+        par = ModelParallelOptions(
+            sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights, **options
+        )
         teacher = Experts(architecture.model_class(architecture.presets[preset], par))
     elif inspect_checkpoint(model_cfg.teacher_path).has_experts:
         found = inspect_checkpoint(model_cfg.teacher_path)
-        high, low = (load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, expert=e, dtype=dtype,
-                                     weights=weights, **options) for e in ("high", "low"))
+        high, low = (
+            load_pretrained(
+                model_cfg.teacher_path, arch=model_cfg.preset, expert=e, dtype=dtype, weights=weights, **options
+            )
+            for e in ("high", "low")
+        )
         teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.arch))
     else:
         # With model.preset set (the recipes), the checkpoint must be that architecture.
-        teacher = Experts(load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, dtype=dtype,
-                                          weights=weights, **options))
+        teacher = Experts(
+            load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, dtype=dtype, weights=weights, **options)
+        )
     if not weights:  # a shell: left on the CPU, where its untouched pages cost no memory
         return teacher.requires_grad_(False)
     return teacher.to(parallel.layout().device).requires_grad_(False)
@@ -436,15 +510,16 @@ def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
     from phased_dmd_mega.data import PromptCache, SyntheticPrompts
 
     arch = teacher.high.arch
-    dim = getattr(arch, "text_dim", None) or getattr(arch, "joint_attention_dim")
+    dim = getattr(arch, "text_dim", None) or arch.joint_attention_dim
     if cfg.data.prompt_cache is not None:
         cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
         cache.check_model(cfg.model.arch, dim)
         return cache
     if cfg.data.synthetic_prompts > 0:
         return SyntheticPrompts(cfg.data.synthetic_prompts, 16, dim, seed=cfg.data.seed)
-    raise ValueError("data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), "
-                     "and data.synthetic_prompts is 0")
+    raise ValueError(
+        "data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), and data.synthetic_prompts is 0"
+    )
 
 
 def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) -> LatentGeometry:
@@ -463,29 +538,46 @@ def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) ->
                 f"the teacher takes {in_channels} input channels for {out_channels} output channels: its {extra} "
                 "extra channels are an image condition (Wan2.2 I2V: 4 mask + 16 first-frame latent channels), and "
                 "the prompt source has none; encode the prompts with their first frames (`phased-dmd encode-prompts "
-                "--vae VAE --resolution FxHxW` on rows with an image) and set data.prompt_cache to that cache")
+                "--vae VAE --resolution FxHxW` on rows with an image) and set data.prompt_cache to that cache"
+            )
         return LatentGeometry(channels=out_channels)
     if extra != image.channels or image.latent_shape[0] != out_channels:
-        needs = (f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)" if extra
-                 else "it takes no image condition (a text-to-video teacher)")
+        needs = (
+            f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)"
+            if extra
+            else "it takes no image condition (a text-to-video teacher)"
+        )
         raise ValueError(
             f"the prompt cache's image condition has {image.channels} channels ({image.mask_channels} mask + "
             f"{image.latent_shape[0]} latent); the teacher takes {in_channels} input channels for {out_channels} "
-            f"output channels: {needs}")
+            f"output channels: {needs}"
+        )
     return image.geometry
 
 
 def train(cfg: Config) -> int:
     """``phased-dmd train``: one process per GPU (torchrun), or one process on CPU."""
-    layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel,
-                                 cfg.parallel.sequence_parallel, cfg.run.seed, allow_tf32=cfg.run.tf32)
+    layout = parallel.initialize(
+        cfg.parallel.tensor_parallel,
+        cfg.parallel.ulysses_parallel,
+        cfg.parallel.sequence_parallel,
+        cfg.run.seed,
+        allow_tf32=cfg.run.tf32,
+    )
     try:
         teacher = build_teacher(cfg)
         prompts = build_prompts(cfg, teacher)
         trainer = Trainer(cfg, teacher, prompts, latent_geometry(teacher, prompts))
-        log.info("training %s: %d phases, %d iterations, %d processes (TP %d, Ulysses %d, DP %d)",
-                 cfg.phases.method, trainer.layout.num_phases, len(trainer.schedule), layout.world_size,
-                 layout.tensor_parallel, layout.ulysses_parallel, layout.data_parallel)
+        log.info(
+            "training %s: %d phases, %d iterations, %d processes (TP %d, Ulysses %d, DP %d)",
+            cfg.phases.method,
+            trainer.layout.num_phases,
+            len(trainer.schedule),
+            layout.world_size,
+            layout.tensor_parallel,
+            layout.ulysses_parallel,
+            layout.data_parallel,
+        )
         trainer.run()
     finally:
         parallel.destroy()

@@ -78,7 +78,7 @@ class Architecture:
         return all(field in config for field in self.diffusers_fields)
 
     def hf_layout_of(self, config: Config) -> Optional[str]:
-        """"diffusers" or "original" when ``config`` is one of this architecture's, else None."""
+        """ "diffusers" or "original" when ``config`` is one of this architecture's, else None."""
         if self.is_diffusers_config(config):
             return "diffusers"
         if self.original is not None and self.original.is_config(config):

@@ -52,8 +52,10 @@ def check_requested_family(found: Architecture, what: str, requested: Optional[s
     check_requested_name(requested)
     if requested is None or requested == found.name or requested in found.presets:
         return
-    wanted = registry()[requested] if requested in registry() else next(
-        a for a in registry().values() if requested in a.presets
+    wanted = (
+        registry()[requested]
+        if requested in registry()
+        else next(a for a in registry().values() if requested in a.presets)
     )
     accepted = wanted.config_descriptions() + [f"a {MEGA_FORMAT} {wanted.name!r} config"]
     asked = f"arch {requested!r}" + ("" if requested == wanted.name else f" (a {wanted.title} preset)")

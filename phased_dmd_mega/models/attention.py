@@ -33,8 +33,9 @@ def has_flash_attention() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_attention_backend(requested: str, dtype: torch.dtype, transformer_impl: str, *,
-                             flash_available: bool, te_available: bool) -> str:
+def choose_attention_backend(
+    requested: str, dtype: torch.dtype, transformer_impl: str, *, flash_available: bool, te_available: bool
+) -> str:
     """The backend for ``requested`` given what is installed. auto: flash-attn for bf16/fp16,
     else TE attention with the TE layer spec (bf16/fp16), else SDPA. An explicit backend that
     cannot run is an error, never a silent fallback."""
@@ -51,17 +52,21 @@ def choose_attention_backend(requested: str, dtype: torch.dtype, transformer_imp
         if not flash_available:
             raise RuntimeError("attention_backend=flash needs CUDA and the flash_attn package; use sdpa or auto")
         if not half:
-            raise ValueError(f"attention_backend=flash needs model.dtype bfloat16 or float16 (flash-attn refuses "
-                             f"{str(dtype).removeprefix('torch.')}); use sdpa or auto")
+            raise ValueError(
+                f"attention_backend=flash needs model.dtype bfloat16 or float16 (flash-attn refuses "
+                f"{str(dtype).removeprefix('torch.')}); use sdpa or auto"
+            )
     if requested == "te" and not te_available:
         raise RuntimeError("attention_backend=te needs CUDA and transformer_engine; use sdpa or auto")
     return requested
 
 
-def resolve_attention_backend(requested: str, transformer_impl: str = "local",
-                              dtype: torch.dtype = torch.bfloat16) -> str:
-    return choose_attention_backend(requested, dtype, transformer_impl, flash_available=has_flash_attention(),
-                                    te_available=has_transformer_engine())
+def resolve_attention_backend(
+    requested: str, transformer_impl: str = "local", dtype: torch.dtype = torch.bfloat16
+) -> str:
+    return choose_attention_backend(
+        requested, dtype, transformer_impl, flash_available=has_flash_attention(), te_available=has_transformer_engine()
+    )
 
 
 def attention_backend(options: ModelParallelOptions) -> str:
@@ -122,8 +127,9 @@ def _te_dot_product_attention(num_heads: int, head_dim: int, cross: bool):
     import transformer_engine.pytorch as te
 
     # attn_mask_type is chosen per call (no_mask or padding); TE's default would be causal.
-    return te.DotProductAttention(num_heads, head_dim, qkv_format="sbhd", attn_mask_type="no_mask",
-                                  attention_type="cross" if cross else "self")
+    return te.DotProductAttention(
+        num_heads, head_dim, qkv_format="sbhd", attn_mask_type="no_mask", attention_type="cross" if cross else "self"
+    )
 
 
 class AttentionCore(nn.Module):
@@ -145,8 +151,9 @@ class AttentionCore(nn.Module):
             local = num_local_heads // (ulysses_size() if self.ulysses else 1)
             self._te_attention = _te_dot_product_attention(local, head_dim, cross)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                key_mask: Optional[KeyMask] = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[KeyMask] = None
+    ) -> torch.Tensor:
         """q [Sq, B, H, D], k/v [Sk, B, H, D]; ``key_mask`` (self/joint attention only) over the
         full sequence (for Ulysses: the gathered one)."""
         if key_mask is not None and self.cross:
@@ -189,14 +196,24 @@ class AttentionCore(nn.Module):
 
     def _te_varlen(self, q, k, v, packing: Packing):
         cu, longest = packing.cu_seqlens, packing.max_seqlen
-        out = self._te_attention(q, k, v, qkv_format="thd", attn_mask_type="padding", cu_seqlens_q=cu,
-                                 cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+        out = self._te_attention(
+            q,
+            k,
+            v,
+            qkv_format="thd",
+            attn_mask_type="padding",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
         return out.view(q.shape[0], -1, self.head_dim)
 
 
 def sdpa_attention(q, k, v, key_mask: Optional[KeyMask] = None) -> torch.Tensor:
     """torch's scaled_dot_product_attention on [S, B, H, D] tensors, masked keys left out."""
     mask = None if key_mask is None else key_mask.mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                                         attn_mask=mask)
+    out = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask
+    )
     return out.permute(2, 0, 1, 3)

@@ -199,8 +199,9 @@ def _stored_names(layout: str, rules: Iterable[WeightRule], architecture: Archit
             for part, name in enumerate(rule.sources):
                 stored[name] = StoredAs(rule.own, part, len(rule.sources), rule.head_dim)
         return stored
-    raise ValueError(f"unknown layout {layout!r} for {architecture.title}; expected one of "
-                     f"{architecture.hf_layouts + ('mega',)}")
+    raise ValueError(
+        f"unknown layout {layout!r} for {architecture.title}; expected one of {architecture.hf_layouts + ('mega',)}"
+    )
 
 
 # ----------------------------------------------------------------------------- checks
@@ -220,9 +221,7 @@ def check_weights(view: CheckpointView, arch, where: str) -> None:
         if view.files.shape(key) != shape
     ]
     if wrong:
-        raise CheckpointError(
-            f"tensor shapes in {view.folder} do not match {where} ({summary}):\n" + "\n".join(wrong)
-        )
+        raise CheckpointError(f"tensor shapes in {view.folder} do not match {where} ({summary}):\n" + "\n".join(wrong))
     _check_dtypes(view)
 
 
@@ -236,8 +235,11 @@ def _expected_file_shapes(view: CheckpointView, arch) -> Dict[str, Shape]:
 
 
 def _check_dtypes(view: CheckpointView) -> None:
-    not_float = [f"{key} ({view.files.dtype(key)})" for key in sorted(view.files.weight_map)
-                 if not view.files.dtype(key).is_floating_point]
+    not_float = [
+        f"{key} ({view.files.dtype(key)})"
+        for key in sorted(view.files.weight_map)
+        if not view.files.dtype(key).is_floating_point
+    ]
     if not_float:
         raise CheckpointError(f"weights in {view.folder} must be floating point: {_listed(not_float)}")
     for rule in view.rules:
@@ -497,8 +499,9 @@ def open_model(
     return ModelFiles(Path(folder), layout, found_arch, config, view)
 
 
-def _arch_from_config(architecture: Architecture, layout: str, config: Mapping[str, Any],
-                      files: SafetensorsFolder, path: Path):
+def _arch_from_config(
+    architecture: Architecture, layout: str, config: Mapping[str, Any], files: SafetensorsFolder, path: Path
+):
     if layout == "diffusers":
         return architecture.arch_from_diffusers_config(config, str(path))
     if layout == "original":

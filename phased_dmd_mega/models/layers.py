@@ -52,8 +52,9 @@ def column_parallel_kwargs(config, init) -> Dict[str, Any]:
 
 def row_parallel_kwargs(config, init) -> Dict[str, Any]:
     """Input split over TP ranks, outputs summed (reduce-scattered under sequence parallelism)."""
-    return dict(config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False,
-                is_expert=False)
+    return dict(
+        config=config, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False
+    )
 
 
 def linear_spec(transformer_impl: str = "local") -> LinearSpec:
@@ -92,7 +93,8 @@ def model_parallel_config(sequence_parallel: bool, params_dtype: torch.dtype, in
     describe no model (nothing here reads them); the heads only have to divide by TP."""
     tp = tensor_parallel_size()
     return stand_in_transformer_config(
-        hidden_size=tp, num_attention_heads=tp,
+        hidden_size=tp,
+        num_attention_heads=tp,
         tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,

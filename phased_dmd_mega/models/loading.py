@@ -64,8 +64,14 @@ def load_pretrained(
     if not weights:
         return model
     _load_rank_weights(model, files.view, layout.tensor_parallel_rank, layout.tensor_parallel)
-    log.info("loaded %s (%s %s layout%s) at tensor parallel %d", files.folder, files.architecture.title,
-             files.layout, f", {expert} noise expert" if expert else "", layout.tensor_parallel)
+    log.info(
+        "loaded %s (%s %s layout%s) at tensor parallel %d",
+        files.folder,
+        files.architecture.title,
+        files.layout,
+        f", {expert} noise expert" if expert else "",
+        layout.tensor_parallel,
+    )
     return model
 
 

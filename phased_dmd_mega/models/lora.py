@@ -72,16 +72,22 @@ class LoRALinear(nn.Module):
         gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{self.path}".encode()))
         a = torch.randn(rank, full_in, generator=gen, dtype=torch.float32) / math.sqrt(full_in)
         if self.kind == "row":
-            a = a[:, rank_in_tp * in_local:(rank_in_tp + 1) * in_local]
+            a = a[:, rank_in_tp * in_local : (rank_in_tp + 1) * in_local]
         b = torch.zeros(out_local if self.kind == "column" else weight.shape[0], rank)
-        pair = LoRAPair(a.to(weight.dtype).to(weight.device), b.to(weight.dtype).to(weight.device), (alpha or rank) / rank)
+        pair = LoRAPair(
+            a.to(weight.dtype).to(weight.device), b.to(weight.dtype).to(weight.device), (alpha or rank) / rank
+        )
         self._tag(pair, tp)
         self.adapters[name] = pair
         return pair
 
     def _tag(self, pair: LoRAPair, tp: int) -> None:
         split, whole = (pair.lora_B, pair.lora_A) if self.kind == "column" else (pair.lora_A, pair.lora_B)
-        split.tensor_model_parallel, split.partition_dim, split.partition_stride = True, (0 if self.kind == "column" else 1), 1
+        split.tensor_model_parallel, split.partition_dim, split.partition_stride = (
+            True,
+            (0 if self.kind == "column" else 1),
+            1,
+        )
         if tp > 1 and (self.kind == "column" or self.sequence_parallel):
             whole.sequence_parallel = True  # a partial sum over the TP group
 
@@ -99,13 +105,19 @@ class LoRALinear(nn.Module):
         tp = tensor_parallel_size()
         if self.kind == "column":
             if tp > 1:
-                x = (mtp.gather_from_sequence_parallel_region(x) if self.sequence_parallel
-                     else mtp.copy_to_tensor_model_parallel_region(x))
+                x = (
+                    mtp.gather_from_sequence_parallel_region(x)
+                    if self.sequence_parallel
+                    else mtp.copy_to_tensor_model_parallel_region(x)
+                )
             return (x @ pair.lora_A.t()) @ pair.lora_B.t()
         low = x @ pair.lora_A.t()
         if tp > 1:
-            low = (mtp.reduce_scatter_to_sequence_parallel_region(low) if self.sequence_parallel
-                   else mtp.reduce_from_tensor_model_parallel_region(low))
+            low = (
+                mtp.reduce_scatter_to_sequence_parallel_region(low)
+                if self.sequence_parallel
+                else mtp.reduce_from_tensor_model_parallel_region(low)
+            )
         return low @ pair.lora_B.t()
 
 
@@ -120,7 +132,7 @@ def inject_lora(model: nn.Module, target_modules: Iterable[str]) -> List[LoRALin
     wrapped = []
     for path, module in list(model.named_modules()):
         kind = parallel_linear_kind(module)  # local megatron or Transformer Engine
-        if kind is None or not path.split(".")[-1] in targets:
+        if kind is None or path.split(".")[-1] not in targets:
             continue
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -165,8 +177,11 @@ def add_adapter(model: nn.Module, name: str, rank: int, alpha: float, target_mod
 def adapter_layers(view: AdapterView) -> List[Tuple[str, LoRAPair]]:
     """(path of the adapted linear in the shared model, this role's pair) for every adapted
     layer, in the model's order."""
-    return [(m.path, m.adapters[view.name]) for m in view.shared.modules()
-            if isinstance(m, LoRALinear) and view.name in m.adapters]
+    return [
+        (m.path, m.adapters[view.name])
+        for m in view.shared.modules()
+        if isinstance(m, LoRALinear) and view.name in m.adapters
+    ]
 
 
 @torch.no_grad()

@@ -72,8 +72,11 @@ def check_fp8_recipe(recipe_name: Optional[str], capability: Optional[Tuple[int,
 def _te_recipe(recipe_name: str):
     from transformer_engine.common import recipe
 
-    return {"delayed": recipe.DelayedScaling, "current": recipe.Float8CurrentScaling,
-            "mxfp8": recipe.MXFP8BlockScaling}[recipe_name]()
+    return {
+        "delayed": recipe.DelayedScaling,
+        "current": recipe.Float8CurrentScaling,
+        "mxfp8": recipe.MXFP8BlockScaling,
+    }[recipe_name]()
 
 
 def _te_autocast(enabled: bool, recipe_name: Optional[str] = None):

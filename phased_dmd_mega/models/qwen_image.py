@@ -100,7 +100,6 @@ class QwenImageArch:
         return self.out_channels * self.patch_size**2
 
 
-
 QWEN_IMAGE_PRESETS: Dict[str, QwenImageArch] = {
     "qwen-image": QwenImageArch(),
     # For tests and the CPU demo.
@@ -175,9 +174,7 @@ class QwenJointAttention(nn.Module):
     def forward(self, img, txt, img_angles, txt_angles, key_mask):
         img_q, img_k, img_v = self.img.qkv(img, img_angles)
         txt_q, txt_k, txt_v = self.txt.qkv(txt, txt_angles)
-        out = self.core(
-            torch.cat([txt_q, img_q]), torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask
-        )
+        out = self.core(torch.cat([txt_q, img_q]), torch.cat([txt_k, img_k]), torch.cat([txt_v, img_v]), key_mask)
         txt_out, img_out = out.split([txt_q.shape[0], img_q.shape[0]])
         return self.img.project(img_out), self.txt.project(txt_out)
 
@@ -219,7 +216,9 @@ class QwenImageBlock(nn.Module):
         img_attn, txt_attn = self.attention(
             self._norm_modulate(img, img_shift1, img_scale1),
             self._norm_modulate(txt, txt_shift1, txt_scale1),
-            img_angles, txt_angles, key_mask,
+            img_angles,
+            txt_angles,
+            key_mask,
         )
         img = _gated_residual(img, img_attn, img_gate1)
         txt = _gated_residual(txt, txt_attn, txt_gate1)
@@ -234,12 +233,24 @@ class QwenImageBlock(nn.Module):
 QWEN_IMAGE_PARALLEL_PLAN = ParallelPlan(
     # Under sequence parallelism each rank embeds, modulates and projects out its own tokens of
     # both streams only.
-    token_sharded=("img_in", "txt_norm", "txt_in", "time_embedding", "blocks.*.img_mod", "blocks.*.txt_mod",
-                   "head_modulation", "head"),
+    token_sharded=(
+        "img_in",
+        "txt_norm",
+        "txt_in",
+        "time_embedding",
+        "blocks.*.img_mod",
+        "blocks.*.txt_mod",
+        "head_modulation",
+        "head",
+    ),
     # One [head_dim] q/k norm weight shared by all heads, of which each TP rank has its own:
     # megatron's qk_layernorm case, with or without sequence parallelism.
-    head_sharded=("blocks.*.attention.img.q_norm", "blocks.*.attention.img.k_norm",
-                  "blocks.*.attention.txt.q_norm", "blocks.*.attention.txt.k_norm"),
+    head_sharded=(
+        "blocks.*.attention.img.q_norm",
+        "blocks.*.attention.img.k_norm",
+        "blocks.*.attention.txt.q_norm",
+        "blocks.*.attention.txt.k_norm",
+    ),
 )
 
 
@@ -342,12 +353,20 @@ class QwenImageModel(nn.Module):
         # Text first, as in diffusers' joint sequence (and in QwenJointAttention).
         batch = img.shape[1]
         key_mask = KeyMask.of(
-            joint_key_mask([(txt_sharding, context_mask), (img_sharding, None)], batch, img.device), batch)
+            joint_key_mask([(txt_sharding, context_mask), (img_sharding, None)], batch, img.device), batch
+        )
         par = self.par
         with fp8_autocast(par.fp8_recipe):
             img, _ = run_blocks(
-                self.blocks, (img, txt), temb, img_angles, txt_angles, key_mask,
-                recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
+                self.blocks,
+                (img, txt),
+                temb,
+                img_angles,
+                txt_angles,
+                key_mask,
+                recompute=par.recompute,
+                recompute_num_blocks=par.recompute_num_blocks,
+                fp8=par.fp8_recipe is not None,
             )
         scale, shift = self.head_modulation(F.silu(temb)).float().chunk(2, dim=-1)
         return self.head(modulate(self.head_norm(img), shift, scale).type_as(img))
@@ -385,4 +404,3 @@ class QwenImageModel(nn.Module):
         out = self.forward_tokens(img, txt, temb, context_mask, grid, img_sharding, txt_sharding)
         velocity = unpack_latents(img_sharding.gather(out), grid, self.arch.patch_size)
         return velocity.unsqueeze(2) if with_frame_axis else velocity
-

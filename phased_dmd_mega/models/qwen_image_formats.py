@@ -56,8 +56,16 @@ def diffusers_weight_rules(arch: QwenImageArch):
         rules += linear(f"{own}.img_mod", f"{hf}.img_mod.1")
         rules += linear(f"{own}.txt_mod", f"{hf}.txt_mod.1")
         rules += stream(f"{own}.attention.img", f"{hf}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k")
-        rules += stream(f"{own}.attention.txt", f"{hf}.attn", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                        "norm_added_q", "norm_added_k")
+        rules += stream(
+            f"{own}.attention.txt",
+            f"{hf}.attn",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+            "norm_added_q",
+            "norm_added_k",
+        )
         rules += mlp(f"{own}.img_mlp", f"{hf}.img_mlp")
         rules += mlp(f"{own}.txt_mlp", f"{hf}.txt_mlp")
     rules += linear("head_modulation", "norm_out.linear")

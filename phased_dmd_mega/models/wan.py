@@ -75,7 +75,6 @@ class WanArch:
         return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
 
 
-
 _14B = WanArch()
 WAN_PRESETS: Dict[str, WanArch] = {
     "wan2.1-t2v-1.3b": WanArch(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -152,8 +151,9 @@ class WanCrossAttention(nn.Module):
         if self.has_image:
             self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
             self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.core = AttentionCore(attention_backend(par), self.num_local_heads, self.head_dim, ulysses=False,
-                                  cross=True)
+        self.core = AttentionCore(
+            attention_backend(par), self.num_local_heads, self.head_dim, ulysses=False, cross=True
+        )
         self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
 
     def _keys_values(self, linear, norm, context):
@@ -187,7 +187,8 @@ class WanBlock(nn.Module):
         self.self_attention = WanSelfAttention(arch, par, spec, config)
         self.cross_attention_norm = (
             FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype)
-            if arch.cross_attn_norm else nn.Identity()
+            if arch.cross_attn_norm
+            else nn.Identity()
         )
         self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
         self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
@@ -210,8 +211,15 @@ class WanBlock(nn.Module):
 # The replicated parameters whose gradients are partial sums over the TP group (parallel.plan):
 # under sequence parallelism each rank embeds, modulates and projects out its own tokens only.
 WAN_PARALLEL_PLAN = ParallelPlan(
-    token_sharded=("patch_embedding", "time_embedding", "time_projection", "blocks.*.cross_attention_norm",
-                   "blocks.*.modulation", "head_modulation", "head"),
+    token_sharded=(
+        "patch_embedding",
+        "time_embedding",
+        "time_projection",
+        "blocks.*.cross_attention_norm",
+        "blocks.*.modulation",
+        "head_modulation",
+        "head",
+    ),
 )
 
 
@@ -229,10 +237,12 @@ class WanModel(nn.Module):
         self.patch_embedding = nn.Conv3d(arch.in_channels, arch.dim, arch.patch_size, arch.patch_size, dtype=dtype)
         self.time_embedding = TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
         self.time_projection = nn.Linear(arch.dim, 6 * arch.dim, dtype=dtype)
-        self.text_embedding = nn.ModuleDict({
-            "linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype),
-            "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype),
-        })
+        self.text_embedding = nn.ModuleDict(
+            {
+                "linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype),
+                "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype),
+            }
+        )
         self.image_embedding = WanImageEmbedding(arch, dtype) if arch.image_dim is not None else None
         self.blocks = nn.ModuleList(WanBlock(arch, par, spec, config, context_config) for _ in range(arch.num_layers))
         self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
@@ -317,8 +327,16 @@ class WanModel(nn.Module):
         par = self.par
         with fp8_autocast(par.fp8_recipe):
             tokens = run_blocks(
-                self.blocks, tokens, e0, context, image_context, angles, key_mask,
-                recompute=par.recompute, recompute_num_blocks=par.recompute_num_blocks, fp8=par.fp8_recipe is not None,
+                self.blocks,
+                tokens,
+                e0,
+                context,
+                image_context,
+                angles,
+                key_mask,
+                recompute=par.recompute,
+                recompute_num_blocks=par.recompute_num_blocks,
+                fp8=par.fp8_recipe is not None,
             )
         shift, scale = (self.head_modulation.float() + e.float().unsqueeze(-2)).unbind(-2)
         return self.head(modulate(self.head_norm(tokens), shift, scale).type_as(tokens))
@@ -353,4 +371,3 @@ class WanModel(nn.Module):
             image = self.image_embedding(encoder_hidden_states_image.to(dtype)).transpose(0, 1)
         out = self.forward_tokens(tokens, e, e0, text, image, grid, sharding)
         return self.unpatchify(sharding.gather(out), grid)
-

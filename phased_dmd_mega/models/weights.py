@@ -144,7 +144,7 @@ class StateDictReader:
 
     def __init__(self, tensors: Dict[str, torch.Tensor], folder="<memory>"):
         self.tensors, self.folder = tensors, Path(folder)
-        self.weight_map: Dict[str, str] = {name: "<memory>" for name in tensors}
+        self.weight_map: Dict[str, str] = dict.fromkeys(tensors, "<memory>")
 
     def keys(self) -> List[str]:
         return sorted(self.tensors)

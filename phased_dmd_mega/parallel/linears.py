@@ -31,7 +31,7 @@ def te_linear_classes() -> Optional[Tuple[type, type]]:
 
 
 def parallel_linear_kind(module: nn.Module) -> Optional[str]:
-    """"column" or "row" for a tensor-parallel linear of either family, else None."""
+    """ "column" or "row" for a tensor-parallel linear of either family, else None."""
     families = [local_linear_classes()]
     te = te_linear_classes() if has_transformer_engine() else None
     if te is not None:

@@ -63,9 +63,7 @@ def _start_process_group(backend: str, timeout: datetime.timedelta) -> bool:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     else:
-        dist.init_process_group(
-            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-        )
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return True
 
 
@@ -76,8 +74,10 @@ def local_cuda_device() -> int:
     if not 0 <= local_rank < count:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
-        raise RuntimeError(f"LOCAL_RANK is {local_rank}, but this process sees {count} GPU(s){shown}: "
-                           f"start at most {count} processes per node (torchrun --nproc_per_node)")
+        raise RuntimeError(
+            f"LOCAL_RANK is {local_rank}, but this process sees {count} GPU(s){shown}: "
+            f"start at most {count} processes per node (torchrun --nproc_per_node)"
+        )
     return local_rank
 
 

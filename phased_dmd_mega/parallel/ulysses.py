@@ -32,8 +32,7 @@ def seq_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, batch_dim
         return x
     if x.shape[scatter_dim] % size != 0:
         raise ValueError(
-            f"dimension {scatter_dim} of size {x.shape[scatter_dim]} does not divide by the "
-            f"Ulysses group size {size}"
+            f"dimension {scatter_dim} of size {x.shape[scatter_dim]} does not divide by the Ulysses group size {size}"
         )
     _ensure_deepspeed_comm()
     from deepspeed.sequence.layer import _SeqAllToAll
