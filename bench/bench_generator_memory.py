@@ -59,9 +59,11 @@ def _peak_mib() -> float:
 
 def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch_size: int = 0) -> dict:
     from phased_dmd_mega import parallel
+    from phased_dmd_mega.condition import Condition
+    from phased_dmd_mega.config import PhasesConfig
     from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
-    from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
-    from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+    from phased_dmd_mega.distill.phased import Batch, PhasedDMD
+    from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
     from phased_dmd_mega.models import WAN_PRESETS, ModelParallelOptions, WanModel
     from phased_dmd_mega.schedule import PhaseLayout
 
@@ -79,10 +81,16 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch
 
     layout = PhaseLayout.build(steps, num_phases=phases, shift=5.0)
     generators, fakes = [role() for _ in range(phases)], [role() for _ in range(phases)]
-    settings = PhasedDMDSettings(
-        method=method, fake_updates_per_generator_update=1, seed=0, micro_batch_size=micro_batch_size or None
+    phases = PhasesConfig(method=method, fake_updates_per_generator_update=1)
+    trainer = PhasedDMD(
+        layout,
+        GuidedTeacher(teacher, 1.0),
+        generators,
+        fakes,
+        phases,
+        micro_batch_size=micro_batch_size or None,
+        device=device,
     )
-    trainer = PhasedDMD(layout, GuidedTeacher(teacher, 1.0), generators, fakes, settings, device)
     context = torch.randn(batch, 16, arch.text_dim, device=device)
     step_batch = Batch(Condition(context), Condition(torch.zeros_like(context)), (batch, 16, 1, size, size))
     last = phases - 1

@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import tiny_demo as demo  # noqa: E402
 
 from phased_dmd_mega import parallel  # noqa: E402
+from phased_dmd_mega.distill.build import trainable_copy  # noqa: E402
 from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw, set_learning_rate  # noqa: E402
 from phased_dmd_mega.distill.roles import Experts  # noqa: E402
-from phased_dmd_mega.distill.trainer import learning_rate_factor, trainable_copy  # noqa: E402
+from phased_dmd_mega.distill.trainer import learning_rate_factor  # noqa: E402
 from phased_dmd_mega.flow import euler_step  # noqa: E402
 from phased_dmd_mega.log import get_logger  # noqa: E402
 from phased_dmd_mega.schedule import PhaseLayout, shift, unshift  # noqa: E402

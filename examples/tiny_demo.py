@@ -30,11 +30,12 @@ from typing import Dict
 import torch
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource
 from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw, set_learning_rate
 from phased_dmd_mega.distill.phased import sample
-from phased_dmd_mega.distill.roles import Condition, Experts
+from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.distill.trainer import Trainer, learning_rate_factor
 from phased_dmd_mega.log import get_logger, setup_logging
 from phased_dmd_mega.models import WAN_PRESETS, ModelParallelOptions, WanModel

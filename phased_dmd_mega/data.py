@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from phased_dmd_mega.distill.roles import Condition
+from phased_dmd_mega.condition import Condition
 
 
 def step_generator(seed: int, iteration: int, data_parallel_rank: int, purpose: int = 0) -> torch.Generator:

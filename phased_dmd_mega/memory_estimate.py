@@ -247,7 +247,7 @@ class Roles:
 
 
 def roles_of(cfg: Config) -> Roles:
-    from phased_dmd_mega.distill.trainer import fake_experts, phase_layout
+    from phased_dmd_mega.distill.build import fake_experts, phase_layout
 
     layout = phase_layout(cfg)
     fakes = [len(fake_experts(layout, k, cfg, cfg.phases.expert_boundary)) for k in range(layout.num_phases)]

@@ -27,9 +27,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.data import PromptSource
+from phased_dmd_mega.distill.build import build_prompts, latent_geometry
+from phased_dmd_mega.distill.generators import open_generators
 from phased_dmd_mega.distill.phased import sample as few_step_sample
-from phased_dmd_mega.distill.roles import Condition, Experts
+from phased_dmd_mega.distill.roles import Experts
+from phased_dmd_mega.export import open_export
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.schedule import PhaseLayout
 
@@ -321,9 +325,6 @@ class Samplers:
 
     @classmethod
     def from_checkpoint(cls, path, ema: bool = False, overrides: Sequence[str] = ()) -> "Samplers":
-        from phased_dmd_mega.distill.generators import open_generators
-        from phased_dmd_mega.distill.trainer import build_prompts
-
         opened = open_generators(path, ema=ema, overrides=overrides)
         cfg = opened.config
         prompts = (
@@ -340,8 +341,6 @@ class Samplers:
 
     @classmethod
     def from_export(cls, path, dtype: Optional[str] = None, attention_backend: str = "auto") -> "Samplers":
-        from phased_dmd_mega.export import open_export
-
         generators, layout, info = open_export(path, dtype, attention_backend)
         return cls(generators, layout, info["step_rule"], None, None, {"exported": str(Path(path).resolve())})
 
@@ -368,7 +367,6 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     """``phased-dmd sample``: draw the requested samples and publish them in ``request.output``
     (built in a hidden folder beside it, renamed at the end)."""
     from phased_dmd_mega import convert
-    from phased_dmd_mega.distill.trainer import latent_geometry
 
     layout = parallel.layout()
     if layout.data_parallel != 1:

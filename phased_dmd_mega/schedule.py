@@ -10,8 +10,8 @@ Conventions
   ``boundaries[k + 1]``, which is the time reached after its last step. ``boundaries[0] = 1``
   and ``boundaries[K] = 0``. The anchor of phase ``k`` lives at ``phase_end(k)``.
 
-Everything here is pure python/torch and config-free; ``PhaseLayout.from_config``,
-``renoise_range_kwargs`` and ``renoise_kwargs`` read the matching fields of ``config.PhasesConfig``.
+Everything here is pure python/torch and config-free; ``PhaseLayout.from_config`` and
+``renoise_range_kwargs`` read the matching fields of ``config.PhasesConfig``.
 """
 
 from __future__ import annotations
@@ -263,12 +263,6 @@ def renoise_range_kwargs(phases_cfg: Any) -> Dict[str, Any]:
         margin=phases_cfg.margin,
         expert_boundary=phases_cfg.expert_boundary,
     )
-
-
-def renoise_kwargs(phases_cfg: Any) -> Dict[str, Any]:
-    """The :func:`sample_renoise_t` options held by a ``config.PhasesConfig``: the range's and
-    the re-noise shift."""
-    return dict(renoise_range_kwargs(phases_cfg), renoise_shift=phases_cfg.renoise_shift)
 
 
 # ----------------------------------------------------------------------------- expert routing

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from phased_dmd_mega import flow, losses
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher, call_dit
+from phased_dmd_mega.distill.roles import Experts, GuidedTeacher, call_dit
 from phased_dmd_mega.distill.rollout import rollout_to_phase_end
 from phased_dmd_mega.schedule import PhaseLayout
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.condition import Condition
+from phased_dmd_mega.config import PhasesConfig
 from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw
-from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings, sample
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.phased import Batch, PhasedDMD, sample
+from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.models import WAN_PRESETS, ModelParallelOptions, WanModel
 from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.testing import run_distributed
@@ -44,10 +46,12 @@ def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SH
     layout = PhaseLayout.build(4, num_phases=2, shift=5.0)
     generators = _roles(teacher.state_dict(), options, 2, 1e-3, 1.0)
     fakes = _roles(teacher.state_dict(), options, 2, 1e-3, None)
-    settings = PhasedDMDSettings(
-        **{"fake_updates_per_generator_update": 2, "weight_clamp": 10.0, "seed": 5, **settings_overrides}
+    options = {"fake_updates_per_generator_update": 2, "weight_clamp": 10.0, **settings_overrides}
+    micro_batch_size = options.pop("micro_batch_size", None)
+    phases = PhasesConfig(**options)
+    trainer = PhasedDMD(
+        layout, GuidedTeacher(teacher, guidance), generators, fakes, phases, seed=5, micro_batch_size=micro_batch_size
     )
-    trainer = PhasedDMD(layout, GuidedTeacher(teacher, guidance), generators, fakes, settings)
     gen = torch.Generator().manual_seed(0)
     cond = Condition(torch.randn(shape[0], 4, ARCH.text_dim, generator=gen))
     batch = Batch(cond, Condition(torch.zeros_like(cond.context)), shape)

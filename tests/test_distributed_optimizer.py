@@ -12,6 +12,8 @@ from test_distill_parallel import ARCH, SHAPE
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.checkpoint import flat_range_boxes
+from phased_dmd_mega.condition import Condition
+from phased_dmd_mega.config import PhasesConfig
 from phased_dmd_mega.distill.optim import (
     MAIN_PARAM,
     DistributedRoleOptimizer,
@@ -19,8 +21,8 @@ from phased_dmd_mega.distill.optim import (
     make_adamw,
     make_role_optimizer,
 )
-from phased_dmd_mega.distill.phased import Batch, PhasedDMD, PhasedDMDSettings
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.phased import Batch, PhasedDMD
+from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
 from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.testing import run_distributed
@@ -52,9 +54,9 @@ def build(tp, distributed, same_data=False, sequence_parallel=False, ulysses=1):
     state = teacher.high.state_dict()
     generators = [_role(state, options, distributed, 1.0) for _ in range(2)]
     fakes = [_role(state, options, distributed, None, two_experts=(k == 0)) for k in range(2)]
-    settings = PhasedDMDSettings(fake_updates_per_generator_update=2, weight_clamp=10.0, seed=5)
+    phases = PhasesConfig(fake_updates_per_generator_update=2, weight_clamp=10.0)
     trainer = PhasedDMD(
-        PhaseLayout.build(4, num_phases=2, shift=5.0), GuidedTeacher(teacher, 3.0), generators, fakes, settings
+        PhaseLayout.build(4, num_phases=2, shift=5.0), GuidedTeacher(teacher, 3.0), generators, fakes, phases, seed=5
     )
     if same_data:  # every data-parallel rank draws rank 0's noise too: a DP=2 step is a DP=1 step
         trainer._data_parallel_rank = 0
@@ -366,8 +368,8 @@ def test_bf16_weights_resume_with_their_fp32_main_copy(one_rank, tmp_path):
 
 def test_the_run_config_chooses_the_optimizer(one_rank):
     from phased_dmd_mega.config import load_config
+    from phased_dmd_mega.distill.build import role_optimizer
     from phased_dmd_mega.distill.optim import RoleOptimizer
-    from phased_dmd_mega.distill.trainer import role_optimizer
 
     for overrides, kind in (([], DistributedRoleOptimizer), (["optimizer.distributed=false"], RoleOptimizer)):
         opt = load_config(None, ["optimizer.fake.betas=[0.5,0.99]", "optimizer.grad_clip=2.5", *overrides]).optimizer

@@ -17,8 +17,8 @@ from test_qwen_parity import diffusers_velocity as qwen_diffusers_velocity
 from tiny_runs import rel_error, save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
 from phased_dmd_mega import cli, parallel
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.distill.phased import sample
-from phased_dmd_mega.distill.roles import Condition
 from phased_dmd_mega.export import EXPORT_INFO, export_generators, pipeline_boundary_ratio, plan_slots
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.schedule import PhaseLayout

@@ -23,7 +23,8 @@ from test_trainer import write_config
 
 from phased_dmd_mega import losses, parallel
 from phased_dmd_mega.config import load_config
-from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
+from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
+from phased_dmd_mega.distill.trainer import Trainer
 from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, ModelParallelOptions, QwenImageModel, WanModel
 from phased_dmd_mega.models.attention import AttentionCore, KeyMask, sdpa_attention
 from phased_dmd_mega.models.wan import WAN_PRESETS

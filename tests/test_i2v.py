@@ -314,8 +314,9 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
     from phased_dmd_mega import parallel
     from phased_dmd_mega.cli import main
     from phased_dmd_mega.config import load_config
+    from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
     from phased_dmd_mega.distill.phased import sample
-    from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
+    from phased_dmd_mega.distill.trainer import Trainer
     from phased_dmd_mega.sample import sample_noise
 
     mixture = [
@@ -401,7 +402,8 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
     from phased_dmd_mega import parallel
     from phased_dmd_mega.config import load_config
     from phased_dmd_mega.data import SyntheticPrompts
-    from phased_dmd_mega.distill.trainer import Trainer, build_teacher, latent_geometry
+    from phased_dmd_mega.distill.build import build_teacher, latent_geometry
+    from phased_dmd_mega.distill.trainer import Trainer
 
     i2v = load_config(i2v_config(tmp_path, cache.folder), [f"model.teacher_path={assets['teacher']}"])
     t2v = load_config(i2v_config(tmp_path, cache.folder), ["model.preset=tiny"])

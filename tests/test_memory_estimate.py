@@ -139,8 +139,8 @@ def test_tensor_parallel_divides_only_the_sharded_weights():
 
 
 def _fake_models(cfg):
+    from phased_dmd_mega.distill.build import fake_for_phase, phase_layout
     from phased_dmd_mega.distill.roles import Experts
-    from phased_dmd_mega.distill.trainer import fake_for_phase, phase_layout
 
     tiny = lambda: WanModel(WanArch(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=8, freq_dim=16))  # noqa: E731
     teacher = Experts(tiny(), tiny(), cfg.phases.expert_boundary)

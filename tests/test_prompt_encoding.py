@@ -416,7 +416,8 @@ def test_the_trainer_trains_on_an_encoded_cache(encoders, tmp_path):
 
     from phased_dmd_mega import parallel
     from phased_dmd_mega.config import load_config
-    from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
+    from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
+    from phased_dmd_mega.distill.trainer import Trainer
 
     root = save_wan_text_encoder(tmp_path / "encoder", d_model=32)  # the tiny Wan preset's text_dim
     folder = encode({"wan": root}, "wan", tmp_path, negative_prompt="blurry")

@@ -112,7 +112,7 @@ def test_parallel_sizes_fit_an_eight_gpu_node(name):
 def test_i2v_recipe_is_refused_without_image_conditions():
     """The I2V teacher takes 36 channels; without first-frame latents in the prompt cache the
     trainer must refuse it rather than train T2V."""
-    from phased_dmd_mega.distill.trainer import latent_geometry
+    from phased_dmd_mega.distill.build import latent_geometry
 
     cfg = recipe("wan22_i2v_a14b")
     arch = registry()["wan"].presets[cfg.model.preset]
@@ -135,7 +135,7 @@ def tiny_wan_folder(tmp_path_factory):
 
 
 def _teacher_arch(cfg):
-    from phased_dmd_mega.distill.trainer import build_teacher
+    from phased_dmd_mega.distill.build import build_teacher
 
     return with_parallel_state(lambda: build_teacher(cfg).high.arch)
 

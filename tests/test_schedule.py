@@ -10,7 +10,6 @@ from phased_dmd_mega.config import PhasesConfig
 from phased_dmd_mega.schedule import (
     PhaseLayout,
     expert_for_t,
-    renoise_kwargs,
     renoise_range,
     renoise_range_kwargs,
     sample_renoise_t,
@@ -253,20 +252,16 @@ def test_a_phase_is_high_noise_when_every_step_of_it_is():
     assert not layout.phase_is_high_noise(0, 0.95)  # its second step (0.9375) is a low-noise one
 
 
-def test_renoise_kwargs_follow_config_names():
+def test_renoise_range_kwargs_follow_config_names():
     cfg = PhasesConfig(
         renoise_interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875, renoise_shift=2.0
     )
-    kwargs = renoise_kwargs(cfg)
-    assert kwargs == dict(
-        interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875, renoise_shift=2.0
-    )
+    kwargs = renoise_range_kwargs(cfg)
+    assert kwargs == dict(interval="disjoint", t_min=0.02, t_max=0.98, margin=0.01, expert_boundary=0.875)
     layout = PhaseLayout.from_config(PhasesConfig(shift=7.0))
-    t = sample_renoise_t(layout, 0, 8, torch.Generator().manual_seed(0), **kwargs)
+    t = sample_renoise_t(layout, 0, 8, torch.Generator().manual_seed(0), **kwargs, renoise_shift=cfg.renoise_shift)
     assert t.shape == (8,)
-    range_kwargs = renoise_range_kwargs(cfg)  # the range alone: everything but the shift
-    assert range_kwargs == {k: v for k, v in kwargs.items() if k != "renoise_shift"}
-    assert renoise_range(layout, 0, **range_kwargs) == pytest.approx((0.885, 0.98))  # s + margin
+    assert renoise_range(layout, 0, **kwargs) == pytest.approx((0.885, 0.98))  # s + margin
 
 
 def test_renoise_t_is_reproducible_from_the_generator():

@@ -18,13 +18,8 @@ import yaml
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
 from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
-from phased_dmd_mega.distill.trainer import (
-    NonFiniteLossError,
-    Trainer,
-    build_teacher,
-    learning_rate_factor,
-    step_schedule,
-)
+from phased_dmd_mega.distill.build import build_teacher
+from phased_dmd_mega.distill.trainer import NonFiniteLossError, Trainer, learning_rate_factor, step_schedule
 from phased_dmd_mega.parallel import state as parallel_state
 
 TINY_RUN = {

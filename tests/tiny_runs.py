@@ -18,7 +18,8 @@ from tiny_models import QWEN_TINY, WAN_TINY
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config, load_config
-from phased_dmd_mega.distill.trainer import Trainer, build_prompts, build_teacher, latent_geometry
+from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
+from phased_dmd_mega.distill.trainer import Trainer
 
 # Fewer iterations than test_trainer's run; the generators still move away from the teacher.
 SHORT = ["phases.iterations_per_phase=2", "checkpoint.save_every=100"]

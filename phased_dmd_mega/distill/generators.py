@@ -24,8 +24,17 @@ from typing import List, Optional, Sequence
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config, load_config
+from phased_dmd_mega.distill.build import (
+    WeightsOnly,
+    build_teacher,
+    generator_for_phase,
+    phase_layout,
+    teacher_expert_for_phase,
+)
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.models.architectures import architecture_of
+from phased_dmd_mega.models.checkpoints import SINGLE
 from phased_dmd_mega.parallel.state import use_tf32
 from phased_dmd_mega.schedule import PhaseLayout
 
@@ -56,8 +65,6 @@ class DistilledGenerators:
 
     @property
     def architecture(self):
-        from phased_dmd_mega.models.architectures import architecture_of
-
         return architecture_of(self.arch)
 
 
@@ -80,14 +87,6 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     """Rebuild and load the generators of the checkpoint at ``path`` (see the module docstring).
     ``overrides``: dotted ``key=value`` changes to the stored configuration (e.g.
     ``model.teacher_path=...`` when the teacher moved, ``model.attention_backend=sdpa``)."""
-    from phased_dmd_mega.distill.trainer import (
-        WeightsOnly,
-        build_teacher,
-        generator_for_phase,
-        phase_layout,
-        teacher_expert_for_phase,
-    )
-
     if not parallel.is_initialized():
         raise RuntimeError("open_generators builds models for the parallel state: call parallel.initialize() first")
     folder = resolve_checkpoint(path)
@@ -130,8 +129,6 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
 
 
 def _expert_name(teacher: Experts, model) -> str:
-    from phased_dmd_mega.models.checkpoints import SINGLE
-
     if teacher.low is None:
         return SINGLE
     return "high" if model is teacher.high else "low"

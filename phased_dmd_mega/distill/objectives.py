@@ -14,8 +14,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from phased_dmd_mega import flow, losses
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.distill.loss_shard import LossShard
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.distill.rollout import Anchor
 
 DMD_FORMS = ("subinterval", "x0")

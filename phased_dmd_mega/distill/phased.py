@@ -13,12 +13,14 @@ from typing import Dict, List, Optional
 import torch
 
 from phased_dmd_mega import flow, parallel
+from phased_dmd_mega.condition import Condition
+from phased_dmd_mega.config import PhasesConfig
 from phased_dmd_mega.distill.loss_shard import LossShard
 from phased_dmd_mega.distill.objectives import fake_score_loss, generator_dmd_loss, renoise
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree
-from phased_dmd_mega.distill.roles import Condition, Experts, GuidedTeacher
+from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.distill.rollout import Anchor, rollout_to_phase_end
-from phased_dmd_mega.schedule import PhaseLayout, sample_renoise_t, sgts_exit_step
+from phased_dmd_mega.schedule import PhaseLayout, renoise_range_kwargs, sample_renoise_t, sgts_exit_step
 
 
 @dataclass
@@ -37,23 +39,6 @@ class Batch:
         )
 
 
-@dataclass
-class PhasedDMDSettings:
-    method: str = "phased_dmd"  # phased_dmd | dmd_sgts | dmd_naive
-    step_rule: str = "euler"
-    dmd_form: str = "subinterval"
-    fake_updates_per_generator_update: int = 5
-    batch_fake_rollouts: bool = False  # one rollout per SGTS exit step for an iteration's fake updates
-    # Gradient accumulation: each update runs its batch in micro-batches of this many samples
-    # (None: the whole batch at once). Same random draws, same update (exactly so with the
-    # Euler rule); the activations kept for backward are a micro-batch's.
-    micro_batch_size: Optional[int] = None
-    weight_clamp: Optional[float] = None
-    norm_min: float = 1e-4
-    renoise: Dict = None  # keyword arguments of schedule.sample_renoise_t
-    seed: int = 0
-
-
 class PhasedDMD:
     """Holds the roles of every phase and runs iterations of one phase at a time."""
 
@@ -63,13 +48,20 @@ class PhasedDMD:
         teacher: GuidedTeacher,
         generators: List[RoleOptimizer],
         fakes: List[RoleOptimizer],
-        settings: PhasedDMDSettings,
+        phases: PhasesConfig,
+        *,
+        seed: int = 0,
+        micro_batch_size: Optional[int] = None,
         device: torch.device = torch.device("cpu"),
     ):
+        """``phases``: the run's method, step rule, loss form and re-noising options.
+        ``micro_batch_size``: each update runs its batch in micro-batches of this many samples
+        (None: the whole batch at once); same random draws and, with the Euler rule, exactly the
+        same update, while the activations kept for backward are a micro-batch's."""
         if len(generators) != layout.num_phases or len(fakes) != layout.num_phases:
             raise ValueError(f"{layout.num_phases} phases need as many generators and fakes")
         self.layout, self.teacher, self.generators, self.fakes = layout, teacher, generators, fakes
-        self.settings, self.device = settings, device
+        self.phases, self.seed, self.micro_batch_size, self.device = phases, seed, micro_batch_size, device
         self._data_parallel_rank = parallel.layout().data_parallel_rank if parallel.is_initialized() else 0
 
     def _generator_fns(self) -> List[Experts]:
@@ -79,14 +71,14 @@ class PhasedDMD:
         # The ranks that hold one sample (tensor- and sequence-parallel) draw the same numbers
         # without communicating; data-parallel ranks draw their own noise and re-noise times.
         # Integers hash the same in every process (unlike strings).
-        key = (self.settings.seed, iteration, phase, purpose, self._data_parallel_rank)
+        key = (self.seed, iteration, phase, purpose, self._data_parallel_rank)
         return torch.Generator(device="cpu").manual_seed(hash(key) % 2**63)
 
     def _exit_step(self, phase: int, iteration: int, purpose: int) -> Optional[int]:
-        if self.settings.method == "dmd_naive":
+        if self.phases.method == "dmd_naive":
             return None
         steps = len(self.layout.steps_of_phase(phase))
-        return sgts_exit_step(steps, self.settings.seed + purpose, iteration, phase)
+        return sgts_exit_step(steps, self.seed + purpose, iteration, phase)
 
     def _loss_shard(self, batch: Batch) -> LossShard:
         """This rank's tokens of each sample in the losses (all roles share one token split)."""
@@ -104,7 +96,7 @@ class PhasedDMD:
             self._noise(batch, gen),
             batch.condition,
             self._exit_step(phase, iteration, purpose),
-            self.settings.step_rule,
+            self.phases.step_rule,
             with_grad,
             gen,
         )
@@ -112,8 +104,16 @@ class PhasedDMD:
     def _renoise_draws(self, like: torch.Tensor, phase: int, iteration: int, purpose: int):
         """The re-noising times and noise of a whole batch shaped like ``like``."""
         gen = self._random(iteration, phase, purpose + 1000)
-        renoise = self.settings.renoise or {}
-        t = sample_renoise_t(self.layout, phase, like.shape[0], gen, **renoise, device=self.device)
+        options = renoise_range_kwargs(self.phases)
+        t = sample_renoise_t(
+            self.layout,
+            phase,
+            like.shape[0],
+            gen,
+            **options,
+            renoise_shift=self.phases.renoise_shift,
+            device=self.device,
+        )
         return t, flow.seeded_normal(like, gen)
 
     def _renoised(self, anchor: Anchor, phase: int, iteration: int, purpose: int):
@@ -122,7 +122,7 @@ class PhasedDMD:
 
     def _micro_batches(self, batch: Batch) -> List[slice]:
         size = batch.latent_shape[0]
-        step = self.settings.micro_batch_size or size
+        step = self.micro_batch_size or size
         if size % step:
             raise ValueError(f"micro_batch_size {step} does not divide the batch of {size} samples")
         return [slice(start, start + step) for start in range(0, size, step)]
@@ -135,8 +135,8 @@ class PhasedDMD:
         the same anchors (with the Euler rule; the stochastic rule draws its step noise once
         for the group). Fewer, larger DiT calls; the rollout activations grow with the group.
         """
-        purposes = [1 + index for index in range(self.settings.fake_updates_per_generator_update)]
-        if not self.settings.batch_fake_rollouts:
+        purposes = [1 + index for index in range(self.phases.fake_updates_per_generator_update)]
+        if not self.phases.batch_fake_rollouts:
             return [self._anchor(phase, batch, iteration, purpose, with_grad=False) for purpose in purposes]
         groups: Dict[Optional[int], List[int]] = {}
         for purpose in purposes:
@@ -153,7 +153,7 @@ class PhasedDMD:
                 noise,
                 batch.condition.select(rows),
                 exit_step,
-                self.settings.step_rule,
+                self.phases.step_rule,
                 False,
                 gens[0],
             )
@@ -176,7 +176,7 @@ class PhasedDMD:
                 anchor.s,
                 noised.rows(rows),
                 micro.condition,
-                self.settings.weight_clamp,
+                self.phases.weight_clamp,
                 self._loss_shard(micro),
             )
             return loss, [loss], {"fake_loss": whole}
@@ -199,7 +199,7 @@ class PhasedDMD:
                 noise[rows],
                 micro.condition,
                 exit_step,
-                self.settings.step_rule,
+                self.phases.step_rule,
                 True,
                 gen,
             )
@@ -210,8 +210,8 @@ class PhasedDMD:
                 self.fakes[phase].model,
                 micro.condition,
                 micro.negative,
-                self.settings.dmd_form,
-                self.settings.norm_min,
+                self.phases.dmd_form,
+                self.phases.norm_min,
                 self._loss_shard(micro),
             )
             # The guard inside dmd_loss zeroes NaN directions; a teacher or fake model gone

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from phased_dmd_mega import flow
-from phased_dmd_mega.distill.roles import Condition
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.schedule import PhaseLayout
 
 STEP_RULES = ("euler", "stochastic")

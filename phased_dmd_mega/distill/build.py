@@ -1,0 +1,211 @@
+"""Everything a run is built from, read from its config: the teacher, the prompt source, the
+latent geometry, and the roles (generators, fake score models, EMA copies, their optimizers)
+made from the teacher. The trainer, the generator loader, sampling, export and the memory
+estimate all build through here, so a role is made the same way wherever it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from phased_dmd_mega import parallel
+from phased_dmd_mega.config import Config
+from phased_dmd_mega.data import LatentGeometry, PromptCache, PromptSource, SyntheticPrompts
+from phased_dmd_mega.distill.optim import make_role_optimizer
+from phased_dmd_mega.distill.roles import Experts
+from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.models import load_pretrained
+from phased_dmd_mega.models.architectures import registry
+from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
+from phased_dmd_mega.models.lora import add_adapter
+from phased_dmd_mega.models.options import ModelParallelOptions
+from phased_dmd_mega.schedule import PhaseLayout, renoise_range, renoise_range_kwargs
+
+log = get_logger(__name__)
+
+
+@dataclass
+class WeightsOnly:
+    """A model saved without optimizer states (the EMA copies)."""
+
+    model: nn.Module
+    optimizer: None = None
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+def trainable_copy(model: nn.Module) -> nn.Module:
+    """A trainable copy of a DiT on the model's own device (megatron layers hold process groups,
+    so: build, then load). Built under that device, so that a GPU copy never passes through host
+    memory; then moved there, for the tensors that layers create on a device of their own."""
+    device = next(model.parameters()).device
+    with torch.device(device):
+        fresh = type(model)(model.arch, replace(model.par, initialize=False))
+    fresh.to(device).load_state_dict(model.state_dict())
+    return fresh.requires_grad_(True)
+
+
+def role_model(expert: nn.Module, name: str, lora) -> nn.Module:
+    """A trainable role initialised from a teacher expert: a full copy, or, with LoRA, an
+    adapter on the teacher's own (frozen, shared) weights."""
+    if lora.rank > 0:
+        return add_adapter(expert, name, lora.rank, lora.alpha, lora.target_modules)
+    return trainable_copy(expert)
+
+
+def frozen_copy(model: nn.Module, name: str, lora) -> nn.Module:
+    """A frozen copy of a role's current weights (the EMA starts from the generator)."""
+    if lora.rank > 0:
+        copy = role_model(model.shared, name, lora)
+        with torch.no_grad():
+            for mine, theirs in zip(copy.parameters(), model.parameters()):
+                mine.copy_(theirs)
+    else:
+        copy = trainable_copy(model)
+    return copy.requires_grad_(False)
+
+
+def phase_layout(cfg: Config) -> PhaseLayout:
+    """The paper's baselines are one-phase layouts of the same steps."""
+    phases = cfg.phases
+    if phases.method == "phased_dmd":
+        return PhaseLayout.build(
+            phases.num_steps, num_phases=phases.num_phases, steps_per_phase=phases.steps_per_phase, shift=phases.shift
+        )
+    return PhaseLayout.build(phases.num_steps, num_phases=1, shift=phases.shift)
+
+
+def teacher_expert_for_phase(teacher: Experts, layout: PhaseLayout, phase: int) -> nn.Module:
+    """The teacher expert whose noise range holds the phase (its generator starts from it; a
+    LoRA generator stays an adapter on it)."""
+    if teacher.low is None or layout.phase_is_high_noise(phase, teacher.boundary):
+        return teacher.high
+    return teacher.low
+
+
+def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
+    """Initialised from the teacher expert for the phase's noise range."""
+    return Experts(role_model(teacher_expert_for_phase(teacher, layout, phase), f"generator{phase}", cfg.model.lora))
+
+
+def fake_experts(layout: PhaseLayout, phase: int, cfg: Config, boundary) -> Tuple[str, ...]:
+    """The teacher experts ("high", and "low" when there is a boundary that the phase's
+    re-noise times reach) that the phase's fake model copies."""
+    if boundary is None:
+        return ("high",)
+    low_t, _ = renoise_range(layout, phase, **renoise_range_kwargs(cfg.phases))
+    return ("high",) if low_t >= boundary else ("high", "low")
+
+
+def fake_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
+    """One fake model per teacher expert that the phase's re-noise times reach."""
+    lora = cfg.model.lora
+    high = role_model(teacher.high, f"fake{phase}_high", lora)
+    if fake_experts(layout, phase, cfg, teacher.boundary) == ("high",):
+        return Experts(high)
+    return Experts(high, role_model(teacher.low, f"fake{phase}_low", lora), teacher.boundary)
+
+
+def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
+    low = frozen_copy(generator.low, f"generator{phase}_ema_low", cfg.model.lora) if generator.low is not None else None
+    return Experts(frozen_copy(generator.high, f"generator{phase}_ema", cfg.model.lora), low, generator.boundary)
+
+
+def role_optimizer(model: nn.Module, adam, opt):
+    """The role's AdamW (``adam``: its settings) with the run's clipping and optimizer kind."""
+    return make_role_optimizer(model, adam.lr, adam.betas, adam.eps, adam.weight_decay, opt.grad_clip, opt.distributed)
+
+
+# ----------------------------------------------------------------------------- the teacher and the data
+
+
+def build_teacher(cfg: Config, weights: bool = True) -> Experts:
+    """The frozen teacher: a Hugging Face or converted checkpoint (two experts for Wan2.2-A14B),
+    or, without ``model.teacher_path``, a randomly initialised preset (smoke tests only).
+    ``weights=False``: the models' shapes only, no weights read (sampling and export of full
+    fine-tunes, whose generators' weights come from the training checkpoint)."""
+    model_cfg = cfg.model
+    options = dict(
+        attention_backend=model_cfg.attention_backend,
+        transformer_impl=model_cfg.transformer_impl,
+        fp8_recipe=model_cfg.fp8_recipe,
+        recompute=model_cfg.recompute,
+        recompute_num_blocks=model_cfg.recompute_num_blocks,
+    )
+    dtype = getattr(torch, model_cfg.dtype)
+    if model_cfg.teacher_path is None:
+        architecture = registry()[model_cfg.arch]
+        preset = model_cfg.preset or "tiny"
+        log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.arch, preset)
+        par = ModelParallelOptions(
+            sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights, **options
+        )
+        teacher = Experts(architecture.model_class(architecture.presets[preset], par))
+    elif inspect_checkpoint(model_cfg.teacher_path).has_experts:
+        found = inspect_checkpoint(model_cfg.teacher_path)
+        high, low = (
+            load_pretrained(
+                model_cfg.teacher_path, arch=model_cfg.preset, expert=e, dtype=dtype, weights=weights, **options
+            )
+            for e in ("high", "low")
+        )
+        teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.arch))
+    else:
+        # With model.preset set (the recipes), the checkpoint must be that architecture.
+        teacher = Experts(
+            load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, dtype=dtype, weights=weights, **options)
+        )
+    if not weights:  # a shell: left on the CPU, where its untouched pages cost no memory
+        return teacher.requires_grad_(False)
+    return teacher.to(parallel.layout().device).requires_grad_(False)
+
+
+def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
+    arch = teacher.high.arch
+    dim = getattr(arch, "text_dim", None) or arch.joint_attention_dim
+    if cfg.data.prompt_cache is not None:
+        cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
+        cache.check_model(cfg.model.arch, dim)
+        return cache
+    if cfg.data.synthetic_prompts > 0:
+        return SyntheticPrompts(cfg.data.synthetic_prompts, 16, dim, seed=cfg.data.seed)
+    raise ValueError(
+        "data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), and data.synthetic_prompts is 0"
+    )
+
+
+def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) -> LatentGeometry:
+    """The latents the generator makes. A teacher with more input than output channels (Wan2.2
+    I2V: 16 noisy + 4 mask + 16 first-frame latents) takes its extra channels from the prompt
+    source's image condition, which must then provide exactly those."""
+    arch = teacher.high.arch
+    in_channels = getattr(arch, "in_channels", 16)
+    out_channels = getattr(arch, "out_channels", in_channels)
+    conditions = getattr(prompts, "image_conditions", None)
+    image = None if conditions is None else conditions.first  # every resolution's channels are the same
+    extra = in_channels - out_channels
+    if image is None:
+        if extra:
+            raise ValueError(
+                f"the teacher takes {in_channels} input channels for {out_channels} output channels: its {extra} "
+                "extra channels are an image condition (Wan2.2 I2V: 4 mask + 16 first-frame latent channels), and "
+                "the prompt source has none; encode the prompts with their first frames (`phased-dmd encode-prompts "
+                "--vae VAE --resolution FxHxW` on rows with an image) and set data.prompt_cache to that cache"
+            )
+        return LatentGeometry(channels=out_channels)
+    if extra != image.channels or image.latent_shape[0] != out_channels:
+        needs = (
+            f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)"
+            if extra
+            else "it takes no image condition (a text-to-video teacher)"
+        )
+        raise ValueError(
+            f"the prompt cache's image condition has {image.channels} channels ({image.mask_channels} mask + "
+            f"{image.latent_shape[0]} latent); the teacher takes {in_channels} input channels for {out_channels} "
+            f"output channels: {needs}"
+        )
+    return image.geometry
