@@ -44,14 +44,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from phased_dmd_mega.config import Config, ConfigError, load_config
+from phased_dmd_mega.models.architecture_types import FP32_BYTES, BlockActivations
 
 GIB = 2**30
 GPU_NAME = "H100 80GB"
 GPU_MEMORY_GIB = 79.1  # what torch.cuda reports as total on an H100 SXM 80GB
 HEADROOM = 0.9  # an estimate under 90% of the GPU counts as fitting (fragmentation, NCCL, context)
-TEXT_TOKENS = 512  # Wan pads prompts to 512 tokens; Qwen-Image prompts are at most 512 tokens
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-FP32 = 4  # norms and adaLN modulation run in fp32 whatever the model's dtype
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -129,63 +128,12 @@ def parameter_counts(
 # ----------------------------------------------------------------------------- activations
 
 
-@dataclass(frozen=True)
-class BlockActivations:
-    """Bytes one DiT block keeps for its backward, per token, by how tensor parallelism divides
-    them (every kind is divided by the Ulysses size: each rank holds its share of the tokens)."""
-
-    stream: float  # hidden-sized tensors of the residual stream: divided by TP under sequence parallelism
-    sharded: float  # per-head and MLP-hidden tensors: divided by TP
-    gathered: float  # RoPE cos/sin of the gathered sequence: never divided by TP
-    block_input: float  # what a recomputed block keeps: its input tokens
-    text_fixed: float = 0.0  # bytes per prompt token that do not scale with the latent tokens (divided by TP)
-
-    def per_token(self, tensor_parallel: int, sequence_parallel: bool) -> float:
-        stream_split = tensor_parallel if sequence_parallel else 1
-        return self.stream / stream_split + self.sharded / tensor_parallel + self.gathered
-
-
-def block_activations(arch_name: str, arch, act_bytes: int) -> BlockActivations:
-    """Counted from the blocks' code (``act_bytes``: the model's dtype; norms, modulation and
-    gates are fp32). Wan per block: norm1 input, its modulated output, the self-attention
-    output before its gate, the cross-attention norm input, norm2 input, its modulated output
-    and the MLP output before its gate (7 fp32 tensors), the inputs of linear_qkv, linear_q and
-    linear_fc1; q/k RMSNorms (input and output in fp32, self-attention q and k, cross-attention
-    q), attention q, k, the fused qkv holding v, the output, cross-attention q and output; the
-    MLP hidden before and after GELU; the prompt's k/v per text token. Qwen-Image per token of
-    either stream: per half-block the norm input, modulated output and gated update (fp32) and
-    the linear input; per-head q/k RMSNorm input and output (fp32); the joint q, k, v and
-    output; the MLP hidden before and after GELU."""
-    h, f, d, a = arch.dim, arch.ffn_dim, arch.head_dim, act_bytes
-    rope = 2 * 2 * (d // 2) * FP32  # cos and sin, for q and for k
-    if arch_name == "wan":
-        return BlockActivations(
-            stream=7 * FP32 * h + 3 * a * h,
-            sharded=(4 + 2) * FP32 * h + (2 + 3 + 1 + 2) * a * h + 2 * a * f,
-            gathered=rope,
-            block_input=a * h,
-            text_fixed=2 * FP32 * h + 3 * a * h,  # k RMSNorm input/output, fused k/v, normed k
-        )
-    if arch_name == "qwen_image":
-        return BlockActivations(
-            stream=2 * 3 * FP32 * h + 2 * a * h,
-            sharded=4 * FP32 * h + 4 * a * h + 2 * a * f,
-            gathered=rope,
-            block_input=a * h,
-        )
-    raise ValueError(f"no activation model for architecture {arch_name!r}")
-
-
-def tokens_of(arch_name: str, arch, resolution) -> Tuple[int, int]:
+def tokens_of(architecture, arch, resolution) -> Tuple[int, int]:
     """(latent tokens, prompt tokens that run through the blocks) of one sample."""
     from phased_dmd_mega.data import LatentGeometry
 
-    _, frames, height, width = LatentGeometry(channels=16).latent_shape(*resolution.pixels)
-    if arch_name == "wan":
-        pt, ph, pw = arch.patch_size
-        return (frames // pt) * (height // ph) * (width // pw), 0
-    p = arch.patch_size
-    return (height // p) * (width // p), TEXT_TOKENS  # joint attention: the text is a second token stream
+    _, *grid = LatentGeometry(channels=16).latent_shape(*resolution.pixels)
+    return architecture.dit_tokens(arch, tuple(grid)), architecture.text_tokens_in_blocks()
 
 
 def activation_bytes(
@@ -194,6 +142,7 @@ def activation_bytes(
     batch: int,
     tokens: int,
     text_tokens: int,
+    prompt_tokens: int,
     tensor_parallel: int,
     ulysses: int,
     sequence_parallel: bool,
@@ -203,7 +152,7 @@ def activation_bytes(
     """(kept for the backward, working memory) of one forward with gradient."""
     local_tokens = batch * (tokens + text_tokens) / ulysses
     per_block = local_tokens * blocks.per_token(tensor_parallel, sequence_parallel)
-    per_block += batch * TEXT_TOKENS * blocks.text_fixed / tensor_parallel
+    per_block += batch * prompt_tokens * blocks.text_fixed / tensor_parallel
     block_input = local_tokens * blocks.block_input / (tensor_parallel if sequence_parallel else 1)
     recomputed = {"none": 0, "full": num_layers, "blocks": min(recompute_num_blocks, num_layers)}[recompute]
     kept = recomputed * block_input + (num_layers - recomputed) * per_block
@@ -279,14 +228,14 @@ def optimizer_items(cfg: Config, trainable: int, largest: int, per_role: float, 
             ("gradients of the largest role", largest * per_role * weight),
         ]
     sharing = data_parallel * cfg.parallel.ulysses_parallel  # megatron's optimizer splits over DP x Ulysses
-    main_copy = 0 if weight == FP32 else FP32  # fp32 weights are their own main copy
+    main_copy = 0 if weight == FP32_BYTES else FP32_BYTES  # fp32 weights are their own main copy
     what = "fp32 moments" + (" + fp32 main copy" if main_copy else "")
     return [
         (
             f"AdamW states ({what}, split over {sharing} DP x Ulysses ranks)",
-            trainable * per_role * (2 * FP32 + main_copy) / sharing,
+            trainable * per_role * (2 * FP32_BYTES + main_copy) / sharing,
         ),
-        ("gradients (fp32 DDP buffer per trainable role)", trainable * per_role * FP32),
+        ("gradients (fp32 DDP buffer per trainable role)", trainable * per_role * FP32_BYTES),
     ]
 
 
@@ -299,7 +248,8 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
             "model.preset: the memory estimate needs the architecture's preset name "
             f"(one of: {', '.join(registry()[model_cfg.arch].presets)})"
         )
-    arch = registry()[model_cfg.arch].presets.get(model_cfg.preset)
+    architecture = registry()[model_cfg.arch]
+    arch = architecture.presets.get(model_cfg.preset)
     model, adapters = parameter_counts(
         model_cfg.arch, model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
     )
@@ -314,9 +264,9 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     trainable = roles.generators + roles.fakes
 
     resolution, tokens, text_tokens = max(
-        ((r, *tokens_of(model_cfg.arch, arch, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
+        ((r, *tokens_of(architecture, arch, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
     )
-    blocks = block_activations(model_cfg.arch, arch, weight)
+    blocks = architecture.block_activations(arch, weight)
     micro = cfg.data.micro_batch_size or cfg.data.batch_size  # gradient accumulation: one micro-batch at a time
     kept, working = activation_bytes(
         blocks,
@@ -324,6 +274,7 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
         micro,
         tokens,
         text_tokens,
+        architecture.prompt_tokens,
         tp,
         ulysses,
         sp,

@@ -35,13 +35,13 @@ from phased_dmd_mega.distill.phased import sample as few_step_sample
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.export import open_export
 from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.models.architectures import architecture_of, registry
 from phased_dmd_mega.schedule import PhaseLayout
 
 log = get_logger(__name__)
 
 LATENTS_FILE = "latents.safetensors"
 SAMPLES_FILE = "samples.json"
-VAE_CLASSES = {"wan": "AutoencoderKLWan", "qwen_image": "AutoencoderKLQwenImage"}
 
 
 # ----------------------------------------------------------------------------- latents
@@ -92,9 +92,10 @@ def load_vae(path, arch_name: str, dtype: torch.dtype = torch.float32, device=No
         import diffusers
     except ImportError as err:
         raise RuntimeError("decoding samples needs diffusers' VAEs: pip install 'phased-dmd-mega[sample]'") from err
-    if arch_name not in VAE_CLASSES:
-        raise ValueError(f"no VAE is known for architecture {arch_name!r} (known: {', '.join(VAE_CLASSES)})")
-    cls = getattr(diffusers, VAE_CLASSES[arch_name])
+    known = registry()
+    if arch_name not in known:
+        raise ValueError(f"no VAE is known for architecture {arch_name!r} (known: {', '.join(known)})")
+    cls = getattr(diffusers, known[arch_name].vae_class)
     vae = cls.from_pretrained(vae_folder(path), torch_dtype=dtype)
     return vae.to(device or "cpu").eval()
 
@@ -419,13 +420,12 @@ def _prompt_source(request: SampleRequest, samplers: Samplers) -> PromptSource:
     if request.prompts is not None:
         return PromptCache(request.prompts)
     if request.synthetic_prompts > 0:
-        return SyntheticPrompts(request.synthetic_prompts, 16, samplers.arch.text_dim, seed=0)
+        tokens = architecture_of(samplers.arch).synthetic_prompt_tokens
+        return SyntheticPrompts(request.synthetic_prompts, tokens, samplers.arch.text_dim, seed=0)
     if samplers.default_prompts is not None:
         return samplers.default_prompts
     raise ValueError("no prompts: give --prompts CACHE_FOLDER (or --synthetic-prompts N for a smoke test)")
 
 
 def _architecture_name(arch) -> str:
-    from phased_dmd_mega.models.architectures import architecture_of
-
     return architecture_of(arch).name

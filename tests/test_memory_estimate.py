@@ -26,7 +26,6 @@ from phased_dmd_mega.memory_estimate import (
     DTYPE_BYTES,
     GIB,
     ParameterCount,
-    block_activations,
     estimate,
     markdown_table,
     optimizer_items,
@@ -34,6 +33,7 @@ from phased_dmd_mega.memory_estimate import (
     roles_of,
 )
 from phased_dmd_mega.models import ModelParallelOptions, QwenImageArch, QwenImageModel, WanArch, WanModel
+from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,6 @@ def test_parameter_counts_equal_diffusers_models(preset):
 
 
 def _real_counts(arch_name, lora_rank):
-    from phased_dmd_mega.models.architectures import registry
     from phased_dmd_mega.models.lora import add_adapter
 
     architecture = registry()[arch_name]
@@ -268,7 +267,7 @@ def _block_bytes(arch_name, recompute):
 
 def _expected_block_bytes(arch_name, tp, ulysses, sp, recompute):
     arch = WAN_SMALL if arch_name == "wan" else QWEN_SMALL
-    blocks = block_activations(arch_name, arch, DTYPE_BYTES["bfloat16"])
+    blocks = registry()[arch_name].block_activations(arch, DTYPE_BYTES["bfloat16"])
     _, _, _, tokens = _inputs(arch_name)
     streamed = tokens + (TEXT["qwen_image"] if arch_name == "qwen_image" else 0)
     if recompute == "full":

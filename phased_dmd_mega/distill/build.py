@@ -18,7 +18,7 @@ from phased_dmd_mega.distill.optim import make_role_optimizer
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models import load_pretrained
-from phased_dmd_mega.models.architectures import registry
+from phased_dmd_mega.models.architectures import architecture_of, registry
 from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
 from phased_dmd_mega.models.lora import add_adapter
 from phased_dmd_mega.models.options import ModelParallelOptions
@@ -166,13 +166,14 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
 
 def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
     arch = teacher.high.arch
-    dim = getattr(arch, "text_dim", None) or arch.joint_attention_dim
+    dim = arch.text_dim
     if cfg.data.prompt_cache is not None:
         cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
         cache.check_model(cfg.model.arch, dim)
         return cache
     if cfg.data.synthetic_prompts > 0:
-        return SyntheticPrompts(cfg.data.synthetic_prompts, 16, dim, seed=cfg.data.seed)
+        tokens = architecture_of(arch).synthetic_prompt_tokens
+        return SyntheticPrompts(cfg.data.synthetic_prompts, tokens, dim, seed=cfg.data.seed)
     raise ValueError(
         "data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), and data.synthetic_prompts is 0"
     )

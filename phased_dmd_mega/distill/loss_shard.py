@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.models.architectures import architecture_of
 from phased_dmd_mega.models.token_sharding import latent_tokens
 
 
@@ -37,9 +38,7 @@ class LossShard:
         if layout.ulysses_parallel == 1 and not (layout.sequence_parallel and layout.tensor_parallel > 1):
             return cls()  # no rank splits tokens
         patch = model.token_patch
-        num_tokens = 1
-        for size, p in zip(latent_shape[2:], patch):
-            num_tokens *= size // p
+        num_tokens = architecture_of(model.arch).dit_tokens(model.arch, tuple(latent_shape[2:]))
         sharding = model.token_sharding(num_tokens)
         if sharding.ulysses * sharding.tp == 1:
             return cls()

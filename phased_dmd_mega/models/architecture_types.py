@@ -44,6 +44,30 @@ class ExpertPairs:
     pipeline_class: Callable[[Any], str]  # model_index.json's _class_name when none is kept
 
 
+FP32_BYTES = 4  # norms and adaLN modulation run in fp32 whatever the model's dtype
+
+
+@dataclass(frozen=True)
+class BlockActivations:
+    """Bytes one DiT block keeps for its backward, per token, by how tensor parallelism divides
+    them (every kind is divided by the Ulysses size: each rank holds its share of the tokens)."""
+
+    stream: float  # hidden-sized tensors of the residual stream: divided by TP under sequence parallelism
+    sharded: float  # per-head and MLP-hidden tensors: divided by TP
+    gathered: float  # RoPE cos/sin of the gathered sequence: never divided by TP
+    block_input: float  # what a recomputed block keeps: its input tokens
+    text_fixed: float = 0.0  # bytes per prompt token that do not scale with the latent tokens (divided by TP)
+
+    def per_token(self, tensor_parallel: int, sequence_parallel: bool) -> float:
+        stream_split = tensor_parallel if sequence_parallel else 1
+        return self.stream / stream_split + self.sharded / tensor_parallel + self.gathered
+
+
+def rope_bytes(head_dim: int) -> int:
+    """The RoPE cos and sin of one token, for q and for k, in fp32."""
+    return 2 * 2 * (head_dim // 2) * FP32_BYTES
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything the checkpoint code needs to know about one DiT architecture."""
@@ -62,8 +86,28 @@ class Architecture:
     diffusers_fields: Tuple[str, ...]  # fields that tell its diffusers config when _class_name is absent
     diffusers_non_arch_fields: Tuple[str, ...]  # kept from the source config on export
     summary: Callable[[Any], str]  # arch -> "dim 64, 4 heads, ..." for messages
+    vae_class: str  # diffusers' VAE class of the family's pipelines
+    # (arch, activation dtype bytes) -> what one block keeps for its backward (the memory estimate)
+    block_activations: Callable[[Any, int], BlockActivations]
+    prompt_tokens: int  # the tokens a prompt is padded to (or at most has) in the family's pipelines
+    joint_text: bool  # the prompt runs through the blocks as a second token stream (joint attention)
     original: Optional[OriginalLayout] = None
     experts: Optional[ExpertPairs] = None
+
+    synthetic_prompt_tokens: int = 16  # length of the random prompt embeddings of smoke tests
+
+    # ------------------------------------------------------------------ tokens
+
+    def dit_tokens(self, arch, latent_grid: Tuple[int, int, int]) -> int:
+        """The latent tokens of a (frames, height, width) latent: one per ``arch.token_patch``."""
+        count = 1
+        for size, patch in zip(latent_grid, arch.token_patch):
+            count *= size // patch
+        return count
+
+    def text_tokens_in_blocks(self) -> int:
+        """The prompt tokens that run through every block beside the latent tokens."""
+        return self.prompt_tokens if self.joint_text else 0
 
     # ------------------------------------------------------------------ layouts and configs
 

@@ -84,6 +84,11 @@ class QwenImageArch:
         return self.num_heads * self.head_dim
 
     @property
+    def token_patch(self) -> Tuple[int, int, int]:
+        """The (frames, height, width) latent patch of one token: images pack 2x2 patches."""
+        return 1, self.patch_size, self.patch_size
+
+    @property
     def ffn_dim(self) -> int:
         return 4 * self.dim  # diffusers' FeedForward default (mult 4): not configurable there
 
@@ -278,7 +283,7 @@ class QwenImageModel(nn.Module):
     @property
     def token_patch(self) -> Tuple[int, int, int]:
         """The (frames, height, width) latent patch of one token (token_sharding.latent_tokens)."""
-        return 1, self.arch.patch_size, self.arch.patch_size
+        return self.arch.token_patch
 
     # ------------------------------------------------------------------ pieces of the forward
 

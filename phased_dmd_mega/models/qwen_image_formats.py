@@ -13,7 +13,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, Dict, Mapping
 
-from phased_dmd_mega.models.architecture_types import Architecture, CheckpointError, Shape, add_linear
+from phased_dmd_mega.models.architecture_types import (
+    FP32_BYTES,
+    Architecture,
+    BlockActivations,
+    CheckpointError,
+    Shape,
+    add_linear,
+    rope_bytes,
+)
 from phased_dmd_mega.models.layers import divide
 from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
@@ -153,6 +161,21 @@ def summary(arch: QwenImageArch) -> str:
     )
 
 
+def block_activations(arch, act_bytes: int) -> BlockActivations:
+    """Bytes one block keeps for its backward per token of either stream, counted from the
+    block's code (``act_bytes``: the model's dtype; norms, modulation and gates are fp32): per
+    half-block the norm input, modulated output and gated update (fp32) and the linear input;
+    per-head q/k RMSNorm input and output (fp32); the joint q, k, v and output; the MLP hidden
+    before and after GELU."""
+    h, f, a, fp32 = arch.dim, arch.ffn_dim, act_bytes, FP32_BYTES
+    return BlockActivations(
+        stream=2 * 3 * fp32 * h + 2 * a * h,
+        sharded=4 * fp32 * h + 4 * a * h + 2 * a * f,
+        gathered=rope_bytes(arch.head_dim),
+        block_input=a * h,
+    )
+
+
 QWEN_IMAGE = Architecture(
     name="qwen_image",
     title="Qwen-Image",
@@ -167,4 +190,8 @@ QWEN_IMAGE = Architecture(
     diffusers_fields=("num_attention_heads", "joint_attention_dim"),
     diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
+    vae_class="AutoencoderKLQwenImage",
+    block_activations=block_activations,
+    prompt_tokens=512,  # QwenImagePipeline's max_sequence_length
+    joint_text=True,
 )

@@ -70,6 +70,11 @@ class WanArch:
         return self.dim // self.num_heads
 
     @property
+    def token_patch(self) -> Tuple[int, int, int]:
+        """The (frames, height, width) latent patch of one token."""
+        return tuple(self.patch_size)
+
+    @property
     def rope_axis_dims(self) -> Tuple[int, int, int]:
         d = self.head_dim
         return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
@@ -253,7 +258,7 @@ class WanModel(nn.Module):
     @property
     def token_patch(self) -> Tuple[int, int, int]:
         """The (frames, height, width) latent patch of one token (latent_tokens)."""
-        return tuple(self.arch.patch_size)
+        return self.arch.token_patch
 
     @property
     def patch_volume(self) -> int:

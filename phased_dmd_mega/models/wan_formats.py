@@ -15,7 +15,9 @@ from functools import partial
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from phased_dmd_mega.models.architecture_types import (
+    FP32_BYTES,
     Architecture,
+    BlockActivations,
     CheckpointError,
     ExpertPairs,
     OriginalLayout,
@@ -23,6 +25,7 @@ from phased_dmd_mega.models.architecture_types import (
     add_linear,
     keep_fields,
     require_fields,
+    rope_bytes,
 )
 from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
@@ -393,6 +396,26 @@ def pipeline_class(arch: WanArch) -> str:
 
 # ----------------------------------------------------------------------------- the adapter
 
+
+def block_activations(arch, act_bytes: int) -> BlockActivations:
+    """Bytes one block keeps for its backward, counted from the block's code (``act_bytes``: the
+    model's dtype; norms, modulation and gates are fp32): norm1 input, its modulated output, the
+    self-attention output before its gate, the cross-attention norm input, norm2 input, its
+    modulated output and the MLP output before its gate (7 fp32 tensors), the inputs of
+    linear_qkv, linear_q and linear_fc1; q/k RMSNorms (input and output in fp32, self-attention q
+    and k, cross-attention q), attention q, k, the fused qkv holding v, the output,
+    cross-attention q and output; the MLP hidden before and after GELU; the prompt's k/v per
+    text token."""
+    h, f, a, fp32 = arch.dim, arch.ffn_dim, act_bytes, FP32_BYTES
+    return BlockActivations(
+        stream=7 * fp32 * h + 3 * a * h,
+        sharded=(4 + 2) * fp32 * h + (2 + 3 + 1 + 2) * a * h + 2 * a * f,
+        gathered=rope_bytes(arch.head_dim),
+        block_input=a * h,
+        text_fixed=2 * fp32 * h + 3 * a * h,  # k RMSNorm input/output, fused k/v, normed k
+    )
+
+
 WAN = Architecture(
     name="wan",
     title="Wan",
@@ -407,6 +430,10 @@ WAN = Architecture(
     diffusers_fields=("num_attention_heads", "ffn_dim"),
     diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
+    vae_class="AutoencoderKLWan",
+    block_activations=block_activations,
+    prompt_tokens=512,  # the Wan pipelines pad every prompt to 512 tokens
+    joint_text=False,  # cross-attention: the prompt's k/v, not its tokens, meet every block
     original=OriginalLayout(
         description="an original Wan config (dim, num_heads, ...)",
         is_config=is_original_config,
