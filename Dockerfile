@@ -23,7 +23,7 @@ ENV DS_BUILD_OPS=0 \
 # /etc/pip/constraint.txt (its PIP_CONSTRAINT); used explicitly, so nothing here replaces them
 # (a conflict fails the build instead). What the image may already have gets setup.py's range,
 # not a pin: the image's version stays when inside it. The rest is pinned inside setup.py's
-# ranges. tests/test_packaging.py checks both against setup.py.
+# ranges. tests/unit/test_packaging.py checks both against setup.py.
 RUN if [ -f /etc/pip/constraint.txt ]; then set -- -c /etc/pip/constraint.txt; fi; \
     pip install "$@" \
         "megatron-core==0.16.1" \

@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "phased_dmd_mega" / "__init__.py").read_text()).group(1)
 
-# Pinned ranges; the Dockerfile pins versions inside them (tests/test_packaging.py checks).
+# Pinned ranges; the Dockerfile pins versions inside them (tests/unit/test_packaging.py checks).
 INSTALL_REQUIRES = [
     "torch>=2.6,<2.14",
     "megatron-core>=0.16.1,<0.17",

@@ -7,7 +7,7 @@ Six stages, each a subprocess with its own time budget (killed when it runs past
 as failed), all under one overall deadline; a failed stage does not stop the ones after it:
 
   environment        GPU, driver, package versions; measured dense bf16 GEMM TFLOP/s and copy GB/s
-  pytest_gpu         python -m pytest -m gpu tests/test_gpu.py (the tests that need CUDA; the
+  pytest_gpu         python -m pytest -m gpu tests/gpu/test_gpu.py (the tests that need CUDA; the
                      other test files may import what a bare machine lacks)
   bench_losses       bench/bench_losses.py: the fused Triton losses against eager torch
   bench_blocks_wan   bench/bench_blocks.py --model wan: one Wan-14B block per attention backend, FP8
@@ -767,14 +767,14 @@ def build_stages(out: Path, names: Sequence[str] = STAGE_NAMES) -> List[Stage]:
         ),
         "pytest_gpu": Stage(
             "pytest_gpu",
-            "pytest -m gpu tests/test_gpu.py",
+            "pytest -m gpu tests/gpu/test_gpu.py",
             [
                 python,
                 "-m",
                 "pytest",
                 "-m",
                 "gpu",
-                "tests/test_gpu.py",
+                "tests/gpu/test_gpu.py",
                 "-q",
                 "-rs",
                 "-p",

@@ -19,7 +19,7 @@ An estimate, not a measurement. It counts, per GPU, what the trainer holds today
 - activations: what the DiT blocks of one forward with gradient keep for the backward (a
   generator's exit step or a fake update), for ``data.micro_batch_size`` samples (else
   ``data.batch_size``) at the largest resolution (``block_activations`` gives the bytes per
-  token; tests/test_memory_estimate.py checks them against the tensors autograd saves); with
+  token; tests/unit/test_memory_estimate.py checks them against the tensors autograd saves); with
   recompute a block keeps its input only and one block at a time is recomputed in the backward;
 - working memory: one block's activations at twice the batch (the teacher's conditional and
   unconditional passes run as one batch; the backward of one block needs about as much).

@@ -16,7 +16,9 @@ from phased_dmd_mega.data import LatentGeometry
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import with_parallel_state
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 RECIPES = ["wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"]
 GPUS_PER_NODE = 8
 
@@ -126,7 +128,8 @@ def test_i2v_recipe_is_refused_without_image_conditions():
 def tiny_wan_folder(tmp_path_factory):
     import torch
     from diffusers import WanTransformer3DModel
-    from tiny_models import WAN_TINY
+
+    from helpers.tiny_models import WAN_TINY
 
     folder = tmp_path_factory.mktemp("wan_tiny")
     torch.manual_seed(0)

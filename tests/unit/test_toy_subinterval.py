@@ -3,12 +3,13 @@ naive one is not."""
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_subinterval.py"
+from helpers import REPO_ROOT
+
+EXAMPLE = REPO_ROOT / "examples" / "toy_subinterval.py"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import WAN_TINY
 
 from phased_dmd_mega import convert, parallel
 from phased_dmd_mega.models import WanModel, load_pretrained
@@ -19,6 +18,8 @@ from phased_dmd_mega.models.checkpoints import inspect_checkpoint, open_model
 from phased_dmd_mega.models.wan_formats import CheckpointError
 from phased_dmd_mega.models.weights import TensorReader, build_local_tensor
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
+
+from helpers.tiny_models import WAN_TINY
 
 TINY = WAN_TINY
 VARIANTS = {

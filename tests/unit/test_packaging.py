@@ -13,7 +13,9 @@ from packaging.requirements import Requirement
 
 import phased_dmd_mega.kernels
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def setup_py_value(name):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 METHODS = ("teacher_40_steps", "teacher_4_steps", "phased_dmd", "dmd_sgts")
 
 

@@ -15,7 +15,6 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +35,9 @@ from phased_dmd_mega.models import ModelParallelOptions, QwenImageArch, QwenImag
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 RECIPES = ["wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"]
 LORA_TARGETS = ("linear_qkv", "linear_q", "linear_kv", "linear_proj", "linear_fc1", "linear_fc2")
 

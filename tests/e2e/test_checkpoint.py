@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from test_distill_parallel import build_trainer, run_iterations
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.testing import run_distributed
+
+from helpers.tiny_distill import build_trainer, run_iterations
 
 SCHEDULE = ((0, 0), (0, 1), (1, 2), (1, 3))
 

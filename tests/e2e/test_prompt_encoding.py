@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_text_encoders import save_qwen_text_encoder, save_wan_text_encoder
 
 from phased_dmd_mega.data import PromptCache
 from phased_dmd_mega.prompt_encoding import (
@@ -23,6 +22,8 @@ from phased_dmd_mega.prompt_encoding import (
     encode_prompts,
     read_prompts,
 )
+
+from helpers.tiny_text_encoders import save_qwen_text_encoder, save_wan_text_encoder
 
 PROMPTS = [
     "a red cat sitting on the beach at sunset",

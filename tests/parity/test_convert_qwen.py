@@ -17,10 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import _rewrite_single_file, assert_bitwise_equal, assert_refused, read_folder
-from test_convert import save_diffusers as save_wan_diffusers
-from test_qwen_parity import diffusers_velocity, inputs
-from tiny_models import QWEN_TINY
 
 from phased_dmd_mega import convert, parallel
 from phased_dmd_mega.models import QwenImageModel, load_pretrained
@@ -35,6 +31,12 @@ from phased_dmd_mega.models.qwen_image_formats import (
 )
 from phased_dmd_mega.models.shards import parse_size
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
+
+from helpers.hf_folders import assert_bitwise_equal, assert_refused, read_folder, rewrite_single_file
+from helpers.hf_folders import save_diffusers as save_wan_diffusers
+from helpers.parity import qwen_diffusers_velocity as diffusers_velocity
+from helpers.parity import qwen_inputs as inputs
+from helpers.tiny_models import QWEN_TINY
 
 SMALL_SHARDS = "150KB"  # several files for the tiny model (about 1.2 MB in fp32)
 TOLERANCE = 1e-5
@@ -230,7 +232,7 @@ def test_load_pretrained_with_the_wrong_arch_is_refused(saved):
 
 
 def test_missing_keys_are_listed(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.pop("transformer_blocks.1.attn.add_k_proj.bias"))
+    rewrite_single_file(hf_folder, lambda s: s.pop("transformer_blocks.1.attn.add_k_proj.bias"))
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
@@ -240,7 +242,7 @@ def test_missing_keys_are_listed(tmp_path, hf_folder):
 
 
 def test_unexpected_keys_are_listed(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.update({"pos_embed.freqs": torch.zeros(2)}))
+    rewrite_single_file(hf_folder, lambda s: s.update({"pos_embed.freqs": torch.zeros(2)}))
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"), r"unexpected keys \(1\): pos_embed\.freqs", dst
@@ -248,7 +250,7 @@ def test_unexpected_keys_are_listed(tmp_path, hf_folder):
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.update({"transformer_blocks.0.img_mod.1.weight": torch.zeros(380, 64)}))
+    rewrite_single_file(hf_folder, lambda s: s.update({"transformer_blocks.0.img_mod.1.weight": torch.zeros(380, 64)}))
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),

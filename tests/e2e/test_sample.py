@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_runs import rel_error, save_wan_teacher, train_tiny
 
 from phased_dmd_mega import cli
 from phased_dmd_mega.condition import Condition
@@ -23,6 +22,9 @@ from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.prompt_encoding import write_embeddings_cache
 from phased_dmd_mega.sample import decode, load_vae, sample_noise
 from phased_dmd_mega.schedule import PhaseLayout
+
+from helpers import rel_error
+from helpers.tiny_runs import save_wan_teacher, train_tiny
 
 RESOLUTION = (5, 32, 48)  # pixels: 5 frames -> 2 latent frames of 4 x 6
 INDICES, SEED = [2, 0, 3], 7

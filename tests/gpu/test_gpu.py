@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import write_config
 
 from phased_dmd_mega import losses, parallel
 from phased_dmd_mega.config import load_config
@@ -28,6 +27,8 @@ from phased_dmd_mega.distill.trainer import Trainer
 from phased_dmd_mega.models import QWEN_IMAGE_PRESETS, ModelParallelOptions, QwenImageModel, WanModel
 from phased_dmd_mega.models.attention import AttentionCore, KeyMask, sdpa_attention
 from phased_dmd_mega.models.wan import WAN_PRESETS
+
+from helpers.tiny_runs import write_config
 
 pytestmark = pytest.mark.gpu
 BF16 = torch.bfloat16

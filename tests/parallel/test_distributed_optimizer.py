@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-from test_distill_parallel import ARCH, SHAPE
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.checkpoint import flat_range_boxes
@@ -26,6 +25,8 @@ from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.models import ModelParallelOptions, WanModel
 from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.testing import run_distributed
+
+from helpers.tiny_distill import ARCH, SHAPE
 
 SCHEDULE = ((0, 0), (0, 1), (1, 2), (1, 3))
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
@@ -22,33 +21,7 @@ from phased_dmd_mega.distill.build import build_teacher
 from phased_dmd_mega.distill.trainer import NonFiniteLossError, Trainer, learning_rate_factor, step_schedule
 from phased_dmd_mega.parallel import state as parallel_state
 
-TINY_RUN = {
-    "run": {"seed": 1, "max_consecutive_nonfinite": 2},
-    "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
-    "phases": {
-        "num_steps": 4,
-        "num_phases": 2,
-        "iterations_per_phase": 3,
-        "fake_updates_per_generator_update": 1,
-        "guidance_scale": 2.0,
-        "weight_clamp": 10.0,
-    },
-    "optimizer": {"generator": {"lr": 1e-3}, "fake": {"lr": 1e-3}},
-    "data": {"synthetic_prompts": 4, "batch_size": 2, "resolutions": [{"frames": 1, "height": 32, "width": 48}]},
-    "checkpoint": {"save_every": 1, "keep_last": 10},
-    "logging": {"log_every": 1},
-}
-
-
-def write_config(tmp_path: Path, name="run", **sections) -> Path:
-    config = json.loads(json.dumps(TINY_RUN))
-    config["run"]["output_dir"] = str(tmp_path / name)
-    config["checkpoint"]["dir"] = str(tmp_path / name / "checkpoints")
-    for section, values in sections.items():
-        config[section].update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from helpers.tiny_runs import TINY_RUN, write_config
 
 
 def metrics(folder: Path):

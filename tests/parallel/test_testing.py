@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from phased_dmd_mega.testing import DistributedRunError, run_distributed
 
+from helpers import REPO_ROOT
+
 CUDA_VARIABLES = ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")
 # In a rank, read when the function's module is imported (unpickling it), before any of its code.
 AT_IMPORT = {name: os.environ.get(name) for name in CUDA_VARIABLES}
@@ -109,7 +111,7 @@ def test_on_a_cpu():
 def _pytest_with_the_suites_conftest(folder: Path, *args: str) -> str:
     """The output of a pytest run, with this suite's conftest.py, on PROBE; the GPU ids given
     ("-1": none, on any host) and TRITON_INTERPRET unset."""
-    shutil.copy(Path(__file__).with_name("conftest.py"), folder / "conftest.py")
+    shutil.copy(REPO_ROOT / "tests" / "conftest.py", folder / "conftest.py")
     (folder / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n    slow: long\n")
     (folder / "test_probe.py").write_text(PROBE)
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}

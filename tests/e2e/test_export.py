@@ -13,8 +13,6 @@ import json
 
 import pytest
 import torch
-from test_qwen_parity import diffusers_velocity as qwen_diffusers_velocity
-from tiny_runs import rel_error, save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
 from phased_dmd_mega import cli, parallel
 from phased_dmd_mega.condition import Condition
@@ -22,6 +20,10 @@ from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.export import EXPORT_INFO, export_generators, pipeline_boundary_ratio, plan_slots
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.schedule import PhaseLayout
+
+from helpers import rel_error
+from helpers.parity import qwen_diffusers_velocity
+from helpers.tiny_runs import save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
 TOLERANCE = 1e-5  # fp32, a different implementation of the same maths
 TRAINED = 1e-4  # an exported generator must be this far (10x TOLERANCE) from its teacher: training moved it

@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import WAN_TINY
 
 from phased_dmd_mega import convert
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
@@ -29,35 +28,21 @@ from phased_dmd_mega.models.wan_formats import (
     from_diffusers_config,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = WAN_TINY
-VARIANTS = {
-    "t2v": {},
-    "i2v": dict(image_dim=8, added_kv_proj_dim=48),  # Wan2.1 I2V image branch
-    "ti2v": dict(in_channels=48, out_channels=48),  # Wan2.2 TI2V-5B channels
-}
-SMALL_SHARDS = "40KB"  # several files for the tiny model
+from helpers import REPO_ROOT
+from helpers.hf_folders import (
+    SMALL_SHARDS,
+    TINY,
+    VARIANTS,
+    assert_bitwise_equal,
+    assert_refused,
+    diffusers_model,
+    read_folder,
+    rewrite_single_file,
+    save_diffusers,
+)
 
-
+ROOT = REPO_ROOT
 # ----------------------------------------------------------------------------- building sources
-
-
-def diffusers_model(seed=0, dtype=torch.float32, **overrides):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**{**TINY, **overrides}).eval()
-    if dtype != torch.float32:  # like real checkpoints: bf16 with the modulation tables in fp32
-        model.to(dtype)
-        for name, param in model.named_parameters():
-            if name.endswith("scale_shift_table"):
-                param.data = param.data.float()
-    return model
-
-
-def save_diffusers(folder, seed=0, dtype=torch.float32, shards=SMALL_SHARDS, **overrides):
-    diffusers_model(seed, dtype, **overrides).save_pretrained(folder, max_shard_size=shards)
-    return Path(folder)
 
 
 # diffusers -> original Wan names, written independently of the module (anchored regexes).
@@ -143,37 +128,12 @@ def save_original(folder, seed=0, dtype=torch.float32, **overrides):
     return folder
 
 
-def read_folder(folder):
-    """Every tensor of a safetensors folder."""
-    tensors = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                assert key not in tensors, key
-                tensors[key] = handle.get_tensor(key)
-    return tensors
-
-
-def assert_bitwise_equal(got, want):
-    assert set(got) == set(want), sorted(set(got) ^ set(want))
-    for key in want:
-        assert got[key].dtype == want[key].dtype, key
-        assert torch.equal(got[key], want[key]), key
-
-
 def inputs(in_channels=4, image=False):
     gen = torch.Generator().manual_seed(7)
     latents = torch.randn(2, in_channels, 3, 4, 6, generator=gen)
     context = torch.randn(2, 512, 16, generator=gen)  # diffusers' I2V splits the image off at 512 text tokens
     kwargs = {"encoder_hidden_states_image": torch.randn(2, 5, 8, generator=gen)} if image else {}
     return (latents, torch.tensor([999.0, 250.0]), context), kwargs
-
-
-def assert_refused(action, message, dst):
-    with pytest.raises(CheckpointError, match=message):
-        action()
-    assert not Path(dst).exists()
-    assert not [p for p in Path(dst).parent.iterdir() if p.name.startswith(f".{Path(dst).name}.")]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -377,22 +337,13 @@ def read_folder_files(folder, files):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _rewrite_single_file(folder, edit):
-    """Re-save a diffusers folder as one file after ``edit(state)``."""
-    state = read_folder(folder)
-    for file in list(folder.glob("*.safetensors")) + list(folder.glob("*.index.json")):
-        file.unlink()
-    edit(state)
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-
-
 @pytest.fixture
 def hf_folder(tmp_path):
     return save_diffusers(tmp_path / "hf", shards="10GB")
 
 
 def test_missing_keys_are_listed(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.pop("blocks.1.attn1.to_q.weight"))
+    rewrite_single_file(hf_folder, lambda s: s.pop("blocks.1.attn1.to_q.weight"))
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst), r"missing keys \(1\): blocks\.1\.attn1\.to_q\.weight", dst
@@ -400,7 +351,7 @@ def test_missing_keys_are_listed(tmp_path, hf_folder):
 
 
 def test_unexpected_keys_are_listed(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.update({"extra.weight": torch.zeros(2), "blocks.0.x": torch.zeros(1)}))
+    rewrite_single_file(hf_folder, lambda s: s.update({"extra.weight": torch.zeros(2), "blocks.0.x": torch.zeros(1)}))
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst), r"unexpected keys \(2\): blocks\.0\.x, extra\.weight", dst
@@ -417,7 +368,7 @@ def test_original_layout_missing_keys_use_original_names(tmp_path):
 
 
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.update({"blocks.0.ffn.net.0.proj.weight": torch.zeros(33, 48)}))
+    rewrite_single_file(hf_folder, lambda s: s.update({"blocks.0.ffn.net.0.proj.weight": torch.zeros(33, 48)}))
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst),
@@ -430,7 +381,7 @@ def test_dtype_mismatch_inside_a_fused_tensor_is_refused(tmp_path, hf_folder):
     def edit(state):
         state["blocks.0.attn1.to_k.weight"] = state["blocks.0.attn1.to_k.weight"].to(torch.bfloat16)
 
-    _rewrite_single_file(hf_folder, edit)
+    rewrite_single_file(hf_folder, edit)
     dst = tmp_path / "mega"
     assert_refused(
         lambda: convert.hf_to_mega(hf_folder, dst),
@@ -441,7 +392,7 @@ def test_dtype_mismatch_inside_a_fused_tensor_is_refused(tmp_path, hf_folder):
 
 
 def test_integer_weights_are_refused(tmp_path, hf_folder):
-    _rewrite_single_file(hf_folder, lambda s: s.update({"proj_out.bias": torch.zeros(16, dtype=torch.int64)}))
+    rewrite_single_file(hf_folder, lambda s: s.update({"proj_out.bias": torch.zeros(16, dtype=torch.int64)}))
     dst = tmp_path / "mega"
     assert_refused(lambda: convert.hf_to_mega(hf_folder, dst), r"floating point: proj_out\.bias \(torch\.int64\)", dst)
 

@@ -1,12 +1,12 @@
 """Typed configuration: YAML, dotted overrides, and errors that name the key and the source."""
 
-from pathlib import Path
-
 import pytest
 
 from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+from helpers import REPO_ROOT
+
+EXAMPLES = REPO_ROOT / "examples" / "configs"
 
 
 def write(tmp_path, text, name="run.yaml"):

@@ -13,13 +13,43 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
-from test_trainer import write_config
-from tiny_models import QWEN_TINY, WAN_TINY
+import yaml
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
 from phased_dmd_mega.distill.trainer import Trainer
+
+from helpers.tiny_models import QWEN_TINY, WAN_TINY
+
+TINY_RUN = {
+    "run": {"seed": 1, "max_consecutive_nonfinite": 2},
+    "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
+    "phases": {
+        "num_steps": 4,
+        "num_phases": 2,
+        "iterations_per_phase": 3,
+        "fake_updates_per_generator_update": 1,
+        "guidance_scale": 2.0,
+        "weight_clamp": 10.0,
+    },
+    "optimizer": {"generator": {"lr": 1e-3}, "fake": {"lr": 1e-3}},
+    "data": {"synthetic_prompts": 4, "batch_size": 2, "resolutions": [{"frames": 1, "height": 32, "width": 48}]},
+    "checkpoint": {"save_every": 1, "keep_last": 10},
+    "logging": {"log_every": 1},
+}
+
+
+def write_config(tmp_path: Path, name="run", **sections) -> Path:
+    config = json.loads(json.dumps(TINY_RUN))
+    config["run"]["output_dir"] = str(tmp_path / name)
+    config["checkpoint"]["dir"] = str(tmp_path / name / "checkpoints")
+    for section, values in sections.items():
+        config[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
 
 # Fewer iterations than test_trainer's run; the generators still move away from the teacher.
 SHORT = ["phases.iterations_per_phase=2", "checkpoint.save_every=100"]
@@ -124,7 +154,3 @@ def train_tiny(
     finally:
         parallel.destroy()
     return TinyRun(tmp / name, Path(cfg.checkpoint.dir), cfg, inputs, outputs, teacher_outputs, result)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
