@@ -24,8 +24,9 @@ import torch
 from tiny_models import WAN_TINY
 from tiny_text_encoders import save_wan_text_encoder
 
-from phased_dmd_mega.data import PromptCache
-from phased_dmd_mega.prompt_encoding import EncodeOptions, PromptEncodingError, encode_prompts
+from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
+from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
+from phased_dmd_mega.prompt_cache.reader import PromptCache
 
 FRAMES, HEIGHT, WIDTH = 5, 16, 32  # -> latents 2 x 2 x 4 (4 tokens of the tiny DiT)
 RESOLUTION = f"{FRAMES}x{HEIGHT}x{WIDTH}"

@@ -20,7 +20,7 @@ from tiny_runs import rel_error, save_wan_teacher, train_tiny
 from phased_dmd_mega import cli
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.distill.roles import Condition
-from phased_dmd_mega.prompt_encoding import write_embeddings_cache
+from phased_dmd_mega.prompt_cache.writer import write_embeddings_cache
 from phased_dmd_mega.sample import decode, load_vae, sample_noise
 from phased_dmd_mega.schedule import PhaseLayout
 

@@ -507,7 +507,8 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
 
 
 def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
-    from phased_dmd_mega.data import PromptCache, SyntheticPrompts
+    from phased_dmd_mega.data import SyntheticPrompts
+    from phased_dmd_mega.prompt_cache.reader import PromptCache
 
     arch = teacher.high.arch
     dim = getattr(arch, "text_dim", None) or arch.joint_attention_dim
