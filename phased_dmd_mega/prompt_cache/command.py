@@ -263,7 +263,7 @@ def _encode_missing(
     rank: int,
     world: int,
 ) -> None:
-    folder, fingerprint, prompts = Path(opts.out), str(index_fingerprint(index)), rows.prompts
+    folder, fingerprint = Path(opts.out), str(index_fingerprint(index))
     done = lambda path: file_fingerprint(path) == fingerprint  # noqa: E731
     todo = [s for s in shards[rank::world] if not done(folder / s.file)]
     need_negative = rank == 0 and not done(folder / NEGATIVE_FILE)
@@ -285,28 +285,36 @@ def _encode_missing(
     progress = Progress(sum(s.count for s in todo), enabled=rank == 0)
     try:
         for shard in todo:
-            embeddings: List[torch.Tensor] = []
-            first_frames: List[Dict[str, torch.Tensor]] = []  # per row: tensor name -> latents
-            for start in range(shard.start, shard.stop, opts.batch_size):
-                stop = min(start + opts.batch_size, shard.stop)
-                embeddings.extend(encoder.encode(prompts[start:stop]))
-                if images is not None:  # one video at a time, as the pipeline encodes it; kept in the cache's dtype
-                    for i in range(start, stop):
-                        latents = images.encode(rows.images[i], f"row {i + 1} of --prompts {opts.prompts}")
-                        first_frames.append({name: value.to(dtype) for name, value in latents.items()})
-                progress.update(stop - start)
-            extra = None
-            if images is not None:
-                extra = {spec.tensor: torch.stack([f[spec.tensor] for f in first_frames]) for spec in images.specs}
-            write_rows(
-                folder / shard.file,
-                embeddings,
-                fingerprint,
-                {"shard": str(shard.number), "first_row": str(shard.start)},
-                extra,
-            )
+            embeddings, first_frames = _encode_shard(encoder, images, opts, rows, shard, dtype, progress)
+            metadata = {"shard": str(shard.number), "first_row": str(shard.start)}
+            write_rows(folder / shard.file, embeddings, fingerprint, metadata, first_frames)
     finally:
         progress.close()
     log.info(
         "encoded %d prompts in %d shards (%.1f prompts/s on rank %d)", progress.done, len(todo), progress.rate, rank
     )
+
+
+def _encode_shard(
+    encoder: TextEncoder,
+    images: Optional[FirstFrameEncoder],
+    opts: EncodeOptions,
+    rows: PromptRows,
+    shard: Shard,
+    dtype: torch.dtype,
+    progress: Progress,
+) -> Tuple[List[torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+    """The shard's trimmed embeddings, and its rows' first-frame latents by shard tensor (I2V)."""
+    embeddings: List[torch.Tensor] = []
+    first_frames: List[Dict[str, torch.Tensor]] = []  # per row: tensor name -> latents
+    for start in range(shard.start, shard.stop, opts.batch_size):
+        stop = min(start + opts.batch_size, shard.stop)
+        embeddings.extend(encoder.encode(rows.prompts[start:stop]))
+        if images is not None:  # one video at a time, as the pipeline encodes it; kept in the cache's dtype
+            for i in range(start, stop):
+                latents = images.encode(rows.images[i], f"row {i + 1} of --prompts {opts.prompts}")
+                first_frames.append({name: value.to(dtype) for name, value in latents.items()})
+        progress.update(stop - start)
+    if images is None:
+        return embeddings, None
+    return embeddings, {spec.tensor: torch.stack([f[spec.tensor] for f in first_frames]) for spec in images.specs}
