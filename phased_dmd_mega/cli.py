@@ -193,7 +193,8 @@ def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_encode(args: argparse.Namespace) -> int:
     from phased_dmd_mega.log import setup_logging
-    from phased_dmd_mega.prompt_encoding import EncodeOptions, PromptEncodingError, encode_prompts
+    from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
+    from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 
     setup_logging()
     options = EncodeOptions(
@@ -315,14 +316,12 @@ def _indices(text: str) -> List[int]:
 
 
 def _resolution(text: str):
-    parts = text.lower().split("x")
-    try:
-        numbers = [int(part) for part in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (2, 3) or any(n < 1 for n in numbers):
+    from phased_dmd_mega.data import parse_resolution
+
+    resolution = parse_resolution(text, frames_optional=True)
+    if resolution is None:
         raise argparse.ArgumentTypeError(f"resolution {text!r} is not FRAMESxHEIGHTxWIDTH or HEIGHTxWIDTH")
-    return tuple(numbers) if len(numbers) == 3 else (1, *numbers)
+    return resolution
 
 
 def _run_export(args: argparse.Namespace) -> int:

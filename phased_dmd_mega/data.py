@@ -5,32 +5,15 @@ different ones. Nothing here communicates: the randomness of step ``i`` comes fr
 seeded by (seed, i, data-parallel rank), so a resumed run draws exactly what the uninterrupted
 run would have drawn.
 
-Prompt-embedding cache (written by ``phased-dmd encode-prompts``, phased_dmd_mega/prompt_encoding.py):
-a folder with the index ``prompts.json`` and safetensors shards. Each prompt is stored trimmed to
-its true token count (a Wan prompt padded to 512 x 4096 would take 4 MiB in bf16): a shard holds
-``context`` [sum of lengths, D], the rows one after the other, and ``offsets`` [n + 1] (row i is
-``context[offsets[i]:offsets[i + 1]]``); ``negative.safetensors`` holds the negative prompt alike.
-The index says how rows are padded back on load: ``pad_to`` = 512 for Wan (zeros, no mask: the
-DiT sees exactly what the diffusers pipeline feeds it), or null for Qwen-Image (the longest row of
-the batch, with a 0/1 ``context_mask``). Rows are read one at a time.
-
-Image-conditioned caches (Wan2.2 I2V, ``encode-prompts --vae``) also hold, per row, the VAE latents
-of the first frame followed by black frames at every resolution the index lists under
-``image_conditions``: the shard tensor ``image_latents.<F>x<H>x<W>`` [n, C, F, h, w] per resolution
-(a cache written before several resolutions existed has one ``image_latents`` tensor and an
-``image_condition`` entry; it still reads). The mask channels (ones on the first latent frame)
-depend only on the shape and are rebuilt on load; every row's condition
-``concat_latents = cat(mask, latents)`` [B, mask + C, F, h, w], at the step's resolution, goes with
-both CFG branches.
+Prompt sources: random ones here (``SyntheticPrompts``), and the prompt-embedding cache written by
+``phased-dmd encode-prompts`` (phased_dmd_mega/prompt_cache/, its format in prompt_cache/format.py).
+Image-to-video rows also bring their first frame's latents (``ImageConditionSpec``).
 """
 
 from __future__ import annotations
 
-import bisect
-import json
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,6 +49,17 @@ IMAGE_LATENTS = "image_latents"  # the first-frame latents of a cache of one res
 def resolution_text(resolution: Sequence[int]) -> str:
     """(81, 480, 832) -> "81x480x832", as --resolution writes it."""
     return "x".join(map(str, resolution))
+
+
+def parse_resolution(text: str, frames_optional: bool = False) -> Optional[Tuple[int, int, int]]:
+    """ "81x480x832" -> (frames, height, width), or None when ``text`` is not positive integers
+    joined by x; with ``frames_optional``, "480x832" is one frame: (1, 480, 832)."""
+    parts = str(text).lower().split("x")
+    numbers = [int(part) for part in parts if part.strip().isdecimal()]
+    lengths = (2, 3) if frames_optional else (3,)
+    if len(numbers) != len(parts) or len(numbers) not in lengths or min(numbers) < 1:
+        return None
+    return tuple(numbers) if len(numbers) == 3 else (1, *numbers)
 
 
 @dataclass(frozen=True)
@@ -115,6 +109,11 @@ class ImageConditionSpec:
             int(entry["spatial"]),
             entry.get("tensor", IMAGE_LATENTS),
         )
+
+    @staticmethod
+    def index_entries(specs: Sequence["ImageConditionSpec"]) -> dict:
+        """The prompt cache index's entries of its image conditions (read by ``all_from_index``)."""
+        return {"image_conditions": [spec.to_index() for spec in specs]}
 
     @classmethod
     def all_from_index(cls, index: dict) -> Tuple["ImageConditionSpec", ...]:
@@ -241,159 +240,3 @@ class SyntheticPrompts(PromptSource):
 
     def negative(self, batch):
         return Condition(torch.zeros_like(self.context[:1]).expand(batch, -1, -1))
-
-
-PROMPT_CACHE_INDEX = "prompts.json"
-PROMPT_CACHE_FORMAT = "phased-dmd-prompt-cache"
-PROMPT_CACHE_VERSION = 1
-
-
-def read_prompt_cache_index(folder) -> dict:
-    """The index of a finished prompt cache, with a clear error for anything else."""
-    folder = Path(folder)
-    index_file = folder / PROMPT_CACHE_INDEX
-    if not index_file.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a prompt cache: {PROMPT_CACHE_INDEX} is missing "
-            "(write one with `phased-dmd encode-prompts`)"
-        )
-    index = json.loads(index_file.read_text())
-    if index.get("format") != PROMPT_CACHE_FORMAT or index.get("version") != PROMPT_CACHE_VERSION:
-        raise ValueError(
-            f"{index_file} is not a version-{PROMPT_CACHE_VERSION} prompt cache index "
-            f"(format {index.get('format')!r}, version {index.get('version')!r})"
-        )
-    if not index.get("complete"):
-        raise ValueError(
-            f"{folder} is an unfinished prompt cache: re-run the same `phased-dmd encode-prompts` command to finish it"
-        )
-    return index
-
-
-class PromptCache(PromptSource):
-    """The cache format described in the module docstring. ``negative_from``: another cache
-    whose negative prompt is used instead of this one's (data.negative_prompt_cache)."""
-
-    def __init__(self, folder, negative_from=None):
-        self.folder = Path(folder)
-        index = read_prompt_cache_index(self.folder)
-        self.family: str = index["family"]
-        self.dim: int = int(index["dim"])
-        self.pad_to: Optional[int] = index["pad_to"]
-        self.masked: bool = bool(index["masked"])
-        specs = ImageConditionSpec.all_from_index(index)
-        self.image_conditions = ImageConditions(specs, f"the prompt cache {self.folder}") if specs else None
-        self.shards = [(self.folder / s["file"], int(s["count"])) for s in index["shards"]]
-        self.starts = [0]
-        for _, count in self.shards:
-            self.starts.append(self.starts[-1] + count)
-        self._negative = self._negative_file(index, negative_from)
-        self._readers: Dict[Path, object] = {}
-        self._offsets: Dict[Path, List[int]] = {}
-
-    def _negative_file(self, index: dict, negative_from) -> Optional[Path]:
-        if negative_from is None:
-            return self.folder / index["negative"]["file"] if index.get("negative") else None
-        other = PromptCache(negative_from)
-        mine = (self.family, self.dim, self.pad_to, self.masked)
-        if (other.family, other.dim, other.pad_to, other.masked) != mine:
-            raise ValueError(
-                f"negative prompt cache {other.folder} ({other.family}, width {other.dim}) does not "
-                f"match prompt cache {self.folder} ({self.family}, width {self.dim})"
-            )
-        if other._negative is None:
-            raise ValueError(f"negative prompt cache {other.folder} has no negative-prompt embeddings")
-        return other._negative
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def check_model(self, arch: str, text_dim: int) -> None:
-        """Refuse a cache written for another model family or text width."""
-        if self.family != arch or self.dim != text_dim:
-            raise ValueError(
-                f"prompt cache {self.folder} holds {self.family} embeddings of width {self.dim}; "
-                f"the model ({arch}) takes text of width {text_dim}"
-            )
-
-    # -- one trimmed row [L, D] at a time
-
-    def _reader(self, path: Path):
-        from phased_dmd_mega.models.weights import TensorReader
-
-        if path not in self._readers:
-            self._readers[path] = reader = TensorReader.for_file(path)
-            self._offsets[path] = reader.read("offsets").tolist()
-        return self._readers[path]
-
-    def _read(self, path: Path, start: int, stop: int) -> torch.Tensor:
-        reader = self._reader(path)
-        offsets = self._offsets[path]
-        return reader.read("context", 0, offsets[start], offsets[stop])
-
-    def _locate(self, index: int) -> Tuple[Path, int]:
-        """(shard file, row within it) of prompt ``index``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"prompt {index} is outside the cache {self.folder} ({len(self)} prompts)")
-        shard = bisect.bisect_right(self.starts, index) - 1
-        return self.shards[shard][0], index - self.starts[shard]
-
-    def row(self, index: int) -> torch.Tensor:
-        path, row = self._locate(index)
-        return self._read(path, row, row + 1)
-
-    def image_latents(self, index: int, resolution: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """The first-frame latents [C, F, h, w] of prompt ``index`` at ``resolution`` (frames,
-        height, width; None: the cache's only one) of an image-conditioned cache."""
-        if self.image_conditions is None:
-            raise ValueError(f"{self.folder} holds no first-frame images (encode the prompts with --vae)")
-        return self._latents_row(index, self.image_conditions.at(resolution))
-
-    def _latents_row(self, index: int, spec: ImageConditionSpec) -> torch.Tensor:
-        path, row = self._locate(index)
-        return self._reader(path).read(spec.tensor, 0, row, row + 1)[0]
-
-    def negative_row(self) -> torch.Tensor:
-        if self._negative is None:
-            raise ValueError(f"{self.folder} has no negative-prompt embeddings (needed for guidance > 1)")
-        return self._read(self._negative, 0, 1)
-
-    # -- batches padded as the family's pipeline pads them
-
-    def _padded(self, rows: List[torch.Tensor], length: Optional[int]) -> Condition:
-        length = self.pad_to or length or max(r.shape[0] for r in rows)
-        context = rows[0].new_zeros(len(rows), length, self.dim)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r.shape[0] > length:
-                raise ValueError(f"a prompt of {r.shape[0]} tokens does not fit a batch padded to {length}")
-            context[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = 1
-        return Condition(context, mask if self.masked else None)
-
-    def rows(self, indices, resolution=None, length: Optional[int] = None):
-        return self._with_images(self._padded([self.row(i) for i in indices], length), indices, resolution)
-
-    def negative(self, batch, length: Optional[int] = None):
-        return self._repeated(self._padded([self.negative_row()], length), batch)
-
-    @staticmethod
-    def _repeated(one: Condition, batch: int) -> Condition:
-        # One padded copy, expanded over the batch (read-only, like SyntheticPrompts' negative).
-        expand = lambda x: None if x is None else x.expand(batch, *x.shape[1:])  # noqa: E731
-        return Condition(expand(one.context), expand(one.context_mask))
-
-    def _with_images(self, condition: Condition, indices, resolution) -> Condition:
-        if self.image_conditions is None:
-            return condition
-        spec = self.image_conditions.at(resolution)
-        latents = torch.stack([self._latents_row(i, spec) for i in indices])
-        return replace(condition, concat_latents=spec.concat_latents(latents))
-
-    def conditions(self, indices, resolution=None):
-        # Both CFG branches run in one batch (Condition.cat): they share one padded length.
-        # WanImageToVideoPipeline feeds the unconditional branch the same image condition.
-        rows, negative = [self.row(i) for i in indices], self.negative_row()
-        length = max(r.shape[0] for r in rows + [negative])
-        positive = self._with_images(self._padded(rows, length), indices, resolution)
-        return positive, replace(self.negative(len(indices), length), concat_latents=positive.concat_latents)

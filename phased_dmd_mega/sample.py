@@ -415,7 +415,8 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
 
 
 def _prompt_source(request: SampleRequest, samplers: Samplers) -> PromptSource:
-    from phased_dmd_mega.data import PromptCache, SyntheticPrompts
+    from phased_dmd_mega.data import SyntheticPrompts
+    from phased_dmd_mega.prompt_cache.reader import PromptCache
 
     if request.prompts is not None:
         return PromptCache(request.prompts)

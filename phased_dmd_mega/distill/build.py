@@ -13,7 +13,7 @@ from torch import nn
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config
-from phased_dmd_mega.data import LatentGeometry, PromptCache, PromptSource, SyntheticPrompts
+from phased_dmd_mega.data import LatentGeometry, PromptSource, SyntheticPrompts
 from phased_dmd_mega.distill.optim import make_role_optimizer
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.log import get_logger
@@ -22,6 +22,7 @@ from phased_dmd_mega.models.architectures import architecture_of, registry
 from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
 from phased_dmd_mega.models.lora import add_adapter
 from phased_dmd_mega.models.options import ModelParallelOptions
+from phased_dmd_mega.prompt_cache.reader import PromptCache
 from phased_dmd_mega.schedule import PhaseLayout, renoise_range, renoise_range_kwargs
 
 log = get_logger(__name__)

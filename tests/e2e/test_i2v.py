@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from phased_dmd_mega.data import PromptCache
-from phased_dmd_mega.prompt_encoding import EncodeOptions, PromptEncodingError, encode_prompts
+from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
+from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
+from phased_dmd_mega.prompt_cache.reader import PromptCache
 
 from helpers.tiny_models import WAN_TINY
 from helpers.tiny_text_encoders import save_wan_text_encoder

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from phased_dmd_mega import cli
 from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.distill.phased import sample
-from phased_dmd_mega.prompt_encoding import write_embeddings_cache
+from phased_dmd_mega.prompt_cache.writer import write_embeddings_cache
 from phased_dmd_mega.sample import decode, load_vae, sample_noise
 from phased_dmd_mega.schedule import PhaseLayout
 

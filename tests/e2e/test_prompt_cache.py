@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from phased_dmd_mega.data import PromptCache
-from phased_dmd_mega.prompt_encoding import (
-    EncodeOptions,
-    PromptEncodingError,
-    QwenImageTextEncoder,
-    WanTextEncoder,
-    clean_wan_prompt,
-    encode_prompts,
-    read_prompts,
-)
+from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
+from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
+from phased_dmd_mega.prompt_cache.prompts import read_prompts
+from phased_dmd_mega.prompt_cache.reader import PromptCache
+from phased_dmd_mega.prompt_cache.text_encoders import QwenImageTextEncoder, WanTextEncoder, clean_wan_prompt
 
 from helpers.tiny_text_encoders import save_qwen_text_encoder, save_wan_text_encoder
 
@@ -457,8 +452,7 @@ def test_the_trainer_trains_on_an_encoded_cache(encoders, tmp_path):
 
 
 def test_precomputed_embeddings_make_a_cache_the_trainer_reads(tmp_path):
-    from phased_dmd_mega.data import PromptCache
-    from phased_dmd_mega.prompt_encoding import PromptEncodingError, write_embeddings_cache
+    from phased_dmd_mega.prompt_cache.writer import write_embeddings_cache
 
     rows = [torch.randn(3, 8), torch.randn(5, 8)]
     folder = write_embeddings_cache(tmp_path / "cache", rows, torch.zeros(2, 8), pad_to=6)

@@ -1,0 +1,173 @@
+"""Reading the prompt-embedding cache (format.py) as the trainer's and the sampler's prompt source."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from phased_dmd_mega.data import ImageConditions, ImageConditionSpec, PromptSource
+from phased_dmd_mega.distill.roles import Condition
+from phased_dmd_mega.prompt_cache.format import (
+    CONTEXT,
+    INDEX_FILE,
+    OFFSETS,
+    RowLayout,
+    format_mismatch,
+    is_complete,
+    negative_file,
+    shard_files,
+)
+
+
+def read_prompt_cache_index(folder) -> dict:
+    """The index of a finished prompt cache, with a clear error for anything else."""
+    folder = Path(folder)
+    index_file = folder / INDEX_FILE
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a prompt cache: {INDEX_FILE} is missing (write one with `phased-dmd encode-prompts`)"
+        )
+    index = json.loads(index_file.read_text())
+    mismatch = format_mismatch(index)
+    if mismatch is not None:
+        raise ValueError(f"{index_file} {mismatch}")
+    if not is_complete(index):
+        raise ValueError(
+            f"{folder} is an unfinished prompt cache: re-run the same `phased-dmd encode-prompts` command to finish it"
+        )
+    return index
+
+
+class PromptCache(PromptSource):
+    """The cache format of prompt_cache/format.py. ``negative_from``: another cache whose
+    negative prompt is used instead of this one's (data.negative_prompt_cache)."""
+
+    def __init__(self, folder, negative_from=None):
+        self.folder = Path(folder)
+        index = read_prompt_cache_index(self.folder)
+        self.layout = RowLayout.from_index(index)
+        self.family: str = self.layout.family
+        self.dim: int = self.layout.dim
+        self.pad_to: Optional[int] = self.layout.pad_to
+        self.masked: bool = self.layout.masked
+        specs = ImageConditionSpec.all_from_index(index)
+        self.image_conditions = ImageConditions(specs, f"the prompt cache {self.folder}") if specs else None
+        self.shards = [(self.folder / file, count) for file, count in shard_files(index)]
+        self.starts = [0]
+        for _, count in self.shards:
+            self.starts.append(self.starts[-1] + count)
+        self._negative = self._negative_file(index, negative_from)
+        self._readers: Dict[Path, object] = {}
+        self._offsets: Dict[Path, List[int]] = {}
+
+    def _negative_file(self, index: dict, negative_from) -> Optional[Path]:
+        if negative_from is None:
+            name = negative_file(index)
+            return None if name is None else self.folder / name
+        other = PromptCache(negative_from)
+        if other.layout != self.layout:
+            raise ValueError(
+                f"negative prompt cache {other.folder} ({other.family}, width {other.dim}) does not "
+                f"match prompt cache {self.folder} ({self.family}, width {self.dim})"
+            )
+        if other._negative is None:
+            raise ValueError(f"negative prompt cache {other.folder} has no negative-prompt embeddings")
+        return other._negative
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def check_model(self, arch: str, text_dim: int) -> None:
+        """Refuse a cache written for another model family or text width."""
+        if self.family != arch or self.dim != text_dim:
+            raise ValueError(
+                f"prompt cache {self.folder} holds {self.family} embeddings of width {self.dim}; "
+                f"the model ({arch}) takes text of width {text_dim}"
+            )
+
+    # -- one trimmed row [L, D] at a time
+
+    def _reader(self, path: Path):
+        from phased_dmd_mega.models.weights import TensorReader
+
+        if path not in self._readers:
+            self._readers[path] = reader = TensorReader.for_file(path)
+            self._offsets[path] = reader.read(OFFSETS).tolist()
+        return self._readers[path]
+
+    def _read(self, path: Path, start: int, stop: int) -> torch.Tensor:
+        reader = self._reader(path)
+        offsets = self._offsets[path]
+        return reader.read(CONTEXT, 0, offsets[start], offsets[stop])
+
+    def _locate(self, index: int) -> Tuple[Path, int]:
+        """(shard file, row within it) of prompt ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt {index} is outside the cache {self.folder} ({len(self)} prompts)")
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return self.shards[shard][0], index - self.starts[shard]
+
+    def row(self, index: int) -> torch.Tensor:
+        path, row = self._locate(index)
+        return self._read(path, row, row + 1)
+
+    def image_latents(self, index: int, resolution: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The first-frame latents [C, F, h, w] of prompt ``index`` at ``resolution`` (frames,
+        height, width; None: the cache's only one) of an image-conditioned cache."""
+        if self.image_conditions is None:
+            raise ValueError(f"{self.folder} holds no first-frame images (encode the prompts with --vae)")
+        return self._latents_row(index, self.image_conditions.at(resolution))
+
+    def _latents_row(self, index: int, spec: ImageConditionSpec) -> torch.Tensor:
+        path, row = self._locate(index)
+        return self._reader(path).read(spec.tensor, 0, row, row + 1)[0]
+
+    def negative_row(self) -> torch.Tensor:
+        if self._negative is None:
+            raise ValueError(f"{self.folder} has no negative-prompt embeddings (needed for guidance > 1)")
+        return self._read(self._negative, 0, 1)
+
+    # -- batches padded as the family's pipeline pads them
+
+    def _padded(self, rows: List[torch.Tensor], length: Optional[int]) -> Condition:
+        length = self.pad_to or length or max(r.shape[0] for r in rows)
+        context = rows[0].new_zeros(len(rows), length, self.dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r.shape[0] > length:
+                raise ValueError(f"a prompt of {r.shape[0]} tokens does not fit a batch padded to {length}")
+            context[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return Condition(context, mask if self.masked else None)
+
+    def rows(self, indices, resolution=None, length: Optional[int] = None):
+        return self._with_images(self._padded([self.row(i) for i in indices], length), indices, resolution)
+
+    def negative(self, batch, length: Optional[int] = None):
+        return self._repeated(self._padded([self.negative_row()], length), batch)
+
+    @staticmethod
+    def _repeated(one: Condition, batch: int) -> Condition:
+        # One padded copy, expanded over the batch (read-only, like SyntheticPrompts' negative).
+        expand = lambda x: None if x is None else x.expand(batch, *x.shape[1:])  # noqa: E731
+        return Condition(expand(one.context), expand(one.context_mask))
+
+    def _with_images(self, condition: Condition, indices, resolution) -> Condition:
+        if self.image_conditions is None:
+            return condition
+        spec = self.image_conditions.at(resolution)
+        latents = torch.stack([self._latents_row(i, spec) for i in indices])
+        return replace(condition, concat_latents=spec.concat_latents(latents))
+
+    def conditions(self, indices, resolution=None):
+        # Both CFG branches run in one batch (Condition.cat): they share one padded length.
+        # WanImageToVideoPipeline feeds the unconditional branch the same image condition.
+        rows, negative = [self.row(i) for i in indices], self.negative_row()
+        length = max(r.shape[0] for r in rows + [negative])
+        positive = self._with_images(self._padded(rows, length), indices, resolution)
+        return positive, replace(self.negative(len(indices), length), concat_latents=positive.concat_latents)
