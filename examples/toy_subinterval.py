@@ -6,7 +6,7 @@ and integrated from t = 1 down to s = 0.5, from the same starting noises, next t
 
 - ``full``: ordinary flow matching on [0, 1] with the target ``eps - x0`` (the reference);
 - ``subinterval``: trained only on (s, 1] from samples ``x_s ~ p(x_s)``, with the subinterval
-  target ``c_eps * eps - x_s / alpha_s`` (spec section 4, ``phased_dmd_mega.losses``);
+  target ``c_eps * eps - x_s / alpha_s`` (arXiv 2510.27684's Eq. 12, ``phased_dmd_mega.losses``);
 - ``naive``: the same inputs ``x_t = alpha_{t|s} x_s + sigma_{t|s} eps``, but the target
   ``eps - x_s`` (x_s treated as clean data). Only the target differs from ``subinterval``.
 

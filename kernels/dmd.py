@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the DMD generator loss (spec section 5).
+"""Fused Triton kernels for the DMD generator loss (the gradient of
+arXiv 2510.27684's Eq. 11).
 
 Two passes over the batch, with an optional all-reduce in a sequence-parallel group between
 them (a sample split along the sequence must be normalised by its *whole* mean):

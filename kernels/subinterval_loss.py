@@ -1,4 +1,5 @@
-"""Fused Triton kernel for the subinterval score-matching loss (spec section 4).
+"""Fused Triton kernel for the subinterval score-matching loss (arXiv
+2510.27684's Eq. 12-13).
 
 One pass over ``v_pred``, ``x_s`` and ``eps`` computes, per element,
 ``diff = v_pred - psi* = v_pred - (c_eps[b] * eps - x_s / alpha_s[b])`` in fp32, and writes

@@ -86,7 +86,8 @@ class ParallelConfig:
 
 @dataclass
 class PhasesConfig:
-    """Phased DMD (spec phased_dmd.md sections 4 to 6)."""
+    """Phased DMD (arXiv 2510.27684): the phases, the re-noising, the fake-model loss (its Eq. 13), the
+    generator update (its Eq. 11) and the two time scales."""
 
     method: Literal["phased_dmd", "dmd_sgts", "dmd_naive"] = "phased_dmd"
     num_steps: int = 4
@@ -97,7 +98,7 @@ class PhasesConfig:
     # Shift of the re-noising time distribution T(t; s, 1); None: `shift` (the paper). A tiny
     # latent (the CPU demo) is matched at low noise far more often with a smaller one.
     renoise_shift: Optional[float] = None
-    t_min: float = 0.02  # spec section 3: re-noise times stay inside [t_min, t_max]
+    t_min: float = 0.02  # re-noise times stay inside [t_min, t_max] (the released code's bounds)
     t_max: float = 0.98
     margin: float = 0.0  # re-noise t stays at least this far above the phase's level s
     expert_boundary: Optional[float] = None  # Wan2.2 A14B: 0.875 (T2V) or 0.9 (I2V)

@@ -1,5 +1,5 @@
-"""Rectified-flow conversions (spec section 1 and 4): alpha_t = 1 - t, sigma_t = t, and a
-network that predicts the flow psi(x_t, t) ~ eps - x_0.
+"""Rectified-flow conversions (arXiv 2510.27684's flow prediction, Eq. 5, and its subintervals,
+Eq. 12): alpha_t = 1 - t, sigma_t = t, and a network that predicts the flow psi(x_t, t) ~ eps - x_0.
 
 Time arguments are floats or tensors broadcastable against the data: a [B] tensor is reshaped
 to [B, 1, ..., 1]. Everything here is differentiable and elementwise.
@@ -40,7 +40,7 @@ def score_from_flow(x_t: torch.Tensor, flow: torch.Tensor, t: Time) -> torch.Ten
 
 def subinterval_coefficients(s: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """``(alpha_{t|s}, sigma_{t|s}, sigma_{t|s}^2, c_eps, 1/alpha_s)`` for times s < t (tensors,
-    elementwise; spec sections 2 and 3), in the times' dtype (callers pass float64):
+    elementwise; the paper's Eq. 12 and its derivation, Eq. 19-23), in the times' dtype (callers pass float64):
     x_t = alpha_{t|s} x_s + sigma_{t|s} eps, and the flow target is c_eps eps - x_s / alpha_s."""
     alpha_s, alpha_t = 1.0 - s, 1.0 - t
     sigma_s, sigma_t = s, t
@@ -52,8 +52,8 @@ def subinterval_coefficients(s: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Te
 
 
 def subinterval_tweedie(x_t: torch.Tensor, flow: torch.Tensor, s: Time, t: Time) -> torch.Tensor:
-    """E[x_s | x_t] under the model: (x_t + sigma_{t|s}^2 score(x_t)) / alpha_{t|s} (spec
-    section 4). With s = 0 this is x0_hat."""
+    """E[x_s | x_t] under the model: (x_t + sigma_{t|s}^2 score(x_t)) / alpha_{t|s} (the
+    paper's Eq. 12). With s = 0 this is x0_hat."""
     s64, t64 = (torch.as_tensor(per_sample(v, x_t), dtype=torch.float64, device=x_t.device) for v in (s, t))
     alpha_ts, _, sigma_ts_sq, _, _ = subinterval_coefficients(s64, t64)
     dtype = torch.promote_types(x_t.dtype, torch.float32)

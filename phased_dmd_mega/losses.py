@@ -1,4 +1,4 @@
-"""The losses of Phased DMD (spec sections 4 and 5), on rectified flow (alpha_t = 1 - t, sigma_t = t).
+"""The losses of Phased DMD (arXiv 2510.27684: Eq. 12-13 and Eq. 11), on rectified flow (alpha_t = 1 - t, sigma_t = t).
 
 * ``subinterval_noise`` / ``subinterval_target``: re-noise an anchor ``x_s`` to time ``t`` and the
   fake model's velocity target within the subinterval (plain torch).
@@ -91,7 +91,7 @@ def resolve_backend(tensor: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Subinterval coefficients (spec section 4)
+# Subinterval coefficients (the paper's Eq. 12, derived in its Eq. 19-23)
 # ----------------------------------------------------------------------------------------
 
 

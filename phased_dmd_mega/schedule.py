@@ -1,12 +1,13 @@
-"""Few-step schedules, the phase layout and the time sampling of Phased DMD (spec sections 1 to 3).
+"""Few-step schedules, the phase layout and the time sampling of Phased DMD (arXiv 2510.27684): the
+shifted few-step table, the phase boundaries ``s_k`` and the re-noise distribution ``T(t; s, 1)``.
 
 Conventions
 -----------
 - Time runs from ``t = 1`` (pure noise) to ``t = 0`` (data); ``alpha_t = 1 - t``, ``sigma_t = t``.
 - Steps are 0-based: step ``i`` (``0 <= i < N``) moves the sample from ``times[i]`` to
   ``times[i + 1]``; ``times`` is the table ``t_0 = 1 > t_1 > ... > t_N = 0``.
-- Phases are **0-based in code**: phase ``k`` (``0 <= k < K``) is the spec's phase ``k + 1``.
-  ``boundaries[k]`` is the spec's ``s_k``: phase ``k`` starts at ``boundaries[k]`` and ends at
+- Phases are **0-based in code**: phase ``k`` (``0 <= k < K``) is the paper's phase ``k + 1``.
+  ``boundaries[k]`` is the paper's ``s_k``: phase ``k`` starts at ``boundaries[k]`` and ends at
   ``boundaries[k + 1]``, which is the time reached after its last step. ``boundaries[0] = 1``
   and ``boundaries[K] = 0``. The anchor of phase ``k`` lives at ``phase_end(k)``.
 
@@ -130,12 +131,12 @@ class PhaseLayout:
         return range(first, first + self.steps_per_phase[phase])
 
     def phase_start(self, phase: int) -> float:
-        """The time the phase starts from (spec ``s_{k-1}``; 1 for the first phase)."""
+        """The time the phase starts from (the paper's ``s_{k-1}``; 1 for the first phase)."""
         self._check_phase(phase)
         return self.boundaries[phase]
 
     def phase_end(self, phase: int) -> float:
-        """The time the phase ends at, where its anchor lives (spec ``s_k``; 0 for the last)."""
+        """The time the phase ends at, where its anchor lives (the paper's ``s_k``; 0 for the last)."""
         self._check_phase(phase)
         return self.boundaries[phase + 1]
 

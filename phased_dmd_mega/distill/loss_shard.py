@@ -1,4 +1,5 @@
-"""Which part of each sample this rank's losses cover (spec section 5).
+"""Which part of each sample this rank's losses cover (the per-sample
+normaliser of the DMD gradient, the paper's Eq. 11, needs whole samples).
 
 Under sequence parallelism (Megatron SP and/or Ulysses) a DiT splits its tokens over a group of
 ranks and gathers its output at the end; the gather's backward hands each rank the gradient of

@@ -1,4 +1,5 @@
-"""The two objectives of one Phased DMD phase (spec sections 3 and 4).
+"""The two objectives of one Phased DMD phase (arXiv 2510.27684: the fake
+model's subinterval score matching, Eq. 12-13, and the generator's DMD update, Eq. 11).
 
 Fake model: score matching within the subinterval (s, t) from the generator's anchors x_s
 (no x0 exists), ``losses.subinterval_flow_loss``. Generator: the DMD gradient at level s from

@@ -1,4 +1,5 @@
-"""The few-step generator rollout of one phase (spec section 5).
+"""The few-step generator rollout of one phase (the sampling
+behind the paper's Eq. 11: frozen earlier phases, then this phase's generator).
 
 Phase k's generator is fed by the frozen generators of phases 0..k-1 (no gradient through
 them) and ends at the phase's level s = tau_k, where it is matched. Inside a phase of m steps,

@@ -1,6 +1,6 @@
 """The public losses (phased_dmd_mega.losses) against float64 references written from the spec.
 
-Every reference below is restated from spec sections 4 and 5 (rectified flow, alpha_t = 1 - t,
+Every reference below is restated from the paper's Eq. 11-13 (arXiv 2510.27684; rectified flow, alpha_t = 1 - t,
 sigma_t = t) in float64, independently of the code under test. Both backends are checked: the
 plain torch path and the fused Triton path (Triton's interpreter on CPU; conftest sets
 TRITON_INTERPRET=1 there).
