@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega import vae as vae_latents
 from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.data import PromptSource
 from phased_dmd_mega.distill.build import build_prompts, latent_geometry
@@ -37,6 +38,7 @@ from phased_dmd_mega.export import open_export
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models.architectures import architecture_of, registry
 from phased_dmd_mega.schedule import PhaseLayout
+from phased_dmd_mega.vae import find_vae_folder
 
 log = get_logger(__name__)
 
@@ -102,24 +104,18 @@ def load_vae(path, arch_name: str, dtype: torch.dtype = torch.float32, device=No
 
 def vae_folder(path) -> Path:
     """The VAE's folder: ``path`` itself, or its ``vae/`` (a pipeline root)."""
-    path = Path(path)
-    for folder in (path, path / "vae"):
-        if (folder / "config.json").is_file():
-            return folder
+    folder = find_vae_folder(path)
+    if folder is not None:
+        return folder
     raise FileNotFoundError(f"{path} is neither a VAE folder (config.json) nor a pipeline root with vae/")
 
 
 def denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
-    """The latents as the VAE decodes them: the pipelines' ``latents / (1 / std) + mean``, per
-    channel, in the VAE's dtype and in the same order of operations."""
+    """The latents as the VAE decodes them (in the VAE's dtype, on its device)."""
     config = vae.config
     if latents.shape[1] != config.z_dim:
         raise ValueError(f"the latents have {latents.shape[1]} channels, the VAE decodes {config.z_dim} (z_dim)")
-    latents = latents.to(vae.device, vae.dtype)
-    shape = (1, config.z_dim, 1, 1, 1)
-    mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
-    return latents / inverse_std + mean
+    return vae_latents.denormalize(config, latents.to(vae.device, vae.dtype))
 
 
 @torch.no_grad()

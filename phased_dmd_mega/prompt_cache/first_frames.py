@@ -19,6 +19,7 @@ import torch
 from phased_dmd_mega.data import ImageConditionSpec, parse_resolution, resolution_text
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.text_encoders import encoder_digest
+from phased_dmd_mega.vae import find_vae_folder, normalize
 
 RESIZE_MODES = ("default", "crop", "fill")  # diffusers VaeImageProcessor's; the pipeline uses "default"
 
@@ -48,8 +49,8 @@ class FirstFrameEncoder:
 
     def __init__(self, vae, resolutions: Sequence[Tuple[int, int, int]], resize_mode: str = "default"):
         root = Path(vae)
-        self.folder = root / "vae" if (root / "vae" / "config.json").is_file() else root
-        if not (self.folder / "config.json").is_file():
+        self.folder = find_vae_folder(root)
+        if self.folder is None:
             raise PromptEncodingError(
                 f"--vae {root}: no config.json (expected an AutoencoderKLWan folder or a "
                 "diffusers pipeline root with vae/)"
@@ -127,8 +128,4 @@ class FirstFrameEncoder:
         pixels = pixels.to(device, torch.float32).unsqueeze(2)  # [1, 3, 1, H, W]
         video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
         latents = self.vae.encode(video).latent_dist.mode().float()
-        # As prepare_latents normalises: (x - mean) * (1 / std).
-        shape = (1, -1, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32, device=device).view(shape)
-        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std, dtype=torch.float32, device=device).view(shape)
-        return ((latents - mean) * inverse_std)[0].to("cpu", copy=True)
+        return normalize(self.vae.config, latents)[0].to("cpu", copy=True)
