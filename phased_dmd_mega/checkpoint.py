@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from phased_dmd_mega.distill.optim import ADAM_STATES, MAIN_PARAM, DistributedRoleOptimizer
+from phased_dmd_mega.files import read_json, replace_folder, write_text_atomically
 from phased_dmd_mega.log import get_logger
 
 log = get_logger(__name__)
@@ -206,9 +206,7 @@ def save_checkpoint(
         # After the tensors: dist_checkpointing warns about (and clears) a folder that is not empty.
         for name, text in (files or {}).items():
             (staging / name).write_text(text)
-        if final.exists():  # the same iteration saved again (e.g. after a resume)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_folder(staging, final)  # the same iteration may be saved again (e.g. after a resume)
         _write_latest(root, final.name)
         _prune(root, keep_last)
         log.info("saved checkpoint %s", final)
@@ -217,9 +215,7 @@ def save_checkpoint(
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(json.dumps({"checkpoint": name}))
-    os.replace(tmp, root / LATEST)
+    write_text_atomically(root / LATEST, json.dumps({"checkpoint": name}))
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -233,7 +229,7 @@ def latest_checkpoint(root) -> Optional[Path]:
     pointer = Path(root) / LATEST
     if not pointer.exists():
         return None
-    path = Path(root) / json.loads(pointer.read_text())["checkpoint"]
+    path = Path(root) / read_json(pointer)["checkpoint"]
     if not path.is_dir():
         raise FileNotFoundError(f"{pointer} points at {path.name}, which does not exist")
     return path

@@ -16,16 +16,13 @@ read and written one rule at a time: memory is bounded by the largest tensor, no
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from phased_dmd_mega import __version__
+from phased_dmd_mega.files import check_destination, staging_folder, write_json
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models.architectures import Architecture, CheckpointError
 from phased_dmd_mega.models.checkpoints import (
@@ -123,14 +120,14 @@ def convert(
             f"{checkpoint.root} is {architecture.title}, which has no {to} layout (it has {', '.join(layouts)})"
         )
     dst = Path(dst)
-    check_destination(checkpoint.root, dst, overwrite)
+    check_destination(checkpoint.root, dst, overwrite, CheckpointError)
     models = {
         name: open_model(folder, checkpoint.layout, arch, architecture) for name, folder in checkpoint.folders.items()
     }
     for files in models.values():
         check_tensor_parallel(files.arch, tensor_parallel)
     ratio = _experts_boundary(checkpoint, models, boundary_ratio)
-    with staging_folder(dst, overwrite) as staging:
+    with staging_folder(dst, overwrite, CheckpointError) as staging:
         for name, files in models.items():
             folder = staging if name == SINGLE else staging / EXPERT_FOLDERS[to][name]
             log.info("converting %s (%s) -> %s", files.folder, files.layout, to)
@@ -150,46 +147,6 @@ def _experts_boundary(checkpoint: Checkpoint, models: Dict[str, ModelFiles], ove
     if not 0.0 < ratio < 1.0:
         raise CheckpointError(f"boundary_ratio {ratio} must be between 0 and 1")
     return ratio
-
-
-# ----------------------------------------------------------------------------- destination
-
-
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    source, target = src.resolve(), dst.resolve()
-    if source == target or source in target.parents or target in source.parents:
-        raise CheckpointError(f"destination {dst} overlaps the source {src}")
-    if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise CheckpointError(f"destination {dst} already exists; pass --overwrite to replace it")
-        if not dst.is_dir():
-            raise CheckpointError(f"destination {dst} exists and is not a folder; not replacing it")
-
-
-@contextmanager
-def staging_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden folder beside ``dst``, renamed to ``dst`` on success and removed on failure."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        _move_into_place(staging, dst, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_into_place(staging: Path, dst: Path, overwrite: bool) -> None:
-    if not dst.exists():
-        staging.rename(dst)
-        return
-    if not overwrite:  # appeared while converting
-        raise CheckpointError(f"destination {dst} appeared during the conversion; not replacing it")
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    dst.rename(old)
-    staging.rename(dst)
-    shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------- one model
@@ -327,7 +284,3 @@ def model_index(
     transformer = ["diffusers", architecture.diffusers_class]
     index.update(boundary_ratio=ratio, transformer=transformer, transformer_2=transformer)
     return index
-
-
-def write_json(path: Path, data: Dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

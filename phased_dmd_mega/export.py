@@ -51,6 +51,7 @@ import torch
 
 from phased_dmd_mega import __version__, convert
 from phased_dmd_mega.distill.generators import DistilledGenerators
+from phased_dmd_mega.files import check_destination, read_json, staging_folder, write_json
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models.architectures import CheckpointError
 from phased_dmd_mega.models.checkpoints import (
@@ -59,7 +60,6 @@ from phased_dmd_mega.models.checkpoints import (
     ModelFiles,
     check_weights,
     inspect_checkpoint,
-    read_json,
 )
 from phased_dmd_mega.models.shards import DEFAULT_MAX_SHARD_BYTES
 from phased_dmd_mega.models.weights import StateDictReader, split_interleaved_heads
@@ -143,8 +143,8 @@ def export_generators(
     if as_lora:
         _check_lora_bases(distilled, slots)
     dst = Path(dst)
-    convert.check_destination(distilled.path, dst, overwrite)
-    with convert.staging_folder(dst, overwrite) as staging:
+    check_destination(distilled.path, dst, overwrite, CheckpointError)
+    with staging_folder(dst, overwrite, CheckpointError) as staging:
         for slot in slots:
             generator = distilled.generators[slot.phase].high
             if as_lora:
@@ -161,14 +161,14 @@ def export_generators(
                 pipeline_boundary_ratio(distilled.layout),
                 _teacher_pipeline_index(distilled),
             )
-            convert.write_json(staging / "model_index.json", index)
+            write_json(staging / "model_index.json", index)
         elif not as_lora and slots[0].pipeline_expert is not None:
             log.warning(
                 "the original Wan layout stores no boundary: give Wan's own sampler boundary %.6g "
                 "(phased_dmd.json), not its default",
                 pipeline_boundary_ratio(distilled.layout),
             )
-        convert.write_json(staging / EXPORT_INFO, export_info(distilled, slots, layout, as_lora, merge))
+        write_json(staging / EXPORT_INFO, export_info(distilled, slots, layout, as_lora, merge))
     log.info(
         "exported %s (iteration %d%s) to %s", distilled.path, distilled.iteration, ", EMA" if distilled.ema else "", dst
     )
@@ -203,7 +203,7 @@ def _teacher_provenance(distilled: DistilledGenerators, expert: str) -> Dict[str
         return {}
     teacher = inspect_checkpoint(path)
     folder = teacher.model_folder(expert if teacher.has_experts else None)  # expert: "model" for one
-    config = read_json(folder / "config.json")
+    config = read_json(folder / "config.json", CheckpointError)
     if teacher.layout == "mega":
         return config.get("provenance", {})
     return {"source": str(folder.resolve()), "source_layout": teacher.layout, "source_config": config}
@@ -338,7 +338,7 @@ def export_info(
 
 def read_export_info(folder: PathLike) -> Dict[str, Any]:
     """An export's ``phased_dmd.json``, checked."""
-    info = read_json(Path(folder) / EXPORT_INFO)
+    info = read_json(Path(folder) / EXPORT_INFO, CheckpointError)
     if info.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{Path(folder) / EXPORT_INFO}: format {info.get('format')!r} is not {EXPORT_FORMAT!r}")
     if info.get("format_version") != EXPORT_FORMAT_VERSION:

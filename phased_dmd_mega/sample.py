@@ -19,7 +19,6 @@ Under tensor or Ulysses parallelism every rank of the model-parallel group runs 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,8 +34,9 @@ from phased_dmd_mega.distill.generators import open_generators
 from phased_dmd_mega.distill.phased import sample as few_step_sample
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.export import open_export
+from phased_dmd_mega.files import check_destination, staging_folder, write_json
 from phased_dmd_mega.log import get_logger
-from phased_dmd_mega.models.architectures import architecture_of, registry
+from phased_dmd_mega.models.architectures import CheckpointError, architecture_of, registry
 from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.vae import find_vae_folder
 
@@ -250,7 +250,7 @@ def record_samples(
             for i, (p, s, d) in enumerate(zip(prompt_index, seeds, decoded))
         ],
     }
-    (folder / SAMPLES_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(folder / SAMPLES_FILE, record)
 
 
 # ----------------------------------------------------------------------------- during training
@@ -363,7 +363,6 @@ class SampleRequest:
 def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     """``phased-dmd sample``: draw the requested samples and publish them in ``request.output``
     (built in a hidden folder beside it, renamed at the end)."""
-    from phased_dmd_mega import convert
 
     layout = parallel.layout()
     if layout.data_parallel != 1:
@@ -372,9 +371,8 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
             f"{layout.tensor_parallel * layout.ulysses_parallel} processes, not {layout.world_size}"
         )
     output = Path(request.output)
-    convert.check_destination(
-        Path(samplers.source.get("checkpoint") or samplers.source["exported"]), output, request.overwrite
-    )
+    source = Path(samplers.source.get("checkpoint") or samplers.source["exported"])
+    check_destination(source, output, request.overwrite, CheckpointError)
     prompts = _prompt_source(request, samplers)
     indices = request.indices if request.indices else [i % len(prompts) for i in range(request.num_samples or 1)]
     outside = [i for i in indices if not 0 <= i < len(prompts)]
@@ -404,7 +402,7 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
         arch_name = _architecture_name(samplers.arch)
         vae = load_vae(request.vae, arch_name, getattr(torch, request.vae_dtype), layout.device)
     info = {**samplers.source, "resolution": list(resolution), "seed": request.seed}
-    with convert.staging_folder(output, request.overwrite) as staging:
+    with staging_folder(output, request.overwrite, CheckpointError) as staging:
         record_samples(staging, latents, samplers.layout, samplers.step_rule, indices, seeds, vae, info, request.fps)
     log.info("wrote %d samples to %s", latents.shape[0], output)
     return output

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from phased_dmd_mega.files import read_json
 from phased_dmd_mega.models.architecture_types import MEGA_FORMAT, Architecture, CheckpointError, Shape
 from phased_dmd_mega.models.architectures import (
     architecture_of,
@@ -340,18 +341,6 @@ def _layout_markers(root: Path) -> List[str]:
     return found
 
 
-def read_json(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
 def config_kind(config: Mapping[str, Any], path: Path, requested: Optional[str] = None) -> Tuple[str, Architecture]:
     """The layout ("diffusers", "original", "mega") and architecture of a model's config.json;
     ``requested`` (an architecture or preset name, or None) must name that architecture."""
@@ -392,7 +381,7 @@ def _described(layout: str, architecture: Architecture) -> str:
 
 
 def _single_config_folder(root: Path, requested: Optional[str]) -> Checkpoint:
-    config = read_json(root / "config.json")
+    config = read_json(root / "config.json", CheckpointError)
     layout, architecture = config_kind(config, root / "config.json", requested)
     if layout == "mega" and "experts" in config:
         _require_expert_pairs(architecture, root)
@@ -406,11 +395,11 @@ def _single_config_folder(root: Path, requested: Optional[str]) -> Checkpoint:
 
 
 def _diffusers_pipeline(root: Path, requested: Optional[str]) -> Checkpoint:
-    index = read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json", CheckpointError)
     high, low = (root / EXPERT_FOLDERS["diffusers"][e] for e in EXPERTS)
     if not high.is_dir():
         raise CheckpointError(f"{root} has a model_index.json but no transformer/ folder")
-    _, architecture = config_kind(read_json(high / "config.json"), high / "config.json", requested)
+    _, architecture = config_kind(read_json(high / "config.json", CheckpointError), high / "config.json", requested)
     if not low.is_dir():
         return Checkpoint(root, "diffusers", architecture, {SINGLE: high}, None, index)
     _require_expert_pairs(architecture, root)
@@ -421,7 +410,7 @@ def _original_experts(root: Path, requested: Optional[str]) -> Checkpoint:
     folders = {name: root / sub for name, sub in EXPERT_FOLDERS["original"].items()}
     _require_folders(folders, root)
     config_path = folders["high"] / "config.json"
-    _, architecture = config_kind(read_json(config_path), config_path, requested)
+    _, architecture = config_kind(read_json(config_path, CheckpointError), config_path, requested)
     _require_expert_pairs(architecture, root)
     return Checkpoint(root, "original", architecture, folders, None, None)
 
@@ -483,7 +472,7 @@ def open_model(
     ``arch``) that it is that preset. ``architecture``: the one its checkpoint was found to be
     (every model of a checkpoint is of one architecture). Nothing but safetensors headers is read."""
     config_path = Path(folder) / "config.json"
-    config = read_json(config_path)
+    config = read_json(config_path, CheckpointError)
     found, found_architecture = config_kind(config, config_path, arch)
     if found != layout:
         raise CheckpointError(f"{config_path} is a {found} config inside a {layout} checkpoint")

@@ -18,6 +18,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
+from phased_dmd_mega.files import write_json
+
 SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -107,7 +109,7 @@ def write_sharded(
     if len(shards) > 1:
         weight_map = {entry.name: file for file, shard in zip(names, shards) for entry in shard}
         index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-        (Path(folder) / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_json(Path(folder) / f"{prefix}.safetensors.index.json", index)
     return names
 
 

@@ -8,12 +8,13 @@ converter uses the same table with one rank.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+
+from phased_dmd_mega.files import read_json
 
 REPLICATED, COLUMN, ROW = "replicated", "column", "row"
 
@@ -42,7 +43,7 @@ class TensorReader:
         index = [] if files else sorted(self.folder.glob("*.safetensors.index.json"))
         weight_map = None
         if index:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
+            weight_map = read_json(index[0])["weight_map"]
             files = sorted(set(weight_map.values()))
         elif not files:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from phased_dmd_mega.files import write_atomically
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.format import (
@@ -55,12 +55,6 @@ def plan_shards(count: int, shard_size: int) -> List[Shard]:
     return [Shard(n, start, min(start + shard_size, count)) for n, start in enumerate(range(0, count, shard_size))]
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_rows(
     path: Path,
     rows: Sequence[torch.Tensor],
@@ -76,7 +70,7 @@ def write_rows(
     tensors = {CONTEXT: torch.cat(list(rows)).contiguous(), OFFSETS: lengths.cumsum(0)}
     tensors.update({name: tensor.contiguous() for name, tensor in (extra or {}).items()})
     stamp = {FINGERPRINT: fingerprint, **(metadata or {})}
-    _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=stamp))
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=stamp))
 
 
 def write_embeddings_cache(
@@ -126,7 +120,7 @@ def file_fingerprint(path: Path) -> Optional[str]:
 
 
 def write_index(folder: Path, index: Dict[str, object]) -> None:
-    _write_atomically(folder / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"))
+    write_atomically(folder / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"))
 
 
 def _cache_files(folder: Path) -> List[Path]:
