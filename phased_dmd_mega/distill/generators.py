@@ -88,8 +88,7 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
         teacher_expert_for_phase,
     )
 
-    if not parallel.is_initialized():
-        raise RuntimeError("open_generators builds models for the parallel state: call parallel.initialize() first")
+    device = parallel.layout("open_generators builds models for the parallel state").device
     folder = resolve_checkpoint(path)
     cfg = _for_this_layout(load_config(folder / checkpoint.CONFIG_FILE, overrides))
     # The caller set up the device before the run's config was known: its float32 precision now.
@@ -105,7 +104,6 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     suffix = "_ema" if ema else ""
     roles = {f"generator{k}{suffix}": WeightsOnly(generator) for k, generator in enumerate(generators)}
     metadata = checkpoint.load_checkpoint(folder, roles)
-    device = parallel.layout().device
     generators = [generator.to(device).requires_grad_(False).eval() for generator in generators]
     log.info(
         "opened %d %s generator%s (%s) of %s, iteration %d",
