@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from phased_dmd_mega import parallel
 from phased_dmd_mega.kernels.subinterval_loss import (
     cast_for_store,
     check_device,
@@ -203,13 +203,6 @@ def dmd_direction_partials(
 # ----------------------------------------------------------------------------------------
 
 
-def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``values`` over ``group`` in place (no-op without a group of more than one rank)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values
-
-
 class DMDLossFunction(torch.autograd.Function):
     """``0.5 * mean(direction**2)`` whose gradient w.r.t. ``x0_student`` is ``direction / numel``.
 
@@ -221,14 +214,14 @@ class DMDLossFunction(torch.autograd.Function):
     def forward(ctx, x0_student, x0_fake, x0_teacher, norm_min, group, block=None):
         # Pass 1, then one all-reduce of the |.| sums and element counts over the ranks that
         # hold the same samples (counts are summed, so uneven shards are fine).
-        stats = _all_reduce_sum(abs_diff_stats(x0_student, x0_teacher, block), group)
+        stats = parallel.all_reduce(abs_diff_stats(x0_student, x0_teacher, block), group)
 
         wants_grad = ctx.needs_input_grad[0]
         partials, grad = dmd_direction_partials(
             x0_fake, x0_teacher, stats, norm_min, x0_student.dtype if wants_grad else None, block
         )
         # The block sums are already divided by the global numel: their total over ranks is the loss.
-        loss = _all_reduce_sum(partials.sum().reshape(1), group)
+        loss = parallel.all_reduce(partials.sum().reshape(1), group)
         if wants_grad:
             ctx.save_for_backward(grad)
         ctx.block = block

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from phased_dmd_mega import parallel
 from phased_dmd_mega.distill.optim import ADAM_STATES, MAIN_PARAM, DistributedRoleOptimizer
 from phased_dmd_mega.files import read_json, replace_folder, write_text_atomically
 from phased_dmd_mega.log import get_logger
@@ -79,18 +79,12 @@ def flat_range_boxes(shape: Sequence[int], start: int, stop: int) -> List[Box]:
     return boxes
 
 
-def _tp_rank_and_size() -> Tuple[int, int]:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-
-
 def _sharded_boxes(flat: torch.Tensor, start: int, stop: int, key: str, like: nn.Parameter) -> Dict[str, Any]:
     """The slice [start, stop) of the flattened ``like``-shaped tensor, held as the 1-D ``flat``,
     as ShardedTensors of its boxes in the global (tensor-parallel-whole) tensor."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    tp_rank, tp_size = _tp_rank_and_size()
+    tp_rank, tp_size = parallel.tensor_parallel_rank(), parallel.tensor_parallel_size()
     global_shape, tp_offset = list(like.shape), [0] * like.dim()
     split = getattr(like, "tensor_model_parallel", False)
     if split:
@@ -166,15 +160,6 @@ def sharded_state_dict(
     return state
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
@@ -195,14 +180,14 @@ def save_checkpoint(
     root = Path(root)
     final = root / checkpoint_name(iteration)
     staging = root / f".{final.name}.tmp"
-    if _rank() == 0:
+    if parallel.global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # a save that crashed before
         staging.mkdir()
-    _barrier()
+    parallel.barrier()
     dist_checkpointing.save(sharded_state_dict(roles, {**metadata, "iteration": iteration}), str(staging))
-    _barrier()
-    if _rank() == 0:
+    parallel.barrier()
+    if parallel.global_rank() == 0:
         # After the tensors: dist_checkpointing warns about (and clears) a folder that is not empty.
         for name, text in (files or {}).items():
             (staging / name).write_text(text)
@@ -210,7 +195,7 @@ def save_checkpoint(
         _write_latest(root, final.name)
         _prune(root, keep_last)
         log.info("saved checkpoint %s", final)
-    _barrier()
+    parallel.barrier()
     return final
 
 

@@ -1,15 +1,20 @@
-"""The ``phased-dmd`` command: train | sample | convert | export | encode-prompts."""
+"""The ``phased-dmd`` command: train | sample | convert | export | encode-prompts.
+
+Exit status 2 reports bad usage (arguments, options, configuration), as argparse does; 1 a
+command that ran and failed, with one ``error:`` line and no traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 from phased_dmd_mega import __version__
 from phased_dmd_mega.config import ConfigError, dump_yaml, load_config
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad arguments, options or configuration (as argparse reports its own)
+EXIT_FAILURE = 1  # the command ran and failed
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -400,28 +405,29 @@ def _usage_error(command: str, message: str) -> int:
     return EXIT_USAGE
 
 
-_SUBCOMMANDS: Dict[str, str] = {
-    "train": "distill a teacher into a few-step generator with Phased DMD",
-    "sample": "few-step sampling with distilled experts",
-    "convert": "convert weights between Hugging Face formats and the trainer's own",
-    "export": "export distilled experts and LoRAs to Hugging Face formats",
-    "encode-prompts": "encode prompts into a prompt-embedding cache",
-}
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name and help, what adds its arguments, and what runs it."""
 
-_RUNNERS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _run_train,
-    "convert": _run_convert,
-    "export": _run_export,
-    "sample": _run_sample,
-    "encode-prompts": _run_encode,
-}
-_ARGUMENTS: Dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "train": _add_config_arguments,
-    "convert": _add_convert_arguments,
-    "export": _add_export_arguments,
-    "sample": _add_sample_arguments,
-    "encode-prompts": _add_encode_arguments,
-}
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    Command("train", "distill a teacher into a few-step generator with Phased DMD", _add_config_arguments, _run_train),
+    Command("sample", "few-step sampling with distilled experts", _add_sample_arguments, _run_sample),
+    Command(
+        "convert",
+        "convert weights between Hugging Face formats and the trainer's own",
+        _add_convert_arguments,
+        _run_convert,
+    ),
+    Command("export", "export distilled experts and LoRAs to Hugging Face formats", _add_export_arguments, _run_export),
+    Command("encode-prompts", "encode prompts into a prompt-embedding cache", _add_encode_arguments, _run_encode),
+)
+_BY_NAME = {command.name: command for command in COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,10 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"phased-dmd-mega {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, help_text in _SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if name in _ARGUMENTS:
-            _ARGUMENTS[name](sub)
+    for command in COMMANDS:
+        command.add_arguments(subparsers.add_parser(command.name, help=command.help, description=command.help))
     return parser
 
 
@@ -441,10 +445,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _RUNNERS[args.command](args)
+        return _BY_NAME[args.command].run(args)
     except ConfigError as err:
         print(f"phased-dmd {args.command}: configuration error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except ValueError as err:  # the command itself failed (our own error classes are ValueErrors)
+        print(f"phased-dmd {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

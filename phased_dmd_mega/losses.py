@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
+from phased_dmd_mega import parallel
 from phased_dmd_mega.flow import subinterval_coefficients
 
 BACKENDS = ("auto", "torch", "triton")
@@ -217,13 +218,6 @@ def dmd_loss(
     return _dmd_loss_torch(x0_student, x0_fake.detach(), x0_teacher.detach(), norm_min, group)
 
 
-def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``values`` over ``group`` in place (no-op without a group of more than one rank)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
-    return values
-
-
 def _dmd_loss_torch(x0_student, x0_fake, x0_teacher, norm_min, group) -> torch.Tensor:
     dtype = _compute_dtype(x0_student, x0_fake, x0_teacher)
     batch = x0_student.shape[0]
@@ -234,14 +228,14 @@ def _dmd_loss_torch(x0_student, x0_fake, x0_teacher, norm_min, group) -> torch.T
     # Normaliser over whole samples: all-reduce |.| sums and element counts together.
     abs_sums = (student - teacher).abs().reshape(batch, -1).sum(dim=1, dtype=torch.float64)
     local_count = abs_sums.new_full((1,), float(student[0].numel() if student.dim() > 1 else 1))
-    stats = _all_reduce_sum(torch.cat([abs_sums, local_count]), group)
+    stats = parallel.all_reduce(torch.cat([abs_sums, local_count]), group)
     count = stats[batch:]
     norm = torch.clamp(stats[:batch] / count, min=norm_min)
 
     direction = (fake - teacher) / _per_sample(norm, fake, dtype)
     direction = torch.nan_to_num(direction, nan=0.0, posinf=_FP32_MAX, neginf=-_FP32_MAX)
 
-    square_sum = _all_reduce_sum(direction.square().sum(dtype=torch.float64).reshape(1), group)
+    square_sum = parallel.all_reduce(direction.square().sum(dtype=torch.float64).reshape(1), group)
     numel = count * batch
     value = (0.5 * square_sum / numel).to(dtype).reshape(())
     return _DirectionGradient.apply(x0_student, value, direction, numel)

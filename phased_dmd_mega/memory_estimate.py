@@ -86,16 +86,10 @@ def _one_process_layout():
     """Models are built for the current parallel state: count them at tensor parallel 1."""
     from phased_dmd_mega import parallel
 
-    if parallel.is_initialized():
-        if parallel.layout().tensor_parallel != 1:
+    with parallel.ensure_layout() as layout:
+        if layout.tensor_parallel != 1:
             raise RuntimeError("parameters are counted at tensor parallel 1; call this outside a parallel run")
         yield
-        return
-    parallel.initialize(1, 1, False, 0)
-    try:
-        yield
-    finally:
-        parallel.destroy()
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,7 +69,7 @@ def generate(
     """Run the few-step MoE sampler over ``noise`` [N, ...] and ``condition`` (batched like it)
     in batches; returns the latents in float32 on the CPU. ``seeds`` (per sample): a stochastic
     step rule's draws for a batch come from its first sample's seed."""
-    device = parallel.layout().device if parallel.is_initialized() else noise.device
+    device = parallel.device(noise.device)
     batch_size = batch_size or noise.shape[0]
     out = []
     for start in range(0, noise.shape[0], batch_size):
@@ -212,7 +212,7 @@ def write_samples(
     """Sample with the generators (every model-parallel rank takes part) and write the latents,
     and the decoded frames when a VAE is given, into ``folder`` (rank 0). Returns the latents."""
     latents = generate(generators, layout, condition, noise, step_rule, batch_size, seeds)
-    if not parallel.is_initialized() or parallel.layout().rank == 0:
+    if parallel.global_rank() == 0:
         record_samples(folder, latents, layout, step_rule, prompt_index, seeds, vae, info, fps)
         log.info("wrote %d samples to %s", latents.shape[0], folder)
     return latents

@@ -87,8 +87,7 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     """Rebuild and load the generators of the checkpoint at ``path`` (see the module docstring).
     ``overrides``: dotted ``key=value`` changes to the stored configuration (e.g.
     ``model.teacher_path=...`` when the teacher moved, ``model.attention_backend=sdpa``)."""
-    if not parallel.is_initialized():
-        raise RuntimeError("open_generators builds models for the parallel state: call parallel.initialize() first")
+    device = parallel.layout("open_generators builds models for the parallel state").device
     folder = resolve_checkpoint(path)
     cfg = _for_this_layout(load_config(folder / checkpoint.CONFIG_FILE, overrides))
     # The caller set up the device before the run's config was known: its float32 precision now.
@@ -104,7 +103,6 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     suffix = "_ema" if ema else ""
     roles = {f"generator{k}{suffix}": WeightsOnly(generator) for k, generator in enumerate(generators)}
     metadata = checkpoint.load_checkpoint(folder, roles)
-    device = parallel.layout().device
     generators = [generator.to(device).requires_grad_(False).eval() for generator in generators]
     log.info(
         "opened %d %s generator%s (%s) of %s, iteration %d",

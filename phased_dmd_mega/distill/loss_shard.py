@@ -65,9 +65,7 @@ class LossShard:
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """A detached per-shard partial summed over the group (for logging)."""
         value = value.detach().clone()
-        if not self.is_whole:
-            dist.all_reduce(value, group=self.group)
-        return value
+        return parallel.all_reduce(value, self.group)
 
     def mean(self, local: torch.Tensor) -> torch.Tensor:
         """The whole-batch mean of a quantity of which this rank holds ``take``'s elements."""

@@ -46,25 +46,15 @@ def make_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: flo
     return torch.optim.AdamW(trainable_parameters(model), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
-
-
-def _collective_device() -> torch.device:
-    """Where collectives take their tensors: the GPU under nccl, the CPU under gloo."""
-    return parallel.layout().device if parallel.is_initialized() else torch.device("cpu")
-
-
 def sum_partial_gradients_over_tp(params_and_grads: Iterable[Tuple[nn.Parameter, torch.Tensor]]) -> None:
     """Replicated parameters tagged ``sequence_parallel`` hold partial sums over the
     tensor-parallel group (their rank's tokens only, or LoRA factors next to a split weight)."""
     if not parallel.is_initialized():
         return
     tp_group = parallel.tensor_parallel_group()
-    if _group_size(tp_group) > 1:
-        for param, grad in params_and_grads:
-            if getattr(param, "sequence_parallel", False):
-                dist.all_reduce(grad, group=tp_group)
+    for param, grad in params_and_grads:
+        if getattr(param, "sequence_parallel", False):
+            parallel.all_reduce(grad, tp_group)
 
 
 def finalize_gradients(model: nn.Module) -> None:
@@ -76,36 +66,35 @@ def finalize_gradients(model: nn.Module) -> None:
     # Ulysses ranks hold partial gradients of the same samples (each saw its own tokens): they
     # are summed; data-parallel ranks saw different samples: they are averaged.
     dp_group = parallel.data_parallel_group(with_ulysses=True)
-    if _group_size(dp_group) > 1:
-        samples_split = parallel.layout().data_parallel
-        for p in params:
-            dist.all_reduce(p.grad, group=dp_group)
-            if samples_split > 1:
-                p.grad.div_(samples_split)
+    samples_split = parallel.layout().data_parallel
+    for p in params:
+        parallel.all_reduce(p.grad, dp_group)
+        if samples_split > 1:
+            p.grad.div_(samples_split)
 
 
 def gradient_norm(model: nn.Module) -> float:
     """The L2 norm of the whole (unsharded) gradient."""
     params = [p for p in trainable_parameters(model) if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64, device=_collective_device())
-    replicated = torch.zeros((), dtype=torch.float64, device=_collective_device())
+    sharded = torch.zeros((), dtype=torch.float64, device=parallel.device())
+    replicated = torch.zeros((), dtype=torch.float64, device=parallel.device())
     for p in params:
         square = p.grad.detach().double().square().sum().to(sharded.device)
         if getattr(p, "tensor_model_parallel", False):
             sharded += square
         else:
             replicated += square
-    if parallel.is_initialized() and _group_size(parallel.tensor_parallel_group()) > 1:
-        dist.all_reduce(sharded, group=parallel.tensor_parallel_group())
+    if parallel.is_initialized():
+        parallel.all_reduce(sharded, parallel.tensor_parallel_group())
     return math.sqrt(float(sharded + replicated))
 
 
 def all_ranks_agree(ok: bool) -> bool:
     """True only if every rank says so: a step skipped on one data-parallel rank must be
     skipped on all, or their gradient all-reduces would no longer pair up."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if parallel.world_size() == 1:
         return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device())
+    flag = torch.tensor([1.0 if ok else 0.0], device=parallel.device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -248,7 +237,7 @@ class DistributedRoleOptimizer:
             )
         self._names = {param: name for name, param in model.named_parameters() if param.requires_grad}
         self._index = {param: i for i, param in enumerate(self._names)}
-        self._touched = torch.zeros(len(self._names), device=_collective_device())
+        self._touched = torch.zeros(len(self._names), device=parallel.device())
         for param, i in self._index.items():
             param.register_hook(self._mark_touched(i))
 
@@ -285,8 +274,7 @@ class DistributedRoleOptimizer:
             for param in self._names:
                 param.main_grad.mul_(ulysses)
         self.ddp.finish_grad_sync()
-        if _group_size(self._dp_group) > 1:
-            dist.all_reduce(self._touched, op=dist.ReduceOp.MAX, group=self._dp_group)
+        parallel.all_reduce(self._touched, self._dp_group, op=dist.ReduceOp.MAX)
 
     def _drop_untouched(self) -> None:
         for param, shard, _ in self._pairs():
@@ -338,11 +326,11 @@ class DistributedRoleOptimizer:
     def steps(self) -> Dict[str, float]:
         """AdamW step count of every trainable parameter, the same on every rank."""
         self.ensure_state()
-        counts = torch.zeros(len(self._names), dtype=torch.float64, device=_collective_device())
+        counts = torch.zeros(len(self._names), dtype=torch.float64, device=parallel.device())
         for param, shard, sub in self._pairs():
             counts[self._index[param]] = float(sub.optimizer.state[shard]["step"])
-        if _group_size(self._dp_group) > 1:  # a parameter's slices may all be on other ranks
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._dp_group)
+        # a parameter's slices may all be on other ranks
+        parallel.all_reduce(counts, self._dp_group, op=dist.ReduceOp.MAX)
         return {name: float(counts[self._index[p]]) for p, name in self._names.items()}
 
     def set_steps(self, steps: Dict[str, float]) -> None:

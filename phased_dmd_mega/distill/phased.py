@@ -62,7 +62,7 @@ class PhasedDMD:
             raise ValueError(f"{layout.num_phases} phases need as many generators and fakes")
         self.layout, self.teacher, self.generators, self.fakes = layout, teacher, generators, fakes
         self.phases, self.seed, self.micro_batch_size, self.device = phases, seed, micro_batch_size, device
-        self._data_parallel_rank = parallel.layout().data_parallel_rank if parallel.is_initialized() else 0
+        self._data_parallel_rank = parallel.data_parallel_rank()
 
     def _generator_fns(self) -> List[Experts]:
         return [role.model for role in self.generators]

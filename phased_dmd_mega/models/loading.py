@@ -52,9 +52,7 @@ def load_pretrained(
     move it with ``.to(parallel.layout().device)``."""
     from phased_dmd_mega import parallel
 
-    if not parallel.is_initialized():
-        raise RuntimeError("load_pretrained needs the parallel state: call parallel.initialize() first")
-    layout = parallel.layout()
+    layout = parallel.layout("load_pretrained needs the parallel state")
     checkpoint = inspect_checkpoint(path, arch)
     files = open_model(checkpoint.model_folder(expert), checkpoint.layout, arch, checkpoint.architecture)
     check_tensor_parallel(files.arch, layout.tensor_parallel, layout.ulysses_parallel)

@@ -8,11 +8,12 @@ Rank order (fastest first): tensor parallel, Ulysses, data parallel.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -182,10 +183,74 @@ def is_initialized() -> bool:
     return _layout is not None
 
 
-def layout() -> ParallelLayout:
+def layout(needed_by: Optional[str] = None) -> ParallelLayout:
+    """The layout ``initialize`` set up; without one, a RuntimeError, which begins with
+    ``needed_by`` (what needs it) where given."""
     if _layout is None:
-        raise RuntimeError("parallel.initialize() has not been called")
+        if needed_by is None:
+            raise RuntimeError("parallel.initialize() has not been called")
+        raise RuntimeError(f"{needed_by}: call parallel.initialize() first")
     return _layout
+
+
+@contextlib.contextmanager
+def ensure_layout() -> Iterator[ParallelLayout]:
+    """The current layout, or else a one-process layout set up for the duration and torn down after."""
+    if _layout is not None:
+        yield _layout
+        return
+    initialize(1, 1, False, 0)
+    try:
+        yield layout()
+    finally:
+        destroy()
+
+
+# The accessors below give the one-process answer where nothing is set up, so that code written
+# for a parallel run works unchanged in one plain process.
+
+
+def global_rank() -> int:
+    """This process's rank among all processes; 0 where torch.distributed is not started."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """How many processes take part; 1 where torch.distributed is not started."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """How many processes ``group`` holds (None: all of them, as in torch.distributed); 1 where
+    torch.distributed is not started."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def data_parallel_rank() -> int:
+    """This rank's place among the data-parallel ranks; 0 without a layout."""
+    return _layout.data_parallel_rank if _layout is not None else 0
+
+
+def device(default: torch.device = torch.device("cpu")) -> torch.device:
+    """The layout's device, where collectives take their tensors (the GPU under nccl, the CPU
+    under gloo); ``default`` without a layout."""
+    return _layout.device if _layout is not None else default
+
+
+def all_reduce(
+    tensor: torch.Tensor, group: Optional[dist.ProcessGroup], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """Reduce ``tensor`` over ``group`` in place and return it. Nothing to do where the group is
+    one process, or None: here None means that this rank holds the whole, not torch's default group."""
+    if group is not None and group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every process; nothing to wait for where torch.distributed is not started."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def tensor_parallel_group() -> dist.ProcessGroup:

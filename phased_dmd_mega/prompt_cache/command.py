@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from phased_dmd_mega import parallel
 from phased_dmd_mega.data import ImageConditionSpec
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
@@ -118,19 +119,12 @@ def _check_options(opts: EncodeOptions) -> torch.dtype:
 
 def _distributed() -> Tuple[int, int, bool]:
     """(rank, world size, whether this call started the process group)."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size(), False) if dist.is_initialized() else (0, 1, False)
+    if world == 1 or torch.distributed.is_initialized():
+        return parallel.global_rank(), parallel.world_size(), False
     # Only barriers go through it; a rank's share of the encoding may take hours.
-    dist.init_process_group("gloo", timeout=timedelta(hours=48))
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
+    torch.distributed.init_process_group("gloo", timeout=timedelta(hours=48))
+    return parallel.global_rank(), parallel.world_size(), True
 
 
 def _on_rank_zero(step: Callable[[], None], rank: int, world: int) -> None:
@@ -242,10 +236,10 @@ def encode_prompts(opts: EncodeOptions) -> Path:
         _on_rank_zero(lambda: prepare_folder(folder, index, opts.overwrite), rank, world)
         shards = plan_shards(len(rows.prompts), opts.shard_size)
         _encode_missing(encoder, images, opts, rows, shards, index, dtype, rank, world)
-        _barrier(world)
+        parallel.barrier()
         if rank == 0:
             publish_index(folder, index, shards)
-        _barrier(world)
+        parallel.barrier()
     finally:
         if started:
             torch.distributed.destroy_process_group()

@@ -52,3 +52,17 @@ def test_sample_and_export_need_their_source_and_destination(name, required):
     result = phased_dmd(name)
     assert result.returncode == 2 and "the following arguments are required" in result.stderr
     assert required in result.stderr
+
+
+def test_a_command_that_fails_inside_reports_one_line_and_exit_status_1(monkeypatch, capsys):
+    from phased_dmd_mega import cli
+    from phased_dmd_mega.distill import trainer
+
+    def train(cfg):
+        raise ValueError("the teacher folder holds no weights")
+
+    monkeypatch.setattr(trainer, "train", train)
+    assert cli.main(["train", "--config", "examples/configs/tiny_cpu.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "phased-dmd train: error: the teacher folder holds no weights" in err
+    assert "Traceback" not in err
