@@ -4,6 +4,8 @@ the file. The bottom of the package's import graph: it imports nothing of the pa
 - ``write_atomically``: a file is written as a hidden sibling (``.NAME.tmpPID``) and renamed over
   the old one, so a crash or an error mid-write leaves the old file (or none) in place.
 - ``write_json`` / ``read_json``: JSON objects, written atomically (indented, one final newline).
+- ``component_folder``: a pipeline component given as its own folder or as a diffusers pipeline
+  root holding it in a subfolder (``vae/``, ``text_encoder/``).
 - ``check_destination`` / ``staging_folder``: a folder is built in a hidden sibling
   (``.NAME.partial-PID``) and published by rename at the end; an existing folder it replaces
   (with ``overwrite``) is first renamed to ``.NAME.old-PID``, then removed. A failure leaves no
@@ -26,6 +28,16 @@ ErrorType = Type[Exception]
 
 
 # ----------------------------------------------------------------------------- one file
+
+
+def component_folder(path, subfolder: str, marker: str = "config.json") -> Path | None:
+    """A pipeline root's ``subfolder`` if it holds ``marker``, else ``path`` itself if it does;
+    None when neither does (each caller says what it expected)."""
+    root = Path(path)
+    for folder in (root / subfolder, root):
+        if (folder / marker).is_file():
+            return folder
+    return None
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -9,17 +9,15 @@ from typing import Optional, Tuple
 
 import torch
 
+from phased_dmd_mega.files import component_folder
+
 SUBFOLDER = "vae"
 
 
 def find_vae_folder(path) -> Optional[Path]:
     """The VAE's folder: a pipeline root's ``vae/``, or ``path`` itself; None when neither holds a
-    config.json (each caller says what it expected)."""
-    root = Path(path)
-    for folder in (root / SUBFOLDER, root):
-        if (folder / "config.json").is_file():
-            return folder
-    return None
+    config.json."""
+    return component_folder(path, SUBFOLDER)
 
 
 def latent_statistics(config, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from phased_dmd_mega.files import component_folder
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -33,8 +34,8 @@ def resolve_encoder_folders(text_encoder, tokenizer=None) -> Tuple[Path, Path]:
     root = Path(text_encoder)
     if not root.is_dir():
         raise PromptEncodingError(f"--text-encoder {root} is not a folder")
-    encoder = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
-    if not (encoder / "config.json").is_file():
+    encoder = component_folder(root, "text_encoder")
+    if encoder is None:
         raise PromptEncodingError(
             f"--text-encoder {root}: no config.json (expected a Hugging Face text encoder "
             "folder or a diffusers pipeline root with text_encoder/)"

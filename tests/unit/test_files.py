@@ -105,3 +105,16 @@ def test_destination_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a folder"):
         files.check_destination(src, tmp_path / "file", overwrite=True)
+
+
+def test_a_component_is_its_own_folder_or_a_pipeline_roots_subfolder(tmp_path):
+    own = tmp_path / "vae_only"
+    own.mkdir()
+    (own / "config.json").write_text("{}")
+    root = tmp_path / "pipeline"
+    (root / "vae").mkdir(parents=True)
+    (root / "vae" / "config.json").write_text("{}")
+    (root / "config.json").write_text("{}")  # a root's own config must not shadow its vae/
+    assert files.component_folder(own, "vae") == own
+    assert files.component_folder(root, "vae") == root / "vae"
+    assert files.component_folder(tmp_path, "vae") is None
