@@ -384,15 +384,19 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 def _with_models(command: str, work: Callable[[], object], *parallel_sizes) -> int:
     """Run ``work`` inside a parallel state (``parallel_sizes``: initialize's arguments); print
-    what it returns (the folder written), or report bad input with exit status 2."""
+    what it returns (the folder written), or report bad input (a checkpoint, a configuration or a
+    file that is not what the options say) with exit status 2. Any other error is the command
+    failing: ``main`` reports a ValueError in one line with exit status 1."""
     from phased_dmd_mega import parallel
+    from phased_dmd_mega.errors import RequestError
     from phased_dmd_mega.log import setup_logging
+    from phased_dmd_mega.models.architecture_types import CheckpointError
 
     setup_logging()
     parallel.initialize(*parallel_sizes)
     try:
         result = work()
-    except (ValueError, FileNotFoundError) as err:  # CheckpointError and ConfigError are ValueErrors
+    except (RequestError, CheckpointError, ConfigError, FileNotFoundError) as err:
         return _usage_error(command, str(err))
     finally:
         parallel.destroy()

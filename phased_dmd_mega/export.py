@@ -51,6 +51,7 @@ import torch
 
 from phased_dmd_mega import __version__, convert
 from phased_dmd_mega.distill.generators import DistilledGenerators
+from phased_dmd_mega.errors import RequestError
 from phased_dmd_mega.files import check_destination, read_json, staging_folder, write_json
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models.architectures import CheckpointError
@@ -106,7 +107,7 @@ def pipeline_boundary_ratio(layout: PhaseLayout) -> float:
     """The ``boundary_ratio`` that routes every step of phase 0 to ``transformer`` and every
     step of phase 1 to ``transformer_2`` (module docstring: why the midpoint)."""
     if layout.num_phases != 2:
-        raise ValueError(f"a two-transformer pipeline holds 2 phases, not {layout.num_phases}")
+        raise RequestError(f"a two-transformer pipeline holds 2 phases, not {layout.num_phases}")
     last_of_phase_0 = layout.times[layout.steps_of_phase(0)[-1]]
     first_of_phase_1 = layout.times[layout.steps_of_phase(1)[0]]
     return (last_of_phase_0 + first_of_phase_1) / 2
@@ -130,7 +131,7 @@ def export_generators(
     from phased_dmd_mega import parallel
 
     if parallel.layout().tensor_parallel != 1 or parallel.layout().ulysses_parallel != 1:
-        raise ValueError("export runs at tensor and Ulysses parallel 1 (open the checkpoint in one process)")
+        raise RequestError("export runs at tensor and Ulysses parallel 1 (open the checkpoint in one process)")
     architecture = distilled.architecture
     if layout not in architecture.hf_layouts:
         raise CheckpointError(
@@ -138,7 +139,7 @@ def export_generators(
         )
     as_lora = distilled.lora and not merge
     if merge and not distilled.lora:
-        raise ValueError(f"--merge folds LoRA adapters into the weights, but {distilled.path} holds full generators")
+        raise RequestError(f"--merge folds LoRA adapters into the weights, but {distilled.path} holds full generators")
     slots = plan_slots(distilled.layout.num_phases, architecture, layout)
     if as_lora:
         _check_lora_bases(distilled, slots)
@@ -226,7 +227,7 @@ def _check_lora_bases(distilled: DistilledGenerators, slots: List[Slot]) -> None
     for slot in slots:
         base = distilled.base_experts[slot.phase]
         if slot.pipeline_expert is not None and base != slot.pipeline_expert:
-            raise ValueError(
+            raise RequestError(
                 f"phase {slot.phase}'s LoRA was trained on the teacher's {base}-noise expert, but the pipeline runs it "
                 f"on {EXPERT_FOLDERS['diffusers'][slot.pipeline_expert]} (the {slot.pipeline_expert}-noise expert): "
                 f"export with --merge for full weights"
@@ -364,7 +365,7 @@ def open_export(folder: PathLike, dtype: Optional[str] = None, attention_backend
     folder = Path(folder)
     info = read_export_info(folder)
     if info["weights"] == "lora":
-        raise ValueError(
+        raise RequestError(
             f"{folder} holds LoRA files, which need their base model: sample from the training "
             f"checkpoint ({info['source']['checkpoint']}), or export it with --merge"
         )

@@ -33,6 +33,7 @@ from phased_dmd_mega.distill.build import build_prompts, latent_geometry
 from phased_dmd_mega.distill.generators import open_generators
 from phased_dmd_mega.distill.phased import sample as few_step_sample
 from phased_dmd_mega.distill.roles import Experts
+from phased_dmd_mega.errors import RequestError
 from phased_dmd_mega.export import open_export
 from phased_dmd_mega.files import check_destination, staging_folder, write_json
 from phased_dmd_mega.log import get_logger
@@ -96,7 +97,7 @@ def load_vae(path, arch_name: str, dtype: torch.dtype = torch.float32, device=No
         raise RuntimeError("decoding samples needs diffusers' VAEs: pip install 'phased-dmd-mega[sample]'") from err
     known = registry()
     if arch_name not in known:
-        raise ValueError(f"no VAE is known for architecture {arch_name!r} (known: {', '.join(known)})")
+        raise RequestError(f"no VAE is known for architecture {arch_name!r} (known: {', '.join(known)})")
     cls = getattr(diffusers, known[arch_name].vae_class)
     vae = cls.from_pretrained(vae_folder(path), torch_dtype=dtype)
     return vae.to(device or "cpu").eval()
@@ -114,7 +115,7 @@ def denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
     """The latents as the VAE decodes them (in the VAE's dtype, on its device)."""
     config = vae.config
     if latents.shape[1] != config.z_dim:
-        raise ValueError(f"the latents have {latents.shape[1]} channels, the VAE decodes {config.z_dim} (z_dim)")
+        raise RequestError(f"the latents have {latents.shape[1]} channels, the VAE decodes {config.z_dim} (z_dim)")
     return vae_latents.denormalize(config, latents.to(vae.device, vae.dtype))
 
 
@@ -366,7 +367,7 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
 
     layout = parallel.layout()
     if layout.data_parallel != 1:
-        raise ValueError(
+        raise RequestError(
             f"sampling runs one model-parallel group: launch tensor_parallel x ulysses = "
             f"{layout.tensor_parallel * layout.ulysses_parallel} processes, not {layout.world_size}"
         )
@@ -377,12 +378,12 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     indices = request.indices if request.indices else [i % len(prompts) for i in range(request.num_samples or 1)]
     outside = [i for i in indices if not 0 <= i < len(prompts)]
     if outside:
-        raise ValueError(f"prompt indices {outside} are outside the {len(prompts)} prompts")
+        raise RequestError(f"prompt indices {outside} are outside the {len(prompts)} prompts")
     if request.vae is not None:
         vae_folder(request.vae)  # before sampling, on every rank
     resolution = request.resolution or samplers.default_resolution
     if resolution is None:
-        raise ValueError("give --resolution FRAMESxHEIGHTxWIDTH (an export does not record one)")
+        raise RequestError("give --resolution FRAMESxHEIGHTxWIDTH (an export does not record one)")
     # An image-to-video generator takes its first frames from the prompt cache, at this resolution.
     shape = latent_geometry(samplers.generators[0], prompts).latent_shape(*resolution)
     seeds = [request.seed + i for i in range(len(indices))]
@@ -419,7 +420,7 @@ def _prompt_source(request: SampleRequest, samplers: Samplers) -> PromptSource:
         return SyntheticPrompts(request.synthetic_prompts, tokens, samplers.arch.text_dim, seed=0)
     if samplers.default_prompts is not None:
         return samplers.default_prompts
-    raise ValueError("no prompts: give --prompts CACHE_FOLDER (or --synthetic-prompts N for a smoke test)")
+    raise RequestError("no prompts: give --prompts CACHE_FOLDER (or --synthetic-prompts N for a smoke test)")
 
 
 def _architecture_name(arch) -> str:

@@ -32,6 +32,7 @@ from phased_dmd_mega.distill.build import (
     teacher_expert_for_phase,
 )
 from phased_dmd_mega.distill.roles import Experts
+from phased_dmd_mega.errors import RequestError
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models.architectures import architecture_of
 from phased_dmd_mega.models.checkpoints import SINGLE
@@ -93,7 +94,7 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     # The caller set up the device before the run's config was known: its float32 precision now.
     use_tf32(cfg.run.tf32)
     if ema and cfg.optimizer.ema_decay is None:
-        raise ValueError(f"{folder} holds no generator EMA (the run had optimizer.ema_decay unset); drop --ema")
+        raise RequestError(f"{folder} holds no generator EMA (the run had optimizer.ema_decay unset); drop --ema")
     lora = cfg.model.lora.rank > 0
     # A LoRA generator runs on the teacher's weights; a full fine-tune brings its own.
     teacher = build_teacher(cfg, weights=lora)

@@ -66,3 +66,29 @@ def test_a_command_that_fails_inside_reports_one_line_and_exit_status_1(monkeypa
     err = capsys.readouterr().err
     assert "phased-dmd train: error: the teacher folder holds no weights" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [("ValueError", 1), ("RequestError", 2), ("CheckpointError", 2), ("FileNotFoundError", 2)],
+)
+def test_export_reports_bad_input_as_usage_and_a_failure_inside_as_status_1(monkeypatch, capsys, error, status):
+    from phased_dmd_mega import cli
+    from phased_dmd_mega.distill import generators
+    from phased_dmd_mega.errors import RequestError
+    from phased_dmd_mega.models.architecture_types import CheckpointError
+
+    errors = {
+        "ValueError": ValueError,
+        "RequestError": RequestError,
+        "CheckpointError": CheckpointError,
+        "FileNotFoundError": FileNotFoundError,
+    }
+
+    def open_generators(*args, **kwargs):
+        raise errors[error]("the latents have 16 channels, the VAE decodes 48")
+
+    monkeypatch.setattr(generators, "open_generators", open_generators)
+    assert cli.main(["export", "--checkpoint", "ckpt", "--dst", "out"]) == status
+    err = capsys.readouterr().err
+    assert "phased-dmd export: error: the latents have 16 channels" in err and "Traceback" not in err
