@@ -74,7 +74,7 @@ def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> C
     from phased_dmd_mega.models.options import ModelParallelOptions, fp8_autocast
     from phased_dmd_mega.models.wan import WAN_PRESETS, WanModel
 
-    arch = replace(WAN_PRESETS["wan2.1-t2v-14b"], num_layers=1)
+    dims = replace(WAN_PRESETS["wan2.1-t2v-14b"], num_layers=1)
     par = ModelParallelOptions(
         attention_backend=backend,
         transformer_impl=transformer_impl,
@@ -82,13 +82,13 @@ def wan_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> C
         dtype=torch.bfloat16,
         initialize=False,
     )
-    model = WanModel(arch, par).cuda()
+    model = WanModel(dims, par).cuda()
     grid = tuple(args.grid)
     tokens = grid[0] * grid[1] * grid[2]
     angles = model.rope_angles(grid, model.token_sharding(tokens), "cuda")
-    x = torch.randn(tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    e0 = torch.randn(1, 6, arch.dim, device="cuda")
-    context = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 1, dims.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    e0 = torch.randn(1, 6, dims.dim, device="cuda")
+    context = torch.randn(args.text, 1, dims.dim, device="cuda", dtype=torch.bfloat16)
     block = model.blocks[0]
 
     def step():
@@ -105,7 +105,7 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
     from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageModel
     from phased_dmd_mega.models.token_sharding import joint_key_mask
 
-    arch = replace(QWEN_IMAGE_PRESETS["qwen-image"], num_layers=1)
+    dims = replace(QWEN_IMAGE_PRESETS["qwen-image"], num_layers=1)
     par = ModelParallelOptions(
         attention_backend=backend,
         transformer_impl=transformer_impl,
@@ -113,7 +113,7 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
         dtype=torch.bfloat16,
         initialize=False,
     )
-    model = QwenImageModel(arch, par).cuda()
+    model = QwenImageModel(dims, par).cuda()
     grid = qwen_tokens(*args.size)
     image_tokens = grid[0] * grid[1]
     img_sharding = model.token_sharding(image_tokens)
@@ -123,10 +123,10 @@ def qwen_step(backend: str, transformer_impl: str, fp8: Optional[str], args) -> 
     if args.text_real < args.text:
         mask = (torch.arange(args.text, device="cuda") < args.text_real)[None, :]
     key_mask = KeyMask.of(joint_key_mask([(txt_sharding, mask), (img_sharding, None)], 1, "cuda"), 1)
-    img = torch.randn(image_tokens, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    txt = torch.randn(args.text, 1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    img = torch.randn(image_tokens, 1, dims.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    txt = torch.randn(args.text, 1, dims.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     # As in the model, where temb comes from trainable layers: the modulations get input gradients too.
-    temb = torch.randn(1, arch.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    temb = torch.randn(1, dims.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     block = model.blocks[0]
 
     def step():
@@ -147,13 +147,13 @@ def workload(args) -> Tuple[str, float]:
         return f"Wan-14B block, {tokens} tokens, {args.text} text", wan_block_flops(tokens, 5120, 13824, args.text)
     from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS
 
-    arch = QWEN_IMAGE_PRESETS["qwen-image"]
+    dims = QWEN_IMAGE_PRESETS["qwen-image"]
     h, w = qwen_tokens(*args.size)
     described = (
         f"Qwen-Image block, {args.size[0]}x{args.size[1]}: {h * w} image tokens, {args.text} text "
         f"({args.text_real} real)"
     )
-    return described, qwen_block_flops(h * w, args.text, arch.dim, arch.ffn_dim, real_text_tokens=args.text_real)
+    return described, qwen_block_flops(h * w, args.text, dims.dim, dims.ffn_dim, real_text_tokens=args.text_real)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

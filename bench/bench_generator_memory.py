@@ -70,12 +70,12 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch
     method, steps, phases = METHODS[name]
     parallel.initialize()
     device = parallel.layout().device
-    arch = replace(WAN_PRESETS["tiny"], dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers)
+    dims = replace(WAN_PRESETS["tiny"], dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers)
     options = ModelParallelOptions(attention_backend="sdpa")
-    teacher = Experts(WanModel(arch, options)).to(device).requires_grad_(False)
+    teacher = Experts(WanModel(dims, options)).to(device).requires_grad_(False)
 
     def role():
-        model = Experts(WanModel(arch, replace(options, initialize=False))).to(device)
+        model = Experts(WanModel(dims, replace(options, initialize=False))).to(device)
         model.load_state_dict(teacher.state_dict())
         return RoleOptimizer(model, make_adamw(model, 1e-4, (0.0, 0.999), 1e-8, 0.0), 1.0)
 
@@ -91,7 +91,7 @@ def measure(name: str, dim: int, layers: int, size: int, batch: int, micro_batch
         micro_batch_size=micro_batch_size or None,
         device=device,
     )
-    context = torch.randn(batch, 16, arch.text_dim, device=device)
+    context = torch.randn(batch, 16, dims.text_dim, device=device)
     step_batch = Batch(Condition(context), Condition(torch.zeros_like(context)), (batch, 16, 1, size, size))
     last = phases - 1
     saved = {}

@@ -27,12 +27,12 @@ def measure(distributed: bool, dtype_name: str, preset: str) -> dict:
     layout = parallel.initialize(seed=0)
     try:
         dtype = getattr(torch, dtype_name)
-        arch = replace(WAN_PRESETS[preset], in_channels=4, out_channels=4)
-        model = WanModel(arch, ModelParallelOptions(attention_backend="sdpa", dtype=dtype))
+        dims = replace(WAN_PRESETS[preset], in_channels=4, out_channels=4)
+        model = WanModel(dims, ModelParallelOptions(attention_backend="sdpa", dtype=dtype))
         role = make_role_optimizer(model, 1e-4, (0.0, 0.999), 1e-8, 0.01, 1.0, distributed)
         x = torch.randn(2, 4, 1, 8, 8, dtype=dtype)
         t = torch.tensor([500.0, 250.0])
-        context = torch.randn(2, 8, arch.text_dim, dtype=dtype)
+        context = torch.randn(2, 8, dims.text_dim, dtype=dtype)
         model(x, t, context).float().square().mean().backward()
         grads = (
             sum(b.grad_data.numel() * b.grad_data.element_size() for b in role.ddp.buffers)

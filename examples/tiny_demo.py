@@ -113,8 +113,8 @@ def build_model(options: ModelParallelOptions, dim: int, ffn_dim: int, layers: i
     """The Wan architecture at a demo size (4 latent channels). Capacity matters more than
     iterations here: a few-step generator must map noise to one of several sharp patterns in one
     or two calls, a harder function than the teacher's smooth velocity field."""
-    arch = replace(WAN_PRESETS["tiny"], in_channels=4, out_channels=4, dim=dim, ffn_dim=ffn_dim, num_layers=layers)
-    return Experts(WanModel(arch, options))
+    dims = replace(WAN_PRESETS["tiny"], in_channels=4, out_channels=4, dim=dim, ffn_dim=ffn_dim, num_layers=layers)
+    return Experts(WanModel(dims, options))
 
 
 def pretrain_teacher(

@@ -125,7 +125,7 @@ def convert(
         name: open_model(folder, checkpoint.layout, arch, architecture) for name, folder in checkpoint.folders.items()
     }
     for files in models.values():
-        check_tensor_parallel(files.arch, tensor_parallel)
+        check_tensor_parallel(files.dims, tensor_parallel)
     ratio = _experts_boundary(checkpoint, models, boundary_ratio)
     with staging_folder(dst, overwrite, CheckpointError) as staging:
         for name, files in models.items():
@@ -143,7 +143,7 @@ def _experts_boundary(checkpoint: Checkpoint, models: Dict[str, ModelFiles], ove
         if override is not None:
             raise CheckpointError(f"boundary_ratio given, but {checkpoint.root} holds a single model")
         return None
-    ratio = override if override is not None else expert_boundary_ratio(checkpoint, models["high"].arch)
+    ratio = override if override is not None else expert_boundary_ratio(checkpoint, models["high"].dims)
     if not 0.0 < ratio < 1.0:
         raise CheckpointError(f"boundary_ratio {ratio} must be between 0 and 1")
     return ratio
@@ -190,7 +190,7 @@ def _mega_config(files: ModelFiles, tensor_parallel: int) -> Dict[str, Any]:
         "format": MEGA_FORMAT,
         "format_version": MEGA_FORMAT_VERSION,
         "arch": files.architecture.name,
-        "architecture": files.architecture.arch_to_json(files.arch),
+        "architecture": files.architecture.dims_to_json(files.dims),
         "tensor_parallel": tensor_parallel,
         "provenance": _provenance(files),
     }
@@ -210,8 +210,8 @@ def _provenance(files: ModelFiles) -> Dict[str, Any]:
 def _hf_config(files: ModelFiles, to: str) -> Dict[str, Any]:
     source = _source_config(files, to)
     if to == "diffusers":
-        return files.architecture.diffusers_config(files.arch, source)
-    return files.architecture.original.config(files.arch, source)
+        return files.architecture.diffusers_config(files.dims, source)
+    return files.architecture.original.config(files.dims, source)
 
 
 def _source_config(files: ModelFiles, layout: str) -> Optional[Dict[str, Any]]:
@@ -243,7 +243,7 @@ def _write_experts_index(
             },
         )
     elif to == "diffusers":
-        index = model_index(checkpoint.architecture, models["high"].arch, ratio, pipeline_source_index(checkpoint))
+        index = model_index(checkpoint.architecture, models["high"].dims, ratio, pipeline_source_index(checkpoint))
         write_json(staging / "model_index.json", index)
     else:
         log.warning("the original Wan layout stores no boundary_ratio (it was %s)", ratio)
@@ -272,12 +272,12 @@ def pipeline_source_index(checkpoint: Checkpoint) -> Optional[Dict[str, Any]]:
 
 
 def model_index(
-    architecture: Architecture, arch, ratio: float, source: Optional[Dict[str, Any]] = None
+    architecture: Architecture, dims, ratio: float, source: Optional[Dict[str, Any]] = None
 ) -> Dict[str, Any]:
     """A model_index.json for the two transformers only (the other pipeline components are
     not part of the conversion); ``source``: the model_index.json the weights came from, whose
     pipeline class and diffusers version are kept."""
-    default_class = architecture.experts.pipeline_class(arch)
+    default_class = architecture.experts.pipeline_class(dims)
     index = {"_class_name": (source or {}).get("_class_name", default_class)}
     if source and "_diffusers_version" in source:
         index["_diffusers_version"] = source["_diffusers_version"]

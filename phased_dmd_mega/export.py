@@ -158,7 +158,7 @@ def export_generators(
         if not as_lora and slots[0].pipeline_expert is not None and layout == "diffusers":
             index = convert.model_index(
                 architecture,
-                distilled.arch,
+                distilled.dims,
                 pipeline_boundary_ratio(distilled.layout),
                 _teacher_pipeline_index(distilled),
             )
@@ -188,14 +188,14 @@ def _plain_parameters(model) -> Dict[str, torch.Tensor]:
 def _model_files(distilled: DistilledGenerators, phase: int, tensors: Dict[str, torch.Tensor]) -> ModelFiles:
     """The generator's tensors seen as a checkpoint in the trainer's own layout (full tensors
     under the model's names), checked like any checkpoint, so the converter writes them."""
-    architecture, arch = distilled.architecture, distilled.arch
+    architecture, dims = distilled.architecture, distilled.dims
     reader = StateDictReader(tensors, f"{distilled.path} generator{phase}")
-    view = CheckpointView(reader, "mega", architecture, arch)
-    check_weights(view, arch, str(reader.folder))
+    view = CheckpointView(reader, "mega", architecture, dims)
+    check_weights(view, dims, str(reader.folder))
     # The teacher's config goes along as the source: fields that do not shape the weights
     # (rope_max_seq_len, _diffusers_version, ...) are kept in the exported config.json.
     config = {"provenance": _teacher_provenance(distilled, distilled.base_experts[phase])}
-    return ModelFiles(reader.folder, "mega", arch, config, view)
+    return ModelFiles(reader.folder, "mega", dims, config, view)
 
 
 def _teacher_provenance(distilled: DistilledGenerators, expert: str) -> Dict[str, Any]:
@@ -239,7 +239,7 @@ def lora_state(view, distilled: DistilledGenerators) -> Tuple[Dict[str, torch.Te
     the LoraConfig fields of one LoRA generator (an AdapterView at tensor parallel 1)."""
     from phased_dmd_mega.models.lora import adapter_layers
 
-    rules = {rule.own: rule for rule in distilled.architecture.weight_rules(distilled.arch)}
+    rules = {rule.own: rule for rule in distilled.architecture.weight_rules(distilled.dims)}
     tensors: Dict[str, torch.Tensor] = {}
     for path, pair in adapter_layers(view):
         rule = rules[f"{path}.weight"]

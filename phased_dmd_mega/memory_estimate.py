@@ -122,12 +122,12 @@ def parameter_counts(
 # ----------------------------------------------------------------------------- activations
 
 
-def tokens_of(architecture, arch, resolution) -> Tuple[int, int]:
+def tokens_of(architecture, dims, resolution) -> Tuple[int, int]:
     """(latent tokens, prompt tokens that run through the blocks) of one sample."""
     from phased_dmd_mega.data import LatentGeometry
 
     _, *grid = LatentGeometry(channels=16).latent_shape(*resolution.pixels)
-    return architecture.dit_tokens(arch, tuple(grid)), architecture.text_tokens_in_blocks()
+    return architecture.dit_tokens(dims, tuple(grid)), architecture.text_tokens_in_blocks()
 
 
 def activation_bytes(
@@ -198,13 +198,13 @@ def roles_of(cfg: Config) -> Roles:
     return Roles(layout.num_phases, sum(fakes), ema, max(fakes))
 
 
-def check_heads(cfg: Config, arch) -> None:
+def check_heads(cfg: Config, dims) -> None:
     """Heads are split over tensor-parallel ranks, then over Ulysses ranks."""
     par = cfg.parallel
     split = par.tensor_parallel * par.ulysses_parallel
-    if arch.num_heads % split:
+    if dims.num_heads % split:
         raise ConfigError(
-            f"parallel: {cfg.model.preset} has {arch.num_heads} attention heads, not divisible by "
+            f"parallel: {cfg.model.preset} has {dims.num_heads} attention heads, not divisible by "
             f"tensor_parallel {par.tensor_parallel} x ulysses_parallel {par.ulysses_parallel} = {split}"
         )
 
@@ -243,11 +243,11 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
             f"(one of: {', '.join(registry()[model_cfg.arch].presets)})"
         )
     architecture = registry()[model_cfg.arch]
-    arch = architecture.presets.get(model_cfg.preset)
+    dims = architecture.presets.get(model_cfg.preset)
     model, adapters = parameter_counts(
         model_cfg.arch, model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
     )
-    check_heads(cfg, arch)
+    check_heads(cfg, dims)
     tp, ulysses, sp = par.tensor_parallel, par.ulysses_parallel, par.sequence_parallel
     weight = DTYPE_BYTES[model_cfg.dtype]
     experts = 2 if cfg.phases.expert_boundary is not None else 1
@@ -258,13 +258,13 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     trainable = roles.generators + roles.fakes
 
     resolution, tokens, text_tokens = max(
-        ((r, *tokens_of(architecture, arch, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
+        ((r, *tokens_of(architecture, dims, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
     )
-    blocks = architecture.block_activations(arch, weight)
+    blocks = architecture.block_activations(dims, weight)
     micro = cfg.data.micro_batch_size or cfg.data.batch_size  # gradient accumulation: one micro-batch at a time
     kept, working = activation_bytes(
         blocks,
-        arch.num_layers,
+        dims.num_layers,
         micro,
         tokens,
         text_tokens,

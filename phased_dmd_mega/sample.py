@@ -268,11 +268,11 @@ class PeriodicSamples:
     seeds: List[int]
     step_rule: str
     vae_path: Optional[str]
-    arch: Any
+    dims: Any
     _vae: Any = None
 
     @classmethod
-    def for_run(cls, cfg, prompts, geometry, arch) -> "PeriodicSamples":
+    def for_run(cls, cfg, prompts, geometry, dims) -> "PeriodicSamples":
         resolution = cfg.data.resolutions[0].pixels
         prompt_index = [i % len(prompts) for i in range(cfg.logging.sample_count)]
         seeds = [cfg.run.seed + i for i in range(cfg.logging.sample_count)]
@@ -283,12 +283,12 @@ class PeriodicSamples:
             seeds,
             cfg.phases.step_rule,
             cfg.logging.sample_vae,
-            arch,
+            dims,
         )
 
     def write(self, generators: List[Experts], layout: PhaseLayout, folder, iteration: int) -> torch.Tensor:
         if self.vae_path is not None and self._vae is None and parallel.layout().rank == 0:
-            self._vae = load_vae(self.vae_path, _architecture_name(self.arch), device=parallel.layout().device)
+            self._vae = load_vae(self.vae_path, _architecture_name(self.dims), device=parallel.layout().device)
         return write_samples(
             generators,
             layout,
@@ -318,8 +318,8 @@ class Samplers:
     source: Dict[str, Any]  # recorded in samples.json
 
     @property
-    def arch(self):
-        return self.generators[0].high.arch
+    def dims(self):
+        return self.generators[0].high.dims
 
     @classmethod
     def from_checkpoint(cls, path, ema: bool = False, overrides: Sequence[str] = ()) -> "Samplers":
@@ -400,7 +400,7 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
         return output
     vae = None
     if request.vae is not None:
-        arch_name = _architecture_name(samplers.arch)
+        arch_name = _architecture_name(samplers.dims)
         vae = load_vae(request.vae, arch_name, getattr(torch, request.vae_dtype), layout.device)
     info = {**samplers.source, "resolution": list(resolution), "seed": request.seed}
     with staging_folder(output, request.overwrite, CheckpointError) as staging:
@@ -416,12 +416,12 @@ def _prompt_source(request: SampleRequest, samplers: Samplers) -> PromptSource:
     if request.prompts is not None:
         return PromptCache(request.prompts)
     if request.synthetic_prompts > 0:
-        tokens = architecture_of(samplers.arch).synthetic_prompt_tokens
-        return SyntheticPrompts(request.synthetic_prompts, tokens, samplers.arch.text_dim, seed=0)
+        tokens = architecture_of(samplers.dims).synthetic_prompt_tokens
+        return SyntheticPrompts(request.synthetic_prompts, tokens, samplers.dims.text_dim, seed=0)
     if samplers.default_prompts is not None:
         return samplers.default_prompts
     raise RequestError("no prompts: give --prompts CACHE_FOLDER (or --synthetic-prompts N for a smoke test)")
 
 
-def _architecture_name(arch) -> str:
-    return architecture_of(arch).name
+def _architecture_name(dims) -> str:
+    return architecture_of(dims).name

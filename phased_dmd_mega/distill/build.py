@@ -45,7 +45,7 @@ def trainable_copy(model: nn.Module) -> nn.Module:
     memory; then moved there, for the tensors that layers create on a device of their own."""
     device = next(model.parameters()).device
     with torch.device(device):
-        fresh = type(model)(model.arch, replace(model.par, initialize=False))
+        fresh = type(model)(model.dims, replace(model.par, initialize=False))
     fresh.to(device).load_state_dict(model.state_dict())
     return fresh.requires_grad_(True)
 
@@ -154,7 +154,7 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
             )
             for e in ("high", "low")
         )
-        teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.arch))
+        teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.dims))
     else:
         # With model.preset set (the recipes), the checkpoint must be that architecture.
         teacher = Experts(
@@ -166,14 +166,14 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
 
 
 def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
-    arch = teacher.high.arch
-    dim = arch.text_dim
+    dims = teacher.high.dims
+    dim = dims.text_dim
     if cfg.data.prompt_cache is not None:
         cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
         cache.check_model(cfg.model.arch, dim)
         return cache
     if cfg.data.synthetic_prompts > 0:
-        tokens = architecture_of(arch).synthetic_prompt_tokens
+        tokens = architecture_of(dims).synthetic_prompt_tokens
         return SyntheticPrompts(cfg.data.synthetic_prompts, tokens, dim, seed=cfg.data.seed)
     raise ValueError(
         "data.prompt_cache is not set (write one with `phased-dmd encode-prompts`), and data.synthetic_prompts is 0"
@@ -184,9 +184,9 @@ def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) ->
     """The latents the generator makes. A teacher with more input than output channels (Wan2.2
     I2V: 16 noisy + 4 mask + 16 first-frame latents) takes its extra channels from the prompt
     source's image condition, which must then provide exactly those."""
-    arch = teacher.high.arch
-    in_channels = getattr(arch, "in_channels", 16)
-    out_channels = getattr(arch, "out_channels", in_channels)
+    dims = teacher.high.dims
+    in_channels = getattr(dims, "in_channels", 16)
+    out_channels = getattr(dims, "out_channels", in_channels)
     conditions = getattr(prompts, "image_conditions", None)
     image = None if conditions is None else conditions.first  # every resolution's channels are the same
     extra = in_channels - out_channels

@@ -61,12 +61,12 @@ class DistilledGenerators:
         return self.config.model.lora.rank > 0
 
     @property
-    def arch(self):
-        return self.generators[0].high.arch
+    def dims(self):
+        return self.generators[0].high.dims
 
     @property
     def architecture(self):
-        return architecture_of(self.arch)
+        return architecture_of(self.dims)
 
 
 def resolve_checkpoint(path) -> Path:

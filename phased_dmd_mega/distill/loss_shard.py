@@ -39,7 +39,7 @@ class LossShard:
         if layout.ulysses_parallel == 1 and not (layout.sequence_parallel and layout.tensor_parallel > 1):
             return cls()  # no rank splits tokens
         patch = model.token_patch
-        num_tokens = architecture_of(model.arch).dit_tokens(model.arch, tuple(latent_shape[2:]))
+        num_tokens = architecture_of(model.dims).dit_tokens(model.dims, tuple(latent_shape[2:]))
         sharding = model.token_sharding(num_tokens)
         if sharding.ulysses * sharding.tp == 1:
             return cls()

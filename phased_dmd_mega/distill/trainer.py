@@ -193,7 +193,7 @@ class Trainer:
         self.output = Path(cfg.run.output_dir)
         self.samples = None
         if cfg.logging.sample_every:
-            self.samples = PeriodicSamples.for_run(cfg, prompts, geometry, teacher.high.arch)
+            self.samples = PeriodicSamples.for_run(cfg, prompts, geometry, teacher.high.dims)
         self._stop_requested = False
         self._tensorboard = self._open_tensorboard()
 

@@ -2,16 +2,16 @@
 
 from phased_dmd_mega.models.loading import load_pretrained
 from phased_dmd_mega.models.options import ModelParallelOptions
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
-from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageDims, QwenImageModel
+from phased_dmd_mega.models.wan import WAN_PRESETS, WanDims, WanModel
 
 __all__ = [
     "ModelParallelOptions",
     "QWEN_IMAGE_PRESETS",
-    "QwenImageArch",
+    "QwenImageDims",
     "QwenImageModel",
     "WAN_PRESETS",
-    "WanArch",
+    "WanDims",
     "WanModel",
     "load_pretrained",
 ]

@@ -3,7 +3,7 @@
 adapters share. Each architecture fills one in beside its formats (``wan_formats.WAN``,
 ``qwen_image_formats.QWEN_IMAGE``); ``architectures`` collects them.
 
-What differs per architecture: its numbers (the ``arch_class``, its presets, its diffusers config
+What differs per architecture: its numbers (the ``dims_class``, its presets, its diffusers config
 in and out), its model class, its weight-rule table, the diffusers tensor shapes it expects, and
 which Hugging Face layouts it has. Wan adds its original (Wan-Video) layout and the Wan2.2 A14B
 expert pairs; Qwen-Image has the diffusers layout only.
@@ -30,10 +30,10 @@ class OriginalLayout:
 
     description: str  # how messages call its config, e.g. "an original Wan config (dim, num_heads, ...)"
     is_config: Callable[[Config], bool]
-    # (config, {key: shape} of the folder's weights, where) -> arch; some configs leave the weights to decide
-    arch_from_config: Callable[[Config, Mapping[str, Shape], str], Any]
+    # (config, {key: shape} of the folder's weights, where) -> dims; some configs leave the weights to decide
+    dims_from_config: Callable[[Config, Mapping[str, Shape], str], Any]
     names: Callable[[Iterable[str]], Dict[str, str]]  # {diffusers key: key in this layout}
-    config: Callable[[Any, Optional[Config]], Dict[str, Any]]  # (arch, source config) -> config.json to write
+    config: Callable[[Any, Optional[Config]], Dict[str, Any]]  # (dims, source config) -> config.json to write
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,20 @@ class Architecture:
 
     name: str  # the mega format's config "arch" and the --arch value
     title: str  # in messages
-    arch_class: type
+    dims_class: type
     model_class: type
     presets: Mapping[str, Any]
     diffusers_class: str  # the diffusers config's _class_name
-    weight_rules: Callable[[Any], List[Any]]  # arch -> [WeightRule] (diffusers names -> the model's)
-    diffusers_shapes: Callable[[Any], Dict[str, Shape]]  # arch -> every diffusers tensor's shape
-    # (config, where) -> arch, refusing what the model does not implement (CheckpointError)
-    arch_from_diffusers_config: Callable[[Config, str], Any]
-    arch_to_diffusers_config: Callable[[Any], Dict[str, Any]]  # arch -> its diffusers config.json
+    weight_rules: Callable[[Any], List[Any]]  # dims -> [WeightRule] (diffusers names -> the model's)
+    diffusers_shapes: Callable[[Any], Dict[str, Shape]]  # dims -> every diffusers tensor's shape
+    # (config, where) -> dims, refusing what the model does not implement (CheckpointError)
+    dims_from_diffusers_config: Callable[[Config, str], Any]
+    dims_to_diffusers_config: Callable[[Any], Dict[str, Any]]  # dims -> its diffusers config.json
     diffusers_fields: Tuple[str, ...]  # fields that tell its diffusers config when _class_name is absent
-    diffusers_non_arch_fields: Tuple[str, ...]  # kept from the source config on export
-    summary: Callable[[Any], str]  # arch -> "dim 64, 4 heads, ..." for messages
+    diffusers_non_dims_fields: Tuple[str, ...]  # kept from the source config on export
+    summary: Callable[[Any], str]  # dims -> "dim 64, 4 heads, ..." for messages
     vae_class: str  # diffusers' VAE class of the family's pipelines
-    # (arch, activation dtype bytes) -> what one block keeps for its backward (the memory estimate)
+    # (dims, activation dtype bytes) -> what one block keeps for its backward (the memory estimate)
     block_activations: Callable[[Any, int], BlockActivations]
     prompt_tokens: int  # the tokens a prompt is padded to (or at most has) in the family's pipelines
     joint_text: bool  # the prompt runs through the blocks as a second token stream (joint attention)
@@ -98,10 +98,10 @@ class Architecture:
 
     # ------------------------------------------------------------------ tokens
 
-    def dit_tokens(self, arch, latent_grid: Tuple[int, int, int]) -> int:
-        """The latent tokens of a (frames, height, width) latent: one per ``arch.token_patch``."""
+    def dit_tokens(self, dims, latent_grid: Tuple[int, int, int]) -> int:
+        """The latent tokens of a (frames, height, width) latent: one per ``dims.token_patch``."""
         count = 1
-        for size, patch in zip(latent_grid, arch.token_patch):
+        for size, patch in zip(latent_grid, dims.token_patch):
             count *= size // patch
         return count
 
@@ -135,26 +135,26 @@ class Architecture:
             described.append(self.original.description)
         return described
 
-    def diffusers_config(self, arch, source: Optional[Config] = None) -> Dict[str, Any]:
-        """A diffusers config.json for ``arch``, keeping ``source``'s non-architecture fields."""
-        return keep_fields(self.arch_to_diffusers_config(arch), source, self.diffusers_non_arch_fields)
+    def diffusers_config(self, dims, source: Optional[Config] = None) -> Dict[str, Any]:
+        """A diffusers config.json for ``dims``, keeping ``source``'s non-architecture fields."""
+        return keep_fields(self.dims_to_diffusers_config(dims), source, self.diffusers_non_dims_fields)
 
     # ------------------------------------------------------------------ the mega format's record
 
-    def arch_to_json(self, arch) -> Dict[str, Any]:
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(arch).items()}
+    def dims_to_json(self, dims) -> Dict[str, Any]:
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(dims).items()}
 
-    def arch_from_json(self, data: Config, where: str):
-        known = {f.name for f in fields(self.arch_class)}
+    def dims_from_json(self, data: Config, where: str):
+        known = {f.name for f in fields(self.dims_class)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(
                 f"{where}: unknown {self.title} architecture fields {unknown} (known: {sorted(known)})"
             )
-        # JSON has no tuples: every list-valued field of an arch is a tuple.
+        # JSON has no tuples: every list-valued field of a dims is a tuple.
         values = {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()}
         try:
-            return self.arch_class(**values)
+            return self.dims_class(**values)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: bad {self.title} architecture: {err}") from err
 
@@ -167,14 +167,14 @@ class Architecture:
             return found
         preset = self.presets[requested]
         if found != preset:
-            raise CheckpointError(f"{where} is not preset {requested!r}: {arch_differences(found, preset)}")
+            raise CheckpointError(f"{where} is not preset {requested!r}: {dims_differences(found, preset)}")
         return found
 
 
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def arch_differences(found, wanted) -> str:
+def dims_differences(found, wanted) -> str:
     """'field found (preset wanted)' for every field that differs."""
     return ", ".join(
         f"{f.name} {getattr(found, f.name)!r} (preset {getattr(wanted, f.name)!r})"

@@ -26,12 +26,12 @@ def get_architecture(name: str, where: str) -> Architecture:
     return registry()[name]
 
 
-def architecture_of(arch) -> Architecture:
-    """The adapter whose arch class ``arch`` is an instance of."""
+def architecture_of(dims) -> Architecture:
+    """The adapter whose dims class ``dims`` is an instance of."""
     for adapter in registry().values():
-        if isinstance(arch, adapter.arch_class):
+        if isinstance(dims, adapter.dims_class):
             return adapter
-    raise TypeError(f"{type(arch).__name__} is not the arch class of any registered architecture")
+    raise TypeError(f"{type(dims).__name__} is not the dims class of any registered architecture")
 
 
 def check_requested_name(requested: Optional[str]) -> None:

@@ -136,9 +136,9 @@ class CheckpointView(TensorReader):
     """A model's tensors under diffusers names, whatever the layout on disk. It is a
     TensorReader, so ``weights.build_local_tensor`` reads this rank's slices through it."""
 
-    def __init__(self, files: SafetensorsFolder, layout: str, architecture: Architecture, arch):
+    def __init__(self, files: SafetensorsFolder, layout: str, architecture: Architecture, dims):
         self.files, self.layout, self.architecture = files, layout, architecture
-        self.rules: List[WeightRule] = architecture.weight_rules(arch)
+        self.rules: List[WeightRule] = architecture.weight_rules(dims)
         self.folder = files.folder
         self.stored = _stored_names(layout, self.rules, architecture)
 
@@ -208,11 +208,11 @@ def _stored_names(layout: str, rules: Iterable[WeightRule], architecture: Archit
 # ----------------------------------------------------------------------------- checks
 
 
-def check_weights(view: CheckpointView, arch, where: str) -> None:
+def check_weights(view: CheckpointView, dims, where: str) -> None:
     """Keys (missing and unexpected, listed), shapes (key, file's and config's) and dtypes
     (floating point; one dtype per fused tensor) against the architecture of ``where``."""
-    expected = _expected_file_shapes(view, arch)
-    summary = view.architecture.summary(arch)
+    expected = _expected_file_shapes(view, dims)
+    summary = view.architecture.summary(dims)
     lines = key_mismatch_lines(expected, view.files.weight_map, _listed)
     if lines:
         raise CheckpointError("\n".join([f"weights in {view.folder} do not match {where} ({summary}):", *lines]))
@@ -226,8 +226,8 @@ def check_weights(view: CheckpointView, arch, where: str) -> None:
     _check_dtypes(view)
 
 
-def _expected_file_shapes(view: CheckpointView, arch) -> Dict[str, Shape]:
-    shapes = view.architecture.diffusers_shapes(arch)
+def _expected_file_shapes(view: CheckpointView, dims) -> Dict[str, Shape]:
+    shapes = view.architecture.diffusers_shapes(dims)
     expected: Dict[str, Shape] = {}
     for name, at in view.stored.items():
         shape = shapes[name]
@@ -252,7 +252,7 @@ def _check_dtypes(view: CheckpointView) -> None:
             )
 
 
-def check_tensor_parallel(arch, tensor_parallel: int, ulysses_parallel: int = 1) -> None:
+def check_tensor_parallel(dims, tensor_parallel: int, ulysses_parallel: int = 1) -> None:
     """Heads (and the MLP) must split evenly over the ranks (any architecture: both have
     num_heads, dim, head_dim and ffn_dim)."""
     if tensor_parallel < 1:
@@ -261,13 +261,13 @@ def check_tensor_parallel(arch, tensor_parallel: int, ulysses_parallel: int = 1)
     what = f"tensor parallel size {tensor_parallel}" + (
         f" x Ulysses size {ulysses_parallel}" if ulysses_parallel > 1 else ""
     )
-    if arch.num_heads % ranks:
+    if dims.num_heads % ranks:
         raise CheckpointError(
-            f"{what} does not divide the {arch.num_heads} attention heads of this {architecture_of(arch).title} model "
-            f"(dim {arch.dim}, head_dim {arch.head_dim}); choose a size that divides {arch.num_heads}"
+            f"{what} does not divide the {dims.num_heads} attention heads of this {architecture_of(dims).title} model "
+            f"(dim {dims.dim}, head_dim {dims.head_dim}); choose a size that divides {dims.num_heads}"
         )
-    if arch.ffn_dim % tensor_parallel:
-        raise CheckpointError(f"tensor parallel size {tensor_parallel} does not divide ffn_dim {arch.ffn_dim}")
+    if dims.ffn_dim % tensor_parallel:
+        raise CheckpointError(f"tensor parallel size {tensor_parallel} does not divide ffn_dim {dims.ffn_dim}")
 
 
 def _listed(names: List[str]) -> str:
@@ -429,15 +429,15 @@ def _require_expert_pairs(architecture: Architecture, root: Path) -> None:
         )
 
 
-def expert_boundary_ratio(checkpoint: Checkpoint, arch) -> float:
+def expert_boundary_ratio(checkpoint: Checkpoint, dims) -> float:
     """The stored boundary, or the architecture's default (Wan2.2: 0.875 T2V, 0.9 I2V)."""
     if checkpoint.boundary_ratio is not None:
         return float(checkpoint.boundary_ratio)
-    default = checkpoint.architecture.experts.default_boundary_ratio(arch)
+    default = checkpoint.architecture.experts.default_boundary_ratio(dims)
     if default is None:
         raise CheckpointError(
             f"{checkpoint.root} stores no boundary_ratio and {checkpoint.architecture.title} has no default for "
-            f"{arch.in_channels} input channels; give one explicitly"
+            f"{dims.in_channels} input channels; give one explicitly"
         )
     return default
 
@@ -452,7 +452,7 @@ class ModelFiles:
 
     folder: Path
     layout: str
-    arch: Any  # the architecture's arch class (WanArch, QwenImageArch)
+    dims: Any  # the architecture's dims class (WanDims, QwenImageDims)
     config: Dict[str, Any]
     view: CheckpointView
 
@@ -481,22 +481,22 @@ def open_model(
             f"{config_path} is a {found_architecture.title} model inside a {architecture.title} checkpoint"
         )
     files = SafetensorsFolder(folder)
-    found_arch = _arch_from_config(found_architecture, layout, config, files, config_path)
-    found_arch = found_architecture.check_preset(found_arch, arch, str(config_path))
-    view = CheckpointView(files, layout, found_architecture, found_arch)
-    check_weights(view, found_arch, str(config_path))
-    return ModelFiles(Path(folder), layout, found_arch, config, view)
+    found_dims = _dims_from_config(found_architecture, layout, config, files, config_path)
+    found_dims = found_architecture.check_preset(found_dims, arch, str(config_path))
+    view = CheckpointView(files, layout, found_architecture, found_dims)
+    check_weights(view, found_dims, str(config_path))
+    return ModelFiles(Path(folder), layout, found_dims, config, view)
 
 
-def _arch_from_config(
+def _dims_from_config(
     architecture: Architecture, layout: str, config: Mapping[str, Any], files: SafetensorsFolder, path: Path
 ):
     if layout == "diffusers":
-        return architecture.arch_from_diffusers_config(config, str(path))
+        return architecture.dims_from_diffusers_config(config, str(path))
     if layout == "original":
         # Some original configs leave a choice to the weights (Wan2.1 vs Wan2.2 I2V): their shapes go along.
         shapes = {key: files.shape(key) for key in files.weight_map}
-        return architecture.original.arch_from_config(config, shapes, str(path))
+        return architecture.original.dims_from_config(config, shapes, str(path))
     if "architecture" not in config:
         raise CheckpointError(f"{path}: no 'architecture' in a {MEGA_FORMAT} model config")
-    return architecture.arch_from_json(config["architecture"], str(path))
+    return architecture.dims_from_json(config["architecture"], str(path))

@@ -55,10 +55,10 @@ def load_pretrained(
     layout = parallel.layout("load_pretrained needs the parallel state")
     checkpoint = inspect_checkpoint(path, arch)
     files = open_model(checkpoint.model_folder(expert), checkpoint.layout, arch, checkpoint.architecture)
-    check_tensor_parallel(files.arch, layout.tensor_parallel, layout.ulysses_parallel)
+    check_tensor_parallel(files.dims, layout.tensor_parallel, layout.ulysses_parallel)
     options = {"sequence_parallel": layout.sequence_parallel, **model_options}
     par = ModelParallelOptions(dtype=dtype, initialize=False, **_checked_options(options))
-    model = files.architecture.model_class(files.arch, par)
+    model = files.architecture.model_class(files.dims, par)
     if not weights:
         return model
     _load_rank_weights(model, files.view, layout.tensor_parallel_rank, layout.tensor_parallel)

@@ -154,7 +154,7 @@ class AdapterView(nn.Module):
         object.__setattr__(self, "shared", model)  # not a submodule: no second copy in state dicts
         self.name = name
         self.adapters = nn.ModuleList(pairs)
-        self.arch, self.par = getattr(model, "arch", None), getattr(model, "par", None)
+        self.dims, self.par = getattr(model, "dims", None), getattr(model, "par", None)
 
     def forward(self, *args, **kwargs):
         with self.shared._lora_state.activate(self.name):

@@ -61,7 +61,7 @@ TIMESTEP_SCALE = 1000.0
 
 
 @dataclass(frozen=True)
-class QwenImageArch:
+class QwenImageDims:
     """Architecture numbers of one Qwen-Image variant."""
 
     num_heads: int = 24
@@ -105,10 +105,10 @@ class QwenImageArch:
         return self.out_channels * self.patch_size**2
 
 
-QWEN_IMAGE_PRESETS: Dict[str, QwenImageArch] = {
-    "qwen-image": QwenImageArch(),
+QWEN_IMAGE_PRESETS: Dict[str, QwenImageDims] = {
+    "qwen-image": QwenImageDims(),
     # For tests and the CPU demo.
-    "tiny": QwenImageArch(num_heads=4, head_dim=16, num_layers=2, text_dim=24, axes_dims_rope=(4, 6, 6)),
+    "tiny": QwenImageDims(num_heads=4, head_dim=16, num_layers=2, text_dim=24, axes_dims_rope=(4, 6, 6)),
 }
 
 
@@ -138,15 +138,15 @@ class QwenStreamProjections(nn.Module):
     """One stream's side of the joint attention: fused per-head QKV (column-parallel), per-head
     RMSNorm on q and k, and the output projection (row-parallel)."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: LinearSpec, config):
+    def __init__(self, dims: QwenImageDims, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
-        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Qwen-Image heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
+        self.num_local_heads = divide(dims.num_heads, tensor_parallel_size(), "Qwen-Image heads vs tensor_parallel")
+        self.head_dim = dims.head_dim
         init = init_method(par)
-        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
-        self.q_norm = RMSNorm(arch.head_dim, arch.eps, par.dtype)
-        self.k_norm = RMSNorm(arch.head_dim, arch.eps, par.dtype)
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+        self.linear_qkv = spec.column_parallel(dims.dim, 3 * dims.dim, config, init)
+        self.q_norm = RMSNorm(dims.head_dim, dims.eps, par.dtype)
+        self.k_norm = RMSNorm(dims.head_dim, dims.eps, par.dtype)
+        self.linear_proj = spec.row_parallel(dims.dim, dims.dim, config, init)
 
     def qkv(self, x: torch.Tensor, rope_angles: torch.Tensor):
         """x [S, B, D] -> q, k, v [S', B, local heads, head_dim] (S' = S gathered over the TP
@@ -170,11 +170,11 @@ class QwenJointAttention(nn.Module):
     for its heads, ordered rank by rank (see ``token_sharding.joint_key_mask``, which builds the key
     mask in the same order; RoPE was applied per token before, so the order is harmless)."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: LinearSpec, config):
+    def __init__(self, dims: QwenImageDims, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
-        self.img = QwenStreamProjections(arch, par, spec, config)
-        self.txt = QwenStreamProjections(arch, par, spec, config)
-        self.core = AttentionCore(attention_backend(par), self.img.num_local_heads, arch.head_dim, ulysses=True)
+        self.img = QwenStreamProjections(dims, par, spec, config)
+        self.txt = QwenStreamProjections(dims, par, spec, config)
+        self.core = AttentionCore(attention_backend(par), self.img.num_local_heads, dims.head_dim, ulysses=True)
 
     def forward(self, img, txt, img_angles, txt_angles, key_mask):
         img_q, img_k, img_v = self.img.qkv(img, img_angles)
@@ -195,17 +195,17 @@ class QwenImageBlock(nn.Module):
     """Dual-stream block: both streams are modulated by the time embedding, attend jointly, and
     go through their own MLP."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions, spec: LinearSpec, config):
+    def __init__(self, dims: QwenImageDims, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
-        dim = arch.dim
+        dim = dims.dim
         # SiLU -> Linear(dim, 6*dim): [shift1, scale1, gate1, shift2, scale2, gate2].
         self.img_mod = nn.Linear(dim, 6 * dim, dtype=par.dtype)
         self.txt_mod = nn.Linear(dim, 6 * dim, dtype=par.dtype)
         # diffusers' img/txt_norm1/2 are the same parameter-free LayerNorm.
-        self.norm = FP32LayerNorm(dim, arch.eps, elementwise_affine=False)
-        self.attention = QwenJointAttention(arch, par, spec, config)
-        self.img_mlp = ParallelMLP(dim, arch.ffn_dim, par, spec, config)
-        self.txt_mlp = ParallelMLP(dim, arch.ffn_dim, par, spec, config)
+        self.norm = FP32LayerNorm(dim, dims.eps, elementwise_affine=False)
+        self.attention = QwenJointAttention(dims, par, spec, config)
+        self.img_mlp = ParallelMLP(dim, dims.ffn_dim, par, spec, config)
+        self.txt_mlp = ParallelMLP(dim, dims.ffn_dim, par, spec, config)
 
     def _norm_modulate(self, x, shift, scale):
         return modulate(self.norm(x), shift, scale).type_as(x)
@@ -262,28 +262,28 @@ QWEN_IMAGE_PARALLEL_PLAN = ParallelPlan(
 class QwenImageModel(nn.Module):
     """The Qwen-Image DiT for the current parallel state (call ``parallel.initialize`` first)."""
 
-    def __init__(self, arch: QwenImageArch, par: ModelParallelOptions = ModelParallelOptions()):
+    def __init__(self, dims: QwenImageDims, par: ModelParallelOptions = ModelParallelOptions()):
         super().__init__()
         spec, config = layer_setup(par)
-        self.arch, self.par = arch, par
+        self.dims, self.par = dims, par
         dtype = par.dtype
         self.sequence_parallel = config.sequence_parallel
 
-        self.img_in = nn.Linear(arch.packed_channels, arch.dim, dtype=dtype)
-        self.txt_norm = RMSNorm(arch.text_dim, arch.eps, dtype)
-        self.txt_in = nn.Linear(arch.text_dim, arch.dim, dtype=dtype)
-        self.time_embedding = TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
-        self.blocks = nn.ModuleList(QwenImageBlock(arch, par, spec, config) for _ in range(arch.num_layers))
+        self.img_in = nn.Linear(dims.packed_channels, dims.dim, dtype=dtype)
+        self.txt_norm = RMSNorm(dims.text_dim, dims.eps, dtype)
+        self.txt_in = nn.Linear(dims.text_dim, dims.dim, dtype=dtype)
+        self.time_embedding = TimestepEmbedding(dims.freq_dim, dims.dim, dtype)
+        self.blocks = nn.ModuleList(QwenImageBlock(dims, par, spec, config) for _ in range(dims.num_layers))
         # diffusers' norm_out (AdaLayerNormContinuous: SiLU -> Linear, chunks (scale, shift)).
-        self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.head_modulation = nn.Linear(arch.dim, 2 * arch.dim, dtype=dtype)
-        self.head = nn.Linear(arch.dim, arch.out_features, dtype=dtype)
+        self.head_norm = FP32LayerNorm(dims.dim, dims.eps, elementwise_affine=False)
+        self.head_modulation = nn.Linear(dims.dim, 2 * dims.dim, dtype=dtype)
+        self.head = nn.Linear(dims.dim, dims.out_features, dtype=dtype)
         apply_parallel_plan(self, QWEN_IMAGE_PARALLEL_PLAN, self.sequence_parallel)
 
     @property
     def token_patch(self) -> Tuple[int, int, int]:
         """The (frames, height, width) latent patch of one token (token_sharding.latent_tokens)."""
-        return self.arch.token_patch
+        return self.dims.token_patch
 
     # ------------------------------------------------------------------ pieces of the forward
 
@@ -295,7 +295,7 @@ class QwenImageModel(nn.Module):
     def grid(self, latents_shape) -> Tuple[int, int]:
         """Packed token grid (h, w) of [B, C, H, W] latents."""
         _, _, height, width = latents_shape
-        p = self.arch.patch_size
+        p = self.dims.patch_size
         for size, name in ((height, "height"), (width, "width")):
             if size % p:
                 raise ValueError(f"latent {name} {size} is not divisible by the patch size {p}")
@@ -309,13 +309,13 @@ class QwenImageModel(nn.Module):
         img_positions = grid_positions(img_sharding.ulysses_index(device), (1, h, w))
         img_positions = img_positions - torch.tensor([0, h - h // 2, w - w // 2], device=device)
         txt_positions = (max(h // 2, w // 2) + txt_sharding.ulysses_index(device))[:, None].expand(-1, 3)
-        axes, theta = self.arch.axes_dims_rope, self.arch.rope_theta
+        axes, theta = self.dims.axes_dims_rope, self.dims.rope_theta
         return rope_frequencies(img_positions, axes, theta), rope_frequencies(txt_positions, axes, theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype) -> torch.Tensor:
         """timestep [B] on the 0..1000 scale -> temb [B, D] (module docstring: the convention)."""
         sigma = timestep.float() / TIMESTEP_SCALE
-        sinusoid = sinusoidal_embedding(sigma, self.arch.freq_dim, scale=TIMESTEP_SCALE)
+        sinusoid = sinusoidal_embedding(sigma, self.dims.freq_dim, scale=TIMESTEP_SCALE)
         return self.time_embedding(sinusoid).to(dtype)
 
     def embed_image(self, packed: torch.Tensor) -> torch.Tensor:
@@ -396,7 +396,7 @@ class QwenImageModel(nn.Module):
         if with_frame_axis:
             latents = latents[:, :, 0]
         grid = self.grid(latents.shape)
-        packed = pack_latents(latents, self.arch.patch_size)
+        packed = pack_latents(latents, self.dims.patch_size)
         img_sharding = self.token_sharding(packed.shape[0])
         txt_sharding = self.token_sharding(context.shape[1])
         dtype = self.img_in.weight.dtype
@@ -407,5 +407,5 @@ class QwenImageModel(nn.Module):
         if context_mask is not None:
             context_mask = context_mask.to(device=context.device, dtype=torch.bool)
         out = self.forward_tokens(img, txt, temb, context_mask, grid, img_sharding, txt_sharding)
-        velocity = unpack_latents(img_sharding.gather(out), grid, self.arch.patch_size)
+        velocity = unpack_latents(img_sharding.gather(out), grid, self.dims.patch_size)
         return velocity.unsqueeze(2) if with_frame_axis else velocity

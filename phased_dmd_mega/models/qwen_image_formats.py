@@ -23,7 +23,7 @@ from phased_dmd_mega.models.architecture_types import (
     rope_bytes,
 )
 from phased_dmd_mega.models.layers import divide
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch, QwenImageModel
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageDims, QwenImageModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
 DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
@@ -36,11 +36,11 @@ _STREAMS = (
 )
 
 
-def diffusers_weight_rules(arch: QwenImageArch):
+def diffusers_weight_rules(dims: QwenImageDims):
     """The adapter between diffusers' ``QwenImageTransformer2DModel`` and ``QwenImageModel``
     names. Per-head q/k norm weights are whole on every rank ([head_dim], shared by the heads)."""
-    linear = partial(linear_rules, head_dim=arch.head_dim)
-    single = partial(tensor_rules, head_dim=arch.head_dim)
+    linear = partial(linear_rules, head_dim=dims.head_dim)
+    single = partial(tensor_rules, head_dim=dims.head_dim)
 
     def stream(own, attn, q, k, v, out, norm_q, norm_k):
         return (
@@ -59,7 +59,7 @@ def diffusers_weight_rules(arch: QwenImageArch):
     rules += linear("txt_in", "txt_in")
     rules += linear("time_embedding.linear_1", "time_text_embed.timestep_embedder.linear_1")
     rules += linear("time_embedding.linear_2", "time_text_embed.timestep_embedder.linear_2")
-    for i in range(arch.num_layers):
+    for i in range(dims.num_layers):
         own, hf = f"blocks.{i}", f"transformer_blocks.{i}"
         rules += linear(f"{own}.img_mod", f"{hf}.img_mod.1")
         rules += linear(f"{own}.txt_mod", f"{hf}.txt_mod.1")
@@ -81,31 +81,31 @@ def diffusers_weight_rules(arch: QwenImageArch):
     return rules
 
 
-def diffusers_shapes(arch: QwenImageArch) -> Dict[str, Shape]:
-    """The shape of every diffusers ``QwenImageTransformer2DModel`` tensor of ``arch``."""
-    d, shapes = arch.dim, {}
-    add_linear(shapes, "time_text_embed.timestep_embedder.linear_1", d, arch.freq_dim)
+def diffusers_shapes(dims: QwenImageDims) -> Dict[str, Shape]:
+    """The shape of every diffusers ``QwenImageTransformer2DModel`` tensor of ``dims``."""
+    d, shapes = dims.dim, {}
+    add_linear(shapes, "time_text_embed.timestep_embedder.linear_1", d, dims.freq_dim)
     add_linear(shapes, "time_text_embed.timestep_embedder.linear_2", d, d)
-    shapes["txt_norm.weight"] = (arch.text_dim,)
-    add_linear(shapes, "img_in", d, arch.packed_channels)
-    add_linear(shapes, "txt_in", d, arch.text_dim)
-    for i in range(arch.num_layers):
+    shapes["txt_norm.weight"] = (dims.text_dim,)
+    add_linear(shapes, "img_in", d, dims.packed_channels)
+    add_linear(shapes, "txt_in", d, dims.text_dim)
+    for i in range(dims.num_layers):
         block = f"transformer_blocks.{i}"
         for stream in ("img", "txt"):
             add_linear(shapes, f"{block}.{stream}_mod.1", 6 * d, d)
-            add_linear(shapes, f"{block}.{stream}_mlp.net.0.proj", arch.ffn_dim, d)
-            add_linear(shapes, f"{block}.{stream}_mlp.net.2", d, arch.ffn_dim)
+            add_linear(shapes, f"{block}.{stream}_mlp.net.0.proj", dims.ffn_dim, d)
+            add_linear(shapes, f"{block}.{stream}_mlp.net.2", d, dims.ffn_dim)
         for *projections, norm_q, norm_k in _STREAMS:
             for projection in projections:
                 add_linear(shapes, f"{block}.attn.{projection}", d, d)
-            shapes[f"{block}.attn.{norm_q}.weight"] = (arch.head_dim,)
-            shapes[f"{block}.attn.{norm_k}.weight"] = (arch.head_dim,)
+            shapes[f"{block}.attn.{norm_q}.weight"] = (dims.head_dim,)
+            shapes[f"{block}.attn.{norm_k}.weight"] = (dims.head_dim,)
     add_linear(shapes, "norm_out.linear", 2 * d, d)
-    add_linear(shapes, "proj_out", arch.out_features, d)
+    add_linear(shapes, "proj_out", dims.out_features, d)
     return shapes
 
 
-def from_diffusers_config(config: Dict[str, Any]) -> QwenImageArch:
+def from_diffusers_config(config: Dict[str, Any]) -> QwenImageDims:
     """From a diffusers ``QwenImageTransformer2DModel`` config.json (plain Qwen-Image:
     the guidance, zero_cond_t, additional-t and layer-3D-RoPE variants are refused)."""
     for flag in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
@@ -113,7 +113,7 @@ def from_diffusers_config(config: Dict[str, Any]) -> QwenImageArch:
             raise ValueError(f"unsupported Qwen-Image variant: {flag}=True")
     patch = config.get("patch_size", 2)
     packed_in = config.get("in_channels", 64)
-    return QwenImageArch(
+    return QwenImageDims(
         num_heads=config.get("num_attention_heads", 24),
         head_dim=config.get("attention_head_dim", 128),
         num_layers=config.get("num_layers", 60),
@@ -126,27 +126,27 @@ def from_diffusers_config(config: Dict[str, Any]) -> QwenImageArch:
     )
 
 
-def to_diffusers_config(arch: QwenImageArch) -> Dict[str, Any]:
-    """A diffusers ``QwenImageTransformer2DModel`` config.json for ``arch``."""
+def to_diffusers_config(dims: QwenImageDims) -> Dict[str, Any]:
+    """A diffusers ``QwenImageTransformer2DModel`` config.json for ``dims``."""
     return {
         "_class_name": "QwenImageTransformer2DModel",
-        "patch_size": arch.patch_size,
-        "in_channels": arch.packed_channels,
-        "out_channels": arch.out_channels,
-        "num_layers": arch.num_layers,
-        "attention_head_dim": arch.head_dim,
-        "num_attention_heads": arch.num_heads,
-        "joint_attention_dim": arch.text_dim,
+        "patch_size": dims.patch_size,
+        "in_channels": dims.packed_channels,
+        "out_channels": dims.out_channels,
+        "num_layers": dims.num_layers,
+        "attention_head_dim": dims.head_dim,
+        "num_attention_heads": dims.num_heads,
+        "joint_attention_dim": dims.text_dim,
         "guidance_embeds": False,
-        "axes_dims_rope": list(arch.axes_dims_rope),
+        "axes_dims_rope": list(dims.axes_dims_rope),
         "zero_cond_t": False,
         "use_additional_t_cond": False,
         "use_layer3d_rope": False,
     }
 
 
-def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> QwenImageArch:
-    """QwenImageArch of a diffusers config.json (absent fields take diffusers' defaults, as
+def dims_from_diffusers_config(config: Mapping[str, Any], where: str) -> QwenImageDims:
+    """QwenImageDims of a diffusers config.json (absent fields take diffusers' defaults, as
     diffusers itself does), refusing the variants QwenImageModel does not implement."""
     try:
         return from_diffusers_config(dict(config))
@@ -154,24 +154,24 @@ def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> QwenIma
         raise CheckpointError(f"{where}: {err}") from err
 
 
-def summary(arch: QwenImageArch) -> str:
+def summary(dims: QwenImageDims) -> str:
     return (
-        f"dim {arch.dim} ({arch.num_heads} heads of {arch.head_dim}), {arch.num_layers} layers, "
-        f"text_dim {arch.text_dim}, in/out channels {arch.in_channels}/{arch.out_channels}"
+        f"dim {dims.dim} ({dims.num_heads} heads of {dims.head_dim}), {dims.num_layers} layers, "
+        f"text_dim {dims.text_dim}, in/out channels {dims.in_channels}/{dims.out_channels}"
     )
 
 
-def block_activations(arch, act_bytes: int) -> BlockActivations:
+def block_activations(dims, act_bytes: int) -> BlockActivations:
     """Bytes one block keeps for its backward per token of either stream, counted from the
     block's code (``act_bytes``: the model's dtype; norms, modulation and gates are fp32): per
     half-block the norm input, modulated output and gated update (fp32) and the linear input;
     per-head q/k RMSNorm input and output (fp32); the joint q, k, v and output; the MLP hidden
     before and after GELU."""
-    h, f, a, fp32 = arch.dim, arch.ffn_dim, act_bytes, FP32_BYTES
+    h, f, a, fp32 = dims.dim, dims.ffn_dim, act_bytes, FP32_BYTES
     return BlockActivations(
         stream=2 * 3 * fp32 * h + 2 * a * h,
         sharded=4 * fp32 * h + 4 * a * h + 2 * a * f,
-        gathered=rope_bytes(arch.head_dim),
+        gathered=rope_bytes(dims.head_dim),
         block_input=a * h,
     )
 
@@ -179,16 +179,16 @@ def block_activations(arch, act_bytes: int) -> BlockActivations:
 QWEN_IMAGE = Architecture(
     name="qwen_image",
     title="Qwen-Image",
-    arch_class=QwenImageArch,
+    dims_class=QwenImageDims,
     model_class=QwenImageModel,
     presets=QWEN_IMAGE_PRESETS,
     diffusers_class=DIFFUSERS_CLASS,
     weight_rules=diffusers_weight_rules,
     diffusers_shapes=diffusers_shapes,
-    arch_from_diffusers_config=arch_from_diffusers_config,
-    arch_to_diffusers_config=to_diffusers_config,
+    dims_from_diffusers_config=dims_from_diffusers_config,
+    dims_to_diffusers_config=to_diffusers_config,
     diffusers_fields=("num_attention_heads", "joint_attention_dim"),
-    diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
+    diffusers_non_dims_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
     vae_class="AutoencoderKLQwenImage",
     block_activations=block_activations,

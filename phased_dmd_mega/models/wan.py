@@ -47,7 +47,7 @@ from phased_dmd_mega.parallel.state import tensor_parallel_size
 
 
 @dataclass(frozen=True)
-class WanArch:
+class WanDims:
     """Architecture numbers of one Wan variant."""
 
     dim: int = 5120
@@ -80,16 +80,16 @@ class WanArch:
         return (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
 
 
-_14B = WanArch()
-WAN_PRESETS: Dict[str, WanArch] = {
-    "wan2.1-t2v-1.3b": WanArch(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+_14B = WanDims()
+WAN_PRESETS: Dict[str, WanDims] = {
+    "wan2.1-t2v-1.3b": WanDims(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-t2v-14b": _14B,
     "wan2.1-i2v-14b": replace(_14B, in_channels=36, image_dim=1280),
     "wan2.2-t2v-a14b": _14B,
     "wan2.2-i2v-a14b": replace(_14B, in_channels=36),
-    "wan2.2-ti2v-5b": WanArch(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48),
+    "wan2.2-ti2v-5b": WanDims(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48),
     # For tests and the CPU demo.
-    "tiny": WanArch(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
+    "tiny": WanDims(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32),
 }
 
 
@@ -97,15 +97,15 @@ WAN_PRESETS: Dict[str, WanArch] = {
 
 
 class WanImageEmbedding(nn.Module):
-    def __init__(self, arch: WanArch, dtype):
+    def __init__(self, dims: WanDims, dtype):
         super().__init__()
-        self.norm1 = FP32LayerNorm(arch.image_dim, dtype=dtype)
-        self.linear_1 = nn.Linear(arch.image_dim, arch.image_dim, dtype=dtype)
-        self.linear_2 = nn.Linear(arch.image_dim, arch.dim, dtype=dtype)
-        self.norm2 = FP32LayerNorm(arch.dim, dtype=dtype)
+        self.norm1 = FP32LayerNorm(dims.image_dim, dtype=dtype)
+        self.linear_1 = nn.Linear(dims.image_dim, dims.image_dim, dtype=dtype)
+        self.linear_2 = nn.Linear(dims.image_dim, dims.dim, dtype=dtype)
+        self.norm2 = FP32LayerNorm(dims.dim, dtype=dtype)
         self.pos_embed = None
-        if arch.pos_embed_seq_len is not None:
-            self.pos_embed = nn.Parameter(torch.zeros(1, arch.pos_embed_seq_len, arch.image_dim, dtype=dtype))
+        if dims.pos_embed_seq_len is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, dims.pos_embed_seq_len, dims.image_dim, dtype=dtype))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:  # FLF2V: first and last frame features side by side
@@ -117,16 +117,16 @@ class WanImageEmbedding(nn.Module):
 
 
 class WanSelfAttention(nn.Module):
-    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec: LinearSpec, config):
+    def __init__(self, dims: WanDims, par: ModelParallelOptions, spec: LinearSpec, config):
         super().__init__()
-        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
+        self.num_local_heads = divide(dims.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = dims.head_dim
         init = init_method(par)
-        self.linear_qkv = spec.column_parallel(arch.dim, 3 * arch.dim, config, init)
-        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+        self.linear_qkv = spec.column_parallel(dims.dim, 3 * dims.dim, config, init)
+        self.q_norm = RMSNormAcrossHeads(dims.dim, dims.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(dims.dim, dims.eps, par.dtype)
         self.core = AttentionCore(attention_backend(par), self.num_local_heads, self.head_dim, ulysses=True)
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+        self.linear_proj = spec.row_parallel(dims.dim, dims.dim, config, init)
 
     def forward(self, x, rope_angles, key_mask):
         qkv, _ = self.linear_qkv(x)
@@ -141,25 +141,25 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(nn.Module):
-    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec: LinearSpec, config, context_config):
+    def __init__(self, dims: WanDims, par: ModelParallelOptions, spec: LinearSpec, config, context_config):
         super().__init__()
-        self.num_local_heads = divide(arch.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
-        self.head_dim = arch.head_dim
+        self.num_local_heads = divide(dims.num_heads, tensor_parallel_size(), "Wan heads vs tensor_parallel")
+        self.head_dim = dims.head_dim
         init = init_method(par)
         self.fp8_recipe = par.fp8_recipe
-        self.linear_q = spec.column_parallel(arch.dim, arch.dim, config, init)
+        self.linear_q = spec.column_parallel(dims.dim, dims.dim, config, init)
         # The text is short and whole on every rank: no sequence-parallel gather for it.
-        self.linear_kv = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
-        self.q_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.k_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
-        self.has_image = arch.image_dim is not None
+        self.linear_kv = spec.column_parallel(dims.dim, 2 * dims.dim, context_config, init)
+        self.q_norm = RMSNormAcrossHeads(dims.dim, dims.eps, par.dtype)
+        self.k_norm = RMSNormAcrossHeads(dims.dim, dims.eps, par.dtype)
+        self.has_image = dims.image_dim is not None
         if self.has_image:
-            self.linear_kv_img = spec.column_parallel(arch.dim, 2 * arch.dim, context_config, init)
-            self.k_img_norm = RMSNormAcrossHeads(arch.dim, arch.eps, par.dtype)
+            self.linear_kv_img = spec.column_parallel(dims.dim, 2 * dims.dim, context_config, init)
+            self.k_img_norm = RMSNormAcrossHeads(dims.dim, dims.eps, par.dtype)
         self.core = AttentionCore(
             attention_backend(par), self.num_local_heads, self.head_dim, ulysses=False, cross=True
         )
-        self.linear_proj = spec.row_parallel(arch.dim, arch.dim, config, init)
+        self.linear_proj = spec.row_parallel(dims.dim, dims.dim, config, init)
 
     def _keys_values(self, linear, norm, context):
         # Context lengths (257 CLIP tokens) need not suit FP8 GEMMs, and their share of the
@@ -186,19 +186,19 @@ class WanCrossAttention(nn.Module):
 
 
 class WanBlock(nn.Module):
-    def __init__(self, arch: WanArch, par: ModelParallelOptions, spec, config, context_config):
+    def __init__(self, dims: WanDims, par: ModelParallelOptions, spec, config, context_config):
         super().__init__()
-        self.norm1 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.self_attention = WanSelfAttention(arch, par, spec, config)
+        self.norm1 = FP32LayerNorm(dims.dim, dims.eps, elementwise_affine=False)
+        self.self_attention = WanSelfAttention(dims, par, spec, config)
         self.cross_attention_norm = (
-            FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=True, dtype=par.dtype)
-            if arch.cross_attn_norm
+            FP32LayerNorm(dims.dim, dims.eps, elementwise_affine=True, dtype=par.dtype)
+            if dims.cross_attn_norm
             else nn.Identity()
         )
-        self.cross_attention = WanCrossAttention(arch, par, spec, config, context_config)
-        self.norm2 = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.mlp = ParallelMLP(arch.dim, arch.ffn_dim, par, spec, config)
-        self.modulation = nn.Parameter(torch.randn(1, 6, arch.dim, dtype=par.dtype) / arch.dim**0.5)
+        self.cross_attention = WanCrossAttention(dims, par, spec, config, context_config)
+        self.norm2 = FP32LayerNorm(dims.dim, dims.eps, elementwise_affine=False)
+        self.mlp = ParallelMLP(dims.dim, dims.ffn_dim, par, spec, config)
+        self.modulation = nn.Parameter(torch.randn(1, 6, dims.dim, dtype=par.dtype) / dims.dim**0.5)
 
     def forward(self, x, e0, context, image_context, rope_angles, key_mask):
         """x [S, B, D]; e0 [B, 6, D] or per token [S, B, 6, D]."""
@@ -231,45 +231,45 @@ WAN_PARALLEL_PLAN = ParallelPlan(
 class WanModel(nn.Module):
     """The Wan DiT for the current parallel state (call ``parallel.initialize`` first)."""
 
-    def __init__(self, arch: WanArch, par: ModelParallelOptions = ModelParallelOptions()):
+    def __init__(self, dims: WanDims, par: ModelParallelOptions = ModelParallelOptions()):
         super().__init__()
         spec, config = layer_setup(par)
-        self.arch, self.par = arch, par
+        self.dims, self.par = dims, par
         dtype = par.dtype
         context_config = model_parallel_config(False, dtype, par.initialize)
         self.sequence_parallel = config.sequence_parallel
 
-        self.patch_embedding = nn.Conv3d(arch.in_channels, arch.dim, arch.patch_size, arch.patch_size, dtype=dtype)
-        self.time_embedding = TimestepEmbedding(arch.freq_dim, arch.dim, dtype)
-        self.time_projection = nn.Linear(arch.dim, 6 * arch.dim, dtype=dtype)
+        self.patch_embedding = nn.Conv3d(dims.in_channels, dims.dim, dims.patch_size, dims.patch_size, dtype=dtype)
+        self.time_embedding = TimestepEmbedding(dims.freq_dim, dims.dim, dtype)
+        self.time_projection = nn.Linear(dims.dim, 6 * dims.dim, dtype=dtype)
         self.text_embedding = nn.ModuleDict(
             {
-                "linear_1": nn.Linear(arch.text_dim, arch.dim, dtype=dtype),
-                "linear_2": nn.Linear(arch.dim, arch.dim, dtype=dtype),
+                "linear_1": nn.Linear(dims.text_dim, dims.dim, dtype=dtype),
+                "linear_2": nn.Linear(dims.dim, dims.dim, dtype=dtype),
             }
         )
-        self.image_embedding = WanImageEmbedding(arch, dtype) if arch.image_dim is not None else None
-        self.blocks = nn.ModuleList(WanBlock(arch, par, spec, config, context_config) for _ in range(arch.num_layers))
-        self.head_norm = FP32LayerNorm(arch.dim, arch.eps, elementwise_affine=False)
-        self.head_modulation = nn.Parameter(torch.randn(1, 2, arch.dim, dtype=dtype) / arch.dim**0.5)
-        self.head = nn.Linear(arch.dim, arch.out_channels * self.patch_volume, dtype=dtype)
+        self.image_embedding = WanImageEmbedding(dims, dtype) if dims.image_dim is not None else None
+        self.blocks = nn.ModuleList(WanBlock(dims, par, spec, config, context_config) for _ in range(dims.num_layers))
+        self.head_norm = FP32LayerNorm(dims.dim, dims.eps, elementwise_affine=False)
+        self.head_modulation = nn.Parameter(torch.randn(1, 2, dims.dim, dtype=dtype) / dims.dim**0.5)
+        self.head = nn.Linear(dims.dim, dims.out_channels * self.patch_volume, dtype=dtype)
         apply_parallel_plan(self, WAN_PARALLEL_PLAN, self.sequence_parallel)
 
     @property
     def token_patch(self) -> Tuple[int, int, int]:
         """The (frames, height, width) latent patch of one token (latent_tokens)."""
-        return self.arch.token_patch
+        return self.dims.token_patch
 
     @property
     def patch_volume(self) -> int:
-        p = self.arch.patch_size
+        p = self.dims.patch_size
         return p[0] * p[1] * p[2]
 
     # ------------------------------------------------------------------ pieces of the forward
 
     def grid(self, latents_shape) -> Tuple[int, int, int]:
         _, _, frames, height, width = latents_shape
-        p = self.arch.patch_size
+        p = self.dims.patch_size
         for size, patch, name in ((frames, p[0], "frames"), (height, p[1], "height"), (width, p[2], "width")):
             if size % patch:
                 raise ValueError(f"latent {name} {size} is not divisible by the patch size {patch}")
@@ -278,13 +278,13 @@ class WanModel(nn.Module):
     def rope_angles(self, grid, sharding: TokenSharding, device) -> torch.Tensor:
         """Angles for this Ulysses shard's tokens (its true positions; padding gets position 0)."""
         positions = grid_positions(sharding.ulysses_index(device), grid)
-        return rope_frequencies(positions, self.arch.rope_axis_dims, self.arch.rope_theta)
+        return rope_frequencies(positions, self.dims.rope_axis_dims, self.dims.rope_theta)
 
     def embed_time(self, timestep: torch.Tensor, dtype):
         """timestep [B] or per token [S, B] on the 0..1000 scale -> (e, e0)."""
-        sinusoid = sinusoidal_embedding(timestep, self.arch.freq_dim)
+        sinusoid = sinusoidal_embedding(timestep, self.dims.freq_dim)
         e = self.time_embedding(sinusoid)
-        e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.arch.dim))
+        e0 = self.time_projection(F.silu(e)).unflatten(-1, (6, self.dims.dim))
         return e.to(dtype), e0
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
@@ -307,10 +307,10 @@ class WanModel(nn.Module):
     def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """[L, B, out * prod(patch)] (channel fastest) -> [B, out, F, H, W]."""
         f, h, w = grid
-        pt, ph, pw = self.arch.patch_size
-        x = tokens.permute(1, 0, 2).reshape(tokens.shape[1], f, h, w, pt, ph, pw, self.arch.out_channels)
+        pt, ph, pw = self.dims.patch_size
+        x = tokens.permute(1, 0, 2).reshape(tokens.shape[1], f, h, w, pt, ph, pw, self.dims.out_channels)
         out = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(tokens.shape[1], self.arch.out_channels, f * pt, h * ph, w * pw)
+        return out.reshape(tokens.shape[1], self.dims.out_channels, f * pt, h * ph, w * pw)
 
     # ------------------------------------------------------------------ forward
 

@@ -27,7 +27,7 @@ from phased_dmd_mega.models.architecture_types import (
     require_fields,
     rope_bytes,
 )
-from phased_dmd_mega.models.wan import WAN_PRESETS, WanArch, WanModel
+from phased_dmd_mega.models.wan import WAN_PRESETS, WanDims, WanModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
 
 __all__ = ["CheckpointError", "Shape", "WAN"]  # the first two are re-exported for existing imports
@@ -126,10 +126,10 @@ def original_names(diffusers_names: Iterable[str]) -> Dict[str, str]:
 # ----------------------------------------------------------------------------- weight names
 
 
-def diffusers_weight_rules(arch: WanArch):
+def diffusers_weight_rules(dims: WanDims):
     """The adapter between diffusers' ``WanTransformer3DModel`` and ``WanModel`` names."""
-    linear = partial(linear_rules, head_dim=arch.head_dim)
-    single = partial(tensor_rules, head_dim=arch.head_dim)
+    linear = partial(linear_rules, head_dim=dims.head_dim)
+    single = partial(tensor_rules, head_dim=dims.head_dim)
 
     rules = linear("patch_embedding", "patch_embedding")
     rules += linear("time_embedding.linear_1", "condition_embedder.time_embedder.linear_1")
@@ -137,15 +137,15 @@ def diffusers_weight_rules(arch: WanArch):
     rules += linear("time_projection", "condition_embedder.time_proj")
     rules += linear("text_embedding.linear_1", "condition_embedder.text_embedder.linear_1")
     rules += linear("text_embedding.linear_2", "condition_embedder.text_embedder.linear_2")
-    if arch.image_dim is not None:
+    if dims.image_dim is not None:
         image = "condition_embedder.image_embedder"
         rules += linear("image_embedding.norm1", f"{image}.norm1")
         rules += linear("image_embedding.linear_1", f"{image}.ff.net.0.proj")
         rules += linear("image_embedding.linear_2", f"{image}.ff.net.2")
         rules += linear("image_embedding.norm2", f"{image}.norm2")
-        if arch.pos_embed_seq_len is not None:
+        if dims.pos_embed_seq_len is not None:
             rules += single("image_embedding.pos_embed", f"{image}.pos_embed")
-    for i in range(arch.num_layers):
+    for i in range(dims.num_layers):
         own, hf = f"blocks.{i}", f"blocks.{i}"
         qkv = (f"{hf}.attn1.to_q", f"{hf}.attn1.to_k", f"{hf}.attn1.to_v")
         rules += linear(f"{own}.self_attention.linear_qkv", qkv, COLUMN)
@@ -156,12 +156,12 @@ def diffusers_weight_rules(arch: WanArch):
         rules += linear(f"{own}.cross_attention.linear_kv", (f"{hf}.attn2.to_k", f"{hf}.attn2.to_v"), COLUMN)
         rules += single(f"{own}.cross_attention.q_norm.weight", f"{hf}.attn2.norm_q.weight", COLUMN)
         rules += single(f"{own}.cross_attention.k_norm.weight", f"{hf}.attn2.norm_k.weight", COLUMN)
-        if arch.image_dim is not None:
+        if dims.image_dim is not None:
             kv_img = (f"{hf}.attn2.add_k_proj", f"{hf}.attn2.add_v_proj")
             rules += linear(f"{own}.cross_attention.linear_kv_img", kv_img, COLUMN)
             rules += single(f"{own}.cross_attention.k_img_norm.weight", f"{hf}.attn2.norm_added_k.weight", COLUMN)
         rules += linear(f"{own}.cross_attention.linear_proj", f"{hf}.attn2.to_out.0", ROW)
-        if arch.cross_attn_norm:
+        if dims.cross_attn_norm:
             rules += linear(f"{own}.cross_attention_norm", f"{hf}.norm2")
         rules += linear(f"{own}.mlp.linear_fc1", f"{hf}.ffn.net.0.proj", COLUMN)
         rules += linear(f"{own}.mlp.linear_fc2", f"{hf}.ffn.net.2", ROW)
@@ -174,9 +174,9 @@ def diffusers_weight_rules(arch: WanArch):
 # ----------------------------------------------------------------------------- shapes
 
 
-def diffusers_shapes(arch: WanArch) -> Dict[str, Shape]:
-    """The shape of every diffusers ``WanTransformer3DModel`` tensor of ``arch``."""
-    d, shapes = arch.dim, {}
+def diffusers_shapes(dims: WanDims) -> Dict[str, Shape]:
+    """The shape of every diffusers ``WanTransformer3DModel`` tensor of ``dims``."""
+    d, shapes = dims.dim, {}
 
     def linear(name: str, out_features: int, in_features: int) -> None:
         add_linear(shapes, name, out_features, in_features)
@@ -185,40 +185,40 @@ def diffusers_shapes(arch: WanArch) -> Dict[str, Shape]:
         shapes[f"{name}.weight"] = (size,)
         shapes[f"{name}.bias"] = (size,)
 
-    shapes["patch_embedding.weight"] = (d, arch.in_channels, *arch.patch_size)
+    shapes["patch_embedding.weight"] = (d, dims.in_channels, *dims.patch_size)
     shapes["patch_embedding.bias"] = (d,)
-    linear("condition_embedder.time_embedder.linear_1", d, arch.freq_dim)
+    linear("condition_embedder.time_embedder.linear_1", d, dims.freq_dim)
     linear("condition_embedder.time_embedder.linear_2", d, d)
     linear("condition_embedder.time_proj", 6 * d, d)
-    linear("condition_embedder.text_embedder.linear_1", d, arch.text_dim)
+    linear("condition_embedder.text_embedder.linear_1", d, dims.text_dim)
     linear("condition_embedder.text_embedder.linear_2", d, d)
-    if arch.image_dim is not None:
+    if dims.image_dim is not None:
         image = "condition_embedder.image_embedder"
-        affine_norm(f"{image}.norm1", arch.image_dim)
-        linear(f"{image}.ff.net.0.proj", arch.image_dim, arch.image_dim)
-        linear(f"{image}.ff.net.2", d, arch.image_dim)
+        affine_norm(f"{image}.norm1", dims.image_dim)
+        linear(f"{image}.ff.net.0.proj", dims.image_dim, dims.image_dim)
+        linear(f"{image}.ff.net.2", d, dims.image_dim)
         affine_norm(f"{image}.norm2", d)
-        if arch.pos_embed_seq_len is not None:
-            shapes[f"{image}.pos_embed"] = (1, arch.pos_embed_seq_len, arch.image_dim)
-    for i in range(arch.num_layers):
+        if dims.pos_embed_seq_len is not None:
+            shapes[f"{image}.pos_embed"] = (1, dims.pos_embed_seq_len, dims.image_dim)
+    for i in range(dims.num_layers):
         block = f"blocks.{i}"
         for attn in ("attn1", "attn2"):
             for proj in ("to_q", "to_k", "to_v", "to_out.0"):
                 linear(f"{block}.{attn}.{proj}", d, d)
             shapes[f"{block}.{attn}.norm_q.weight"] = (d,)
             shapes[f"{block}.{attn}.norm_k.weight"] = (d,)
-        if arch.image_dim is not None:
+        if dims.image_dim is not None:
             linear(f"{block}.attn2.add_k_proj", d, d)
             linear(f"{block}.attn2.add_v_proj", d, d)
             shapes[f"{block}.attn2.norm_added_k.weight"] = (d,)
-        if arch.cross_attn_norm:
+        if dims.cross_attn_norm:
             affine_norm(f"{block}.norm2", d)
-        linear(f"{block}.ffn.net.0.proj", arch.ffn_dim, d)
-        linear(f"{block}.ffn.net.2", d, arch.ffn_dim)
+        linear(f"{block}.ffn.net.0.proj", dims.ffn_dim, d)
+        linear(f"{block}.ffn.net.2", d, dims.ffn_dim)
         shapes[f"{block}.scale_shift_table"] = (1, 6, d)
     shapes["scale_shift_table"] = (1, 2, d)
-    volume = arch.patch_size[0] * arch.patch_size[1] * arch.patch_size[2]
-    linear("proj_out", arch.out_channels * volume, d)
+    volume = dims.patch_size[0] * dims.patch_size[1] * dims.patch_size[2]
+    linear("proj_out", dims.out_channels * volume, d)
     return shapes
 
 
@@ -231,7 +231,7 @@ DIFFUSERS_NON_ARCH_FIELDS = ("_diffusers_version", "rope_max_seq_len")
 ORIGINAL_NON_ARCH_FIELDS = ("_diffusers_version", "model_type", "text_len")
 
 
-def from_diffusers_config(config: Dict[str, Any]) -> WanArch:
+def from_diffusers_config(config: Dict[str, Any]) -> WanDims:
     """From a diffusers ``WanTransformer3DModel`` config.json."""
     known = {
         "dim": config["num_attention_heads"] * config["attention_head_dim"],
@@ -250,29 +250,29 @@ def from_diffusers_config(config: Dict[str, Any]) -> WanArch:
     }
     if config.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
         raise ValueError(f"unsupported Wan qk_norm {config.get('qk_norm')!r}")
-    return WanArch(**known)
+    return WanDims(**known)
 
 
-def to_diffusers_config(arch: WanArch) -> Dict[str, Any]:
-    """A diffusers ``WanTransformer3DModel`` config.json for ``arch``."""
+def to_diffusers_config(dims: WanDims) -> Dict[str, Any]:
+    """A diffusers ``WanTransformer3DModel`` config.json for ``dims``."""
     return {
         "_class_name": "WanTransformer3DModel",
-        "patch_size": list(arch.patch_size),
-        "num_attention_heads": arch.num_heads,
-        "attention_head_dim": arch.head_dim,
-        "in_channels": arch.in_channels,
-        "out_channels": arch.out_channels,
-        "text_dim": arch.text_dim,
-        "freq_dim": arch.freq_dim,
-        "ffn_dim": arch.ffn_dim,
-        "num_layers": arch.num_layers,
-        "cross_attn_norm": arch.cross_attn_norm,
+        "patch_size": list(dims.patch_size),
+        "num_attention_heads": dims.num_heads,
+        "attention_head_dim": dims.head_dim,
+        "in_channels": dims.in_channels,
+        "out_channels": dims.out_channels,
+        "text_dim": dims.text_dim,
+        "freq_dim": dims.freq_dim,
+        "ffn_dim": dims.ffn_dim,
+        "num_layers": dims.num_layers,
+        "cross_attn_norm": dims.cross_attn_norm,
         "qk_norm": "rms_norm_across_heads",
-        "eps": arch.eps,
-        "image_dim": arch.image_dim,
-        "added_kv_proj_dim": arch.dim if arch.image_dim is not None else None,
+        "eps": dims.eps,
+        "image_dim": dims.image_dim,
+        "added_kv_proj_dim": dims.dim if dims.image_dim is not None else None,
         "rope_max_seq_len": 1024,
-        "pos_embed_seq_len": arch.pos_embed_seq_len,
+        "pos_embed_seq_len": dims.pos_embed_seq_len,
     }
 
 
@@ -280,29 +280,29 @@ def is_original_config(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") == ORIGINAL_CLASS or ("dim" in config and "num_heads" in config)
 
 
-def arch_from_diffusers_config(config: Mapping[str, Any], where: str) -> WanArch:
-    """WanArch of a diffusers config.json, refusing what WanModel does not implement."""
+def dims_from_diffusers_config(config: Mapping[str, Any], where: str) -> WanDims:
+    """WanDims of a diffusers config.json, refusing what WanModel does not implement."""
     name = config.get("_class_name", DIFFUSERS_CLASS)
     if name != DIFFUSERS_CLASS:
         raise CheckpointError(f"{where}: model class {name!r} is not supported (expected {DIFFUSERS_CLASS})")
     required = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels")
     require_fields(config, required, where)
     try:
-        arch = from_diffusers_config(dict(config))
+        dims = from_diffusers_config(dict(config))
     except ValueError as err:
         raise CheckpointError(f"{where}: {err}") from err
     added_kv = config.get("added_kv_proj_dim")
-    expected_added_kv = arch.dim if arch.image_dim is not None else None
+    expected_added_kv = dims.dim if dims.image_dim is not None else None
     if added_kv != expected_added_kv:
         raise CheckpointError(
-            f"{where}: added_kv_proj_dim {added_kv} with image_dim {arch.image_dim}: Wan's image branch "
-            f"needs added_kv_proj_dim = dim ({arch.dim}) with an image_dim, and neither without"
+            f"{where}: added_kv_proj_dim {added_kv} with image_dim {dims.image_dim}: Wan's image branch "
+            f"needs added_kv_proj_dim = dim ({dims.dim}) with an image_dim, and neither without"
         )
-    return arch
+    return dims
 
 
-def arch_from_original_config(config: Mapping[str, Any], weight_shapes: Mapping[str, Shape], where: str) -> WanArch:
-    """WanArch of an original Wan config.json. The config cannot tell Wan2.1 I2V (with an image
+def dims_from_original_config(config: Mapping[str, Any], weight_shapes: Mapping[str, Shape], where: str) -> WanDims:
+    """WanDims of an original Wan config.json. The config cannot tell Wan2.1 I2V (with an image
     branch) from Wan2.2 I2V (without): both say model_type "i2v" with 36 input channels, so the
     presence of ``img_emb`` weights decides."""
     require_fields(config, ("dim", "ffn_dim", "num_heads", "num_layers"), where)
@@ -323,7 +323,7 @@ def arch_from_original_config(config: Mapping[str, Any], weight_shapes: Mapping[
         pos_embed_seq_len = weight_shapes["img_emb.emb_pos"][1]
     elif model_type == "flf2v":
         pos_embed_seq_len = 514
-    return WanArch(
+    return WanDims(
         dim=dim,
         ffn_dim=config["ffn_dim"],
         num_heads=heads,
@@ -340,43 +340,43 @@ def arch_from_original_config(config: Mapping[str, Any], weight_shapes: Mapping[
     )
 
 
-def default_model_type(arch: WanArch) -> str:
-    if arch.pos_embed_seq_len is not None:
+def default_model_type(dims: WanDims) -> str:
+    if dims.pos_embed_seq_len is not None:
         return "flf2v"
-    if arch.image_dim is not None or arch.in_channels == 36:
+    if dims.image_dim is not None or dims.in_channels == 36:
         return "i2v"
-    return "ti2v" if arch.in_channels == 48 else "t2v"
+    return "ti2v" if dims.in_channels == 48 else "t2v"
 
 
-def original_config(arch: WanArch, source: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """An original Wan config.json for ``arch``; fields that do not shape the weights
+def original_config(dims: WanDims, source: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """An original Wan config.json for ``dims``; fields that do not shape the weights
     (model_type, text_len) are taken from ``source`` (an original config) when given."""
     config: Dict[str, Any] = {
         "_class_name": ORIGINAL_CLASS,
-        "model_type": default_model_type(arch),
-        "patch_size": list(arch.patch_size),
+        "model_type": default_model_type(dims),
+        "patch_size": list(dims.patch_size),
         "text_len": 512,
-        "in_dim": arch.in_channels,
-        "dim": arch.dim,
-        "ffn_dim": arch.ffn_dim,
-        "freq_dim": arch.freq_dim,
-        "text_dim": arch.text_dim,
-        "out_dim": arch.out_channels,
-        "num_heads": arch.num_heads,
-        "num_layers": arch.num_layers,
+        "in_dim": dims.in_channels,
+        "dim": dims.dim,
+        "ffn_dim": dims.ffn_dim,
+        "freq_dim": dims.freq_dim,
+        "text_dim": dims.text_dim,
+        "out_dim": dims.out_channels,
+        "num_heads": dims.num_heads,
+        "num_layers": dims.num_layers,
         "window_size": [-1, -1],
         "qk_norm": True,
-        "cross_attn_norm": arch.cross_attn_norm,
-        "eps": arch.eps,
+        "cross_attn_norm": dims.cross_attn_norm,
+        "eps": dims.eps,
     }
     return keep_fields(config, source, ORIGINAL_NON_ARCH_FIELDS)
 
 
-def summary(arch: WanArch) -> str:
-    image = f", image_dim {arch.image_dim}" if arch.image_dim is not None else ""
+def summary(dims: WanDims) -> str:
+    image = f", image_dim {dims.image_dim}" if dims.image_dim is not None else ""
     return (
-        f"dim {arch.dim}, {arch.num_heads} heads, {arch.num_layers} layers, ffn_dim {arch.ffn_dim}, "
-        f"in/out channels {arch.in_channels}/{arch.out_channels}{image}"
+        f"dim {dims.dim}, {dims.num_heads} heads, {dims.num_layers} layers, ffn_dim {dims.ffn_dim}, "
+        f"in/out channels {dims.in_channels}/{dims.out_channels}{image}"
     )
 
 
@@ -386,18 +386,18 @@ def summary(arch: WanArch) -> str:
 DEFAULT_BOUNDARY_RATIO = {16: 0.875, 36: 0.9}
 
 
-def default_boundary_ratio(arch: WanArch) -> Optional[float]:
-    return DEFAULT_BOUNDARY_RATIO.get(arch.in_channels)
+def default_boundary_ratio(dims: WanDims) -> Optional[float]:
+    return DEFAULT_BOUNDARY_RATIO.get(dims.in_channels)
 
 
-def pipeline_class(arch: WanArch) -> str:
-    return "WanImageToVideoPipeline" if arch.in_channels == 36 else "WanPipeline"
+def pipeline_class(dims: WanDims) -> str:
+    return "WanImageToVideoPipeline" if dims.in_channels == 36 else "WanPipeline"
 
 
 # ----------------------------------------------------------------------------- the adapter
 
 
-def block_activations(arch, act_bytes: int) -> BlockActivations:
+def block_activations(dims, act_bytes: int) -> BlockActivations:
     """Bytes one block keeps for its backward, counted from the block's code (``act_bytes``: the
     model's dtype; norms, modulation and gates are fp32): norm1 input, its modulated output, the
     self-attention output before its gate, the cross-attention norm input, norm2 input, its
@@ -406,11 +406,11 @@ def block_activations(arch, act_bytes: int) -> BlockActivations:
     and k, cross-attention q), attention q, k, the fused qkv holding v, the output,
     cross-attention q and output; the MLP hidden before and after GELU; the prompt's k/v per
     text token."""
-    h, f, a, fp32 = arch.dim, arch.ffn_dim, act_bytes, FP32_BYTES
+    h, f, a, fp32 = dims.dim, dims.ffn_dim, act_bytes, FP32_BYTES
     return BlockActivations(
         stream=7 * fp32 * h + 3 * a * h,
         sharded=(4 + 2) * fp32 * h + (2 + 3 + 1 + 2) * a * h + 2 * a * f,
-        gathered=rope_bytes(arch.head_dim),
+        gathered=rope_bytes(dims.head_dim),
         block_input=a * h,
         text_fixed=2 * fp32 * h + 3 * a * h,  # k RMSNorm input/output, fused k/v, normed k
     )
@@ -419,16 +419,16 @@ def block_activations(arch, act_bytes: int) -> BlockActivations:
 WAN = Architecture(
     name="wan",
     title="Wan",
-    arch_class=WanArch,
+    dims_class=WanDims,
     model_class=WanModel,
     presets=WAN_PRESETS,
     diffusers_class=DIFFUSERS_CLASS,
     weight_rules=diffusers_weight_rules,
     diffusers_shapes=diffusers_shapes,
-    arch_from_diffusers_config=arch_from_diffusers_config,
-    arch_to_diffusers_config=to_diffusers_config,
+    dims_from_diffusers_config=dims_from_diffusers_config,
+    dims_to_diffusers_config=to_diffusers_config,
     diffusers_fields=("num_attention_heads", "ffn_dim"),
-    diffusers_non_arch_fields=DIFFUSERS_NON_ARCH_FIELDS,
+    diffusers_non_dims_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
     vae_class="AutoencoderKLWan",
     block_activations=block_activations,
@@ -437,7 +437,7 @@ WAN = Architecture(
     original=OriginalLayout(
         description="an original Wan config (dim, num_heads, ...)",
         is_config=is_original_config,
-        arch_from_config=arch_from_original_config,
+        dims_from_config=dims_from_original_config,
         names=original_names,
         config=original_config,
     ),

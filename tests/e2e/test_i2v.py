@@ -331,7 +331,7 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
-        assert teacher.boundary == BOUNDARY and teacher.high.arch.in_channels == 36
+        assert teacher.boundary == BOUNDARY and teacher.high.dims.in_channels == 36
         prompts = build_prompts(cfg, teacher)
         geometry = latent_geometry(teacher, prompts)
         assert geometry.channels == 16

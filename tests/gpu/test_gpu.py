@@ -141,11 +141,11 @@ def _copy_parameters(source, target):
 def _model_pair(name, backend="sdpa", **options):
     """A local-spec model with random weights on the GPU, and a model of the given options with
     the same weights."""
-    model_class, arch, _ = MODELS[name]
+    model_class, dims, _ = MODELS[name]
     torch.manual_seed(0)
-    reference = model_class(arch, ModelParallelOptions(dtype=BF16, attention_backend="sdpa")).cuda()
+    reference = model_class(dims, ModelParallelOptions(dtype=BF16, attention_backend="sdpa")).cuda()
     other = model_class(
-        arch, ModelParallelOptions(dtype=BF16, attention_backend=backend, initialize=False, **options)
+        dims, ModelParallelOptions(dtype=BF16, attention_backend=backend, initialize=False, **options)
     ).cuda()
     _copy_parameters(reference, other)
     return reference, other

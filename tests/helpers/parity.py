@@ -141,20 +141,20 @@ def save_reference(folder: Path, family: str, variant: str = "t2v") -> Reference
 # ----------------------------------------------------------------------------- our model, per rank
 
 
-def arch_of(folder: Path, family: str):
+def dims_of(folder: Path, family: str):
     config = json.loads((Path(folder) / "config.json").read_text())
-    return registry()[family].arch_from_diffusers_config(config, str(folder))
+    return registry()[family].dims_from_diffusers_config(config, str(folder))
 
 
 def load_rank_model(folder: Path, family: str, sequence_parallel: bool = False, **options):
     """Our model of the folder's weights, this rank's slices only."""
-    architecture, arch = registry()[family], arch_of(folder, family)
+    architecture, dims = registry()[family], dims_of(folder, family)
     par = ModelParallelOptions(
         sequence_parallel=sequence_parallel, attention_backend="sdpa", initialize=False, **options
     )
-    model = architecture.model_class(arch, par)
+    model = architecture.model_class(dims, par)
     layout = parallel.layout()
-    rules = architecture.weight_rules(arch)
+    rules = architecture.weight_rules(dims)
     model.load_state_dict(
         load_rank_state(rules, TensorReader(folder), layout.tensor_parallel_rank, layout.tensor_parallel), strict=True
     )
@@ -198,8 +198,8 @@ def run_layout(
 
 def assert_grads_match(own_grads: Dict[str, torch.Tensor], reference: Reference, family: str) -> None:
     """Our full (unsharded) gradients against diffusers' through the architecture's rules."""
-    arch = arch_of(reference.folder, family)
-    expected = load_rank_state(registry()[family].weight_rules(arch), reference.grads, 0, 1)
+    dims = dims_of(reference.folder, family)
+    expected = load_rank_state(registry()[family].weight_rules(dims), reference.grads, 0, 1)
     assert set(expected) == set(own_grads)
     for name, grad in own_grads.items():
         if expected[name].norm() == 0:  # weights that only feed the last block's unused text output
@@ -213,15 +213,15 @@ def unsharded(grads) -> Dict[str, torch.Tensor]:
     return {name: grad for name, (grad, _) in grads.items()}
 
 
-def _unshard_tp_grads(arch, rules, rank_grads: List[dict]) -> Dict[str, torch.Tensor]:
+def _unshard_tp_grads(dims, rules, rank_grads: List[dict]) -> Dict[str, torch.Tensor]:
     """Join one Ulysses rank's TP gradient shards (in TP rank order) into full tensors following
     the split rules; partial sums of tagged replicated parameters are added up."""
     full = {}
     for rule in rules:
         pieces = [grads[rule.own][0] for grads in rank_grads]
         if rule.split == COLUMN and len(rule.sources) > 1:  # interleaved per head: regroup per source
-            per_rank = [split_interleaved_heads(p, len(rule.sources), arch.head_dim) for p in pieces]
-            full[rule.own] = interleave_heads([torch.cat(parts, 0) for parts in zip(*per_rank)], arch.head_dim)
+            per_rank = [split_interleaved_heads(p, len(rule.sources), dims.head_dim) for p in pieces]
+            full[rule.own] = interleave_heads([torch.cat(parts, 0) for parts in zip(*per_rank)], dims.head_dim)
         elif rule.split == COLUMN:
             full[rule.own] = torch.cat(pieces, 0)
         elif rule.split == ROW:
@@ -237,12 +237,12 @@ def _unshard_tp_grads(arch, rules, rank_grads: List[dict]) -> Dict[str, torch.Te
 
 def full_grads(folder: Path, family: str, results: List[Tuple]) -> Dict[str, torch.Tensor]:
     """Unshard over TP within each Ulysses rank, then add the Ulysses ranks' partial sums."""
-    arch = arch_of(folder, family)
-    rules = registry()[family].weight_rules(arch)
+    dims = dims_of(folder, family)
+    rules = registry()[family].weight_rules(dims)
     by_ulysses: Dict[int, list] = {}
     for _, grads, _, _, ulysses_rank in sorted(results, key=lambda r: (r[4], r[3])):
         by_ulysses.setdefault(ulysses_rank, []).append(grads)
-    per_ulysses = [_unshard_tp_grads(arch, rules, group) for group in by_ulysses.values()]
+    per_ulysses = [_unshard_tp_grads(dims, rules, group) for group in by_ulysses.values()]
     return {name: sum(g[name] for g in per_ulysses) for name in per_ulysses[0]}
 
 

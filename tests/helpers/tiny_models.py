@@ -18,7 +18,7 @@ WAN_TINY = dict(
 )
 
 # QwenImageTransformer2DModel: 4 heads of 16 (RoPE axes 4/6/6), 2 layers, 24-dim text; the
-# "tiny" preset of QwenImageArch.
+# "tiny" preset of QwenImageDims.
 QWEN_TINY = dict(
     patch_size=2,
     in_channels=64,

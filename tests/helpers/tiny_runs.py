@@ -87,23 +87,23 @@ def save_qwen_teacher(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def velocity_inputs(arch) -> Dict[str, torch.Tensor]:
+def velocity_inputs(dims) -> Dict[str, torch.Tensor]:
     """Inputs of one velocity call on the 0..1000 timestep scale, for Wan (a video of 3 latent
     frames, 512 text tokens as the pipeline pads them) or Qwen-Image (a 6 x 10 latent image,
     masked text)."""
     gen = torch.Generator().manual_seed(11)
     timestep = torch.tensor([990.0, 300.0])
-    if hasattr(arch, "freq_dim") and hasattr(arch, "cross_attn_norm"):  # Wan
+    if hasattr(dims, "freq_dim") and hasattr(dims, "cross_attn_norm"):  # Wan
         return {
-            "latents": torch.randn(2, arch.in_channels, 3, 4, 6, generator=gen),
+            "latents": torch.randn(2, dims.in_channels, 3, 4, 6, generator=gen),
             "timestep": timestep,
-            "context": torch.randn(2, 512, arch.text_dim, generator=gen),
+            "context": torch.randn(2, 512, dims.text_dim, generator=gen),
         }
     mask = (torch.arange(7)[None, :] < torch.tensor([7, 4])[:, None]).long()
     return {
-        "latents": torch.randn(2, arch.in_channels, 6, 10, generator=gen),
+        "latents": torch.randn(2, dims.in_channels, 6, 10, generator=gen),
         "timestep": timestep,
-        "context": torch.randn(2, 7, arch.text_dim, generator=gen),
+        "context": torch.randn(2, 7, dims.text_dim, generator=gen),
         "context_mask": mask,
     }
 
@@ -144,7 +144,7 @@ def train_tiny(
         teacher_model = build_teacher(cfg)
         trainer = Trainer(cfg, teacher_model, build_prompts(cfg, teacher_model), latent_geometry(teacher_model))
         trainer.run()
-        inputs = velocity_inputs(teacher_model.high.arch)
+        inputs = velocity_inputs(teacher_model.high.dims)
         outputs = {f"generator{k}": velocity(role.model.high, inputs) for k, role in enumerate(trainer.generators)}
         for k, ema in enumerate(trainer.ema or []):
             outputs[f"generator{k}_ema"] = velocity(ema.high, inputs)

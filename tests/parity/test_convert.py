@@ -143,10 +143,10 @@ def inputs(in_channels=4, image=False):
 def test_shape_table_and_rule_table_cover_every_diffusers_tensor(variant):
     overrides = VARIANTS.get(variant, dict(image_dim=8, added_kv_proj_dim=48, pos_embed_seq_len=10))
     model = diffusers_model(**overrides)
-    arch = from_diffusers_config(dict(model.config))
+    dims = from_diffusers_config(dict(model.config))
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    assert diffusers_shapes(arch) == expected
-    assert {s for rule in diffusers_weight_rules(arch) for s in rule.sources} == set(expected)
+    assert diffusers_shapes(dims) == expected
+    assert {s for rule in diffusers_weight_rules(dims) for s in rule.sources} == set(expected)
     from phased_dmd_mega.models.wan_formats import original_names, original_to_diffusers_name
 
     names = original_names(expected)
@@ -236,11 +236,11 @@ def test_mega_format_holds_full_fused_tensors_under_own_names(tmp_path):
     convert.hf_to_mega(src, tmp_path / "mega", tensor_parallel=2)
     config = json.loads((tmp_path / "mega" / "config.json").read_text())
     assert config["format"] == "phased-dmd-mega" and config["arch"] == "wan" and config["tensor_parallel"] == 2
-    arch = from_diffusers_config(json.loads((src / "config.json").read_text()))
+    dims = from_diffusers_config(json.loads((src / "config.json").read_text()))
     assert config["architecture"]["dim"] == 48 and config["architecture"]["num_heads"] == 4
     assert config["provenance"]["source_layout"] == "diffusers"
     mega, hf = read_folder(tmp_path / "mega"), read_folder(src)
-    assert set(mega) == {rule.own for rule in diffusers_weight_rules(arch)}
+    assert set(mega) == {rule.own for rule in diffusers_weight_rules(dims)}
     # megatron's fused qkv: per head [q_h, k_h, v_h], 12 rows each
     q, k, v = (hf[f"blocks.1.attn1.to_{p}.weight"].reshape(4, 12, 48) for p in "qkv")
     assert torch.equal(mega["blocks.1.self_attention.linear_qkv.weight"], torch.stack([q, k, v], 1).reshape(144, 48))

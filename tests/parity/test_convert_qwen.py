@@ -22,7 +22,7 @@ from phased_dmd_mega import convert, parallel
 from phased_dmd_mega.models import QwenImageModel, load_pretrained
 from phased_dmd_mega.models.architectures import CheckpointError, registry
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
-from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageArch
+from phased_dmd_mega.models.qwen_image import QWEN_IMAGE_PRESETS, QwenImageDims
 from phased_dmd_mega.models.qwen_image_formats import (
     diffusers_shapes,
     diffusers_weight_rules,
@@ -107,11 +107,11 @@ def test_shape_table_and_rule_table_cover_every_diffusers_tensor():
     from diffusers import QwenImageTransformer2DModel
 
     model = diffusers_model()
-    arch = from_diffusers_config(dict(model.config))
-    assert arch == QWEN_IMAGE_PRESETS["tiny"]
+    dims = from_diffusers_config(dict(model.config))
+    assert dims == QWEN_IMAGE_PRESETS["tiny"]
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    assert diffusers_shapes(arch) == expected
-    assert {s for rule in diffusers_weight_rules(arch) for s in rule.sources} == set(expected)
+    assert diffusers_shapes(dims) == expected
+    assert {s for rule in diffusers_weight_rules(dims) for s in rule.sources} == set(expected)
     # and at full size, against diffusers' model built on the meta device (no memory)
     full = QWEN_IMAGE_PRESETS["qwen-image"]
     config = {k: v for k, v in to_diffusers_config(full).items() if k != "_class_name"}
@@ -159,7 +159,7 @@ def test_mega_format_holds_full_fused_tensors_under_own_names(saved):
     config = json.loads((folders["mega"] / "config.json").read_text())
     assert config["format"] == "phased-dmd-mega" and config["arch"] == "qwen_image"
     assert (
-        QwenImageArch(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["architecture"].items()})
+        QwenImageDims(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["architecture"].items()})
         == QWEN_IMAGE_PRESETS["tiny"]
     )
     assert config["provenance"]["source_layout"] == "diffusers"

@@ -80,7 +80,7 @@ def saved(tmp_path_factory):
 def load_and_run(folder, expert=None, **options):
     model = load_pretrained(folder, expert=expert, attention_backend="sdpa", **options).eval()
     assert isinstance(model, WanModel)
-    latents, timestep, context, image = inputs(model.arch.in_channels, model.arch.image_dim is not None)
+    latents, timestep, context, image = inputs(model.dims.in_channels, model.dims.image_dim is not None)
     with torch.no_grad():
         return model(latents, timestep, context, image)
 

@@ -26,8 +26,8 @@ from helpers import rel_error
 from helpers.parity import (
     QWEN,
     TOLERANCE,
-    arch_of,
     assert_grads_match,
+    dims_of,
     full_grads,
     full_latent_grad,
     qwen_inputs,
@@ -50,15 +50,15 @@ def diffusers_model(tmp_path_factory):
 
 def test_arch_presets_and_config_round_trip(diffusers_model):
     folder = diffusers_model.folder
-    arch = arch_of(folder, QWEN)
-    assert arch == QWEN_IMAGE_PRESETS["tiny"]
-    assert (arch.in_channels, arch.packed_channels, arch.dim, arch.ffn_dim) == (16, 64, 64, 256)
+    dims = dims_of(folder, QWEN)
+    assert dims == QWEN_IMAGE_PRESETS["tiny"]
+    assert (dims.in_channels, dims.packed_channels, dims.dim, dims.ffn_dim) == (16, 64, 64, 256)
     full = QWEN_IMAGE_PRESETS["qwen-image"]
     assert (full.num_layers, full.num_heads, full.head_dim, full.text_dim, full.ffn_dim) == (60, 24, 128, 3584, 12288)
     for preset in QWEN_IMAGE_PRESETS.values():
         assert from_diffusers_config(to_diffusers_config(preset)) == preset
     # The adapter names exactly the tensors diffusers saved.
-    check_source_keys(diffusers_weight_rules(arch), TensorReader(folder).keys(), str(folder))
+    check_source_keys(diffusers_weight_rules(dims), TensorReader(folder).keys(), str(folder))
     with pytest.raises(ValueError, match="zero_cond_t"):
         from_diffusers_config({**TINY, "zero_cond_t": True})
 

@@ -31,7 +31,7 @@ from phased_dmd_mega.memory_estimate import (
     parameter_counts,
     roles_of,
 )
-from phased_dmd_mega.models import ModelParallelOptions, QwenImageArch, QwenImageModel, WanArch, WanModel
+from phased_dmd_mega.models import ModelParallelOptions, QwenImageDims, QwenImageModel, WanDims, WanModel
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
@@ -142,7 +142,7 @@ def _fake_models(cfg):
     from phased_dmd_mega.distill.build import fake_for_phase, phase_layout
     from phased_dmd_mega.distill.roles import Experts
 
-    tiny = lambda: WanModel(WanArch(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=8, freq_dim=16))  # noqa: E731
+    tiny = lambda: WanModel(WanDims(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=8, freq_dim=16))  # noqa: E731
     teacher = Experts(tiny(), tiny(), cfg.phases.expert_boundary)
     layout = phase_layout(cfg)
     return [int(fake_for_phase(teacher, layout, k, cfg).low is not None) + 1 for k in range(layout.num_phases)]
@@ -213,8 +213,8 @@ def test_heads_must_divide_by_the_model_parallel_size():
 
 # ----------------------------------------------------------------------------- activations
 
-WAN_SMALL = WanArch(dim=256, ffn_dim=768, num_heads=4, num_layers=1, text_dim=32, freq_dim=32)
-QWEN_SMALL = QwenImageArch(num_heads=4, head_dim=64, num_layers=1, text_dim=24, axes_dims_rope=(16, 24, 24))
+WAN_SMALL = WanDims(dim=256, ffn_dim=768, num_heads=4, num_layers=1, text_dim=32, freq_dim=32)
+QWEN_SMALL = QwenImageDims(num_heads=4, head_dim=64, num_layers=1, text_dim=24, axes_dims_rope=(16, 24, 24))
 TEXT = {"wan": 512, "qwen_image": 64}
 
 
@@ -267,8 +267,8 @@ def _block_bytes(arch_name, recompute):
 
 
 def _expected_block_bytes(arch_name, tp, ulysses, sp, recompute):
-    arch = WAN_SMALL if arch_name == "wan" else QWEN_SMALL
-    blocks = registry()[arch_name].block_activations(arch, DTYPE_BYTES["bfloat16"])
+    dims = WAN_SMALL if arch_name == "wan" else QWEN_SMALL
+    blocks = registry()[arch_name].block_activations(dims, DTYPE_BYTES["bfloat16"])
     _, _, _, tokens = _inputs(arch_name)
     streamed = tokens + (TEXT["qwen_image"] if arch_name == "qwen_image" else 0)
     if recompute == "full":

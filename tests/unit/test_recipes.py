@@ -94,8 +94,8 @@ def test_model_specific_settings():
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_resolution_makes_whole_patches(name):
     cfg = recipe(name)
-    arch = registry()[cfg.model.arch].presets[cfg.model.preset]
-    patch = arch.patch_size if cfg.model.arch == "wan" else (1, arch.patch_size, arch.patch_size)
+    dims = registry()[cfg.model.arch].presets[cfg.model.preset]
+    patch = dims.patch_size if cfg.model.arch == "wan" else (1, dims.patch_size, dims.patch_size)
     for r in cfg.data.resolutions:
         _, frames, height, width = LatentGeometry().latent_shape(r.frames, r.height, r.width)
         assert frames % patch[0] == 0 and height % patch[1] == 0 and width % patch[2] == 0, r
@@ -104,10 +104,10 @@ def test_every_resolution_makes_whole_patches(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_parallel_sizes_fit_an_eight_gpu_node(name):
     cfg = recipe(name)
-    arch = registry()[cfg.model.arch].presets[cfg.model.preset]
+    dims = registry()[cfg.model.arch].presets[cfg.model.preset]
     replica = cfg.parallel.tensor_parallel * cfg.parallel.ulysses_parallel
     assert GPUS_PER_NODE % replica == 0
-    assert arch.num_heads % replica == 0
+    assert dims.num_heads % replica == 0
     assert cfg.parallel.sequence_parallel and cfg.model.recompute == "full"
 
 
@@ -117,9 +117,9 @@ def test_i2v_recipe_is_refused_without_image_conditions():
     from phased_dmd_mega.distill.build import latent_geometry
 
     cfg = recipe("wan22_i2v_a14b")
-    arch = registry()["wan"].presets[cfg.model.preset]
-    assert (arch.in_channels, arch.out_channels) == (36, 16)
-    teacher = SimpleNamespace(high=SimpleNamespace(arch=arch))  # latent_geometry reads the architecture only
+    dims = registry()["wan"].presets[cfg.model.preset]
+    assert (dims.in_channels, dims.out_channels) == (36, 16)
+    teacher = SimpleNamespace(high=SimpleNamespace(dims=dims))  # latent_geometry reads the architecture only
     with pytest.raises(ValueError, match="extra channels are an image condition .* the prompt source has none"):
         latent_geometry(teacher)
 
@@ -140,7 +140,7 @@ def tiny_wan_folder(tmp_path_factory):
 def _teacher_arch(cfg):
     from phased_dmd_mega.distill.build import build_teacher
 
-    return with_parallel_state(lambda: build_teacher(cfg).high.arch)
+    return with_parallel_state(lambda: build_teacher(cfg).high.dims)
 
 
 def test_teacher_must_be_the_recipes_preset(tiny_wan_folder):
