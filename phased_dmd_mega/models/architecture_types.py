@@ -87,6 +87,7 @@ class Architecture:
     diffusers_non_dims_fields: Tuple[str, ...]  # kept from the source config on export
     summary: Callable[[Any], str]  # dims -> "dim 64, 4 heads, ..." for messages
     vae_class: str  # diffusers' VAE class of the family's pipelines
+    text_encoder_class: str  # transformers' text encoder class of the family's pipelines
     # (dims, activation dtype bytes) -> what one block keeps for its backward (the memory estimate)
     block_activations: Callable[[Any, int], BlockActivations]
     prompt_tokens: int  # the tokens a prompt is padded to (or at most has) in the family's pipelines

@@ -191,6 +191,7 @@ QWEN_IMAGE = Architecture(
     diffusers_non_dims_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
     vae_class="AutoencoderKLQwenImage",
+    text_encoder_class="Qwen2_5_VLForConditionalGeneration",
     block_activations=block_activations,
     prompt_tokens=512,  # QwenImagePipeline's max_sequence_length
     joint_text=True,

@@ -431,6 +431,7 @@ WAN = Architecture(
     diffusers_non_dims_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
     vae_class="AutoencoderKLWan",
+    text_encoder_class="UMT5EncoderModel",
     block_activations=block_activations,
     prompt_tokens=512,  # the Wan pipelines pad every prompt to 512 tokens
     joint_text=False,  # cross-attention: the prompt's k/v, not its tokens, meet every block

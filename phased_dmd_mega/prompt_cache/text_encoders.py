@@ -22,6 +22,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from phased_dmd_mega.files import component_folder
+from phased_dmd_mega.models.architectures import get_architecture
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -128,7 +129,10 @@ class TextEncoder:
         self.model.requires_grad_(False)
 
     def model_class(self):
-        raise NotImplementedError
+        """transformers' class of the family's text encoder (its Architecture record names it)."""
+        import transformers
+
+        return getattr(transformers, get_architecture(self.family, "text encoder").text_encoder_class)
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[str]) -> List[torch.Tensor]:
@@ -174,11 +178,6 @@ class WanTextEncoder(TextEncoder):
     def settings(self):
         return {**super().settings(), "cleaning": {"ftfy": _ftfy_version()}}
 
-    def model_class(self):
-        from transformers import UMT5EncoderModel
-
-        return UMT5EncoderModel
-
     @torch.inference_mode()
     def encode(self, prompts):
         tokens = self.tokenizer(
@@ -219,11 +218,6 @@ class QwenImageTextEncoder(TextEncoder):
 
     def settings(self):
         return {**super().settings(), "template": self.template, "drop_tokens": self.drop_tokens}
-
-    def model_class(self):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
 
     @torch.inference_mode()
     def encode(self, prompts):
