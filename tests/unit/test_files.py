@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -118,3 +121,80 @@ def test_a_component_is_its_own_folder_or_a_pipeline_roots_subfolder(tmp_path):
     assert files.component_folder(own, "vae") == own
     assert files.component_folder(root, "vae") == root / "vae"
     assert files.component_folder(tmp_path, "vae") is None
+
+
+# ----------------------------------------------------------------------------- durability
+
+
+@pytest.fixture
+def disk_events(monkeypatch):
+    """What reached the disk, in order: ("fsync", path) and ("rename", src name, dst name)."""
+    events = []
+    fsync, replace, rename = files.os.fsync, files.os.replace, files.Path.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("rename", os.path.basename(src), os.path.basename(dst)))
+        replace(src, dst)
+
+    def recording_rename(self, target):
+        events.append(("rename", self.name, os.path.basename(target)))
+        return rename(self, target)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    monkeypatch.setattr(files.os, "replace", recording_replace)
+    monkeypatch.setattr(files.Path, "rename", recording_rename)
+    return events
+
+
+def test_an_atomic_write_reaches_the_disk_before_and_after_its_rename(tmp_path, disk_events):
+    files.write_text_atomically(tmp_path / "latest", "new")
+    (rename,) = [e for e in disk_events if e[0] == "rename"]
+    tmp_name = rename[1]
+    assert rename[2] == "latest" and tmp_name.startswith(".latest.tmp-")
+    at = disk_events.index(rename)
+    assert ("fsync", str(tmp_path / tmp_name)) in disk_events[:at]  # the contents, before the rename
+    assert ("fsync", str(tmp_path)) in disk_events[at:]  # the folder's entry, after it
+
+
+def test_a_published_folder_reaches_the_disk_file_by_file_before_its_rename(tmp_path, disk_events):
+    dst = tmp_path / "out"
+    with files.staging_folder(dst, overwrite=False) as staging:
+        (staging / "sub").mkdir()
+        (staging / "a.bin").write_bytes(b"a")
+        (staging / "sub" / "b.bin").write_bytes(b"b")
+    (rename,) = [e for e in disk_events if e[0] == "rename"]
+    at = disk_events.index(rename)
+    before = {e[1] for e in disk_events[:at] if e[0] == "fsync"}
+    assert {str(staging / "a.bin"), str(staging / "sub" / "b.bin"), str(staging / "sub"), str(staging)} <= before
+    assert ("fsync", str(tmp_path)) in disk_events[at:]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_debris_of_a_killed_writer_is_swept_by_the_next_writer_of_that_name(tmp_path):
+    dead, host = _dead_pid(), files.HOST
+    (tmp_path / f".out.partial-{host}-{dead}").mkdir()  # a killed conversion's staging folder
+    (tmp_path / f".out.old-{host}-{dead}").mkdir()  # killed while replacing
+    (tmp_path / f".out.partial-{dead}").mkdir()  # an older version's name, without the host
+    live = tmp_path / f".out.partial-{host}-{os.getpid()}-x"  # not a staging name: kept
+    live.mkdir()
+    running = tmp_path / f".out.partial-{host}-{os.getppid()}"  # a live writer's: kept
+    running.mkdir()
+    remote = tmp_path / f".out.partial-elsewhere-{dead}"  # another host's: kept
+    remote.mkdir()
+    other = tmp_path / f".other.partial-{host}-{dead}"  # another destination's: kept
+    other.mkdir()
+    (tmp_path / f".index.json.tmp-{host}-{dead}").write_text("half")
+    with files.staging_folder(tmp_path / "out", overwrite=False) as staging:
+        (staging / "x").write_text("x")
+    files.write_text_atomically(tmp_path / "index.json", "{}")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", "index.json", live.name, running.name, remote.name, other.name])
