@@ -12,15 +12,17 @@ rank writes only what it holds, and any layout (another data- or tensor-parallel
 per-rank optimizer) reads it back. bf16/fp16 weights add their fp32 main copy
 (``<role>.optimizer.<name>.main_param``).
 
-Publishing is atomic: every rank writes into ``.iter_N.tmp``; rank 0 renames it to
-``iter_N`` and only then rewrites ``latest`` (through a temporary file and ``os.replace``).
-A crash during a save leaves the previous checkpoint and ``latest`` untouched.
+Publishing is atomic and durable: every rank writes into ``.iter_N.tmp``; the files reach the
+disk (each node flushes what it wrote); rank 0 adds the run's files and the manifest
+(checkpoint_folder.py), renames the folder to ``iter_N`` and only then rewrites ``latest``, each
+step flushed. A crash, a kill or a power cut during a save leaves the previous checkpoint and
+``latest`` untouched.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,13 +31,22 @@ import torch
 from torch import nn
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.checkpoint_folder import (
+    LATEST,
+    checkpoint_name,
+    checkpoint_to_resume,
+    prune,
+    write_latest,
+    write_manifest,
+)
 from phased_dmd_mega.distill.optim import ADAM_STATES, MAIN_PARAM, DistributedRoleOptimizer
-from phased_dmd_mega.files import read_json, replace_folder, write_text_atomically
+from phased_dmd_mega.files import fsync_tree, replace_folder
 from phased_dmd_mega.log import get_logger
 
 log = get_logger(__name__)
 
-LATEST = "latest"
+__all__ = ["LATEST", "checkpoint_name", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
 CONFIG_FILE = "config.yaml"  # the resolved run configuration, inside every checkpoint the trainer writes
 
 
@@ -160,10 +171,6 @@ def sharded_state_dict(
     return state
 
 
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
 def save_checkpoint(
     root,
     iteration: int,
@@ -172,9 +179,9 @@ def save_checkpoint(
     keep_last: int = 3,
     files: Optional[Mapping[str, str]] = None,
 ) -> Path:
-    """Write, publish atomically, point ``latest`` at it, keep the last ``keep_last``.
-    ``files`` (name -> text, e.g. the run's ``config.yaml``) are written beside the tensors by
-    rank 0, so that every checkpoint describes itself."""
+    """Write, publish atomically, point ``latest`` at it, keep it and the ``keep_last - 1``
+    checkpoints before it. ``files`` (name -> text, e.g. the run's ``config.yaml``) are written
+    beside the tensors by rank 0, so that every checkpoint describes itself."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -186,38 +193,26 @@ def save_checkpoint(
         staging.mkdir()
     parallel.barrier()
     dist_checkpointing.save(sharded_state_dict(roles, {**metadata, "iteration": iteration}), str(staging))
+    if parallel.global_rank() != 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+        fsync_tree(staging)  # what this node wrote (rank 0 flushes the whole folder as it publishes)
     parallel.barrier()
     if parallel.global_rank() == 0:
         # After the tensors: dist_checkpointing warns about (and clears) a folder that is not empty.
         for name, text in (files or {}).items():
             (staging / name).write_text(text)
+        write_manifest(staging)
         replace_folder(staging, final)  # the same iteration may be saved again (e.g. after a resume)
-        _write_latest(root, final.name)
-        _prune(root, keep_last)
+        write_latest(root, final.name)
+        prune(root, iteration, keep_last)
         log.info("saved checkpoint %s", final)
     parallel.barrier()
     return final
 
 
-def _write_latest(root: Path, name: str) -> None:
-    write_text_atomically(root / LATEST, json.dumps({"checkpoint": name}))
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    published = sorted(p for p in root.glob("iter_*") if p.is_dir())
-    for old in published[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def latest_checkpoint(root) -> Optional[Path]:
-    """The checkpoint ``latest`` points at, or None when there is none yet."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
-        return None
-    path = Path(root) / read_json(pointer)["checkpoint"]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} points at {path.name}, which does not exist")
-    return path
+    """The checkpoint to resume from in ``root`` (None when there is none yet): the one ``latest``
+    names, or the newest intact one when that is damaged (checkpoint_folder.py)."""
+    return checkpoint_to_resume(root)
 
 
 def _states_in_checkpoint(common: Dict[str, Any], roles: Mapping[str, Any]) -> Dict[str, List[str]]:

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- sections
 
+MAX_SEED = 2**62 - 1  # keyed draws mix a seed with counters below torch's 64-bit seed range
+
+
+def check_seed(check, seed: int) -> None:
+    check(0 <= seed <= MAX_SEED, "seed", f"must be in [0, 2**62 - 1], got {seed}")
+
 
 @dataclass
 class LoraConfig:
@@ -240,6 +246,7 @@ class DataConfig:
         check(len(self.resolutions) >= 1, "resolutions", "needs at least one entry")
         total = sum(r.probability for r in self.resolutions)
         check(abs(total - 1.0) < 1e-6, "resolutions", f"probabilities sum to {total:g}, not 1")
+        check_seed(check, self.seed)
 
 
 @dataclass
@@ -248,6 +255,11 @@ class CheckpointConfig:
     save_every: int = 500
     keep_last: int = 3
     resume: str = "auto"  # auto (from `latest` if present) | none | a checkpoint path
+    # A run that does not resume, in a dir that holds checkpoints: refuse (the default), or move
+    # them (and `latest`) into dir/superseded-<time>/ first.
+    on_existing: Literal["refuse", "move_aside"] = "refuse"
+    # Resume although model.teacher_path differs from the checkpoint's (the teacher folder moved).
+    allow_teacher_path_change: bool = False
 
     def validate(self, check):
         check(self.save_every >= 1, "save_every", "must be >= 1")
@@ -283,6 +295,7 @@ class RunConfig:
 
     def validate(self, check):
         check(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
+        check_seed(check, self.seed)
 
 
 @dataclass

@@ -21,7 +21,10 @@ from phased_dmd_mega.condition import Condition
 
 
 def step_generator(seed: int, iteration: int, data_parallel_rank: int, purpose: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + iteration) * 1009 + data_parallel_rank) * 31 + purpose)
+    # Reduced into torch's seed range: a large seed no longer overflows it (smaller keys keep
+    # their draws, so runs and checkpoints of earlier versions resume the same).
+    key = ((seed * 1_000_003 + iteration) * 1009 + data_parallel_rank) * 31 + purpose
+    return torch.Generator().manual_seed(key % 2**63)
 
 
 # ----------------------------------------------------------------------------- resolutions

@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from phased_dmd_mega import checkpoint, parallel
+from phased_dmd_mega import checkpoint, checkpoint_folder, parallel
 from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
 from phased_dmd_mega.distill.build import (
@@ -34,6 +34,8 @@ from phased_dmd_mega.distill.build import (
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, set_learning_rate
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
+from phased_dmd_mega.files import sweep_debris
+from phased_dmd_mega.locks import FolderLock
 from phased_dmd_mega.log import get_logger, process_memory_mib
 from phased_dmd_mega.sample import PeriodicSamples
 
@@ -48,6 +50,7 @@ RESUME_FIXED_KEYS = (
     "model.lora.rank",
     "model.lora.alpha",
     "model.lora.target_modules",
+    "model.teacher_path",  # a LoRA resumed onto another base model would be silently wrong
     "phases.method",
     "phases.num_steps",
     "phases.num_phases",
@@ -62,18 +65,30 @@ RESUME_FIXED_KEYS = (
 
 
 def resume_conflicts(saved: Config, current: Config) -> List[str]:
-    """``key (checkpoint X, now Y)`` for every RESUME_FIXED_KEYS entry on which they differ."""
+    """``key (checkpoint X, now Y)`` for every RESUME_FIXED_KEYS entry on which they differ
+    (the teacher's folder compared as a resolved path, and not at all when
+    ``checkpoint.allow_teacher_path_change`` says it moved)."""
 
     def value(cfg, key):
         for part in key.split("."):
             cfg = getattr(cfg, part)
         return cfg
 
-    return [
-        f"{key} (checkpoint {value(saved, key)!r}, now {value(current, key)!r})"
+    def same(key):
+        old, new = value(saved, key), value(current, key)
+        if key == "model.teacher_path":
+            if current.checkpoint.allow_teacher_path_change:
+                return True
+            return (old and str(Path(old).resolve())) == (new and str(Path(new).resolve()))
+        return old == new
+
+    hint = {"model.teacher_path": " [if the teacher folder moved: checkpoint.allow_teacher_path_change=true]"}
+    conflicts = [
+        f"{key} (checkpoint {value(saved, key)!r}, now {value(current, key)!r}){hint.get(key, '')}"
         for key in RESUME_FIXED_KEYS
-        if value(saved, key) != value(current, key)
+        if not same(key)
     ]
+    return conflicts
 
 
 def check_resumable(path: Path, cfg: Config) -> None:
@@ -95,7 +110,8 @@ def check_resumable(path: Path, cfg: Config) -> None:
         raise ConfigError(
             f"cannot resume from {path}: this run differs from the one that wrote it in "
             + "; ".join(conflicts)
-            + ". Use the checkpoint's settings, or start afresh (another checkpoint.dir, or checkpoint.resume=none)"
+            + ". Use the checkpoint's settings, or start afresh in another checkpoint.dir (or with "
+            "checkpoint.resume=none checkpoint.on_existing=move_aside)"
         )
 
 
@@ -248,11 +264,13 @@ class Trainer:
     def resume(self) -> int:
         if self.cfg.checkpoint.resume == "none":
             return 0
-        path = (
-            checkpoint.latest_checkpoint(self.cfg.checkpoint.dir)
-            if self.cfg.checkpoint.resume == "auto"
-            else Path(self.cfg.checkpoint.resume)
-        )
+        if self.cfg.checkpoint.resume == "auto":
+            path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir)  # or the newest intact one
+        else:
+            path = Path(self.cfg.checkpoint.resume)
+            problem = checkpoint_folder.damage(path)
+            if problem is not None:
+                raise checkpoint_folder.CheckpointFolderError(f"checkpoint.resume={path}: {problem}")
         if path is None:
             return 0
         check_resumable(Path(path), self.cfg)
@@ -366,6 +384,42 @@ class Trainer:
             )
 
 
+def claim_run_folders(cfg: Config) -> List[FolderLock]:
+    """Before anything loads: rank 0 locks the checkpoint and output folders (a second run on them
+    is refused, naming the holder), sweeps what killed saves left, and refuses a fresh start
+    over another run's checkpoints (or moves them aside). Every rank learns whether it worked."""
+    locks, error = [], None
+    if parallel.global_rank() == 0:
+        try:
+            for folder in dict.fromkeys(str(Path(f).resolve()) for f in (cfg.checkpoint.dir, cfg.run.output_dir)):
+                locks.append(FolderLock(folder).acquire())
+            checkpoint_folder.sweep_staging(cfg.checkpoint.dir)
+            for folder in (Path(cfg.run.output_dir), Path(cfg.run.output_dir) / "samples"):
+                sweep_debris(folder)
+            resume = cfg.checkpoint.resume
+            in_dir = (
+                resume not in ("auto", "none") and Path(resume).resolve().parent == Path(cfg.checkpoint.dir).resolve()
+            )
+            if resume != "auto" and not in_dir:  # a new run (or one continued from elsewhere) starts here
+                checkpoint_folder.check_fresh_start(
+                    cfg.checkpoint.dir, cfg.checkpoint.on_existing, f"checkpoint.resume={resume}"
+                )
+        except (ValueError, OSError) as err:
+            error = err
+            release_run_folders(locks)
+    if not all_ranks_agree(error is None):
+        if error is not None:
+            raise error
+        raise checkpoint_folder.CheckpointFolderError("rank 0 could not claim the run's folders (its error says why)")
+    return locks
+
+
+def release_run_folders(locks: List[FolderLock]) -> None:
+    for lock in locks:
+        lock.release()
+    locks.clear()
+
+
 def train(cfg: Config) -> int:
     """``phased-dmd train``: one process per GPU (torchrun), or one process on CPU."""
     layout = parallel.initialize(
@@ -375,7 +429,9 @@ def train(cfg: Config) -> int:
         cfg.run.seed,
         allow_tf32=cfg.run.tf32,
     )
+    locks: List[FolderLock] = []
     try:
+        locks = claim_run_folders(cfg)
         teacher = build_teacher(cfg)
         prompts = build_prompts(cfg, teacher)
         trainer = Trainer(cfg, teacher, prompts, latent_geometry(teacher, prompts))
@@ -391,5 +447,6 @@ def train(cfg: Config) -> int:
         )
         trainer.run()
     finally:
+        release_run_folders(locks)
         parallel.destroy()
     return 0

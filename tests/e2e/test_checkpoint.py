@@ -3,11 +3,13 @@ resumes at TP=1 and at another data-parallel size, a crash during a save damages
 old checkpoints are pruned."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from phased_dmd_mega import checkpoint, parallel
+from phased_dmd_mega import checkpoint, checkpoint_folder, parallel
+from phased_dmd_mega.checkpoint_folder import CheckpointFolderError
 from phased_dmd_mega.testing import run_distributed
 
 from helpers.tiny_distill import build_trainer, run_iterations
@@ -124,5 +126,71 @@ def test_only_the_last_checkpoints_are_kept(one_process, tmp_path):
 def test_no_checkpoint_yet_and_a_dangling_pointer(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path) is None
     (tmp_path / "latest").write_text(json.dumps({"checkpoint": "iter_0000009"}))
-    with pytest.raises(FileNotFoundError, match="points at iter_0000009, which does not exist"):
+    with pytest.raises(CheckpointFolderError, match="iter_0000009, which .*latest names: it does not exist"):
         checkpoint.latest_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def _saved(trainer, root, iterations, keep_last=10):
+    roles = roles_of(trainer)
+    return [checkpoint.save_checkpoint(root, i, roles, {"phase": 0}, keep_last=keep_last) for i in iterations]
+
+
+def test_pruning_after_a_save_spares_later_iterations_of_an_earlier_run(one_process, tmp_path):
+    trainer, _ = one_process
+    _saved(trainer, tmp_path, (10, 11, 12), keep_last=3)
+    _saved(trainer, tmp_path, (0,), keep_last=3)  # a new run in the same folder
+    names = sorted(p.name for p in tmp_path.glob("iter_*"))
+    assert names == ["iter_0000000", "iter_0000010", "iter_0000011", "iter_0000012"]
+    assert checkpoint.latest_checkpoint(tmp_path).name == "iter_0000000"
+    _saved(trainer, tmp_path, (1, 2, 3), keep_last=3)
+    names = sorted(p.name for p in tmp_path.glob("iter_*"))
+    assert names == ["iter_0000001", "iter_0000002", "iter_0000003", "iter_0000010", "iter_0000011", "iter_0000012"]
+
+
+def test_every_checkpoint_lists_its_files_and_sizes(one_process, tmp_path):
+    trainer, _ = one_process
+    (saved,) = _saved(trainer, tmp_path, (4,))
+    sizes = json.loads((saved / checkpoint_folder.MANIFEST).read_text())["files"]
+    on_disk = {str(p.relative_to(saved)): p.stat().st_size for p in saved.rglob("*") if p.is_file()}
+    on_disk.pop(checkpoint_folder.MANIFEST)
+    assert sizes == on_disk and "metadata.json" in sizes
+
+
+def _truncate_largest(folder):
+    largest = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    return largest
+
+
+@pytest.mark.parametrize("damage", ["torn latest", "latest names a lost checkpoint", "newest truncated"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(one_process, tmp_path, caplog, damage):
+    trainer, _ = one_process
+    first, second, third = _saved(trainer, tmp_path, (1, 2, 3))
+    if damage == "torn latest":
+        (tmp_path / "latest").write_text('{"checkpoint": "iter_00')
+        expected, skipped = third, "latest is unreadable"
+    elif damage == "latest names a lost checkpoint":
+        shutil.rmtree(third)
+        expected, skipped = second, "iter_0000003, which"
+    else:
+        _truncate_largest(third)
+        expected, skipped = second, "iter_0000003, which"
+    with caplog.at_level("WARNING"):
+        assert checkpoint.latest_checkpoint(tmp_path) == expected
+    assert "newest intact checkpoint" in caplog.text and skipped in caplog.text
+    checkpoint.load_checkpoint(expected, roles_of(trainer))  # and it loads
+
+
+def test_with_no_intact_checkpoint_the_refusal_lists_each(one_process, tmp_path):
+    trainer, _ = one_process
+    first, second = _saved(trainer, tmp_path, (1, 2))
+    _truncate_largest(second)
+    (first / checkpoint_folder.MANIFEST).write_text("{")
+    with pytest.raises(CheckpointFolderError) as refusal:
+        checkpoint.latest_checkpoint(tmp_path)
+    message = str(refusal.value)
+    assert f"no intact checkpoint in {tmp_path}" in message
+    assert "iter_0000002, which" in message and "bytes" in message and "iter_0000001: its manifest.json" in message
