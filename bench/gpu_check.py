@@ -639,7 +639,7 @@ def training_config(run_dir: Path) -> Dict[str, Any]:
     return {
         "run": {"name": "gpu_check", "output_dir": str(run_dir), "seed": 0},
         "model": {
-            "arch": "wan",
+            "family": "wan",
             "preset": "wan2.1-t2v-1.3b",
             "teacher_path": None,
             "dtype": "bfloat16",

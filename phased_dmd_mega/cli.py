@@ -66,13 +66,27 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _OldOptionName(argparse.Action):
+    """An option's deprecated name, hidden from --help: it sets what the new name sets, with a warning."""
+
+    def __init__(self, option_strings, dest, new_name: str, **kwargs):
+        self.new_name = new_name
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new_name}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_convert_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--arch",
+        "--expect",
         default="wan",
-        help="wan or qwen_image (the numbers come from the source's config), or a preset of "
-        "either that the source must match (default wan)",
+        metavar="NAME",
+        help="what the source must hold: wan or qwen_image (the numbers come from the source's "
+        "config), or a preset of either that it must match (default wan)",
     )
+    parser.add_argument("--arch", dest="expect", action=_OldOptionName, new_name="--expect")
     parser.add_argument("--src", required=True, help="source folder")
     parser.add_argument("--dst", required=True, help="destination folder (must not exist without --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -99,7 +113,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             dst = convert.hf_to_mega(
                 args.src,
                 args.dst,
-                arch=args.arch,
+                expect=args.expect,
                 tensor_parallel=args.tp,
                 overwrite=args.overwrite,
                 max_shard_bytes=args.max_shard_size,
@@ -110,7 +124,7 @@ def _run_convert(args: argparse.Namespace) -> int:
                 args.src,
                 args.dst,
                 layout=args.layout,
-                arch=args.arch,
+                expect=args.expect,
                 overwrite=args.overwrite,
                 max_shard_bytes=args.max_shard_size,
             )

@@ -3,7 +3,8 @@
     cfg = load_config("examples/configs/tiny_cpu.yaml", ["optimizer.generator.lr=1e-6"])
 
 Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the key and where
-it came from (the YAML file or the command-line override) before anything heavy starts.
+it came from (the YAML file or the command-line override) before anything heavy starts. Keys
+renamed since (``DEPRECATED_KEYS``) still load under their old names, with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from phased_dmd_mega.log import get_logger
+
+log = get_logger(__name__)
 
 
 class ConfigError(ValueError):
@@ -49,7 +54,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["wan", "qwen_image"] = "wan"
+    family: Literal["wan", "qwen_image"] = "wan"  # the model family (an architecture's name)
     preset: Optional[str] = None  # a named architecture, e.g. "wan2.2-t2v-a14b" or "tiny"
     teacher_path: Optional[str] = None  # Hugging Face folder (diffusers or original layout)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -312,6 +317,10 @@ class Config:
 
 # ----------------------------------------------------------------------------- loading
 
+# Old name -> new name. YAML files (a user's, or an old run folder's config.yaml) and key=value
+# overrides may still give the old one: it is read as the new one, with a warning.
+DEPRECATED_KEYS = {"model.arch": "model.family"}
+
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
     """Read ``path`` (YAML; None means all defaults), apply ``key.sub=value`` overrides, and
@@ -322,6 +331,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     if path is not None:
         default_origin = f"the defaults, as file {path} leaves it"
         data = _read_yaml(Path(path))
+        _rename_deprecated(data, "", f"file {path}")
         _record_origins(data, "", f"file {path}", origins)
     for override in overrides:
         _apply_override(data, override, origins)
@@ -374,6 +384,11 @@ def _apply_override(data: Dict[str, Any], override: str, origins: Dict[str, str]
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"{origin}: expected key.sub=value")
     value = yaml.safe_load(raw) if raw.strip() else None
+    if key in DEPRECATED_KEYS:
+        _warn_deprecated(key, origin)
+        key = DEPRECATED_KEYS[key]
+    if isinstance(value, dict):
+        _rename_deprecated(value, f"{key}.", origin)
     node = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
@@ -388,6 +403,29 @@ def _apply_override(data: Dict[str, Any], override: str, origins: Dict[str, str]
     origins[key] = origin
     if isinstance(value, dict):
         _record_origins(value, f"{key}.", origin, origins)
+
+
+def _rename_deprecated(section: Dict[str, Any], prefix: str, origin: str) -> None:
+    """Give the deprecated keys inside ``section`` (the config at ``prefix``, read from
+    ``origin``) their new names."""
+    for old, new in DEPRECATED_KEYS.items():
+        if not old.startswith(prefix):
+            continue
+        *path, name = old[len(prefix) :].split(".")
+        node: Any = section
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            continue
+        new_name = new.rpartition(".")[2]
+        if new_name in node:
+            raise ConfigError(f"{old}: the deprecated name of {new}, given beside it (from {origin}); keep only {new}")
+        _warn_deprecated(old, origin)
+        node[new_name] = node.pop(name)
+
+
+def _warn_deprecated(old: str, origin: str) -> None:
+    log.warning("%s (from %s) is deprecated: it is read as %s; rename it", old, origin, DEPRECATED_KEYS[old])
 
 
 class _Builder:

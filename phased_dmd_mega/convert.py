@@ -5,7 +5,7 @@ every registered architecture (``models.architectures``: Wan, Qwen-Image).
 original Wan one (one model, or the two Wan2.2 A14B experts), and writes the mega format: full
 tensors under the model's parameter names, fused per head exactly as the weight rule table
 builds them at TP 1, sharded safetensors with an index, and a config.json naming the
-architecture ("arch") with its numbers and where it came from. ``mega_to_hf`` writes a diffusers
+family ("family") with its numbers and where it came from. ``mega_to_hf`` writes a diffusers
 (or, for Wan, original) folder back; the round trip is bitwise (dtypes kept per tensor).
 
 Everything is checked before anything is written (layout, config against weights, keys,
@@ -51,24 +51,24 @@ def hf_to_mega(
     src: PathLike,
     dst: PathLike,
     *,
-    arch: Optional[str] = "wan",
+    expect: Optional[str] = "wan",
     tensor_parallel: int = 1,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     boundary_ratio: Optional[float] = None,
 ) -> Path:
-    """A Hugging Face checkpoint of ``arch`` -> the mega format in ``dst``. ``arch``: "wan",
-    "qwen_image", a preset name of either (the source must be that preset), or None (whatever
-    the source's config says). ``tensor_parallel`` is checked against the heads and recorded;
+    """A Hugging Face checkpoint -> the mega format in ``dst``. ``expect``, what the source must
+    hold: "wan", "qwen_image", a preset name of either (the source must be that preset), or None
+    (whatever the source's config says). ``tensor_parallel`` is checked against the heads and recorded;
     ``boundary_ratio`` overrides the source's (two experts only)."""
-    checkpoint = inspect_checkpoint(src, arch)
+    checkpoint = inspect_checkpoint(src, expect)
     if checkpoint.layout == "mega":
         raise CheckpointError(f"{src} is already in the trainer's format ({MEGA_FORMAT}); use mega-to-hf")
     return convert(
         checkpoint,
         dst,
         to="mega",
-        arch=arch,
+        expect=expect,
         tensor_parallel=tensor_parallel,
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
@@ -81,21 +81,21 @@ def mega_to_hf(
     dst: PathLike,
     *,
     layout: str = "diffusers",
-    arch: Optional[str] = "wan",
+    expect: Optional[str] = "wan",
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """The mega format -> a diffusers or (Wan only) original (``layout``) checkpoint in ``dst``;
-    ``arch`` as for ``hf_to_mega``."""
+    ``expect`` as for ``hf_to_mega``."""
     if layout not in ("diffusers", "original"):
         raise CheckpointError(f"unknown layout {layout!r}: expected diffusers or original")
-    checkpoint = inspect_checkpoint(src, arch)
+    checkpoint = inspect_checkpoint(src, expect)
     if checkpoint.layout != "mega":
         raise CheckpointError(
             f"{src} is a {checkpoint.layout} checkpoint, not {MEGA_FORMAT}; mega-to-hf reads the "
             f"trainer's format (hf-to-mega goes the other way)"
         )
-    return convert(checkpoint, dst, to=layout, arch=arch, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    return convert(checkpoint, dst, to=layout, expect=expect, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
 
 def convert(
@@ -103,7 +103,7 @@ def convert(
     dst: PathLike,
     *,
     to: str,
-    arch: Optional[str] = "wan",
+    expect: Optional[str] = "wan",
     tensor_parallel: int = 1,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -112,7 +112,7 @@ def convert(
     """Any layout -> ``to`` (mega, diffusers or original); see the module docstring."""
     if to not in TARGETS:
         raise CheckpointError(f"unknown target layout {to!r}: expected one of {TARGETS}")
-    checkpoint = source if isinstance(source, Checkpoint) else inspect_checkpoint(source, arch)
+    checkpoint = source if isinstance(source, Checkpoint) else inspect_checkpoint(source, expect)
     architecture = checkpoint.architecture
     layouts = architecture.hf_layouts + ("mega",)
     if to not in layouts:
@@ -122,7 +122,7 @@ def convert(
     dst = Path(dst)
     check_destination(checkpoint.root, dst, overwrite, CheckpointError)
     models = {
-        name: open_model(folder, checkpoint.layout, arch, architecture) for name, folder in checkpoint.folders.items()
+        name: open_model(folder, checkpoint.layout, expect, architecture) for name, folder in checkpoint.folders.items()
     }
     for files in models.values():
         check_tensor_parallel(files.dims, tensor_parallel)
@@ -189,7 +189,7 @@ def _mega_config(files: ModelFiles, tensor_parallel: int) -> Dict[str, Any]:
     return {
         "format": MEGA_FORMAT,
         "format_version": MEGA_FORMAT_VERSION,
-        "arch": files.architecture.name,
+        "family": files.architecture.name,
         "architecture": files.architecture.dims_to_json(files.dims),
         "tensor_parallel": tensor_parallel,
         "provenance": _provenance(files),
@@ -235,7 +235,7 @@ def _write_experts_index(
             {
                 "format": MEGA_FORMAT,
                 "format_version": MEGA_FORMAT_VERSION,
-                "arch": checkpoint.architecture.name,
+                "family": checkpoint.architecture.name,
                 "experts": dict(EXPERT_FOLDERS["mega"]),
                 "boundary_ratio": ratio,
                 "tensor_parallel": tensor_parallel,

@@ -310,7 +310,7 @@ def export_info(
     info: Dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
-        "arch": distilled.architecture.name,
+        "family": distilled.architecture.name,
         "weights": "lora" if as_lora else ("merged" if merge else "full"),
         "layout": layout,
         "dtype": str(next(distilled.generators[0].parameters()).dtype).removeprefix("torch."),

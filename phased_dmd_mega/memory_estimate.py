@@ -94,7 +94,7 @@ def _one_process_layout():
 
 @functools.lru_cache(maxsize=None)
 def parameter_counts(
-    arch: str, preset: str, lora_rank: int = 0, lora_targets: Tuple[str, ...] = ()
+    family: str, preset: str, lora_rank: int = 0, lora_targets: Tuple[str, ...] = ()
 ) -> Tuple[ParameterCount, ParameterCount]:
     """(the model, one role's LoRA adapters) of a preset, built on the meta device."""
     import torch
@@ -102,9 +102,9 @@ def parameter_counts(
     from phased_dmd_mega.models.architectures import registry
     from phased_dmd_mega.models.options import ModelParallelOptions
 
-    architecture = registry()[arch]
+    architecture = registry()[family]
     if preset not in architecture.presets:
-        raise ConfigError(f"model.preset: {preset!r} is not a {arch} preset ({', '.join(architecture.presets)})")
+        raise ConfigError(f"model.preset: {preset!r} is not a {family} preset ({', '.join(architecture.presets)})")
     with _one_process_layout(), torch.device("meta"):
         model = architecture.model_class(architecture.presets[preset], ModelParallelOptions(initialize=False))
         adapters = ParameterCount()
@@ -240,12 +240,12 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     if model_cfg.preset is None:
         raise ConfigError(
             "model.preset: the memory estimate needs the architecture's preset name "
-            f"(one of: {', '.join(registry()[model_cfg.arch].presets)})"
+            f"(one of: {', '.join(registry()[model_cfg.family].presets)})"
         )
-    architecture = registry()[model_cfg.arch]
+    architecture = registry()[model_cfg.family]
     dims = architecture.presets.get(model_cfg.preset)
     model, adapters = parameter_counts(
-        model_cfg.arch, model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
+        model_cfg.family, model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
     )
     check_heads(cfg, dims)
     tp, ulysses, sp = par.tensor_parallel, par.ulysses_parallel, par.sequence_parallel

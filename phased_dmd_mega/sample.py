@@ -89,16 +89,16 @@ def generate(
 # ----------------------------------------------------------------------------- VAE
 
 
-def load_vae(path, arch_name: str, dtype: torch.dtype = torch.float32, device=None):
-    """diffusers' VAE for the architecture, from a VAE folder or a pipeline root with ``vae/``."""
+def load_vae(path, family: str, dtype: torch.dtype = torch.float32, device=None):
+    """diffusers' VAE of the family, from a VAE folder or a pipeline root with ``vae/``."""
     try:
         import diffusers
     except ImportError as err:
         raise RuntimeError("decoding samples needs diffusers' VAEs: pip install 'phased-dmd-mega[sample]'") from err
     known = registry()
-    if arch_name not in known:
-        raise RequestError(f"no VAE is known for architecture {arch_name!r} (known: {', '.join(known)})")
-    cls = getattr(diffusers, known[arch_name].vae_class)
+    if family not in known:
+        raise RequestError(f"no VAE is known for family {family!r} (known: {', '.join(known)})")
+    cls = getattr(diffusers, known[family].vae_class)
     vae = cls.from_pretrained(vae_folder(path), torch_dtype=dtype)
     return vae.to(device or "cpu").eval()
 
@@ -288,7 +288,7 @@ class PeriodicSamples:
 
     def write(self, generators: List[Experts], layout: PhaseLayout, folder, iteration: int) -> torch.Tensor:
         if self.vae_path is not None and self._vae is None and parallel.layout().rank == 0:
-            self._vae = load_vae(self.vae_path, _architecture_name(self.dims), device=parallel.layout().device)
+            self._vae = load_vae(self.vae_path, _family_of(self.dims), device=parallel.layout().device)
         return write_samples(
             generators,
             layout,
@@ -400,8 +400,8 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
         return output
     vae = None
     if request.vae is not None:
-        arch_name = _architecture_name(samplers.dims)
-        vae = load_vae(request.vae, arch_name, getattr(torch, request.vae_dtype), layout.device)
+        family = _family_of(samplers.dims)
+        vae = load_vae(request.vae, family, getattr(torch, request.vae_dtype), layout.device)
     info = {**samplers.source, "resolution": list(resolution), "seed": request.seed}
     with staging_folder(output, request.overwrite, CheckpointError) as staging:
         record_samples(staging, latents, samplers.layout, samplers.step_rule, indices, seeds, vae, info, request.fps)
@@ -423,5 +423,5 @@ def _prompt_source(request: SampleRequest, samplers: Samplers) -> PromptSource:
     raise RequestError("no prompts: give --prompts CACHE_FOLDER (or --synthetic-prompts N for a smoke test)")
 
 
-def _architecture_name(dims) -> str:
+def _family_of(dims) -> str:
     return architecture_of(dims).name

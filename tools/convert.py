@@ -3,9 +3,9 @@
 
 Same as ``phased-dmd convert ...``; runs from a checkout without installing the package:
 
-    python tools/convert.py hf-to-mega --arch wan --src WAN_DIR --dst MEGA_DIR [--tp 8]
-    python tools/convert.py mega-to-hf --arch wan --src MEGA_DIR --dst OUT_DIR --layout diffusers
-    python tools/convert.py hf-to-mega --arch qwen_image --src QWEN_IMAGE_DIR --dst MEGA_DIR
+    python tools/convert.py hf-to-mega --expect wan --src WAN_DIR --dst MEGA_DIR [--tp 8]
+    python tools/convert.py mega-to-hf --expect wan --src MEGA_DIR --dst OUT_DIR --layout diffusers
+    python tools/convert.py hf-to-mega --expect qwen_image --src QWEN_IMAGE_DIR --dst MEGA_DIR
 """
 
 import sys

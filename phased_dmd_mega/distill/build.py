@@ -139,9 +139,9 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
     )
     dtype = getattr(torch, model_cfg.dtype)
     if model_cfg.teacher_path is None:
-        architecture = registry()[model_cfg.arch]
+        architecture = registry()[model_cfg.family]
         preset = model_cfg.preset or "tiny"
-        log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.arch, preset)
+        log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.family, preset)
         par = ModelParallelOptions(
             sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights, **options
         )
@@ -150,7 +150,7 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
         found = inspect_checkpoint(model_cfg.teacher_path)
         high, low = (
             load_pretrained(
-                model_cfg.teacher_path, arch=model_cfg.preset, expert=e, dtype=dtype, weights=weights, **options
+                model_cfg.teacher_path, expect=model_cfg.preset, expert=e, dtype=dtype, weights=weights, **options
             )
             for e in ("high", "low")
         )
@@ -158,7 +158,7 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
     else:
         # With model.preset set (the recipes), the checkpoint must be that architecture.
         teacher = Experts(
-            load_pretrained(model_cfg.teacher_path, arch=model_cfg.preset, dtype=dtype, weights=weights, **options)
+            load_pretrained(model_cfg.teacher_path, expect=model_cfg.preset, dtype=dtype, weights=weights, **options)
         )
     if not weights:  # a shell: left on the CPU, where its untouched pages cost no memory
         return teacher.requires_grad_(False)
@@ -170,7 +170,7 @@ def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
     dim = dims.text_dim
     if cfg.data.prompt_cache is not None:
         cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
-        cache.check_model(cfg.model.arch, dim)
+        cache.check_model(cfg.model.family, dim)
         return cache
     if cfg.data.synthetic_prompts > 0:
         tokens = architecture_of(dims).synthetic_prompt_tokens

@@ -45,7 +45,7 @@ log = get_logger(__name__)
 # What a checkpoint's roles and schedule were built from: a resumed run must agree on these
 # (learning rates, batch sizes, logging, data and checkpoint cadence may change).
 RESUME_FIXED_KEYS = (
-    "model.arch",
+    "model.family",
     "model.preset",
     "model.lora.rank",
     "model.lora.alpha",

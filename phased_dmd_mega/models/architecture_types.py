@@ -72,7 +72,7 @@ def rope_bytes(head_dim: int) -> int:
 class Architecture:
     """Everything the checkpoint code needs to know about one DiT architecture."""
 
-    name: str  # the mega format's config "arch" and the --arch value
+    name: str  # the family: model.family, the mega format's config "family", an --expect value
     title: str  # in messages
     dims_class: type
     model_class: type

@@ -20,9 +20,9 @@ def registry() -> Dict[str, Architecture]:
 
 
 def get_architecture(name: str, where: str) -> Architecture:
-    """The adapter called ``name`` (a mega config's "arch")."""
+    """The adapter of the family ``name`` (a mega config's "family")."""
     if name not in registry():
-        raise CheckpointError(f"{where}: arch {name!r} is not supported (known: {', '.join(map(repr, registry()))})")
+        raise CheckpointError(f"{where}: family {name!r} is not supported (known: {', '.join(map(repr, registry()))})")
     return registry()[name]
 
 
@@ -35,19 +35,20 @@ def architecture_of(dims) -> Architecture:
 
 
 def check_requested_name(requested: Optional[str]) -> None:
-    """``requested`` must be None, an architecture's name or one of their presets' names."""
+    """``requested`` (what a checkpoint folder is expected to hold) must be None, a family (an
+    architecture's name) or one of their presets' names."""
     if requested is None or requested in registry():
         return
     if any(requested in adapter.presets for adapter in registry().values()):
         return
     presets = "; ".join(f"{name}: {', '.join(a.presets)}" for name, a in registry().items())
     raise CheckpointError(
-        f"unknown arch {requested!r}: expected {' or '.join(map(repr, registry()))} or a preset ({presets})"
+        f"unknown family or preset {requested!r}: expected {' or '.join(map(repr, registry()))} or a preset ({presets})"
     )
 
 
 def check_requested_family(found: Architecture, what: str, requested: Optional[str]) -> None:
-    """``requested`` (an architecture or a preset name) must be of ``found``'s architecture;
+    """``requested`` (a family or a preset name) must be of ``found``'s family;
     ``what`` says what the folder holds ("/x/config.json is a diffusers ... config")."""
     check_requested_name(requested)
     if requested is None or requested == found.name or requested in found.presets:
@@ -58,8 +59,8 @@ def check_requested_family(found: Architecture, what: str, requested: Optional[s
         else next(a for a in registry().values() if requested in a.presets)
     )
     accepted = wanted.config_descriptions() + [f"a {MEGA_FORMAT} {wanted.name!r} config"]
-    asked = f"arch {requested!r}" + ("" if requested == wanted.name else f" (a {wanted.title} preset)")
+    asked = repr(requested) + ("" if requested == wanted.name else f", a {wanted.title} preset")
     raise CheckpointError(
-        f"{what} ({found.title}), neither {', '.join(accepted[:-1])} nor {accepted[-1]} as {asked} "
-        f"asks; pass arch {found.name!r} or a {found.title} preset ({', '.join(found.presets)})"
+        f"{what} ({found.title}), neither {', '.join(accepted[:-1])} nor {accepted[-1]} as expected ({asked}); "
+        f"expect {found.name!r} or a {found.title} preset ({', '.join(found.presets)})"
     )

@@ -9,11 +9,11 @@ Layouts (the architecture's adapter, ``architectures``, says which it has):
 - ``original`` (Wan only): Wan-Video's own names and config fields; Wan2.2 A14B as
   ``high_noise_model/`` + ``low_noise_model/``;
 - ``mega``: the trainer's own format written by the converter: full tensors under the model's
-  parameter names, config.json ``{"format": "phased-dmd-mega", "arch": "wan" | "qwen_image",
-  "architecture": {...}}``; two experts (Wan) as ``high_noise/`` + ``low_noise/`` with
-  ``boundary_ratio`` on top.
+  parameter names, config.json ``{"format": "phased-dmd-mega", "family": "wan" | "qwen_image",
+  "architecture": {...}}`` (older versions wrote the family as "arch", still read); two experts
+  (Wan) as ``high_noise/`` + ``low_noise/`` with ``boundary_ratio`` on top.
 
-The config says which architecture a folder holds (its ``_class_name``, or the mega ``arch``).
+The config says which architecture a folder holds (its ``_class_name``, or the mega ``family``).
 Whatever the layout, a model's tensors are presented under diffusers names (``CheckpointView``),
 so the architecture's one rule table builds the model's parameters, and every tensor-parallel
 rank reads only its own slices.
@@ -308,11 +308,11 @@ class Checkpoint:
         return self.folders[SINGLE]
 
 
-def inspect_checkpoint(path, arch: Optional[str] = None) -> Checkpoint:
+def inspect_checkpoint(path, expect: Optional[str] = None) -> Checkpoint:
     """Tell the layout and architecture of ``path`` and find its models, reading configs but no
-    weights. ``arch`` (an architecture or preset name; None: any) must name the folder's
-    architecture; whether the folder is that preset is checked when a model is opened."""
-    check_requested_name(arch)
+    weights. ``expect`` (a family or preset name; None: any) must name the folder's family;
+    whether the folder is that preset is checked when a model is opened."""
+    check_requested_name(expect)
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}")
@@ -327,10 +327,10 @@ def inspect_checkpoint(path, arch: Optional[str] = None) -> Checkpoint:
             f"(high_noise_model/ and low_noise_model/)"
         )
     if found[0] == "model_index.json":
-        return _diffusers_pipeline(root, arch)
+        return _diffusers_pipeline(root, expect)
     if found[0] == "config.json":
-        return _single_config_folder(root, arch)
-    return _original_experts(root, arch)
+        return _single_config_folder(root, expect)
+    return _original_experts(root, expect)
 
 
 def _layout_markers(root: Path) -> List[str]:
@@ -343,7 +343,7 @@ def _layout_markers(root: Path) -> List[str]:
 
 def config_kind(config: Mapping[str, Any], path: Path, requested: Optional[str] = None) -> Tuple[str, Architecture]:
     """The layout ("diffusers", "original", "mega") and architecture of a model's config.json;
-    ``requested`` (an architecture or preset name, or None) must name that architecture."""
+    ``requested`` (a family or preset name, or None) must name that family."""
     layout, architecture = _classify_config(config, path)
     check_requested_family(architecture, f"{path} is {_described(layout, architecture)}", requested)
     return layout, architecture
@@ -353,7 +353,7 @@ def _classify_config(config: Mapping[str, Any], path: Path) -> Tuple[str, Archit
     if "format" in config:
         if config["format"] != MEGA_FORMAT:
             raise CheckpointError(f"{path}: unknown format {config['format']!r} (expected {MEGA_FORMAT!r})")
-        return "mega", get_architecture(config.get("arch"), str(path))
+        return "mega", get_architecture(mega_family(config), str(path))
     kinds = [(adapter.hf_layout_of(config), adapter) for adapter in registry().values()]
     kinds = [(layout, adapter) for layout, adapter in kinds if layout is not None]
     if len(kinds) > 1:
@@ -366,6 +366,11 @@ def _classify_config(config: Mapping[str, Any], path: Path) -> Tuple[str, Archit
             f"(_class_name: {config.get('_class_name')!r})"
         )
     return kinds[0]
+
+
+def mega_family(config: Mapping[str, Any]) -> Optional[str]:
+    """A mega config's family: "family", or "arch" in folders written by older versions."""
+    return config.get("family", config.get("arch"))
 
 
 def _config_descriptions() -> List[str]:
@@ -466,14 +471,14 @@ class ModelFiles:
 
 
 def open_model(
-    folder: Path, layout: str, arch: Optional[str] = None, architecture: Optional[Architecture] = None
+    folder: Path, layout: str, expect: Optional[str] = None, architecture: Optional[Architecture] = None
 ) -> ModelFiles:
     """Read ``folder``'s config, check its weights against it, and (with a preset name in
-    ``arch``) that it is that preset. ``architecture``: the one its checkpoint was found to be
+    ``expect``) that it is that preset. ``architecture``: the one its checkpoint was found to be
     (every model of a checkpoint is of one architecture). Nothing but safetensors headers is read."""
     config_path = Path(folder) / "config.json"
     config = read_json(config_path, CheckpointError)
-    found, found_architecture = config_kind(config, config_path, arch)
+    found, found_architecture = config_kind(config, config_path, expect)
     if found != layout:
         raise CheckpointError(f"{config_path} is a {found} config inside a {layout} checkpoint")
     if architecture is not None and found_architecture is not architecture:
@@ -482,7 +487,7 @@ def open_model(
         )
     files = SafetensorsFolder(folder)
     found_dims = _dims_from_config(found_architecture, layout, config, files, config_path)
-    found_dims = found_architecture.check_preset(found_dims, arch, str(config_path))
+    found_dims = found_architecture.check_preset(found_dims, expect, str(config_path))
     view = CheckpointView(files, layout, found_architecture, found_dims)
     check_weights(view, found_dims, str(config_path))
     return ModelFiles(Path(folder), layout, found_dims, config, view)

@@ -33,7 +33,7 @@ _SET_HERE = ("dtype", "initialize")
 def load_pretrained(
     path: Union[str, Path],
     *,
-    arch: Optional[str] = None,
+    expect: Optional[str] = None,
     expert: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
     weights: bool = True,
@@ -41,9 +41,9 @@ def load_pretrained(
 ) -> nn.Module:
     """Build the model of ``path``'s architecture (a WanModel or a QwenImageModel) for the
     current parallel state (``parallel.initialize`` first): a diffusers folder or pipeline root,
-    an original Wan folder, or the converter's own format; sharded or not. ``arch`` is None (the
-    folder's config decides), an architecture ("wan", "qwen_image") or a preset name, which the
-    folder must be. ``expert`` ("high" / "low") picks a Wan2.2 A14B expert and is required for
+    an original Wan folder, or the converter's own format; sharded or not. ``expect`` is None (the
+    folder's config decides), a family ("wan", "qwen_image") or a preset name, which the folder
+    must hold. ``expert`` ("high" / "low") picks a Wan2.2 A14B expert and is required for
     such a checkpoint. ``weights=False`` builds the model without reading its weights (its
     parameters are left uninitialised: for weights that come from elsewhere, such as a training
     checkpoint's generators). ``model_options`` go to ModelParallelOptions (sequence_parallel,
@@ -53,8 +53,8 @@ def load_pretrained(
     from phased_dmd_mega import parallel
 
     layout = parallel.layout("load_pretrained needs the parallel state")
-    checkpoint = inspect_checkpoint(path, arch)
-    files = open_model(checkpoint.model_folder(expert), checkpoint.layout, arch, checkpoint.architecture)
+    checkpoint = inspect_checkpoint(path, expect)
+    files = open_model(checkpoint.model_folder(expert), checkpoint.layout, expect, checkpoint.architecture)
     check_tensor_parallel(files.dims, layout.tensor_parallel, layout.ulysses_parallel)
     options = {"sequence_parallel": layout.sequence_parallel, **model_options}
     par = ModelParallelOptions(dtype=dtype, initialize=False, **_checked_options(options))

@@ -82,12 +82,12 @@ class PromptCache(PromptSource):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def check_model(self, arch: str, text_dim: int) -> None:
+    def check_model(self, family: str, text_dim: int) -> None:
         """Refuse a cache written for another model family or text width."""
-        if self.family != arch or self.dim != text_dim:
+        if self.family != family or self.dim != text_dim:
             raise ValueError(
                 f"prompt cache {self.folder} holds {self.family} embeddings of width {self.dim}; "
-                f"the model ({arch}) takes text of width {text_dim}"
+                f"the model ({family}) takes text of width {text_dim}"
             )
 
     # -- one trimmed row [L, D] at a time

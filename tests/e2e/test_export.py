@@ -122,7 +122,7 @@ def a14b_lora(tmp_path_factory):
 def qwen_lora(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen_lora")
     return train_tiny(
-        tmp, "run", save_qwen_teacher(tmp / "teacher"), ["model.lora.rank=4", "phases.shift=3"], arch="qwen_image"
+        tmp, "run", save_qwen_teacher(tmp / "teacher"), ["model.lora.rank=4", "phases.shift=3"], family="qwen_image"
     )
 
 
@@ -130,7 +130,11 @@ def qwen_lora(tmp_path_factory):
 def qwen_one_phase(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen_one")
     return train_tiny(
-        tmp, "run", save_qwen_teacher(tmp / "teacher"), ["phases.method=dmd_sgts", "phases.shift=3"], arch="qwen_image"
+        tmp,
+        "run",
+        save_qwen_teacher(tmp / "teacher"),
+        ["phases.method=dmd_sgts", "phases.shift=3"],
+        family="qwen_image",
     )
 
 

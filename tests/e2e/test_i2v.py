@@ -269,7 +269,7 @@ def i2v_config(tmp_path: Path, cache_folder, **data):
 
     config = {
         "run": {"seed": 0, "output_dir": str(tmp_path / "run")},
-        "model": {"arch": "wan", "dtype": "float32", "attention_backend": "sdpa"},
+        "model": {"family": "wan", "dtype": "float32", "attention_backend": "sdpa"},
         "phases": {
             "num_steps": 4,
             "num_phases": 2,

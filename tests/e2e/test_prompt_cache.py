@@ -420,7 +420,7 @@ def test_the_trainer_trains_on_an_encoded_cache(encoders, tmp_path):
     narrow = encode(encoders, "wan", tmp_path, out="narrow")  # 16 wide
     config = {
         "run": {"seed": 0, "output_dir": str(tmp_path / "run")},
-        "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
+        "model": {"family": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
         "phases": {
             "num_steps": 4,
             "num_phases": 2,

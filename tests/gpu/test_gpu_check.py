@@ -250,7 +250,7 @@ def test_training_config_is_a_valid_run_of_the_real_architecture(tmp_path):
     gpu_check.write_training_config(tmp_path / "training.yaml", tmp_path / "training")
     assert not (tmp_path / "training").exists()
     cfg = load_config(tmp_path / "training.yaml")
-    assert (cfg.model.arch, cfg.model.preset, cfg.model.teacher_path) == ("wan", "wan2.1-t2v-1.3b", None)
+    assert (cfg.model.family, cfg.model.preset, cfg.model.teacher_path) == ("wan", "wan2.1-t2v-1.3b", None)
     assert (cfg.model.dtype, cfg.model.lora.rank, cfg.model.attention_backend) == ("bfloat16", 32, "auto")
     assert [r.pixels for r in cfg.data.resolutions] == [(81, 480, 832)] and cfg.data.batch_size == 1
     assert cfg.data.synthetic_prompts > 0 and cfg.checkpoint.resume == "none"

@@ -24,7 +24,7 @@ from helpers.tiny_models import QWEN_TINY, WAN_TINY
 
 TINY_RUN = {
     "run": {"seed": 1, "max_consecutive_nonfinite": 2},
-    "model": {"arch": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
+    "model": {"family": "wan", "preset": "tiny", "dtype": "float32", "attention_backend": "sdpa"},
     "phases": {
         "num_steps": 4,
         "num_phases": 2,
@@ -130,14 +130,14 @@ def train_tiny(
     name: str,
     teacher: Path,
     overrides: Sequence[str] = (),
-    arch: str = "wan",
+    family: str = "wan",
     extra: Optional[Callable[[Trainer], Any]] = None,
 ) -> TinyRun:
-    """Train on ``teacher`` (of architecture ``arch``) in this process, one rank, and record
+    """Train on ``teacher`` (of family ``family``) in this process, one rank, and record
     the references."""
     cfg = load_config(
         write_config(tmp, name),
-        [f"model.teacher_path={teacher}", f"model.arch={arch}", "model.preset=null", *SHORT, *overrides],
+        [f"model.teacher_path={teacher}", f"model.family={family}", "model.preset=null", *SHORT, *overrides],
     )
     parallel.initialize(seed=cfg.run.seed)
     try:

@@ -235,7 +235,7 @@ def test_mega_format_holds_full_fused_tensors_under_own_names(tmp_path):
     src = save_diffusers(tmp_path / "hf")
     convert.hf_to_mega(src, tmp_path / "mega", tensor_parallel=2)
     config = json.loads((tmp_path / "mega" / "config.json").read_text())
-    assert config["format"] == "phased-dmd-mega" and config["arch"] == "wan" and config["tensor_parallel"] == 2
+    assert config["format"] == "phased-dmd-mega" and config["family"] == "wan" and config["tensor_parallel"] == 2
     dims = from_diffusers_config(json.loads((src / "config.json").read_text()))
     assert config["architecture"]["dim"] == 48 and config["architecture"]["num_heads"] == 4
     assert config["provenance"]["source_layout"] == "diffusers"
@@ -280,6 +280,23 @@ def test_a14b_diffusers_pipeline_round_trip_keeps_both_experts_and_the_boundary(
     assert not torch.equal(
         read_folder(src / "transformer")["proj_out.weight"], read_folder(src / "transformer_2")["proj_out.weight"]
     )
+
+
+def test_mega_folders_of_older_versions_naming_the_family_arch_still_load(tmp_path):
+    src = save_diffusers_pipeline(tmp_path / "pipe", boundary_ratio=0.8)
+    convert.hf_to_mega(src, tmp_path / "mega")
+    configs = sorted((tmp_path / "mega").rglob("config.json"))
+    assert len(configs) == 3  # the experts' index and each expert's
+    for path in configs:
+        config = json.loads(path.read_text())
+        assert config["family"] == "wan" and "arch" not in config
+        config["arch"] = config.pop("family")
+        path.write_text(json.dumps(config))
+    checkpoint = inspect_checkpoint(tmp_path / "mega", "wan")
+    assert checkpoint.layout == "mega" and checkpoint.architecture.name == "wan" and checkpoint.has_experts
+    convert.mega_to_hf(tmp_path / "mega", tmp_path / "back", expect="wan")
+    for sub in ("transformer", "transformer_2"):
+        assert_bitwise_equal(read_folder(tmp_path / "back" / sub), read_folder(src / sub))
 
 
 def test_a14b_original_experts_round_trip_with_the_default_i2v_boundary(tmp_path):
@@ -469,7 +486,7 @@ def test_index_naming_an_absent_shard_is_refused(tmp_path):
 def test_preset_that_does_not_match_the_config_is_refused(tmp_path, hf_folder):
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(hf_folder, dst, arch="tiny"), r"is not preset 'tiny': dim 48 \(preset 64\)", dst
+        lambda: convert.hf_to_mega(hf_folder, dst, expect="tiny"), r"is not preset 'tiny': dim 48 \(preset 64\)", dst
     )
 
 
@@ -515,7 +532,7 @@ def test_cli_converts_and_round_trips(tmp_path, hf_folder):
             str(script),
             "convert",
             "hf-to-mega",
-            "--arch",
+            "--expect",
             "wan",
             "--src",
             str(hf_folder),
@@ -560,7 +577,7 @@ def test_cli_reports_a_bad_tp_with_exit_code_2(tmp_path, hf_folder):
             str(script),
             "convert",
             "hf-to-mega",
-            "--arch",
+            "--expect",
             "wan",
             "--src",
             str(hf_folder),

@@ -90,7 +90,7 @@ def saved(tmp_path_factory):
     """{diffusers, pipeline, mega: folder} holding the same fp32 weights, and diffusers' output."""
     root = tmp_path_factory.mktemp("qwen")
     folders = {"diffusers": save_diffusers(root / "diffusers"), "pipeline": save_pipeline(root / "pipeline")}
-    convert.hf_to_mega(folders["diffusers"], root / "mega", arch="qwen_image")
+    convert.hf_to_mega(folders["diffusers"], root / "mega", expect="qwen_image")
     folders["mega"] = root / "mega"
     return folders, reference_output(folders["diffusers"])
 
@@ -137,8 +137,8 @@ def test_round_trip_is_bitwise_and_loads_in_diffusers(tmp_path, dtype):
 
     src = save_diffusers(tmp_path / "hf", dtype=dtype)
     assert len(list(src.glob("*.safetensors"))) > 1  # the source is sharded too
-    convert.hf_to_mega(src, tmp_path / "mega", arch="qwen_image", max_shard_bytes=parse_size(SMALL_SHARDS))
-    convert.mega_to_hf(tmp_path / "mega", tmp_path / "back", arch="qwen_image")
+    convert.hf_to_mega(src, tmp_path / "mega", expect="qwen_image", max_shard_bytes=parse_size(SMALL_SHARDS))
+    convert.mega_to_hf(tmp_path / "mega", tmp_path / "back", expect="qwen_image")
     assert len(list((tmp_path / "mega").glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "mega" / "model.safetensors.index.json").is_file()
     source = read_folder(src)
@@ -157,7 +157,7 @@ def test_round_trip_is_bitwise_and_loads_in_diffusers(tmp_path, dtype):
 def test_mega_format_holds_full_fused_tensors_under_own_names(saved):
     folders, _ = saved
     config = json.loads((folders["mega"] / "config.json").read_text())
-    assert config["format"] == "phased-dmd-mega" and config["arch"] == "qwen_image"
+    assert config["format"] == "phased-dmd-mega" and config["family"] == "qwen_image"
     assert (
         QwenImageDims(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["architecture"].items()})
         == QWEN_IMAGE_PRESETS["tiny"]
@@ -174,16 +174,16 @@ def test_pipeline_root_and_a_preset_name(tmp_path, saved):
     """A pipeline root converts like its transformer/; "tiny" is resolved among Qwen-Image's
     presets for a Qwen-Image folder (Wan has a "tiny" preset too)."""
     folders, _ = saved
-    convert.hf_to_mega(folders["pipeline"], tmp_path / "mega", arch="tiny")
-    assert json.loads((tmp_path / "mega" / "config.json").read_text())["arch"] == "qwen_image"
+    convert.hf_to_mega(folders["pipeline"], tmp_path / "mega", expect="tiny")
+    assert json.loads((tmp_path / "mega" / "config.json").read_text())["family"] == "qwen_image"
     assert_bitwise_equal(read_folder(tmp_path / "mega"), read_folder(folders["mega"]))
 
 
 # ----------------------------------------------------------------------------- load_pretrained
 
 
-def load_and_run(folder, arch="qwen_image", **options):
-    model = load_pretrained(folder, arch=arch, attention_backend="sdpa", **options).eval()
+def load_and_run(folder, expect="qwen_image", **options):
+    model = load_pretrained(folder, expect=expect, attention_backend="sdpa", **options).eval()
     assert isinstance(model, QwenImageModel)
     with torch.no_grad():
         return model(*inputs()), model.par
@@ -192,10 +192,10 @@ def load_and_run(folder, arch="qwen_image", **options):
 in_process = with_parallel_state
 
 
-@pytest.mark.parametrize("fmt, arch", [("diffusers", "qwen_image"), ("pipeline", "qwen_image"), ("mega", None)])
-def test_tp1_load_pretrained_matches_diffusers(saved, fmt, arch):
+@pytest.mark.parametrize("fmt, expect", [("diffusers", "qwen_image"), ("pipeline", "qwen_image"), ("mega", None)])
+def test_tp1_load_pretrained_matches_diffusers(saved, fmt, expect):
     folders, reference = saved
-    out, par = in_process(load_and_run, folders[fmt], arch=arch, recompute="full")
+    out, par = in_process(load_and_run, folders[fmt], expect=expect, recompute="full")
     assert rel_error(out, reference) < TOLERANCE
     assert par.recompute == "full" and par.sequence_parallel is False and par.initialize is False
 
@@ -218,14 +218,14 @@ def test_tp2_load_pretrained_matches_diffusers(saved):
             assert par.sequence_parallel is True
 
 
-def test_load_pretrained_with_the_wrong_arch_is_refused(saved):
+def test_load_pretrained_expecting_the_wrong_family_is_refused(saved):
     folders, _ = saved
     with pytest.raises(
         CheckpointError,
-        match=r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\).* as arch "
-        r"'wan' asks; pass arch 'qwen_image'",
+        match=r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\).* as expected "
+        r"\('wan'\); expect 'qwen_image'",
     ):
-        in_process(load_pretrained, folders["mega"], arch="wan")
+        in_process(load_pretrained, folders["mega"], expect="wan")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -235,7 +235,7 @@ def test_missing_keys_are_listed(tmp_path, hf_folder):
     rewrite_single_file(hf_folder, lambda s: s.pop("transformer_blocks.1.attn.add_k_proj.bias"))
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
+        lambda: convert.hf_to_mega(hf_folder, dst, expect="qwen_image"),
         r"missing keys \(1\): transformer_blocks\.1\.attn\.add_k_proj\.bias$",
         dst,
     )
@@ -245,7 +245,7 @@ def test_unexpected_keys_are_listed(tmp_path, hf_folder):
     rewrite_single_file(hf_folder, lambda s: s.update({"pos_embed.freqs": torch.zeros(2)}))
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"), r"unexpected keys \(1\): pos_embed\.freqs", dst
+        lambda: convert.hf_to_mega(hf_folder, dst, expect="qwen_image"), r"unexpected keys \(1\): pos_embed\.freqs", dst
     )
 
 
@@ -253,7 +253,7 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path, hf_folder):
     rewrite_single_file(hf_folder, lambda s: s.update({"transformer_blocks.0.img_mod.1.weight": torch.zeros(380, 64)}))
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"),
+        lambda: convert.hf_to_mega(hf_folder, dst, expect="qwen_image"),
         r"transformer_blocks\.0\.img_mod\.1\.weight: \(380, 64\) in the weights, "
         r"\(384, 64\) from the config",
         dst,
@@ -274,59 +274,59 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path, hf_folder
     config[field] = value
     (hf_folder / "config.json").write_text(json.dumps(config))
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image"), re.compile(message, re.S), dst)
+    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, expect="qwen_image"), re.compile(message, re.S), dst)
 
 
 def test_tensor_parallel_that_does_not_divide_the_heads_is_refused(tmp_path, hf_folder):
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(hf_folder, dst, arch="qwen_image", tensor_parallel=3),
+        lambda: convert.hf_to_mega(hf_folder, dst, expect="qwen_image", tensor_parallel=3),
         r"tensor parallel size 3 does not divide the 4 attention heads of this Qwen-Image model",
         dst,
     )
 
 
 @pytest.mark.parametrize(
-    "arch, message",
+    "expect, message",
     [
         (
             "wan",
             r"hf/config\.json is a diffusers QwenImageTransformer2DModel config \(Qwen-Image\), neither a diffusers "
-            r"WanTransformer3DModel config, an original Wan config .* nor a phased-dmd-mega 'wan' config as arch "
-            r"'wan' asks; pass arch 'qwen_image' or a Qwen-Image preset \(qwen-image, tiny\)",
+            r"WanTransformer3DModel config, an original Wan config .* nor a phased-dmd-mega 'wan' config as expected "
+            r"\('wan'\); expect 'qwen_image' or a Qwen-Image preset \(qwen-image, tiny\)",
         ),
-        ("wan2.1-t2v-1.3b", r"\(Qwen-Image\), neither .* as arch 'wan2\.1-t2v-1\.3b' \(a Wan preset\) asks"),
+        ("wan2.1-t2v-1.3b", r"\(Qwen-Image\), neither .* as expected \('wan2\.1-t2v-1\.3b', a Wan preset\);"),
         ("qwen-image", r"is not preset 'qwen-image': num_heads 4 \(preset 24\), head_dim 16 \(preset 128\)"),
-        ("flux", r"unknown arch 'flux': expected 'wan' or 'qwen_image' or a preset"),
+        ("flux", r"unknown family or preset 'flux': expected 'wan' or 'qwen_image' or a preset \(wan: "),
     ],
 )
-def test_an_arch_that_does_not_match_the_folder_is_refused(tmp_path, hf_folder, arch, message):
+def test_an_expected_name_that_does_not_match_the_folder_is_refused(tmp_path, hf_folder, expect, message):
     dst = tmp_path / "mega"
-    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, arch=arch), message, dst)
+    assert_refused(lambda: convert.hf_to_mega(hf_folder, dst, expect=expect), message, dst)
 
 
 def test_a_wan_folder_converted_as_qwen_image_is_refused(tmp_path):
     src = save_wan_diffusers(tmp_path / "wan")
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(src, dst, arch="qwen_image"),
+        lambda: convert.hf_to_mega(src, dst, expect="qwen_image"),
         r"is a diffusers WanTransformer3DModel config \(Wan\), neither a diffusers "
         r"QwenImageTransformer2DModel config nor a phased-dmd-mega 'qwen_image' config "
-        r"as arch 'qwen_image' asks; pass arch 'wan'",
+        r"as expected \('qwen_image'\); expect 'wan'",
         dst,
     )
 
 
-def test_mega_to_hf_refuses_the_wrong_arch_and_the_original_layout(tmp_path, saved):
+def test_mega_to_hf_refuses_the_wrong_family_and_the_original_layout(tmp_path, saved):
     folders, _ = saved
     dst = tmp_path / "back"
     assert_refused(
-        lambda: convert.mega_to_hf(folders["mega"], dst, arch="wan"),
+        lambda: convert.mega_to_hf(folders["mega"], dst, expect="wan"),
         r"is a phased-dmd-mega 'qwen_image' config \(Qwen-Image\), neither",
         dst,
     )
     assert_refused(
-        lambda: convert.mega_to_hf(folders["mega"], dst, arch="qwen_image", layout="original"),
+        lambda: convert.mega_to_hf(folders["mega"], dst, expect="qwen_image", layout="original"),
         r"is Qwen-Image, which has no original layout \(it has diffusers, mega\)",
         dst,
     )
@@ -340,7 +340,7 @@ def test_a_mega_config_that_disagrees_with_its_weights_is_refused(tmp_path, save
     (mega / "config.json").write_text(json.dumps(config))
     dst = tmp_path / "back"
     assert_refused(
-        lambda: convert.mega_to_hf(mega, dst, arch="qwen_image"),
+        lambda: convert.mega_to_hf(mega, dst, expect="qwen_image"),
         r"txt_norm\.weight: \(24,\) in the weights, \(32,\) from the config",
         dst,
     )
@@ -351,7 +351,7 @@ def test_a_pipeline_with_a_second_transformer_is_refused(tmp_path):
     save_diffusers(root / "transformer_2", seed=1)
     dst = tmp_path / "mega"
     assert_refused(
-        lambda: convert.hf_to_mega(root, dst, arch="qwen_image"),
+        lambda: convert.hf_to_mega(root, dst, expect="qwen_image"),
         r"laid out as two experts \(high and low noise\), but a Qwen-Image checkpoint holds one model",
         dst,
     )
@@ -361,14 +361,14 @@ def test_a_pipeline_with_a_second_transformer_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
-def test_cli_converts_with_arch_qwen_image(tmp_path, hf_folder):
+def test_cli_converts_expecting_qwen_image(tmp_path, hf_folder):
     script = Path(sys.executable).parent / "phased-dmd"
     run = subprocess.run(
         [
             str(script),
             "convert",
             "hf-to-mega",
-            "--arch",
+            "--expect",
             "qwen_image",
             "--src",
             str(hf_folder),
@@ -386,6 +386,6 @@ def test_cli_converts_with_arch_qwen_image(tmp_path, hf_folder):
     assert run.returncode == 0, run.stderr
     assert "wrote model-00001-of-" in run.stderr  # progress, one line per shard
     config = json.loads((tmp_path / "mega" / "config.json").read_text())
-    assert config["arch"] == "qwen_image" and config["tensor_parallel"] == 2
-    convert.mega_to_hf(tmp_path / "mega", tmp_path / "back", arch="qwen_image")
+    assert config["family"] == "qwen_image" and config["tensor_parallel"] == 2
+    convert.mega_to_hf(tmp_path / "mega", tmp_path / "back", expect="qwen_image")
     assert_bitwise_equal(read_folder(tmp_path / "back"), read_folder(hf_folder))

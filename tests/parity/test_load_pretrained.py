@@ -192,7 +192,7 @@ def test_expert_on_a_single_model_is_refused(saved):
 def test_preset_must_match_the_checkpoint(saved):
     folders, _ = saved("t2v")
     with pytest.raises(CheckpointError, match=r"is not preset 'wan2.1-t2v-1.3b': dim 48 \(preset 1536\)"):
-        in_process(load_pretrained, folders["original"], arch="wan2.1-t2v-1.3b")
+        in_process(load_pretrained, folders["original"], expect="wan2.1-t2v-1.3b")
 
 
 def test_unknown_model_option_is_refused(saved):

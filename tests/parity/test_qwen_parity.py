@@ -48,7 +48,7 @@ def diffusers_model(tmp_path_factory):
 # ----------------------------------------------------------------------------- tests
 
 
-def test_arch_presets_and_config_round_trip(diffusers_model):
+def test_dims_presets_and_config_round_trip(diffusers_model):
     folder = diffusers_model.folder
     dims = dims_of(folder, QWEN)
     assert dims == QWEN_IMAGE_PRESETS["tiny"]

@@ -92,3 +92,23 @@ def test_export_reports_bad_input_as_usage_and_a_failure_inside_as_status_1(monk
     assert cli.main(["export", "--checkpoint", "ckpt", "--dst", "out"]) == status
     err = capsys.readouterr().err
     assert "phased-dmd export: error: the latents have 16 channels" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("direction", ["hf-to-mega", "mega-to-hf"])
+def test_convert_takes_the_deprecated_arch_as_expect_and_hides_it(monkeypatch, capsys, direction):
+    from phased_dmd_mega import cli, convert
+
+    calls = []
+    for name in ("hf_to_mega", "mega_to_hf"):
+        monkeypatch.setattr(convert, name, lambda src, dst, **kwargs: calls.append(kwargs) or dst)
+    common = ["convert", direction, "--src", "in", "--dst", "out"]
+    assert cli.main([*common, "--expect", "wan2.1-t2v-1.3b"]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert cli.main([*common, "--arch", "qwen_image"]) == 0
+    assert "warning: --arch is deprecated; use --expect" in capsys.readouterr().err
+    assert cli.main(common) == 0
+    assert [kwargs["expect"] for kwargs in calls] == ["wan2.1-t2v-1.3b", "qwen_image", "wan"]
+    with pytest.raises(SystemExit):
+        cli.main(["convert", direction, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--expect" in help_text and "--arch" not in help_text

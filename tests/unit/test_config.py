@@ -1,5 +1,7 @@
 """Typed configuration: YAML, dotted overrides, and errors that name the key and the source."""
 
+import logging
+
 import pytest
 
 from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
@@ -135,3 +137,46 @@ def test_missing_and_malformed_files(tmp_path):
 def test_dumped_config_loads_back_identically(tmp_path):
     cfg = load_config(EXAMPLES / "tiny_cpu.yaml", ["phases.weight_clamp=5.0"])
     assert load_config(write(tmp_path, dump_yaml(cfg))) == cfg
+
+
+@pytest.fixture
+def config_warnings():
+    """The messages the config loader logs at WARNING or above."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("phased_dmd_mega.config")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
+
+
+def test_model_arch_is_read_as_model_family_with_a_warning(tmp_path, config_warnings):
+    path = write(tmp_path, "model:\n  arch: qwen_image\n")
+    assert load_config(path).model.family == "qwen_image"
+    assert config_warnings == [f"model.arch (from file {path}) is deprecated: it is read as model.family; rename it"]
+    config_warnings.clear()
+    # An override by the old name replaces the file's family, whichever name the file used.
+    assert load_config(path, ["model.arch=wan"]).model.family == "wan"
+    assert load_config(None, ["model={arch: qwen_image}"]).model.family == "qwen_image"
+    assert len(config_warnings) == 3 and "command-line override 'model.arch=wan'" in config_warnings[1]
+    with pytest.raises(ConfigError, match=r"model.arch: the deprecated name of model.family, given beside it"):
+        load_config(write(tmp_path, "model:\n  arch: wan\n  family: wan\n", "both.yaml"))
+    with pytest.raises(ConfigError, match=r"model.family: must be one of 'wan', 'qwen_image', got 'flux'"):
+        load_config(None, ["model.arch=flux"])
+
+
+def test_an_old_runs_config_with_model_arch_loads_and_is_compared_on_resume(tmp_path, config_warnings):
+    from phased_dmd_mega.distill.trainer import check_resumable
+
+    cfg = load_config(EXAMPLES / "tiny_cpu.yaml")
+    old = dump_yaml(cfg).replace("\n  family: wan\n", "\n  arch: wan\n")
+    assert "arch: wan" in old and "family" not in old
+    folder = tmp_path / "iter_0000001"
+    folder.mkdir()
+    write(folder, old, "config.yaml")
+    assert load_config(folder / "config.yaml") == cfg
+    check_resumable(folder, cfg)  # the same run: resumes
+    with pytest.raises(ConfigError, match=r"model.family \(checkpoint 'wan', now 'qwen_image'\)"):
+        check_resumable(folder, load_config(EXAMPLES / "tiny_cpu.yaml", ["model.family=qwen_image"]))
+    assert config_warnings and all("model.arch" in message for message in config_warnings)

@@ -85,38 +85,38 @@ def test_parameter_counts_equal_diffusers_models(preset):
     with torch.device("meta"):
         reference = getattr(diffusers, class_name)(**kwargs)
     expected = sum(p.numel() for p in reference.parameters())
-    arch = "qwen_image" if preset.startswith("qwen") else "wan"
-    model, _ = parameter_counts(arch, preset)
+    family = "qwen_image" if preset.startswith("qwen") else "wan"
+    model, _ = parameter_counts(family, preset)
     assert model.total == expected
 
 
-def _real_counts(arch_name, lora_rank):
+def _real_counts(family, lora_rank):
     from phased_dmd_mega.models.lora import add_adapter
 
-    architecture = registry()[arch_name]
+    architecture = registry()[family]
     model = architecture.model_class(architecture.presets["tiny"], ModelParallelOptions())
     base = ParameterCount.of(model.parameters())
     view = add_adapter(model, "g", lora_rank, 8.0, LORA_TARGETS)
     return base, ParameterCount.of(view.parameters())
 
 
-@pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
-def test_meta_counts_equal_a_real_model(arch_name):
-    base, adapters = with_parallel_state(_real_counts, arch_name, 4)
-    assert parameter_counts(arch_name, "tiny", 4, LORA_TARGETS) == (base, adapters)
+@pytest.mark.parametrize("family", ["wan", "qwen_image"])
+def test_meta_counts_equal_a_real_model(family):
+    base, adapters = with_parallel_state(_real_counts, family, 4)
+    assert parameter_counts(family, "tiny", 4, LORA_TARGETS) == (base, adapters)
 
 
-def _local_counts(arch_name, lora_rank):
-    base, adapters = _real_counts(arch_name, lora_rank)
+def _local_counts(family, lora_rank):
+    base, adapters = _real_counts(family, lora_rank)
     return base.total, adapters.total
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
-def test_per_rank_counts_equal_a_tensor_parallel_run(arch_name):
-    model, adapters = parameter_counts(arch_name, "tiny", 4, LORA_TARGETS)
+@pytest.mark.parametrize("family", ["wan", "qwen_image"])
+def test_per_rank_counts_equal_a_tensor_parallel_run(family):
+    model, adapters = parameter_counts(family, "tiny", 4, LORA_TARGETS)
     for base, lora in run_distributed(
-        with_parallel_state, 2, _local_counts, arch_name, 4, parallel_sizes={"tensor_parallel": 2}
+        with_parallel_state, 2, _local_counts, family, 4, parallel_sizes={"tensor_parallel": 2}
     ):
         assert base == model.per_rank(2)
         assert lora == adapters.per_rank(2)
@@ -218,9 +218,9 @@ QWEN_SMALL = QwenImageDims(num_heads=4, head_dim=64, num_layers=1, text_dim=24, 
 TEXT = {"wan": 512, "qwen_image": 64}
 
 
-def _inputs(arch_name):
+def _inputs(family):
     gen = torch.Generator().manual_seed(0)
-    if arch_name == "wan":  # 4 x 16 x 32 latents: 2 x 8 x 16 = 256 tokens
+    if family == "wan":  # 4 x 16 x 32 latents: 2 x 8 x 16 = 256 tokens
         latents, tokens = torch.randn(1, 16, 4, 16, 32, generator=gen), 4 * 8 * 16
         context = torch.randn(1, TEXT["wan"], WAN_SMALL.text_dim, generator=gen)
     else:  # 32 x 32 latents packed 2x2: 256 tokens
@@ -246,13 +246,13 @@ def _saved_bytes(model, *inputs) -> int:
     return sum(seen.values())
 
 
-def _block_bytes(arch_name, recompute):
+def _block_bytes(family, recompute):
     """Bytes saved by one block: a 2-block model minus a 1-block one (same inputs)."""
     from dataclasses import replace
 
-    base = WAN_SMALL if arch_name == "wan" else QWEN_SMALL
-    model_class = WanModel if arch_name == "wan" else QwenImageModel
-    latents, t, context, _ = _inputs(arch_name)
+    base = WAN_SMALL if family == "wan" else QWEN_SMALL
+    model_class = WanModel if family == "wan" else QwenImageModel
+    latents, t, context, _ = _inputs(family)
     par = ModelParallelOptions(
         dtype=torch.bfloat16,
         attention_backend="sdpa",
@@ -266,35 +266,33 @@ def _block_bytes(arch_name, recompute):
     return sizes[1] - sizes[0]
 
 
-def _expected_block_bytes(arch_name, tp, ulysses, sp, recompute):
-    dims = WAN_SMALL if arch_name == "wan" else QWEN_SMALL
-    blocks = registry()[arch_name].block_activations(dims, DTYPE_BYTES["bfloat16"])
-    _, _, _, tokens = _inputs(arch_name)
-    streamed = tokens + (TEXT["qwen_image"] if arch_name == "qwen_image" else 0)
+def _expected_block_bytes(family, tp, ulysses, sp, recompute):
+    dims = WAN_SMALL if family == "wan" else QWEN_SMALL
+    blocks = registry()[family].block_activations(dims, DTYPE_BYTES["bfloat16"])
+    _, _, _, tokens = _inputs(family)
+    streamed = tokens + (TEXT["qwen_image"] if family == "qwen_image" else 0)
     if recompute == "full":
         return streamed / ulysses * blocks.block_input / (tp if sp else 1)
-    fixed = TEXT["wan"] * blocks.text_fixed / tp if arch_name == "wan" else 0
+    fixed = TEXT["wan"] * blocks.text_fixed / tp if family == "wan" else 0
     return streamed / ulysses * blocks.per_token(tp, sp) + fixed
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
-@pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
-def test_block_activations_equal_what_autograd_saves(arch_name, recompute):
-    measured = with_parallel_state(_block_bytes, arch_name, recompute)
-    expected = _expected_block_bytes(arch_name, 1, 1, False, recompute)
+@pytest.mark.parametrize("family", ["wan", "qwen_image"])
+def test_block_activations_equal_what_autograd_saves(family, recompute):
+    measured = with_parallel_state(_block_bytes, family, recompute)
+    expected = _expected_block_bytes(family, 1, 1, False, recompute)
     assert measured == pytest.approx(expected, rel=0.05)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp, ulysses", [(2, 1), (1, 2)])
-@pytest.mark.parametrize("arch_name", ["wan", "qwen_image"])
-def test_block_activations_per_rank_under_tensor_and_sequence_parallelism(arch_name, tp, ulysses):
+@pytest.mark.parametrize("family", ["wan", "qwen_image"])
+def test_block_activations_per_rank_under_tensor_and_sequence_parallelism(family, tp, ulysses):
     for recompute in ("none", "full"):
-        expected = _expected_block_bytes(arch_name, tp, ulysses, tp > 1, recompute)
+        expected = _expected_block_bytes(family, tp, ulysses, tp > 1, recompute)
         sizes = {"tensor_parallel": tp, "ulysses_parallel": ulysses, "sequence_parallel": tp > 1}
-        for measured in run_distributed(
-            with_parallel_state, 2, _block_bytes, arch_name, recompute, parallel_sizes=sizes
-        ):
+        for measured in run_distributed(with_parallel_state, 2, _block_bytes, family, recompute, parallel_sizes=sizes):
             assert measured == pytest.approx(expected, rel=0.05), recompute
 
 

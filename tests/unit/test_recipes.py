@@ -72,7 +72,7 @@ def test_recipe_uses_the_published_settings(name):
         assert (cfg.model.lora.rank, cfg.model.lora.alpha, opt.generator.lr) == (64, 8.0, 5e-5)
     else:
         assert opt.generator.lr == 2e-6
-    assert cfg.model.preset in registry()[cfg.model.arch].presets
+    assert cfg.model.preset in registry()[cfg.model.family].presets
 
 
 def test_model_specific_settings():
@@ -94,8 +94,8 @@ def test_model_specific_settings():
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_resolution_makes_whole_patches(name):
     cfg = recipe(name)
-    dims = registry()[cfg.model.arch].presets[cfg.model.preset]
-    patch = dims.patch_size if cfg.model.arch == "wan" else (1, dims.patch_size, dims.patch_size)
+    dims = registry()[cfg.model.family].presets[cfg.model.preset]
+    patch = dims.patch_size if cfg.model.family == "wan" else (1, dims.patch_size, dims.patch_size)
     for r in cfg.data.resolutions:
         _, frames, height, width = LatentGeometry().latent_shape(r.frames, r.height, r.width)
         assert frames % patch[0] == 0 and height % patch[1] == 0 and width % patch[2] == 0, r
@@ -104,7 +104,7 @@ def test_every_resolution_makes_whole_patches(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_parallel_sizes_fit_an_eight_gpu_node(name):
     cfg = recipe(name)
-    dims = registry()[cfg.model.arch].presets[cfg.model.preset]
+    dims = registry()[cfg.model.family].presets[cfg.model.preset]
     replica = cfg.parallel.tensor_parallel * cfg.parallel.ulysses_parallel
     assert GPUS_PER_NODE % replica == 0
     assert dims.num_heads % replica == 0
@@ -137,7 +137,7 @@ def tiny_wan_folder(tmp_path_factory):
     return folder
 
 
-def _teacher_arch(cfg):
+def _teacher_dims(cfg):
     from phased_dmd_mega.distill.build import build_teacher
 
     return with_parallel_state(lambda: build_teacher(cfg).high.dims)
@@ -146,7 +146,7 @@ def _teacher_arch(cfg):
 def test_teacher_must_be_the_recipes_preset(tiny_wan_folder):
     from phased_dmd_mega.models.architectures import CheckpointError
 
-    model = {"arch": "wan", "teacher_path": str(tiny_wan_folder), "dtype": "float32", "attention_backend": "sdpa"}
-    assert _teacher_arch(config_from_dict({"model": model})).dim == 48  # no preset: the folder decides
+    model = {"family": "wan", "teacher_path": str(tiny_wan_folder), "dtype": "float32", "attention_backend": "sdpa"}
+    assert _teacher_dims(config_from_dict({"model": model})).dim == 48  # no preset: the folder decides
     with pytest.raises(CheckpointError, match=r"is not preset 'wan2.1-t2v-1.3b': dim 48 \(preset 1536\)"):
-        _teacher_arch(config_from_dict({"model": {**model, "preset": "wan2.1-t2v-1.3b"}}))
+        _teacher_dims(config_from_dict({"model": {**model, "preset": "wan2.1-t2v-1.3b"}}))
