@@ -4,6 +4,7 @@ exits, non-finite steps are skipped and too many stop the run with a checkpoint.
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -132,6 +133,30 @@ class NaNTeacher(torch.nn.Module):
         return torch.full_like(x, float("nan"))
 
 
+def _train_in_process(cfg, prepare=None) -> int:
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+        if prepare is not None:
+            prepare(trainer)
+        return trainer.run()
+    finally:
+        parallel.destroy()
+
+
+def _nan_teacher_until(trainer, iteration: int) -> None:
+    """The teacher gives NaN velocities in the generator updates before ``iteration``."""
+    experts, real = trainer.phased.teacher.experts, trainer.phased.teacher.experts.high
+    generator_update = trainer.phased.generator_update
+
+    def update(phase, batch, it):
+        experts.high = NaNTeacher() if it < iteration else real
+        return generator_update(phase, batch, it)
+
+    trainer.phased.generator_update = update
+
+
 def test_non_finite_steps_are_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_path, caplog):
     cfg = load_config(write_config(tmp_path), ["checkpoint.save_every=100"])
     parallel.initialize(seed=cfg.run.seed)
@@ -147,18 +172,22 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run_with_a_checkpoin
     for name, param in trainer.generators[0].model.named_parameters():  # NaN updates were skipped
         assert torch.equal(param, before[name])
     assert (tmp_path / "run" / "checkpoints" / "iter_0000001").is_dir()
-
-
-def _train_in_process(cfg, prepare=None) -> int:
-    parallel.initialize(seed=cfg.run.seed)
-    try:
-        teacher = build_teacher(cfg)
-        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
-        if prepare is not None:
-            prepare(trainer)
-        return trainer.run()
-    finally:
-        parallel.destroy()
+    # The cause gone (the real teacher), the run resumes at iteration 2, and trains as a run
+    # whose teacher was NaN in iterations 0 and 1 only (one that does not stop there).
+    with caplog.at_level("INFO", logger="phased_dmd_mega.distill.trainer"):
+        assert _train_in_process(cfg) == 6
+    assert "(iteration 1)" in caplog.text
+    records = metrics(tmp_path / "run")
+    assert [r["iteration"] for r in records] == list(range(6))
+    assert all(math.isnan(records[i]["generator_grad_norm"]) for i in (0, 1))
+    for record in records[2:]:
+        assert all(math.isfinite(v) for v in record.values()), record
+        assert record["dmd_loss"] > 0 and record["generator_grad_norm"] > 0
+    unstopped = load_config(
+        write_config(tmp_path, "unstopped"), ["checkpoint.save_every=100", "run.max_consecutive_nonfinite=3"]
+    )
+    assert _train_in_process(unstopped, lambda trainer: _nan_teacher_until(trainer, 2)) == 6
+    assert records[2:] == metrics(tmp_path / "unstopped")[2:]
 
 
 def _sigterm_after_fake_update(trainer, iteration: int, index: int) -> None:
