@@ -15,11 +15,18 @@
 #   MASTER_ADDR      rank 0's host [first host of SLURM_JOB_NODELIST, else 127.0.0.1 on one node]
 #   MASTER_PORT      [29500]
 #   PYTHON           [python3]
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+#                    seconds torchrun gives its workers between passing SIGTERM on to them and
+#                    SIGKILL [300]: room for the sub-update under way and the checkpoint save
 #   DRY_RUN=1        same as --dry-run: print the resolved config, the memory estimate and the
 #                    command, and launch nothing
 #
 # Exported for the training processes: CUDA_DEVICE_MAX_CONNECTIONS=1, which megatron's
-# tensor-/sequence-parallel layers rely on to overlap their communication with compute.
+# tensor-/sequence-parallel layers rely on to overlap their communication with compute; and
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT, read by torchrun itself.
+#
+# Without CUDA (no GPU, or CUDA_VISIBLE_DEVICES="") the ranks run on CPU over gloo: give
+# GPUS_PER_NODE as the number of processes per node (there is no nvidia-smi to count them).
 
 launch_fail() {
     echo "$(basename "$0"): error: $*" >&2
@@ -100,11 +107,23 @@ check_parallel_fit() {  # tensor_parallel ulysses_parallel
 # they are issued, so that megatron's layers can issue a collective first and overlap it with
 # the compute issued after it (megatron-LM sets the same for TP/SP runs). Another value only
 # loses that overlap, so a value left in the environment is replaced, with a note.
+#
+# On SIGTERM (preemption, a time limit) torchrun passes the signal on to every worker, waits
+# for them, and SIGKILLs the ones still running after its shutdown timeout. torch 2.13 reads
+# that timeout from `--shutdown-timeout`, else from TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 30 s
+# (torch/distributed/launcher/api.py LaunchConfig.__post_init__; the agent's _shutdown ->
+# PContext.close(death_sig, timeout) in torch/distributed/elastic/). 30 s is less than a
+# sub-update at 720p plus a save of the roles, after which the trainer stops (distill/trainer.py).
+# The variable, not the option, so that a torch without the setting ignores it (and keeps its
+# 30 s) instead of refusing the option. The cluster's own grace before its SIGKILL (SLURM's
+# KillWait, Kubernetes' terminationGracePeriodSeconds) must be as long.
 set_launch_environment() {
     if [[ -n "${CUDA_DEVICE_MAX_CONNECTIONS:-}" && "$CUDA_DEVICE_MAX_CONNECTIONS" != 1 ]]; then
         launch_note "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS replaced by 1 (megatron's overlap needs it)"
     fi
     export CUDA_DEVICE_MAX_CONNECTIONS=1
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
+    require_positive_int TORCH_ELASTIC_SHUTDOWN_TIMEOUT "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 }
 
 launch() {
@@ -158,6 +177,7 @@ print(cfg["parallel"]["tensor_parallel"], cfg["parallel"]["ulysses_parallel"], c
     fi
     if [[ "$dry_run" == 1 ]]; then
         echo "# launch environment"
+        echo "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
         echo "export CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS"
         echo "# launch command (node $NODE_RANK of $NNODES; run the same on every node with its NODE_RANK)"
         printf '%q ' "${command[@]}"

@@ -2,13 +2,18 @@
 
 The same code runs the paper's baselines: one-phase N-step DMD with SGTS (a layout with one
 phase) and naive N-step DMD (``method="dmd_naive"``: gradient through every step).
+
+An iteration can stop between its sub-updates (after any fake update, before the generator
+update) and continue later, in another process, from where it stopped: every random draw is
+keyed by (seed, iteration, phase, sub-update), and the generators do not change before the
+generator update, so the continued iteration is the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -37,6 +42,17 @@ class Batch:
             self.negative.select(index.to(self.negative.context.device)),
             (len(index), *self.latent_shape[1:]),
         )
+
+
+@dataclass
+class StoppedIteration:
+    """An iteration stopped between sub-updates: its first ``fake_updates_done`` fake updates
+    ran (1 to all of them; the generator update did not), logging ``logs`` in ``seconds``.
+    ``PhasedDMD.iteration(..., resume=it)`` runs the rest."""
+
+    fake_updates_done: int
+    logs: Dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class PhasedDMD:
@@ -127,22 +143,30 @@ class PhasedDMD:
             raise ValueError(f"micro_batch_size {step} does not divide the batch of {size} samples")
         return [slice(start, start + step) for start in range(0, size, step)]
 
-    def _fake_anchors(self, phase: int, batch: Batch, iteration: int) -> List[Anchor]:
-        """The anchors of the iteration's fake updates (purposes 1, 2, ...), in that order.
+    def _fake_anchors(self, phase: int, batch: Batch, iteration: int, first: int = 0) -> List[Tuple[int, Anchor]]:
+        """(index, anchor) of the iteration's fake updates ``first``, ``first + 1``, ... (purposes
+        ``1 + index``), in that order.
 
         The generators do not change between these updates, so with ``batch_fake_rollouts`` the
         rollouts that share an SGTS exit step run as one batch: the same noise per update, hence
         the same anchors (with the Euler rule; the stochastic rule draws its step noise once
         for the group). Fewer, larger DiT calls; the rollout activations grow with the group.
+        A group runs whole as long as one of its updates is still to do, so that an iteration
+        continued from ``first`` gets the anchors of the uninterrupted one, bit for bit.
         """
         purposes = [1 + index for index in range(self.phases.fake_updates_per_generator_update)]
         if not self.phases.batch_fake_rollouts:
-            return [self._anchor(phase, batch, iteration, purpose, with_grad=False) for purpose in purposes]
+            return [
+                (purpose - 1, self._anchor(phase, batch, iteration, purpose, with_grad=False))
+                for purpose in purposes[first:]
+            ]
         groups: Dict[Optional[int], List[int]] = {}
         for purpose in purposes:
             groups.setdefault(self._exit_step(phase, iteration, purpose), []).append(purpose)
         anchors: Dict[int, Anchor] = {}
         for exit_step, members in groups.items():
+            if members[-1] <= first:  # every update of the group is done
+                continue
             gens = [self._random(iteration, phase, purpose) for purpose in members]
             noise = torch.cat([self._noise(batch, gen) for gen in gens])
             rows = torch.arange(batch.condition.batch, device=noise.device).repeat(len(members))
@@ -161,7 +185,7 @@ class PhasedDMD:
                 members, *(t.chunk(len(members)) for t in (grouped.x_s, grouped.x_exit, grouped.flow_exit))
             ):
                 anchors[purpose] = Anchor(x_s, grouped.s, x_exit, grouped.t_exit, flow_exit)
-        return [anchors[purpose] for purpose in purposes]
+        return [(purpose - 1, anchors[purpose]) for purpose in purposes[first:]]
 
     def fake_update(self, phase: int, batch: Batch, iteration: int, index: int, anchor: Anchor) -> Dict[str, float]:
         """Fake update ``index`` of the iteration, on its anchor from :meth:`_fake_anchors`."""
@@ -238,13 +262,32 @@ class PhasedDMD:
                 totals[key] = totals.get(key, 0.0) + value.item() / len(slices)
         return totals, role.step()
 
-    def iteration(self, phase: int, batch: Batch, iteration: int) -> Dict[str, float]:
+    def iteration(
+        self,
+        phase: int,
+        batch: Batch,
+        iteration: int,
+        stop: Optional[Callable[[], bool]] = None,
+        resume: Optional[StoppedIteration] = None,
+    ) -> Union[Dict[str, float], StoppedIteration]:
+        """The fake updates, then the generator update; returns the logs.
+
+        ``stop`` is asked after each fake update (so also before the generator update); it must
+        give the same answer on every rank (e.g. ``all_ranks_agree``). When it says so, the
+        iteration ends there and returns a ``StoppedIteration``; ``resume`` with it (and the same
+        phase, batch and iteration, in this process or in one restored from a checkpoint saved
+        then) runs the rest, and returns the logs of the uninterrupted iteration.
+        """
         start = time.perf_counter()
-        logs: Dict[str, float] = {}
-        for index, anchor in enumerate(self._fake_anchors(phase, batch, iteration)):
+        done = resume.fake_updates_done if resume is not None else 0
+        logs: Dict[str, float] = dict(resume.logs) if resume is not None else {}
+        earlier = resume.seconds if resume is not None else 0.0
+        for index, anchor in self._fake_anchors(phase, batch, iteration, first=done):
             logs.update(self.fake_update(phase, batch, iteration, index, anchor))
+            if stop is not None and stop():
+                return StoppedIteration(index + 1, logs, earlier + time.perf_counter() - start)
         logs.update(self.generator_update(phase, batch, iteration))
-        logs["step_seconds"] = time.perf_counter() - start
+        logs["step_seconds"] = earlier + time.perf_counter() - start
         return logs
 
 

@@ -4,15 +4,25 @@ Reads top to bottom: build the roles from the teacher, then for each step of the
 (phase by phase, or alternating) draw a batch, run one iteration (fake updates, then the
 generator update), log, and checkpoint. A run resumes from ``checkpoint.dir/latest`` by itself;
 non-finite steps are skipped and counted; SIGTERM (cluster preemption) checkpoints and exits.
+
+Preemption. torchrun passes SIGTERM on to its workers and SIGKILLs those still running after
+its shutdown timeout (torch 2.13: ``--shutdown-timeout`` or ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``,
+30 s by default; see examples/launch_common.sh), and an iteration at 720p takes longer than
+that. So the ranks agree whether to stop after every sub-update (each fake update, and the
+generator update at the end of the iteration), one one-element all-reduce each: a stop inside
+an iteration saves a checkpoint of the iteration so far (``PARTIAL`` in its metadata: the fake
+updates done and their logs), which a resumed run continues from the next sub-update, with the
+losses of the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,7 +42,7 @@ from phased_dmd_mega.distill.build import (
     role_optimizer,
 )
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, set_learning_rate
-from phased_dmd_mega.distill.phased import Batch, PhasedDMD
+from phased_dmd_mega.distill.phased import Batch, PhasedDMD, StoppedIteration
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.files import sweep_debris
 from phased_dmd_mega.locks import FolderLock
@@ -40,6 +50,10 @@ from phased_dmd_mega.log import get_logger, process_memory_mib
 from phased_dmd_mega.sample import PeriodicSamples
 
 log = get_logger(__name__)
+
+# A checkpoint's metadata key for an iteration stopped between sub-updates (absent: whole
+# iterations): {"fake_updates_done": n, "logs": {...}, "seconds": s} (a StoppedIteration).
+PARTIAL = "partial_iteration"
 
 
 # What a checkpoint's roles and schedule were built from: a resumed run must agree on these
@@ -211,6 +225,7 @@ class Trainer:
         if cfg.logging.sample_every:
             self.samples = PeriodicSamples.for_run(cfg, prompts, geometry, teacher.high.dims)
         self._stop_requested = False
+        self._stopped_within: Optional[StoppedIteration] = None  # from a checkpoint saved mid-iteration
         self._tensorboard = self._open_tensorboard()
 
     def _open_tensorboard(self):
@@ -276,7 +291,17 @@ class Trainer:
         check_resumable(Path(path), self.cfg)
         metadata = checkpoint.load_checkpoint(path, self.roles())
         log.info("resumed from %s (iteration %d)", path, metadata["iteration"])
-        return metadata["iteration"] + 1
+        return self._next_step(metadata)
+
+    def _next_step(self, metadata: Dict[str, Any]) -> int:
+        """The step a checkpoint continues at: the one after it, or its own when it was saved
+        inside an iteration (which then runs from its next sub-update)."""
+        partial = metadata.get(PARTIAL)
+        if partial is None:
+            return metadata["iteration"] + 1
+        self._stopped_within = StoppedIteration(**partial)
+        log.info("iteration %d continues after its fake update %d", metadata["iteration"], partial["fake_updates_done"])
+        return metadata["iteration"]
 
     def _loop(self, start: int) -> int:
         cfg = self.cfg
@@ -285,7 +310,10 @@ class Trainer:
         for step in range(start, total):
             self._set_learning_rates(step, total)
             batch, tokens = self.batch(step)
-            logs = self.phased.iteration(self.schedule[step], batch, step)
+            resume, self._stopped_within = self._stopped_within, None
+            logs = self.phased.iteration(self.schedule[step], batch, step, stop=self._stop_everywhere, resume=resume)
+            if isinstance(logs, StoppedIteration):  # SIGTERM inside the iteration
+                return self._stop_inside(step, logs)
             if self.ema is not None and math.isfinite(logs["generator_grad_norm"]):
                 phase = self.schedule[step]
                 update_ema(self.ema[phase], self.generators[phase].model, cfg.optimizer.ema_decay)
@@ -317,12 +345,26 @@ class Trainer:
                 return step + 1
         return total
 
-    def save(self, step: int) -> None:
+    def _stop_inside(self, step: int, stopped: StoppedIteration) -> int:
+        self.save(step, stopped)
+        log.warning(
+            "SIGTERM: stopped in iteration %d after %d of its %d fake updates, with a checkpoint",
+            step,
+            stopped.fake_updates_done,
+            self.cfg.phases.fake_updates_per_generator_update,
+        )
+        return step
+
+    def save(self, step: int, stopped: Optional[StoppedIteration] = None) -> None:
+        """A checkpoint after iteration ``step``, or within it (``stopped``)."""
+        metadata: Dict[str, Any] = {"phase": self.schedule[step]}
+        if stopped is not None:
+            metadata[PARTIAL] = dataclasses.asdict(stopped)
         checkpoint.save_checkpoint(
             self.cfg.checkpoint.dir,
             step,
             self.roles(),
-            {"phase": self.schedule[step]},
+            metadata,
             self.cfg.checkpoint.keep_last,
             files={checkpoint.CONFIG_FILE: dump_yaml(self.cfg)},
         )
@@ -346,7 +388,8 @@ class Trainer:
         self._stop_requested = True
 
     def _stop_everywhere(self) -> bool:
-        """Every rank stops at the same step if any rank was asked to."""
+        """Every rank stops at the same sub-update if any rank was asked to (one small
+        all-reduce; asked after every sub-update)."""
         self._stop_requested = not all_ranks_agree(not self._stop_requested)
         return self._stop_requested
 

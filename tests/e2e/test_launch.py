@@ -1,17 +1,22 @@
 """examples/run_wan22_a14b.sh and run_qwen_image.sh in dry-run mode on CPU: the torchrun
 command they would run (cluster layout from the variables or from SLURM's), the resolved
 config and memory estimate they print, and the errors for missing paths and parallel sizes
-that do not fit the GPUs."""
+that do not fit the GPUs. And a real launch on two nodes (two launchers on this machine, on
+CPU over gloo) that trains a tiny teacher, and a second one that resumes its checkpoint."""
 
+import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import REPO_ROOT
+from helpers.tiny_runs import save_wan_teacher
 
 ROOT = REPO_ROOT
 
@@ -32,7 +37,7 @@ def inputs(tmp_path):
 
 
 def run_script(script, env, *args):
-    ours = ("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_", "CUDA_DEVICE_MAX_CONNECTIONS")
+    ours = ("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_", "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_ELASTIC_")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     full_env = {**clean, "PYTHON": sys.executable, "DRY_RUN": "1", **env}
     return subprocess.run(
@@ -187,6 +192,35 @@ def test_bad_overrides_and_arguments_are_reported(inputs):
     assert stray.returncode == 2 and "unexpected argument 'fast'" in stray.stderr
 
 
+def python_answering_for_torchrun(folder: Path, variable: str) -> Path:
+    """A python for a real launch that answers for torchrun by printing the ``variable`` it sees."""
+    python = folder / "python"
+    python.write_text(
+        f'#!/bin/sh\nif [ "$2" = torch.distributed.run ]; then\n'
+        f'  echo "torchrun sees {variable}=${variable}"; exit 0\nfi\n'
+        f'exec {shlex.quote(sys.executable)} "$@"\n'
+    )
+    python.chmod(0o755)
+    return python
+
+
+def test_the_launch_gives_torchrun_a_shutdown_timeout_that_fits_a_save(inputs, tmp_path):
+    """torchrun SIGKILLs its workers this many seconds after passing SIGTERM on (30 by default):
+    the launch sets 300, or keeps the one it is given."""
+    dry = run_script("run_wan22_a14b.sh", {**inputs, "GPUS_PER_NODE": "8"})
+    assert dry.returncode == 0, dry.stderr
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in dry.stdout.splitlines()
+    python = python_answering_for_torchrun(tmp_path, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    for given, seen in (({}, "300"), ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900"}, "900")):
+        env = {**inputs, "GPUS_PER_NODE": "8", "DRY_RUN": "0", "PYTHON": str(python), **given}
+        launched = run_script("run_wan22_a14b.sh", env)
+        assert launched.returncode == 0, launched.stderr
+        assert launched.stdout.splitlines()[-1] == f"torchrun sees TORCH_ELASTIC_SHUTDOWN_TIMEOUT={seen}"
+    bad = run_script("run_wan22_a14b.sh", {**inputs, "GPUS_PER_NODE": "8", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "soon"})
+    assert bad.returncode == 2
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a positive integer, got 'soon'" in bad.stderr
+
+
 def test_the_launch_exports_cuda_device_max_connections_1(inputs, tmp_path):
     """megatron's TP/SP communication overlap relies on it: the dry run shows it, and torchrun
     gets it, also when the environment had another value."""
@@ -195,14 +229,7 @@ def test_the_launch_exports_cuda_device_max_connections_1(inputs, tmp_path):
     lines = dry.stdout.splitlines()
     assert lines[lines.index("export CUDA_DEVICE_MAX_CONNECTIONS=1") + 1].startswith("# launch command")
     assert "CUDA_DEVICE_MAX_CONNECTIONS=8 replaced by 1" in dry.stderr
-    # A real launch, with a python that answers for torchrun by printing what it was given.
-    python = tmp_path / "python"
-    python.write_text(
-        f'#!/bin/sh\nif [ "$2" = torch.distributed.run ]; then\n'
-        f'  echo "torchrun sees CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS"; exit 0\nfi\n'
-        f'exec {shlex.quote(sys.executable)} "$@"\n'
-    )
-    python.chmod(0o755)
+    python = python_answering_for_torchrun(tmp_path, "CUDA_DEVICE_MAX_CONNECTIONS")
     for given in ({}, {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}):
         env = {**inputs, "GPUS_PER_NODE": "8", "DRY_RUN": "0", "PYTHON": str(python), **given}
         launched = run_script("run_wan22_a14b.sh", env)
@@ -214,3 +241,76 @@ def test_help_describes_the_variables():
     result = run_script("run_qwen_image.sh", {}, "--help")
     assert result.returncode == 0
     assert "QWEN_WEIGHTS=" in result.stdout and "SLURM" in result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_nodes(env, *overrides):
+    """The launcher on node ranks 0 and 1 at once (one process per node, on CPU); their outputs."""
+    ours = ("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_", "DRY_RUN")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    cluster = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "1"}
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(ROOT / "examples" / "run_wan22_a14b.sh"), *overrides],
+            env={**clean, "PYTHON": sys.executable, **env, **cluster, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}:\n{output[-3000:]}"
+    return outputs
+
+
+def losses(run: Path):
+    keep = ("iteration", "phase", "dmd_loss", "fake_loss", "real_fake_gap", "generator_grad_norm", "fake_grad_norm")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in keep} for r in records]
+
+
+@pytest.mark.slow
+def test_a_two_node_launch_trains_and_a_second_one_resumes_its_checkpoint(tmp_path):
+    """NNODES=2 with NODE_RANK 0 and 1 as two launchers on this machine (data parallel 2 across
+    the nodes): the tiny CPU recipe on a tiny Wan teacher of its "tiny" preset for 4 iterations,
+    checkpointing each; then a second two-node launch resumes from the checkpoint of iteration 1
+    and trains iterations 2 and 3 to the first launch's losses."""
+    tiny = {"attention_head_dim": 16, "ffn_dim": 128, "text_dim": 32, "freq_dim": 32}
+    teacher = save_wan_teacher(tmp_path / "teacher", in_channels=16, out_channels=16, **tiny)
+    from phased_dmd_mega.prompt_cache.writer import write_embeddings_cache
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(tokens, 32, generator=gen) for tokens in (5, 7, 3, 6)]
+    cache = write_embeddings_cache(tmp_path / "prompts", rows, torch.zeros(4, 32))
+    env = {
+        "CONFIG": str(ROOT / "examples/configs/tiny_cpu.yaml"),
+        "WAN_WEIGHTS": str(teacher),
+        "PROMPT_CACHE": str(cache),
+    }
+    overrides = [
+        "parallel.tensor_parallel=1",
+        "phases.iterations_per_phase=2",
+        "phases.fake_updates_per_generator_update=2",
+        "data.batch_size=2",
+        "checkpoint.save_every=1",
+        "checkpoint.keep_last=10",
+    ]
+    first, second = tmp_path / "first", tmp_path / "second"
+    node0, _ = launch_two_nodes({**env, "OUTPUT": str(first)}, *overrides)
+    assert "training phased_dmd: 2 phases, 4 iterations, 2 processes (TP 1, Ulysses 1, DP 2)" in node0
+    saved = sorted(p.name for p in (first / "checkpoints").glob("iter_*"))
+    assert saved == [f"iter_{i:07d}" for i in range(4)]
+    resume = f"checkpoint.resume={first / 'checkpoints' / 'iter_0000001'}"
+    node0, _ = launch_two_nodes({**env, "OUTPUT": str(second)}, *overrides, resume)
+    assert "resumed from" in node0 and "(iteration 1)" in node0
+    assert [r["iteration"] for r in losses(first)] == [0, 1, 2, 3]
+    assert losses(second) == losses(first)[2:]
+    assert (second / "checkpoints" / "iter_0000003").is_dir()

@@ -4,6 +4,7 @@ exits, non-finite steps are skipped and too many stop the run with a checkpoint.
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,9 +19,16 @@ from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
 from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
 from phased_dmd_mega.distill.build import build_teacher
-from phased_dmd_mega.distill.trainer import NonFiniteLossError, Trainer, learning_rate_factor, step_schedule
+from phased_dmd_mega.distill.trainer import (
+    PARTIAL,
+    NonFiniteLossError,
+    Trainer,
+    learning_rate_factor,
+    step_schedule,
+)
 from phased_dmd_mega.parallel import state as parallel_state
 
+from helpers import REPO_ROOT
 from helpers.tiny_runs import TINY_RUN, write_config
 
 
@@ -35,7 +43,7 @@ def metrics(folder: Path):
     return [last[i] for i in sorted(last)]
 
 
-def launch(config: Path, processes: int, *overrides) -> subprocess.Popen:
+def launch(config: Path, processes: int, *overrides, program=("-m", "phased_dmd_mega"), env=None) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -43,14 +51,13 @@ def launch(config: Path, processes: int, *overrides) -> subprocess.Popen:
         "--standalone",
         "--nproc_per_node",
         str(processes),
-        "-m",
-        "phased_dmd_mega",
+        *program,
         "train",
         "--config",
         str(config),
         *overrides,
     ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def test_schedules_and_learning_rate():
@@ -126,6 +133,30 @@ class NaNTeacher(torch.nn.Module):
         return torch.full_like(x, float("nan"))
 
 
+def _train_in_process(cfg, prepare=None) -> int:
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        teacher = build_teacher(cfg)
+        trainer = Trainer(cfg, teacher, SyntheticPrompts(4, 16, 32), LatentGeometry())
+        if prepare is not None:
+            prepare(trainer)
+        return trainer.run()
+    finally:
+        parallel.destroy()
+
+
+def _nan_teacher_until(trainer, iteration: int) -> None:
+    """The teacher gives NaN velocities in the generator updates before ``iteration``."""
+    experts, real = trainer.phased.teacher.experts, trainer.phased.teacher.experts.high
+    generator_update = trainer.phased.generator_update
+
+    def update(phase, batch, it):
+        experts.high = NaNTeacher() if it < iteration else real
+        return generator_update(phase, batch, it)
+
+    trainer.phased.generator_update = update
+
+
 def test_non_finite_steps_are_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_path, caplog):
     cfg = load_config(write_config(tmp_path), ["checkpoint.save_every=100"])
     parallel.initialize(seed=cfg.run.seed)
@@ -141,6 +172,61 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run_with_a_checkpoin
     for name, param in trainer.generators[0].model.named_parameters():  # NaN updates were skipped
         assert torch.equal(param, before[name])
     assert (tmp_path / "run" / "checkpoints" / "iter_0000001").is_dir()
+    # The cause gone (the real teacher), the run resumes at iteration 2, and trains as a run
+    # whose teacher was NaN in iterations 0 and 1 only (one that does not stop there).
+    with caplog.at_level("INFO", logger="phased_dmd_mega.distill.trainer"):
+        assert _train_in_process(cfg) == 6
+    assert "(iteration 1)" in caplog.text
+    records = metrics(tmp_path / "run")
+    assert [r["iteration"] for r in records] == list(range(6))
+    assert all(math.isnan(records[i]["generator_grad_norm"]) for i in (0, 1))
+    for record in records[2:]:
+        assert all(math.isfinite(v) for v in record.values()), record
+        assert record["dmd_loss"] > 0 and record["generator_grad_norm"] > 0
+    unstopped = load_config(
+        write_config(tmp_path, "unstopped"), ["checkpoint.save_every=100", "run.max_consecutive_nonfinite=3"]
+    )
+    assert _train_in_process(unstopped, lambda trainer: _nan_teacher_until(trainer, 2)) == 6
+    assert records[2:] == metrics(tmp_path / "unstopped")[2:]
+
+
+def _sigterm_after_fake_update(trainer, iteration: int, index: int) -> None:
+    """SIGTERM to this process when fake update ``index`` of ``iteration`` has run."""
+    fake_update = trainer.phased.fake_update
+
+    def then_sigterm(phase, batch, it, at, anchor):
+        logs = fake_update(phase, batch, it, at, anchor)
+        if (it, at) == (iteration, index):
+            signal.raise_signal(signal.SIGTERM)
+        return logs
+
+    trainer.phased.fake_update = then_sigterm
+
+
+@pytest.mark.parametrize("batched, done", [(False, 1), (True, 2), (True, 3)])
+def test_sigterm_inside_an_iteration_checkpoints_it_and_the_resume_finishes_it_exactly(tmp_path, batched, done):
+    """Stopped after fake update ``done`` of 3 (3: just before the generator update), the run
+    saves iteration 1 so far; the resumed run runs the rest of it and the later iterations with
+    the losses and gradient norms of the uninterrupted run, to the last bit."""
+    overrides = [
+        "phases.iterations_per_phase=2",
+        "phases.fake_updates_per_generator_update=3",
+        f"phases.batch_fake_rollouts={str(batched).lower()}",
+        "checkpoint.save_every=100",
+    ]
+    assert _train_in_process(load_config(write_config(tmp_path, "reference"), overrides)) == 4
+    cfg = load_config(write_config(tmp_path, "interrupted"), overrides)
+    assert _train_in_process(cfg, lambda trainer: _sigterm_after_fake_update(trainer, 1, done - 1)) == 1
+    saved = sorted(p.name for p in (tmp_path / "interrupted" / "checkpoints").glob("iter_*"))
+    assert saved == ["iter_0000001"]
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_common_state_dict(str(tmp_path / "interrupted" / "checkpoints" / saved[0]))
+    assert metadata["metadata"]["iteration"] == 1
+    assert metadata["metadata"][PARTIAL]["fake_updates_done"] == done
+    assert [r["iteration"] for r in metrics(tmp_path / "interrupted")] == [0]
+    assert _train_in_process(cfg) == 4
+    assert metrics(tmp_path / "interrupted") == metrics(tmp_path / "reference")
 
 
 @pytest.mark.slow
@@ -162,6 +248,55 @@ def test_sigkill_then_automatic_resume_gives_the_uninterrupted_losses(tmp_path):
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert "resumed from" in output
+    assert metrics(tmp_path / "interrupted") == metrics(tmp_path / "reference")
+
+
+SLOW_SUB_UPDATES = REPO_ROOT / "tests" / "helpers" / "slow_sub_updates.py"
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_inside_a_long_iteration_checkpoints_and_the_resume_gives_the_same_losses(tmp_path):
+    """Iteration 1 takes 40 s (4 sub-updates of 10 s: 3 fake updates and the generator update),
+    more than the 30 s torchrun gives its workers between forwarding SIGTERM and SIGKILL. A
+    SIGTERM to torchrun at the start of the iteration still gives a checkpoint (of the iteration
+    after its first fake update), and the resumed run has the uninterrupted run's losses."""
+    phases = {**TINY_RUN["phases"], "iterations_per_phase": 2, "fake_updates_per_generator_update": 3}
+    sections = {"phases": phases, "checkpoint": {"save_every": 100, "keep_last": 10}}
+    reference = launch(write_config(tmp_path, "reference", **sections), 2)  # meanwhile, at full speed
+    config = write_config(tmp_path, "interrupted", **sections)
+    markers = tmp_path / "markers"
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "PET_SHUTDOWN_TIMEOUT")}
+    slow = {
+        "PHASED_DMD_TEST_SLOW_ITERATION": "1",
+        "PHASED_DMD_TEST_SUB_UPDATE_SECONDS": "10",
+        "PHASED_DMD_TEST_MARKERS": str(markers),
+    }
+    run = launch(config, 2, program=[str(SLOW_SUB_UPDATES)], env={**clean, **slow})
+    deadline = time.monotonic() + 300
+    while not (markers / "started_1_0").exists():
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before iteration 1"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    run.send_signal(signal.SIGTERM)  # to torchrun itself, which forwards it to the workers
+    output = run.communicate(timeout=120)[0]
+    took = time.monotonic() - sent
+    # torchrun stops its workers, then ends with the SignalException it raised (exit status 1).
+    assert run.returncode == 1, output[-3000:]
+    saved = tmp_path / "interrupted" / "checkpoints" / "iter_0000001"
+    assert saved.is_dir(), output[-3000:]
+    assert "forcefully exiting" not in output and took < 30  # no SIGKILL: the workers saved and ended
+    assert "SIGTERM: stopped in iteration 1 after 1 of its 3 fake updates, with a checkpoint" in output
+    assert not (markers / "started_1_1").exists()
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_common_state_dict(str(saved))["metadata"]
+    assert metadata["iteration"] == 1 and metadata[PARTIAL]["fake_updates_done"] == 1
+    resumed = launch(config, 2)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "iteration 1 continues after its fake update 1" in output
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()[-3000:]
+    assert [r["iteration"] for r in metrics(tmp_path / "reference")] == [0, 1, 2, 3]
     assert metrics(tmp_path / "interrupted") == metrics(tmp_path / "reference")
 
 
@@ -199,7 +334,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     for child in _children(run.pid):  # torchrun forwards SIGTERM too; the trainer gets it
         os.kill(child, signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
-    assert "SIGTERM: stopped after iteration" in output
+    assert "SIGTERM: stopped" in output  # after an iteration, or inside one (after a fake update)
     saved = sorted((tmp_path / "preempted" / "checkpoints").glob("iter_*"))
     assert len(saved) == 1 and int(saved[0].name.split("_")[1]) < 99
 
