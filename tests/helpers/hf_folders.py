@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from phased_dmd_mega.models.architecture_types import CheckpointError
 
+from helpers.damaged_files import assert_nothing_left
 from helpers.tiny_models import WAN_TINY
 
 TINY = WAN_TINY
@@ -58,11 +59,10 @@ def assert_bitwise_equal(got, want):
         assert torch.equal(got[key], want[key]), key
 
 
-def assert_refused(action, message, dst):
-    with pytest.raises(CheckpointError, match=message):
+def assert_refused(action, message, dst, error=CheckpointError):
+    with pytest.raises(error, match=message):
         action()
-    assert not Path(dst).exists()
-    assert not [p for p in Path(dst).parent.iterdir() if p.name.startswith(f".{Path(dst).name}.")]
+    assert_nothing_left(dst)
 
 
 def rewrite_single_file(folder, edit):
