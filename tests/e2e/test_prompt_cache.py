@@ -5,6 +5,7 @@ after an interruption without re-encoding finished shards, refusal of other inpu
 the CLI, several ranks, and a tiny training run on an encoded cache."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.prompts import read_prompts
 from phased_dmd_mega.prompt_cache.reader import PromptCache
 from phased_dmd_mega.prompt_cache.text_encoders import QwenImageTextEncoder, WanTextEncoder, clean_wan_prompt
 
+from helpers.damaged_files import DAMAGE_MESSAGES, DAMAGES, assert_failed_on, damage
 from helpers.tiny_text_encoders import save_qwen_text_encoder, save_wan_text_encoder
 
 PROMPTS = [
@@ -302,6 +305,27 @@ def test_bad_inputs_name_the_file_or_option(encoders, tmp_path):
     wan = PromptCache(encode(encoders, "wan", tmp_path))
     with pytest.raises(ValueError, match=r"holds wan embeddings of width 16; the model \(wan\) takes text of width 32"):
         wan.check_model("wan", 32)
+
+
+@pytest.mark.parametrize("how", [*DAMAGES, "missing_shard"])
+def test_a_damaged_or_missing_shard_is_refused_up_front_and_fails_train_in_one_line(encoders, tmp_path, capsys, how):
+    from phased_dmd_mega import cli
+
+    from helpers.tiny_runs import write_config
+
+    folder = encode(encoders, "wan", tmp_path)
+    shard = folder / "shard-00001.safetensors"
+    if how == "missing_shard":
+        shard.unlink()
+        file, message = folder / "prompts.json", re.escape(f"names shards that are not in {folder}: ['{shard.name}']")
+    else:
+        file, message = damage(shard, how), DAMAGE_MESSAGES[how]
+    with pytest.raises(DamagedFileError, match=message):
+        PromptCache(folder)
+    config = write_config(tmp_path, data={"prompt_cache": str(folder), "synthetic_prompts": 0})
+    capsys.readouterr()
+    assert_failed_on(cli.main(["train", "--config", str(config)]), capsys.readouterr().err, file, message)
+    assert not (tmp_path / "run").exists()
 
 
 def test_prompt_files(tmp_path):
