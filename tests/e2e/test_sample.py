@@ -25,7 +25,18 @@ from phased_dmd_mega.sample import decode, load_vae, sample_noise
 from phased_dmd_mega.schedule import PhaseLayout
 
 from helpers import rel_error
-from helpers.damaged_files import DAMAGE_MESSAGES, assert_failed_on, assert_nothing_left, damage, last_file
+from helpers.damaged_files import (
+    DAMAGE_MESSAGES,
+    WriteFailed,
+    assert_failed_on,
+    assert_left_as_before,
+    assert_nothing_left,
+    damage,
+    failing_after,
+    folder_contents,
+    last_file,
+    written_in_staging,
+)
 from helpers.tiny_runs import save_wan_teacher, train_tiny
 
 RESOLUTION = (5, 32, 48)  # pixels: 5 frames -> 2 latent frames of 4 x 6
@@ -329,6 +340,28 @@ def test_a_damaged_weights_or_prompt_file_fails_sampling_in_one_line(wan_run, tm
     how = "corrupt_header" if source == "prompts" else "truncated"
     assert_failed_on(status, capsys.readouterr().err, file, DAMAGE_MESSAGES[how])
     assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+def test_sampling_failing_partway_leaves_no_output_and_the_replaced_one_intact(
+    wan_run, tmp_path, monkeypatch, existing
+):
+    """latents.safetensors is written, samples.json fails."""
+    from phased_dmd_mega import sample as sampling
+
+    out = tmp_path / "out"
+    if existing:
+        assert run_sample("--checkpoint", wan_run.checkpoints, "-o", out, "--indices", "1") == 0
+    before = folder_contents(out) if existing else None
+    latents = failing_after(sampling.write_latents, 1)
+    monkeypatch.setattr(sampling, "write_latents", latents)
+    monkeypatch.setattr(sampling, "write_json", failing_after(sampling.write_json, 0))
+    with pytest.raises(WriteFailed):
+        run_sample(
+            "--checkpoint", wan_run.checkpoints, "-o", out, "--indices", "0", *(["--overwrite"] if existing else [])
+        )
+    assert written_in_staging(latents.done, out)
+    assert_left_as_before(out, before)
 
 
 # ----------------------------------------------------------------------------- tensor parallel

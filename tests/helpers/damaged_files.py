@@ -1,9 +1,13 @@
-"""Damaged safetensors files, and the checks that a command refused one cleanly.
+"""Damaged safetensors files and writes that fail partway, and the checks that a command
+handled them cleanly.
 
 A real file is rewritten with fewer bytes (truncated) or with its JSON header broken (same
 length); a command reading it must fail with exit status 1 and one ``error:`` line naming the
-file, no traceback, and leave nothing at its destination (no staging folder either)."""
+file, no traceback, and leave nothing at its destination (no staging folder either). A writer
+made to fail after its first file (``failing_after``) must leave no destination, no staging
+folder, and an existing destination it was replacing as it was."""
 
+import os
 import re
 from pathlib import Path
 
@@ -44,9 +48,8 @@ def last_file(folder: Path) -> Path:
 
 def assert_nothing_left(dst: Path) -> None:
     """No destination, and no hidden staging sibling (``.NAME.partial-*``, ``.NAME.old-*``)."""
-    dst = Path(dst)
-    assert not dst.exists(), dst
-    assert not [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
+    assert not Path(dst).exists(), dst
+    assert_no_staging(dst)
 
 
 def assert_failed_on(status: int, err: str, file: Path, message: str = "") -> str:
@@ -57,3 +60,52 @@ def assert_failed_on(status: int, err: str, file: Path, message: str = "") -> st
     assert str(file) in errors[0], errors[0]
     assert re.search(message, errors[0]), (message, errors[0])
     return errors[0]
+
+
+# ----------------------------------------------------------------------------- writes that fail partway
+
+
+class WriteFailed(OSError):
+    """The injected failure of a write (as a full disk would fail it)."""
+
+
+def failing_after(real, calls: int):
+    """``real``, which raises WriteFailed on call ``calls + 1`` (and after); the first path among
+    the arguments of each call that went through is kept in ``.done`` (the file or folder it wrote)."""
+
+    def write(*args, **kwargs):
+        if len(write.done) >= calls:
+            raise WriteFailed(28, "No space left on device (injected)")
+        result = real(*args, **kwargs)
+        write.done.append(next((Path(a) for a in args if isinstance(a, (str, os.PathLike))), None))
+        return result
+
+    write.done = []
+    return write
+
+
+def folder_contents(folder: Path) -> dict:
+    """Every file below ``folder``: relative path -> bytes."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_no_staging(dst: Path) -> None:
+    """No hidden sibling of ``dst`` left (``.NAME.partial-*``, ``.NAME.old-*``)."""
+    dst = Path(dst)
+    assert not [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
+
+
+def written_in_staging(done, dst: Path) -> bool:
+    """Whether the writes that went through before the failure were inside ``dst``'s staging folder."""
+    return bool(done) and all(f".{Path(dst).name}.partial-" in str(path) for path in done)
+
+
+def assert_left_as_before(dst: Path, before) -> None:
+    """After a failed write: ``dst`` as it was (``before``: its ``folder_contents``, or None when
+    there was none), and no staging folder beside it."""
+    if before is None:
+        assert_nothing_left(dst)
+    else:
+        assert folder_contents(dst) == before
+        assert_no_staging(dst)

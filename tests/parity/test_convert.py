@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from phased_dmd_mega import cli, convert
 from phased_dmd_mega.errors import DamagedFileError
+from phased_dmd_mega.models import shards
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
 from phased_dmd_mega.models.shards import TensorEntry, parse_size, write_sharded
 from phased_dmd_mega.models.wan_formats import (
@@ -34,11 +35,16 @@ from helpers import REPO_ROOT
 from helpers.damaged_files import (
     DAMAGE_MESSAGES,
     DAMAGES,
+    WriteFailed,
     assert_failed_on,
+    assert_left_as_before,
     assert_nothing_left,
     damage,
+    failing_after,
+    folder_contents,
     last_file,
     truncate,
+    written_in_staging,
 )
 from helpers.hf_folders import (
     SMALL_SHARDS,
@@ -544,6 +550,25 @@ def test_existing_destination_needs_overwrite(tmp_path, hf_folder):
     convert.hf_to_mega(hf_folder, dst, overwrite=True)
     assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mega"]  # no staging leftovers
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["one_model", "two_experts"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+def test_a_conversion_failing_partway_leaves_no_destination_and_the_replaced_one_intact(
+    tmp_path, monkeypatch, existing, experts
+):
+    """The first shard (or the first expert) is written, the next write fails (a full disk)."""
+    src = save_diffusers_pipeline(tmp_path / "pipe", 0.875) if experts else save_diffusers(tmp_path / "hf")
+    dst = tmp_path / "mega"
+    if existing:
+        convert.hf_to_mega(save_diffusers(tmp_path / "other", seed=5), dst)
+    before = folder_contents(dst) if existing else None
+    write = failing_after(shards._write_file, 1)
+    monkeypatch.setattr(shards, "_write_file", write)
+    with pytest.raises(WriteFailed):
+        convert.hf_to_mega(src, dst, max_shard_bytes=parse_size(SMALL_SHARDS), overwrite=existing)
+    assert written_in_staging(write.done, dst)
+    assert_left_as_before(dst, before)
 
 
 def test_destination_inside_the_source_is_refused(tmp_path, hf_folder):
