@@ -1,6 +1,7 @@
-"""Hugging Face folders for the conversion tests: tiny random diffusers Wan models saved with
-save_pretrained (sharded), read back, compared bitwise, rewritten as one file, and the check
-that a refused conversion leaves nothing at its destination."""
+"""Hugging Face folders for the conversion tests: tiny random diffusers Wan models (every
+parameter random, norms included: ``randomize_``) saved with save_pretrained (sharded), read
+back, compared bitwise, rewritten as one file, and the check that a refused conversion leaves
+nothing at its destination."""
 
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from phased_dmd_mega.models.architecture_types import CheckpointError
 
 from helpers.damaged_files import assert_nothing_left
-from helpers.tiny_models import WAN_TINY
+from helpers.tiny_models import WAN_TINY, randomize_
 
 TINY = WAN_TINY
 VARIANTS = {
@@ -26,8 +27,7 @@ SMALL_SHARDS = "40KB"  # several files for the tiny model
 def diffusers_model(seed=0, dtype=torch.float32, **overrides):
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**{**TINY, **overrides}).eval()
+    model = randomize_(WanTransformer3DModel(**{**TINY, **overrides}).eval(), seed)
     if dtype != torch.float32:  # like real checkpoints: bf16 with the modulation tables in fp32
         model.to(dtype)
         for name, param in model.named_parameters():

@@ -1,8 +1,8 @@
 """load_pretrained: every checkpoint layout gives diffusers' output (the numerical reference).
 
-A tiny random diffusers WanTransformer3DModel is saved sharded; the original-layout and mega
-folders are made from it by the converter (whose renames test_convert.py checks against
-independent ones). Each is loaded at TP=1 in this process and, for the mega and original
+A tiny random diffusers WanTransformer3DModel (every parameter random, norms included) is saved
+sharded; the original-layout and mega folders are made from it by the converter (whose renames
+test_convert.py checks against independent ones). Each is loaded at TP=1 in this process and, for the mega and original
 layouts, at TP=2 on two gloo processes where each rank reads only its slices.
 """
 
@@ -22,7 +22,7 @@ from phased_dmd_mega.models.weights import TensorReader, build_local_tensor
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
 from helpers.damaged_files import DAMAGE_MESSAGES, DAMAGES, assert_failed_on, damage, last_file
-from helpers.tiny_models import WAN_TINY
+from helpers.tiny_models import WAN_TINY, randomize_
 
 TINY = WAN_TINY
 VARIANTS = {
@@ -59,8 +59,8 @@ def save_all_formats(root: Path, variant: str, seed: int = 0):
     """{format: folder} holding the same weights in the three layouts."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    WanTransformer3DModel(**{**TINY, **VARIANTS[variant]}).save_pretrained(root / "diffusers", max_shard_size="40KB")
+    model = randomize_(WanTransformer3DModel(**{**TINY, **VARIANTS[variant]}), seed)
+    model.save_pretrained(root / "diffusers", max_shard_size="40KB")
     convert.hf_to_mega(root / "diffusers", root / "mega", max_shard_bytes=40_000)
     convert.mega_to_hf(root / "mega", root / "original", layout="original")
     return {name: root / name for name in FORMATS}
@@ -155,8 +155,7 @@ def experts(tmp_path_factory):
     root = tmp_path_factory.mktemp("a14b")
     pipe = root / "pipe"
     for seed, sub in ((1, "transformer"), (2, "transformer_2")):
-        torch.manual_seed(seed)
-        WanTransformer3DModel(**{**TINY, "in_channels": 16}).save_pretrained(pipe / sub)
+        randomize_(WanTransformer3DModel(**{**TINY, "in_channels": 16}), seed).save_pretrained(pipe / sub)
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875}))
     convert.hf_to_mega(pipe, root / "mega")
     return pipe, root / "mega"
