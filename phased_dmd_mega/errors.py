@@ -1,8 +1,19 @@
-"""The error a command raises when what it was asked cannot be done as asked (an option that does
-not fit the checkpoint, an index outside the prompts, a VAE that does not match the latents). The
-CLI reports it in one line as a usage error (exit status 2); any other ValueError is the command
-failing (exit status 1). It imports nothing of the package."""
+"""The errors a command raises about what it was asked or what it reads.
+
+``RequestError``: what it was asked cannot be done as asked (an option that does not fit the
+checkpoint, an index outside the prompts, a VAE that does not match the latents). The CLI reports
+it in one line as a usage error (exit status 2).
+
+``DamagedFileError``: a file the command reads is damaged (a truncated or corrupt safetensors
+file, a shard its index names that is not on disk). Not a usage error: the command fails, one
+line naming the file (and the tensor, when one tensor is at fault), exit status 1, as for any
+other ValueError. It imports nothing of the package."""
 
 
 class RequestError(ValueError):
     """The request (its options, or the files they name) is refused before or while running."""
+
+
+class DamagedFileError(ValueError):
+    """A file that should hold weights or embeddings cannot be read: truncated, corrupt, or a
+    shard its index names is missing. The message names the file."""

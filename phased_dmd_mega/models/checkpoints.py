@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
+from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.files import read_json
 from phased_dmd_mega.models.architecture_types import MEGA_FORMAT, Architecture, CheckpointError, Shape
 from phased_dmd_mega.models.architectures import (
@@ -66,7 +67,8 @@ _KEYS_LISTED = 50
 
 class SafetensorsFolder(TensorReader):
     """A TensorReader that also knows dtypes, and refuses inconsistent folders up front (an
-    index naming absent shards or keys, several indexes, a key in two files)."""
+    index naming absent shards (a DamagedFileError) or keys, several indexes, a key in two
+    files)."""
 
     def __init__(self, folder: Path):
         folder = Path(folder)
@@ -97,7 +99,7 @@ def _check_index_files(index: Path) -> None:
         raise CheckpointError(f"{index} is not a safetensors index (JSON with a weight_map): {err}") from err
     absent = sorted({name for name in weight_map.values() if not (index.parent / name).is_file()})
     if absent:
-        raise CheckpointError(f"{index} names shards that are not in {index.parent}: {absent}")
+        raise DamagedFileError(f"{index} names shards that are not in {index.parent}: {absent}")
 
 
 def _check_index_keys(index: Path, weight_map: Mapping[str, str], handles) -> None:

@@ -4,16 +4,21 @@ One table of rules per architecture says, for each of the model's parameters, wh
 Face tensors it is made of and how it is split over tensor-parallel ranks. The loader reads
 only this rank's slices (safetensors slicing), so no rank ever holds the full weights; the
 converter uses the same table with one rank.
+
+A safetensors file that is missing, truncated or corrupt is refused with a DamagedFileError
+naming it (and the first tensor cut off by a truncation), never safetensors' own exception.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.files import read_json
 
 REPLICATED, COLUMN, ROW = "replicated", "column", "row"
@@ -37,8 +42,6 @@ class TensorReader:
 
     def __init__(self, folder: Path, files: Optional[List[str]] = None):
         """All safetensors files of ``folder`` (or only ``files`` of it)."""
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = [] if files else sorted(self.folder.glob("*.safetensors.index.json"))
         weight_map = None
@@ -50,7 +53,7 @@ class TensorReader:
             if not files:
                 raise FileNotFoundError(f"no safetensors files in {self.folder}")
         # Kept open for the headers (names, shapes, dtypes); tensor data goes through read().
-        self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
+        self._handles = {name: open_safetensors(self.folder / name) for name in files}
         if weight_map is None:
             weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
         self.weight_map: Dict[str, str] = weight_map
@@ -73,18 +76,81 @@ class TensorReader:
         """The tensor, or its [start, stop) slice along ``dim``. Data is read through a mapping
         opened for this read alone: the file pages it touched leave this process's memory when
         it closes (a slice along dim 1 touches every page of the tensor)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
-        with safe_open(str(self.folder / self._file(name)), framework="pt") as handle:
-            if dim is None:
-                return handle.get_tensor(name)
-            index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
-            return handle.get_slice(name)[index]
+        path = self.folder / self._file(name)
+        try:
+            handle = open_safetensors(path)
+        except DamagedFileError as err:  # damaged since the headers were read
+            raise DamagedFileError(f"{err} (reading tensor {name!r})") from err
+        try:
+            with handle:
+                if dim is None:
+                    return handle.get_tensor(name)
+                index = tuple(slice(None) for _ in range(dim)) + (slice(start, stop),)
+                return handle.get_slice(name)[index]
+        except (SafetensorError, OSError) as err:
+            raise DamagedFileError(f"cannot read tensor {name!r} from {path}: {_reason(err)}") from err
 
     def _file(self, name: str) -> str:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} is missing from {self.folder}")
         return self.weight_map[name]
+
+
+def open_safetensors(path: Path):
+    """``safe_open`` of ``path`` (headers read, data mapped); DamagedFileError naming the file
+    when it is missing, truncated or not a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFileError(f"{path} is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise DamagedFileError(f"{path} is not a readable safetensors file: {damage(path, err)}") from err
+
+
+def damage(path: Path, err: Exception) -> str:
+    """What is wrong with a safetensors file that ``safe_open`` refused (``err``), read from
+    its header: too short, truncated (the first tensor cut off named), a header that is not JSON
+    or not well formed; else safetensors' own reason."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if size < 8:
+                return f"{size} bytes, too short for a safetensors header"
+            if 8 + length > size:
+                return f"truncated: {size} bytes, shorter than its {length}-byte header"
+            header = json.loads(file.read(length).decode("utf-8"))
+    except OSError as read_err:
+        return str(read_err)
+    except ValueError as json_err:  # not UTF-8, or not JSON
+        return f"its header is not valid JSON ({json_err})"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data, ends = size - 8 - length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(offset) for offset in entry["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            return f"tensor {name!r}: its header entry has no valid data_offsets"
+        ends[name] = (start, stop)
+    cut = sorted((start, name) for name, (start, stop) in ends.items() if stop > data)
+    if cut:
+        described = 8 + length + max(stop for _, stop in ends.values())
+        more = f" (and {len(cut) - 1} more)" if len(cut) > 1 else ""
+        return f"truncated: {size} bytes of the {described} its header describes; tensor {cut[0][1]!r}{more} is cut off"
+    return _reason(err)
+
+
+def _reason(err: Exception) -> str:
+    """One line of an error's message."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _rank_rows(total: int, rank: int, size: int) -> Tuple[int, int]:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
@@ -43,10 +43,12 @@ from phased_dmd_mega.prompt_cache.writer import (
     plan_shards,
     prepare_folder,
     publish_index,
+    replace_cache,
     write_rows,
 )
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 class Progress:
@@ -127,18 +129,20 @@ def _distributed() -> Tuple[int, int, bool]:
     return parallel.global_rank(), parallel.world_size(), True
 
 
-def _on_rank_zero(step: Callable[[], None], rank: int, world: int) -> None:
-    """``step`` on rank 0 while the others wait; its PromptEncodingError is raised on every rank."""
-    error = [None]
+def _on_rank_zero(step: Callable[[], T], rank: int, world: int) -> T:
+    """``step`` on rank 0 while the others wait; what it returns, or its PromptEncodingError,
+    on every rank."""
+    outcome = [None, None]  # result, error message
     if rank == 0:
         try:
-            step()
+            outcome = [step(), None]
         except PromptEncodingError as err:
-            error = [str(err)]
+            outcome = [None, str(err)]
     if world > 1:
-        torch.distributed.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise PromptEncodingError(error[0])
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise PromptEncodingError(outcome[1])
+    return outcome[0]
 
 
 def _device(requested: Optional[str]) -> torch.device:
@@ -233,12 +237,15 @@ def encode_prompts(opts: EncodeOptions) -> Path:
     index = _index(encoder, opts, rows, dtype, negative, images)
     rank, world, started = _distributed()
     try:
-        _on_rank_zero(lambda: prepare_folder(folder, index, opts.overwrite), rank, world)
+        # The folder itself, or (replacing a cache of other inputs) the one its replacement is built in.
+        target = _on_rank_zero(lambda: prepare_folder(folder, index, opts.overwrite), rank, world)
         shards = plan_shards(len(rows.prompts), opts.shard_size)
-        _encode_missing(encoder, images, opts, rows, shards, index, dtype, rank, world)
+        _encode_missing(target, encoder, images, opts, rows, shards, index, dtype, rank, world)
         parallel.barrier()
         if rank == 0:
-            publish_index(folder, index, shards)
+            publish_index(target, index, shards)
+            if target != folder:
+                replace_cache(target, folder)
         parallel.barrier()
     finally:
         if started:
@@ -247,6 +254,7 @@ def encode_prompts(opts: EncodeOptions) -> Path:
 
 
 def _encode_missing(
+    folder: Path,
     encoder: TextEncoder,
     images: Optional[FirstFrameEncoder],
     opts: EncodeOptions,
@@ -257,7 +265,7 @@ def _encode_missing(
     rank: int,
     world: int,
 ) -> None:
-    folder, fingerprint = Path(opts.out), str(index_fingerprint(index))
+    fingerprint = str(index_fingerprint(index))
     done = lambda path: file_fingerprint(path) == fingerprint  # noqa: E731
     todo = [s for s in shards[rank::world] if not done(folder / s.file)]
     need_negative = rank == 0 and not done(folder / NEGATIVE_FILE)

@@ -12,6 +12,7 @@ import torch
 
 from phased_dmd_mega.data import ImageConditions, ImageConditionSpec, PromptSource
 from phased_dmd_mega.distill.roles import Condition
+from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.prompt_cache.format import (
     CONTEXT,
     INDEX_FILE,
@@ -43,6 +44,19 @@ def read_prompt_cache_index(folder) -> dict:
     return index
 
 
+def _check_files(folder: Path, files: List[Path]) -> None:
+    """Every shard the index names is there, with a readable safetensors header (a truncated or
+    corrupt one is refused now, not when its rows are first read)."""
+    from phased_dmd_mega.models.weights import open_safetensors
+
+    absent = sorted(path.name for path in files if not path.is_file())
+    if absent:
+        raise DamagedFileError(f"{folder / INDEX_FILE} names shards that are not in {folder}: {absent}")
+    for path in files:
+        with open_safetensors(path):
+            pass
+
+
 class PromptCache(PromptSource):
     """The cache format of prompt_cache/format.py. ``negative_from``: another cache whose
     negative prompt is used instead of this one's (data.negative_prompt_cache)."""
@@ -62,6 +76,7 @@ class PromptCache(PromptSource):
         for _, count in self.shards:
             self.starts.append(self.starts[-1] + count)
         self._negative = self._negative_file(index, negative_from)
+        _check_files(self.folder, [path for path, _ in self.shards] + ([self._negative] if self._negative else []))
         self._readers: Dict[Path, object] = {}
         self._offsets: Dict[Path, List[int]] = {}
 

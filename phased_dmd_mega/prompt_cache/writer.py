@@ -1,19 +1,23 @@
 """Writing the prompt-embedding cache (format.py): one safetensors shard per ``shard_size``
 prompts, each published by an atomic rename and stamped with the fingerprint of its inputs; the
 index says ``complete: false`` until every shard is there. A folder holding the cache of the same
-inputs is resumed, one of other inputs is refused (or replaced with ``overwrite``)."""
+inputs is resumed, one of other inputs is refused, or with ``overwrite`` replaced: the new cache is
+built beside it in ``.NAME.partial-<fingerprint>`` (the same folder on every rank and for a re-run
+of the same command, which resumes it) and takes the old one's place only once it is complete, so
+a failure or an interruption leaves the old cache whole and readable."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from phased_dmd_mega.files import write_atomically
+from phased_dmd_mega.files import replace_folder, write_atomically
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.format import (
@@ -131,15 +135,17 @@ def _cache_files(folder: Path) -> List[Path]:
     ]
 
 
-def prepare_folder(folder: Path, index: Dict[str, object], overwrite: bool) -> None:
-    """Create the cache folder, or check that the one there holds these inputs (resume)."""
+def prepare_folder(folder: Path, index: Dict[str, object], overwrite: bool) -> Path:
+    """Create the cache folder, or check that the one there holds these inputs (resume). Returns
+    the folder to write the shards into: ``folder``, or, to replace a cache of other inputs
+    (``overwrite``), its ``replacement_folder``, which ``replace_cache`` publishes when complete."""
     index_file = folder / INDEX_FILE
     if index_file.is_file():
         old = json.loads(index_file.read_text())
         if old.get("fingerprint") == index["fingerprint"]:
             if not is_complete(old):
                 write_index(folder, index)  # resume: the finished shards are found by their stamp
-            return
+            return folder
         if not overwrite:
             changed = sorted(k for k, v in index["settings"].items() if old.get("settings", {}).get(k) != v)
             raise PromptEncodingError(
@@ -147,14 +153,35 @@ def prepare_folder(folder: Path, index: Dict[str, object], overwrite: bool) -> N
                 f"{', '.join(changed) or 'format'}); pass --overwrite to replace it, "
                 "or choose another --out"
             )
-        for path in _cache_files(folder):
-            path.unlink()
-    elif folder.exists() and any(folder.iterdir()):
+        staging = replacement_folder(folder, index)
+        for stale in folder.parent.glob(f".{folder.name}.partial-*"):  # replacements of other inputs
+            if stale != staging:
+                shutil.rmtree(stale)
+        return prepare_folder(staging, index, overwrite=False)
+    if folder.exists() and any(folder.iterdir()):
         raise PromptEncodingError(
             f"--out {folder} exists, is not empty and is not a prompt cache; choose another --out"
         )
     folder.mkdir(parents=True, exist_ok=True)
     write_index(folder, index)
+    return folder
+
+
+def replacement_folder(folder: Path, index: Dict[str, object]) -> Path:
+    """Where a cache that replaces ``folder``'s is built: named by its inputs' fingerprint, so
+    every rank, and a re-run of the same command, finds it."""
+    return folder.parent / f".{folder.name}.partial-{str(index['fingerprint'])[:16]}"
+
+
+def replace_cache(staging: Path, folder: Path) -> None:
+    """The finished cache in ``staging`` takes the place of ``folder``'s (``replace_folder``: the
+    old folder renamed aside, the new one renamed in); files of ``folder`` that are not part of
+    its cache go along."""
+    cache = set(_cache_files(folder))
+    for path in sorted(folder.iterdir()):
+        if path not in cache:
+            path.rename(staging / path.name)
+    replace_folder(staging, folder)
 
 
 def publish_index(folder: Path, index: Dict[str, object], shards: List[Shard]) -> None:

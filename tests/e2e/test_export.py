@@ -10,6 +10,8 @@ folder, whose own boundary routing must reproduce the project's sampler.
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,18 @@ from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.schedule import PhaseLayout
 
 from helpers import rel_error
+from helpers.damaged_files import (
+    DAMAGE_MESSAGES,
+    WriteFailed,
+    assert_failed_on,
+    assert_left_as_before,
+    assert_nothing_left,
+    damage,
+    failing_after,
+    folder_contents,
+    last_file,
+    written_in_staging,
+)
 from helpers.parity import qwen_diffusers_velocity
 from helpers.tiny_runs import save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
@@ -452,3 +466,46 @@ def test_bad_requests_are_refused_and_leave_nothing_behind(wan_full, wan_lora, q
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert export("--checkpoint", wan_full.checkpoints, "--dst", tmp_path / "out", "--overwrite") == 0
     assert (tmp_path / "out" / "transformer_2" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "run_name, how", [("wan_full", "truncated"), ("wan_lora", "corrupt_header"), ("wan_lora", "missing_shard")]
+)
+def test_a_damaged_teacher_file_fails_the_export_in_one_line(request, tmp_path, capsys, run_name, how):
+    """A full fine-tune reads the teacher's headers (its shapes), a LoRA run its weights too."""
+    run = request.getfixturevalue(run_name)
+    teacher = Path(shutil.copytree(run.config.model.teacher_path, tmp_path / "teacher"))
+    if how == "missing_shard":
+        last_file(teacher).unlink()
+        file, message = teacher / "diffusion_pytorch_model.safetensors.index.json", "names shards that are not in"
+    else:
+        file, message = damage(last_file(teacher), how), DAMAGE_MESSAGES[how]
+    capsys.readouterr()
+    status = export("--checkpoint", run.checkpoints, "--dst", tmp_path / "out", f"model.teacher_path={teacher}")
+    assert_failed_on(status, capsys.readouterr().err, file, message)
+    assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+@pytest.mark.parametrize("run_name", ["wan_full", "wan_lora"])
+def test_an_export_failing_partway_leaves_no_destination_and_the_replaced_one_intact(
+    request, tmp_path, monkeypatch, run_name, existing
+):
+    """Phase 0's folder (full weights) or LoRA file is written, phase 1's write fails."""
+    import safetensors.torch
+
+    from phased_dmd_mega.models import shards
+
+    run = request.getfixturevalue(run_name)
+    dst = tmp_path / "out"
+    if existing:
+        dst.mkdir()
+        (dst / "notes.txt").write_text("the export this one replaces")
+    before = folder_contents(dst) if existing else None
+    module, name = (shards, "_write_file") if run_name == "wan_full" else (safetensors.torch, "save_file")
+    write = failing_after(getattr(module, name), 1)
+    monkeypatch.setattr(module, name, write)
+    with pytest.raises(WriteFailed):
+        export("--checkpoint", run.checkpoints, "--dst", dst, *(["--overwrite"] if existing else []))
+    assert written_in_staging(write.done, dst)
+    assert_left_as_before(dst, before)

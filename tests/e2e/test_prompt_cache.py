@@ -5,6 +5,7 @@ after an interruption without re-encoding finished shards, refusal of other inpu
 the CLI, several ranks, and a tiny training run on an encoded cache."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.prompts import read_prompts
 from phased_dmd_mega.prompt_cache.reader import PromptCache
 from phased_dmd_mega.prompt_cache.text_encoders import QwenImageTextEncoder, WanTextEncoder, clean_wan_prompt
 
+from helpers.damaged_files import (
+    DAMAGE_MESSAGES,
+    DAMAGES,
+    WriteFailed,
+    assert_failed_on,
+    assert_no_staging,
+    damage,
+    failing_after,
+    folder_contents,
+    written_in_staging,
+)
 from helpers.tiny_text_encoders import save_qwen_text_encoder, save_wan_text_encoder
 
 PROMPTS = [
@@ -253,6 +266,68 @@ def test_an_interrupted_run_resumes_without_re_encoding_finished_shards(encoders
     assert encoded == []
 
 
+def test_a_shard_write_failing_partway_leaves_no_torn_file_and_an_unfinished_cache(encoders, tmp_path, monkeypatch):
+    """The negative and shard 0 are written; shard 1's file is torn halfway (a full disk)."""
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        calls.append(path)
+        real(tensors, path, metadata=metadata)
+        if len(calls) == 3:
+            Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size // 2])
+            raise WriteFailed(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(WriteFailed):
+        encode(encoders, "wan", tmp_path)
+    folder = tmp_path / "cache"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "negative.safetensors",
+        "prompts.json",
+        "shard-00000.safetensors",
+    ]
+    with pytest.raises(ValueError, match="unfinished prompt cache: re-run"):
+        PromptCache(folder)
+    monkeypatch.undo()
+    assert len(PromptCache(encode(encoders, "wan", tmp_path))) == len(PROMPTS)
+
+
+def test_an_overwrite_failing_partway_leaves_the_replaced_cache_intact_and_resumes(encoders, tmp_path, monkeypatch):
+    """--overwrite builds the new cache beside the old one: the old one stays whole and readable
+    until the new one is complete; re-running the command finishes the new one without
+    re-encoding its finished shards, then replaces the old one (other files of --out kept)."""
+    from phased_dmd_mega.prompt_cache import command
+
+    folder = encode(encoders, "wan", tmp_path)
+    (folder / "notes.txt").write_text("kept beside the cache")
+    before, old_rows = folder_contents(folder), [PromptCache(folder).row(i) for i in range(len(PROMPTS))]
+    other = write_prompts(tmp_path, PROMPTS[::-1], "other.txt")
+    write = failing_after(command.write_rows, 2)  # the negative and shard 0; shard 1 fails
+    monkeypatch.setattr(command, "write_rows", write)
+    with pytest.raises(WriteFailed):
+        encode(encoders, "wan", tmp_path, prompts=str(other), overwrite=True)
+    assert written_in_staging(write.done, folder)
+    assert folder_contents(folder) == before
+    assert all(torch.equal(PromptCache(folder).row(i), row) for i, row in enumerate(old_rows))
+
+    monkeypatch.undo()
+    encode_batch, encoded = WanTextEncoder.encode, []
+
+    def counting(self, prompts):
+        encoded.append(list(prompts))
+        return encode_batch(self, prompts)
+
+    monkeypatch.setattr(WanTextEncoder, "encode", counting)
+    encode(encoders, "wan", tmp_path, prompts=str(other), overwrite=True)
+    assert [p for batch in encoded for p in batch] == PROMPTS[::-1][3:]  # shards 1 and 2 only
+    assert len(PromptCache(folder)) == len(PROMPTS)
+    assert json.loads((folder / "prompts.json").read_text())["source"]["prompts"] == str(other.resolve())
+    assert (folder / "notes.txt").read_text() == "kept beside the cache"
+    assert_no_staging(folder)
+
+
 def test_other_inputs_are_refused_unless_overwrite(encoders, tmp_path):
     encode(encoders, "wan", tmp_path)
     other = write_prompts(tmp_path, PROMPTS[:2], "other.txt")
@@ -302,6 +377,27 @@ def test_bad_inputs_name_the_file_or_option(encoders, tmp_path):
     wan = PromptCache(encode(encoders, "wan", tmp_path))
     with pytest.raises(ValueError, match=r"holds wan embeddings of width 16; the model \(wan\) takes text of width 32"):
         wan.check_model("wan", 32)
+
+
+@pytest.mark.parametrize("how", [*DAMAGES, "missing_shard"])
+def test_a_damaged_or_missing_shard_is_refused_up_front_and_fails_train_in_one_line(encoders, tmp_path, capsys, how):
+    from phased_dmd_mega import cli
+
+    from helpers.tiny_runs import write_config
+
+    folder = encode(encoders, "wan", tmp_path)
+    shard = folder / "shard-00001.safetensors"
+    if how == "missing_shard":
+        shard.unlink()
+        file, message = folder / "prompts.json", re.escape(f"names shards that are not in {folder}: ['{shard.name}']")
+    else:
+        file, message = damage(shard, how), DAMAGE_MESSAGES[how]
+    with pytest.raises(DamagedFileError, match=message):
+        PromptCache(folder)
+    config = write_config(tmp_path, data={"prompt_cache": str(folder), "synthetic_prompts": 0})
+    capsys.readouterr()
+    assert_failed_on(cli.main(["train", "--config", str(config)]), capsys.readouterr().err, file, message)
+    assert not (tmp_path / "run").exists()
 
 
 def test_prompt_files(tmp_path):

@@ -7,6 +7,7 @@ with the latents denormalised by the formula of the diffusers pipelines.
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,18 @@ from phased_dmd_mega.sample import decode, load_vae, sample_noise
 from phased_dmd_mega.schedule import PhaseLayout
 
 from helpers import rel_error
+from helpers.damaged_files import (
+    DAMAGE_MESSAGES,
+    WriteFailed,
+    assert_failed_on,
+    assert_left_as_before,
+    assert_nothing_left,
+    damage,
+    failing_after,
+    folder_contents,
+    last_file,
+    written_in_staging,
+)
 from helpers.tiny_runs import save_wan_teacher, train_tiny
 
 RESOLUTION = (5, 32, 48)  # pixels: 5 frames -> 2 latent frames of 4 x 6
@@ -300,6 +313,55 @@ def test_bad_sampling_requests_are_refused(wan_run, tmp_path, capsys):
     )
     assert run_sample("--exported", lora_export, "-o", tmp_path / "out") == 2
     assert "holds LoRA files, which need their base model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["exported", "prompts", "teacher"])
+def test_a_damaged_weights_or_prompt_file_fails_sampling_in_one_line(wan_run, tmp_path, capsys, source):
+    """An export's weights, a prompt cache's shard, the teacher whose shapes a checkpoint's
+    generators are built from: each refused before any sample is drawn."""
+    args = ["--checkpoint", wan_run.checkpoints, "--indices", "0"]
+    if source == "exported":
+        assert cli.main(["export", "--checkpoint", str(wan_run.checkpoints), "--dst", str(tmp_path / "exported")]) == 0
+        file = damage(tmp_path / "exported" / "transformer_2" / "diffusion_pytorch_model.safetensors", "truncated")
+        args = ["--exported", tmp_path / "exported", "--resolution", "x".join(map(str, RESOLUTION))]
+    elif source == "prompts":
+        context = wan_run.extra["context"]
+        cache = write_embeddings_cache(
+            tmp_path / "cache", list(context), torch.zeros_like(context[0]), pad_to=context.shape[1]
+        )
+        file = damage(cache / "shard-00000.safetensors", "corrupt_header")
+        args += ["--prompts", cache]
+    else:
+        teacher = shutil.copytree(wan_run.config.model.teacher_path, tmp_path / "teacher")
+        file = damage(last_file(teacher), "truncated")
+        args += [f"model.teacher_path={teacher}"]
+    capsys.readouterr()
+    status = run_sample(*args, "-o", tmp_path / "out")
+    how = "corrupt_header" if source == "prompts" else "truncated"
+    assert_failed_on(status, capsys.readouterr().err, file, DAMAGE_MESSAGES[how])
+    assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+def test_sampling_failing_partway_leaves_no_output_and_the_replaced_one_intact(
+    wan_run, tmp_path, monkeypatch, existing
+):
+    """latents.safetensors is written, samples.json fails."""
+    from phased_dmd_mega import sample as sampling
+
+    out = tmp_path / "out"
+    if existing:
+        assert run_sample("--checkpoint", wan_run.checkpoints, "-o", out, "--indices", "1") == 0
+    before = folder_contents(out) if existing else None
+    latents = failing_after(sampling.write_latents, 1)
+    monkeypatch.setattr(sampling, "write_latents", latents)
+    monkeypatch.setattr(sampling, "write_json", failing_after(sampling.write_json, 0))
+    with pytest.raises(WriteFailed):
+        run_sample(
+            "--checkpoint", wan_run.checkpoints, "-o", out, "--indices", "0", *(["--overwrite"] if existing else [])
+        )
+    assert written_in_staging(latents.done, out)
+    assert_left_as_before(out, before)
 
 
 # ----------------------------------------------------------------------------- tensor parallel

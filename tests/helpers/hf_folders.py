@@ -1,6 +1,7 @@
-"""Hugging Face folders for the conversion tests: tiny random diffusers Wan models saved with
-save_pretrained (sharded), read back, compared bitwise, rewritten as one file, and the check
-that a refused conversion leaves nothing at its destination."""
+"""Hugging Face folders for the conversion tests: tiny random diffusers Wan models (every
+parameter random, norms included: ``randomize_``) saved with save_pretrained (sharded), read
+back, compared bitwise, rewritten as one file, and the check that a refused conversion leaves
+nothing at its destination."""
 
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from safetensors.torch import save_file
 
 from phased_dmd_mega.models.architecture_types import CheckpointError
 
-from helpers.tiny_models import WAN_TINY
+from helpers.damaged_files import assert_nothing_left
+from helpers.tiny_models import WAN_TINY, randomize_
 
 TINY = WAN_TINY
 VARIANTS = {
@@ -25,8 +27,7 @@ SMALL_SHARDS = "40KB"  # several files for the tiny model
 def diffusers_model(seed=0, dtype=torch.float32, **overrides):
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**{**TINY, **overrides}).eval()
+    model = randomize_(WanTransformer3DModel(**{**TINY, **overrides}).eval(), seed)
     if dtype != torch.float32:  # like real checkpoints: bf16 with the modulation tables in fp32
         model.to(dtype)
         for name, param in model.named_parameters():
@@ -58,11 +59,10 @@ def assert_bitwise_equal(got, want):
         assert torch.equal(got[key], want[key]), key
 
 
-def assert_refused(action, message, dst):
-    with pytest.raises(CheckpointError, match=message):
+def assert_refused(action, message, dst, error=CheckpointError):
+    with pytest.raises(error, match=message):
         action()
-    assert not Path(dst).exists()
-    assert not [p for p in Path(dst).parent.iterdir() if p.name.startswith(f".{Path(dst).name}.")]
+    assert_nothing_left(dst)
 
 
 def rewrite_single_file(folder, edit):

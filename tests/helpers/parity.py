@@ -1,6 +1,7 @@
 """One parity harness for both DiTs against diffusers' own models (the numerical reference).
 
-A tiny random diffusers model is saved with save_pretrained; a parallel layout loads it through
+A tiny random diffusers model (every parameter random, norms included: ``randomize_``) is saved
+with save_pretrained; a parallel layout loads it through
 the architecture's weight rules (each rank reading only its slices), runs a forward and a
 backward on fixed inputs, and returns its output, its gradient shards and its input gradient.
 The helpers below join the shards (following the same rules' splits, and adding up the partial
@@ -31,7 +32,7 @@ from phased_dmd_mega.models.weights import (
 )
 
 from helpers import rel_error
-from helpers.tiny_models import QWEN_TINY, WAN_TINY
+from helpers.tiny_models import QWEN_TINY, WAN_TINY, randomize_
 
 TOLERANCE = 1e-5
 WAN, QWEN = "wan", "qwen_image"
@@ -115,18 +116,19 @@ def _grad(param) -> torch.Tensor:
 
 
 def save_reference(folder: Path, family: str, variant: str = "t2v") -> Reference:
-    """A tiny random diffusers model saved with save_pretrained, its output and gradients."""
+    """A tiny random diffusers model (``randomize_``) saved with save_pretrained, its output and
+    gradients."""
     torch.manual_seed(0)
     if family == WAN:
         from diffusers import WanTransformer3DModel
 
-        model = WanTransformer3DModel(**{**WAN_TINY, **WAN_VARIANTS[variant]}).eval()
+        model = randomize_(WanTransformer3DModel(**{**WAN_TINY, **WAN_VARIANTS[variant]}).eval())
         latents, timestep, context, kwargs = wan_inputs(variant)
         call = lambda x: model(x, timestep, context, **kwargs).sample  # noqa: E731
     else:
         from diffusers import QwenImageTransformer2DModel
 
-        model = QwenImageTransformer2DModel(**QWEN_TINY).eval()
+        model = randomize_(QwenImageTransformer2DModel(**QWEN_TINY).eval())
         latents, timestep, context, context_mask = qwen_inputs()
         call = lambda x: qwen_diffusers_velocity(model, x, timestep, context, context_mask)  # noqa: E731
     model.save_pretrained(folder)

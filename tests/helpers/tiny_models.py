@@ -29,3 +29,37 @@ QWEN_TINY = dict(
     joint_attention_dim=24,
     axes_dims_rope=(4, 6, 6),
 )
+
+
+def _is_norm(module) -> bool:
+    """A normalisation layer owning its affine parameters (LayerNorm, RMSNorm, GroupNorm, and
+    diffusers' FP32LayerNorm / RMSNorm)."""
+    return "Norm" in type(module).__name__ and any(True for _ in module.parameters(recurse=False))
+
+
+def randomize_(model, seed: int = 0, noise: float = 0.1):
+    """Every floating parameter of ``model`` drawn afresh from a generator seeded ``seed`` (the
+    same values whatever the model's own initialisation drew): a norm's weight 1 + noise * N(0, 1)
+    and its bias noise * N(0, 1); a weight of fan-in n (a linear's, a convolution's, a table's)
+    N(0, 1 / 3n), the spread of torch's default initialisation; any other vector (biases)
+    noise * N(0, 1). diffusers initialises every norm weight to ones (their biases to zeros),
+    under which a norm weight taken from the wrong tensor, or the wrong slice of one, goes
+    unnoticed. Returns ``model``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            norm = _is_norm(module)
+            for name, param in module.named_parameters(recurse=False):
+                if not param.is_floating_point():
+                    continue
+                draw = torch.randn(param.shape, generator=generator)
+                if norm:
+                    value = (1.0 if name == "weight" else 0.0) + noise * draw
+                elif param.dim() >= 2:
+                    value = draw * (3 * param.numel() / param.shape[0]) ** -0.5
+                else:
+                    value = noise * draw
+                param.copy_(value.to(param.dtype))
+    return model

@@ -18,7 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from phased_dmd_mega import convert
+from phased_dmd_mega import cli, convert
+from phased_dmd_mega.errors import DamagedFileError
+from phased_dmd_mega.models import shards
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint
 from phased_dmd_mega.models.shards import TensorEntry, parse_size, write_sharded
 from phased_dmd_mega.models.wan_formats import (
@@ -27,8 +29,23 @@ from phased_dmd_mega.models.wan_formats import (
     diffusers_weight_rules,
     from_diffusers_config,
 )
+from phased_dmd_mega.models.weights import TensorReader
 
 from helpers import REPO_ROOT
+from helpers.damaged_files import (
+    DAMAGE_MESSAGES,
+    DAMAGES,
+    WriteFailed,
+    assert_failed_on,
+    assert_left_as_before,
+    assert_nothing_left,
+    damage,
+    failing_after,
+    folder_contents,
+    last_file,
+    truncate,
+    written_in_staging,
+)
 from helpers.hf_folders import (
     SMALL_SHARDS,
     TINY,
@@ -480,7 +497,43 @@ def test_index_naming_an_absent_shard_is_refused(tmp_path):
         lambda: convert.hf_to_mega(src, dst),
         r"names shards that are not in .*diffusion_pytorch_model-00002-of-00002",
         dst,
+        DamagedFileError,
     )
+
+
+def convert_cli(*args) -> int:
+    return cli.main(["convert", *map(str, args)])
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("direction", ["hf-to-mega", "mega-to-hf"])
+def test_a_damaged_safetensors_file_fails_the_command_in_one_line(tmp_path, capsys, direction, how):
+    src = save_diffusers(tmp_path / "hf")
+    if direction == "mega-to-hf":
+        src = convert.hf_to_mega(src, tmp_path / "mega", max_shard_bytes=parse_size(SMALL_SHARDS))
+    file = damage(last_file(src), how)
+    capsys.readouterr()
+    status = convert_cli(direction, "--src", src, "--dst", tmp_path / "out")
+    assert_failed_on(status, capsys.readouterr().err, file, DAMAGE_MESSAGES[how])
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_a_shard_missing_from_its_index_fails_the_command_in_one_line(tmp_path, capsys):
+    src = save_diffusers(tmp_path / "hf")
+    index = src / "diffusion_pytorch_model.safetensors.index.json"
+    gone = last_file(src)
+    gone.unlink()
+    status = convert_cli("hf-to-mega", "--src", src, "--dst", tmp_path / "out")
+    assert_failed_on(status, capsys.readouterr().err, index, rf"names shards that are not in .*{gone.name}")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_a_tensor_read_from_a_file_damaged_after_its_header_names_the_tensor(tmp_path):
+    src = save_diffusers(tmp_path / "hf", shards="10GB")
+    reader = TensorReader(src)
+    truncate(src / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(DamagedFileError, match=r"truncated: .*\(reading tensor 'proj_out\.weight'\)$"):
+        reader.read("proj_out.weight")
 
 
 def test_preset_that_does_not_match_the_config_is_refused(tmp_path, hf_folder):
@@ -514,6 +567,25 @@ def test_existing_destination_needs_overwrite(tmp_path, hf_folder):
     convert.hf_to_mega(hf_folder, dst, overwrite=True)
     assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mega"]  # no staging leftovers
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["one_model", "two_experts"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+def test_a_conversion_failing_partway_leaves_no_destination_and_the_replaced_one_intact(
+    tmp_path, monkeypatch, existing, experts
+):
+    """The first shard (or the first expert) is written, the next write fails (a full disk)."""
+    src = save_diffusers_pipeline(tmp_path / "pipe", 0.875) if experts else save_diffusers(tmp_path / "hf")
+    dst = tmp_path / "mega"
+    if existing:
+        convert.hf_to_mega(save_diffusers(tmp_path / "other", seed=5), dst)
+    before = folder_contents(dst) if existing else None
+    write = failing_after(shards._write_file, 1)
+    monkeypatch.setattr(shards, "_write_file", write)
+    with pytest.raises(WriteFailed):
+        convert.hf_to_mega(src, dst, max_shard_bytes=parse_size(SMALL_SHARDS), overwrite=existing)
+    assert written_in_staging(write.done, dst)
+    assert_left_as_before(dst, before)
 
 
 def test_destination_inside_the_source_is_refused(tmp_path, hf_folder):

@@ -1,11 +1,12 @@
 """Qwen-Image checkpoints: conversion (HF <-> mega) and load_pretrained, with Wan's guarantees.
 
-A tiny random diffusers QwenImageTransformer2DModel (tiny_models.QWEN_TINY, the "tiny" preset)
-is saved with save_pretrained, sharded. The round trip HF -> mega -> HF must be bitwise (keys,
-tensors, dtypes, config) and load in diffusers with the same output; load_pretrained must match
-diffusers from the diffusers folder, a pipeline root and the mega folder, at TP=1 here and at
-TP=2 on two gloo processes. Bad input is refused with a message naming what is wrong, and
-nothing is left at the destination. diffusers is driven as in test_qwen_parity (packed tokens).
+A tiny random diffusers QwenImageTransformer2DModel (tiny_models.QWEN_TINY, the "tiny" preset;
+every parameter random, norms included) is saved with save_pretrained, sharded. The round trip
+HF -> mega -> HF must be bitwise (keys, tensors, dtypes, config) and load in diffusers with the
+same output; load_pretrained must match diffusers from the diffusers folder, a pipeline root and
+the mega folder, at TP=1 here and at TP=2 on two gloo processes. Bad input is refused with a
+message naming what is wrong, and nothing is left at the destination. diffusers is driven as in
+test_qwen_parity (packed tokens).
 """
 
 import json
@@ -36,7 +37,7 @@ from helpers.hf_folders import assert_bitwise_equal, assert_refused, read_folder
 from helpers.hf_folders import save_diffusers as save_wan_diffusers
 from helpers.parity import qwen_diffusers_velocity as diffusers_velocity
 from helpers.parity import qwen_inputs as inputs
-from helpers.tiny_models import QWEN_TINY
+from helpers.tiny_models import QWEN_TINY, randomize_
 
 SMALL_SHARDS = "150KB"  # several files for the tiny model (about 1.2 MB in fp32)
 TOLERANCE = 1e-5
@@ -49,8 +50,7 @@ def rel_error(a, b):
 def diffusers_model(seed=0, dtype=torch.float32):
     from diffusers import QwenImageTransformer2DModel
 
-    torch.manual_seed(seed)
-    model = QwenImageTransformer2DModel(**QWEN_TINY).eval()
+    model = randomize_(QwenImageTransformer2DModel(**QWEN_TINY).eval(), seed)
     if dtype != torch.float32:  # bf16 with a few fp32 tensors: every tensor keeps its own dtype
         model.to(dtype)
         for name, param in model.named_parameters():

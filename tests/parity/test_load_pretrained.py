@@ -1,25 +1,28 @@
 """load_pretrained: every checkpoint layout gives diffusers' output (the numerical reference).
 
-A tiny random diffusers WanTransformer3DModel is saved sharded; the original-layout and mega
-folders are made from it by the converter (whose renames test_convert.py checks against
-independent ones). Each is loaded at TP=1 in this process and, for the mega and original
+A tiny random diffusers WanTransformer3DModel (every parameter random, norms included) is saved
+sharded; the original-layout and mega folders are made from it by the converter (whose renames
+test_convert.py checks against independent ones). Each is loaded at TP=1 in this process and, for the mega and original
 layouts, at TP=2 on two gloo processes where each rank reads only its slices.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from phased_dmd_mega import convert, parallel
+from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.models import WanModel, load_pretrained
 from phased_dmd_mega.models.checkpoints import inspect_checkpoint, open_model
 from phased_dmd_mega.models.wan_formats import CheckpointError
 from phased_dmd_mega.models.weights import TensorReader, build_local_tensor
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
-from helpers.tiny_models import WAN_TINY
+from helpers.damaged_files import DAMAGE_MESSAGES, DAMAGES, assert_failed_on, damage, last_file
+from helpers.tiny_models import WAN_TINY, randomize_
 
 TINY = WAN_TINY
 VARIANTS = {
@@ -56,8 +59,8 @@ def save_all_formats(root: Path, variant: str, seed: int = 0):
     """{format: folder} holding the same weights in the three layouts."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    WanTransformer3DModel(**{**TINY, **VARIANTS[variant]}).save_pretrained(root / "diffusers", max_shard_size="40KB")
+    model = randomize_(WanTransformer3DModel(**{**TINY, **VARIANTS[variant]}), seed)
+    model.save_pretrained(root / "diffusers", max_shard_size="40KB")
     convert.hf_to_mega(root / "diffusers", root / "mega", max_shard_bytes=40_000)
     convert.mega_to_hf(root / "mega", root / "original", layout="original")
     return {name: root / name for name in FORMATS}
@@ -152,8 +155,7 @@ def experts(tmp_path_factory):
     root = tmp_path_factory.mktemp("a14b")
     pipe = root / "pipe"
     for seed, sub in ((1, "transformer"), (2, "transformer_2")):
-        torch.manual_seed(seed)
-        WanTransformer3DModel(**{**TINY, "in_channels": 16}).save_pretrained(pipe / sub)
+        randomize_(WanTransformer3DModel(**{**TINY, "in_channels": 16}), seed).save_pretrained(pipe / sub)
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": 0.875}))
     convert.hf_to_mega(pipe, root / "mega")
     return pipe, root / "mega"
@@ -199,6 +201,35 @@ def test_unknown_model_option_is_refused(saved):
     folders, _ = saved("t2v")
     with pytest.raises(TypeError, match=r"unknown model options \['attention'\]"):
         in_process(load_pretrained, folders["diffusers"], attention="sdpa")
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_teacher_file_is_refused_naming_it(tmp_path, saved, how):
+    folders, _ = saved("t2v")
+    teacher = Path(shutil.copytree(folders["diffusers"], tmp_path / "teacher"))
+    file = damage(last_file(teacher), how)
+    with pytest.raises(DamagedFileError, match=DAMAGE_MESSAGES[how]) as refused:
+        in_process(load_pretrained, teacher)
+    assert str(file) in str(refused.value)
+
+
+@pytest.mark.parametrize("how", [*DAMAGES, "missing_shard"])
+def test_train_with_a_damaged_teacher_fails_in_one_line(tmp_path, saved, capsys, how):
+    from phased_dmd_mega import cli
+
+    from helpers.tiny_runs import write_config
+
+    folders, _ = saved("t2v")
+    teacher = Path(shutil.copytree(folders["mega"], tmp_path / "teacher"))
+    if how == "missing_shard":
+        last_file(teacher).unlink()
+        file, message = teacher / "model.safetensors.index.json", "names shards that are not in"
+    else:
+        file, message = damage(last_file(teacher), how), DAMAGE_MESSAGES[how]
+    config = write_config(tmp_path)
+    status = cli.main(["train", "--config", str(config), f"model.teacher_path={teacher}", "model.preset=null"])
+    assert_failed_on(status, capsys.readouterr().err, file, message)
+    assert not (tmp_path / "run").exists()
 
 
 def test_needs_the_parallel_state(saved):
