@@ -45,6 +45,36 @@ class LatentGeometry:
         latent_frames = 1 if frames == 1 else (frames - 1) // self.temporal + 1
         return self.channels, latent_frames, height // self.spatial, width // self.spatial
 
+    def unfit(self, resolution: Sequence[int], token_patch: Sequence[int], max_frames: Optional[int] = None):
+        """Why a (frames, height, width) video does not make latents of whole tokens
+        (``token_patch``: latent frames, height, width per token), or None when it does."""
+        frames, height, width = resolution
+        if max_frames is not None and frames > max_frames:
+            return f"frames {frames}: the model takes at most {max_frames}"
+        if frames > 1 and (frames - 1) % self.temporal:
+            step = self.temporal
+            return (
+                f"frames {frames} is not 1 or {step}k+1 (the VAE compresses {step} frames into one latent frame "
+                f"after the first): {_nearest(frames - 1, step, 1)}"
+            )
+        latent_frames = 1 if frames == 1 else (frames - 1) // self.temporal + 1
+        if latent_frames % token_patch[0]:
+            return f"frames {frames} make {latent_frames} latent frames: not whole tokens of {token_patch[0]} frames"
+        for size, name, patch in ((height, "height", token_patch[1]), (width, "width", token_patch[2])):
+            step = self.spatial * patch
+            if size % step:
+                return (
+                    f"{name} {size} is not a multiple of {step} (the VAE's {self.spatial}x compression times the "
+                    f"{patch}-latent token patch): {_nearest(size, step)}"
+                )
+        return None
+
+
+def _nearest(size: int, step: int, offset: int = 0) -> str:
+    """ "480 or 496": the multiples of ``step`` (plus ``offset``) on either side of ``size``."""
+    below = size // step * step
+    return " or ".join(str(v + offset) for v in (below, below + step) if v > 0)
+
 
 IMAGE_LATENTS = "image_latents"  # the first-frame latents of a cache of one resolution (older caches)
 

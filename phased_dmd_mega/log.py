@@ -31,6 +31,23 @@ class _RankFilter(logging.Filter):
         return self.all_ranks or record.rank == 0
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written, not the stream it was
+    at setup (a caller that swaps and closes it, as pytest's capture does, would leave the
+    handler writing to a closed file)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging(level: str = "INFO", all_ranks: bool = False) -> logging.Logger:
     """Configure the project's logger ("phased_dmd_mega"); safe to call more than once."""
     logger = logging.getLogger("phased_dmd_mega")
@@ -38,7 +55,7 @@ def setup_logging(level: str = "INFO", all_ranks: bool = False) -> logging.Logge
     logger.propagate = False
     for handler in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(_RankFilter(all_ranks))
     handler.setFormatter(

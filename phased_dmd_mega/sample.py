@@ -326,7 +326,9 @@ class Samplers:
         opened = open_generators(path, ema=ema, overrides=overrides)
         cfg = opened.config
         prompts = (
-            build_prompts(cfg, opened.generators[0]) if (cfg.data.prompt_cache or cfg.data.synthetic_prompts) else None
+            build_prompts(cfg, opened.generators[0].high.dims)
+            if (cfg.data.prompt_cache or cfg.data.synthetic_prompts)
+            else None
         )
         return cls(
             opened.generators,
@@ -385,7 +387,7 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     if resolution is None:
         raise RequestError("give --resolution FRAMESxHEIGHTxWIDTH (an export does not record one)")
     # An image-to-video generator takes its first frames from the prompt cache, at this resolution.
-    shape = latent_geometry(samplers.generators[0], prompts).latent_shape(*resolution)
+    shape = latent_geometry(samplers.dims, prompts).latent_shape(*resolution)
     seeds = [request.seed + i for i in range(len(indices))]
     latents = generate(
         samplers.generators,

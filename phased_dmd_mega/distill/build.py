@@ -12,14 +12,19 @@ import torch
 from torch import nn
 
 from phased_dmd_mega import parallel
-from phased_dmd_mega.config import Config
-from phased_dmd_mega.data import LatentGeometry, PromptSource, SyntheticPrompts
+from phased_dmd_mega.config import Config, ConfigError
+from phased_dmd_mega.data import LatentGeometry, PromptSource, SyntheticPrompts, resolution_text
 from phased_dmd_mega.distill.optim import make_role_optimizer
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models import load_pretrained
 from phased_dmd_mega.models.architectures import architecture_of, registry
-from phased_dmd_mega.models.checkpoints import expert_boundary_ratio, inspect_checkpoint
+from phased_dmd_mega.models.checkpoints import (
+    check_tensor_parallel,
+    expert_boundary_ratio,
+    inspect_checkpoint,
+    open_model,
+)
 from phased_dmd_mega.models.lora import add_adapter
 from phased_dmd_mega.models.options import ModelParallelOptions
 from phased_dmd_mega.prompt_cache.reader import PromptCache
@@ -165,8 +170,19 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
     return teacher.to(parallel.layout().device).requires_grad_(False)
 
 
-def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
-    dims = teacher.high.dims
+def teacher_dims(cfg: Config):
+    """The teacher's dims (its high-noise expert's for two experts), from its config and its
+    safetensors headers: no weight is read."""
+    model_cfg = cfg.model
+    if model_cfg.teacher_path is None:
+        return registry()[model_cfg.family].presets[model_cfg.preset or "tiny"]
+    found = inspect_checkpoint(model_cfg.teacher_path, expect=model_cfg.preset)
+    folder = found.model_folder("high" if found.has_experts else None)
+    return open_model(folder, found.layout, model_cfg.preset, found.architecture).dims
+
+
+def build_prompts(cfg: Config, dims) -> PromptSource:
+    """The prompt source for a teacher of ``dims``; a cache is opened with every shard checked."""
     dim = dims.text_dim
     if cfg.data.prompt_cache is not None:
         cache = PromptCache(cfg.data.prompt_cache, negative_from=cfg.data.negative_prompt_cache)
@@ -180,11 +196,10 @@ def build_prompts(cfg: Config, teacher: Experts) -> PromptSource:
     )
 
 
-def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) -> LatentGeometry:
-    """The latents the generator makes. A teacher with more input than output channels (Wan2.2
-    I2V: 16 noisy + 4 mask + 16 first-frame latents) takes its extra channels from the prompt
-    source's image condition, which must then provide exactly those."""
-    dims = teacher.high.dims
+def latent_geometry(dims, prompts: Optional[PromptSource] = None) -> LatentGeometry:
+    """The latents the generator makes for a teacher of ``dims``. A teacher with more input than
+    output channels (Wan2.2 I2V: 16 noisy + 4 mask + 16 first-frame latents) takes its extra
+    channels from the prompt source's image condition, which must then provide exactly those."""
     in_channels = getattr(dims, "in_channels", 16)
     out_channels = getattr(dims, "out_channels", in_channels)
     conditions = getattr(prompts, "image_conditions", None)
@@ -211,3 +226,40 @@ def latent_geometry(teacher: Experts, prompts: Optional[PromptSource] = None) ->
             f"output channels: {needs}"
         )
     return image.geometry
+
+
+def check_resolutions(cfg: Config, dims, geometry: LatentGeometry) -> None:
+    """Every resolution of the mixture makes latents of whole tokens, and an I2V cache holds its
+    first frames at each."""
+    max_frames = architecture_of(dims).max_frames
+    for i, resolution in enumerate(cfg.data.resolutions):
+        problem = geometry.unfit(resolution.pixels, dims.token_patch, max_frames)
+        if problem is not None:
+            raise ConfigError(f"data.resolutions[{i}] ({resolution_text(resolution.pixels)}): {problem}")
+
+
+# ----------------------------------------------------------------------------- a run's inputs, checked first
+
+
+@dataclass
+class RunInputs:
+    """What a run reads besides weights."""
+
+    dims: object  # the teacher's (WanDims, QwenImageDims)
+    prompts: PromptSource
+    geometry: LatentGeometry
+
+
+def open_inputs(cfg: Config) -> RunInputs:
+    """Everything but the weights, opened and checked before any model loads (bad input is
+    refused in seconds, not after minutes of loading 14B weights at every requeue): the
+    teacher's config and headers, the layout against its heads, the prompt source with every
+    shard against its index, the latent geometry, every resolution of the mixture."""
+    dims = teacher_dims(cfg)
+    check_tensor_parallel(dims, cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel)
+    prompts = build_prompts(cfg, dims)
+    geometry = latent_geometry(dims, prompts)
+    check_resolutions(cfg, dims, geometry)
+    if prompts.image_conditions is not None:
+        prompts.image_conditions.check_resolutions(cfg.data.resolutions)
+    return RunInputs(dims, prompts, geometry)

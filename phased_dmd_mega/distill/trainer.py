@@ -22,7 +22,7 @@ import json
 import math
 import signal
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,12 +32,11 @@ from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
 from phased_dmd_mega.distill.build import (
     WeightsOnly,
-    build_prompts,
     build_teacher,
     ema_of,
     fake_for_phase,
     generator_for_phase,
-    latent_geometry,
+    open_inputs,
     phase_layout,
     role_optimizer,
 )
@@ -127,6 +126,23 @@ def check_resumable(path: Path, cfg: Config) -> None:
             + ". Use the checkpoint's settings, or start afresh in another checkpoint.dir (or with "
             "checkpoint.resume=none checkpoint.on_existing=move_aside)"
         )
+
+
+def resume_point(cfg: Config) -> Optional[Path]:
+    """The checkpoint a run continues from (None: it starts afresh), refused when damaged or
+    written by a run whose roles or schedule differ."""
+    if cfg.checkpoint.resume == "none":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        path = checkpoint.latest_checkpoint(cfg.checkpoint.dir)  # or the newest intact one
+    else:
+        path = Path(cfg.checkpoint.resume)
+        problem = checkpoint_folder.damage(path)
+        if problem is not None:
+            raise checkpoint_folder.CheckpointFolderError(f"checkpoint.resume={path}: {problem}")
+    if path is not None:
+        check_resumable(Path(path), cfg)
+    return None if path is None else Path(path)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -267,28 +283,20 @@ class Trainer:
 
     # -------------------------------------------------------------- run
 
-    def run(self) -> int:
-        """Train to the end of the schedule (or to SIGTERM); returns the next step to run."""
-        start = self.resume()
+    def run(self, resume_from: Union[Path, None, Literal["find"]] = "find") -> int:
+        """Train to the end of the schedule (or to SIGTERM); returns the next step to run.
+        ``resume_from``: the checkpoint to continue (None: start afresh; "find": the one
+        ``resume_point`` finds)."""
+        start = self.resume(resume_point(self.cfg) if resume_from == "find" else resume_from)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._loop(start)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def resume(self) -> int:
-        if self.cfg.checkpoint.resume == "none":
-            return 0
-        if self.cfg.checkpoint.resume == "auto":
-            path = checkpoint.latest_checkpoint(self.cfg.checkpoint.dir)  # or the newest intact one
-        else:
-            path = Path(self.cfg.checkpoint.resume)
-            problem = checkpoint_folder.damage(path)
-            if problem is not None:
-                raise checkpoint_folder.CheckpointFolderError(f"checkpoint.resume={path}: {problem}")
+    def resume(self, path: Optional[Path]) -> int:
         if path is None:
             return 0
-        check_resumable(Path(path), self.cfg)
         metadata = checkpoint.load_checkpoint(path, self.roles())
         log.info("resumed from %s (iteration %d)", path, metadata["iteration"])
         return self._next_step(metadata)
@@ -474,10 +482,10 @@ def train(cfg: Config) -> int:
     )
     locks: List[FolderLock] = []
     try:
+        inputs = open_inputs(cfg)  # read-only: a refusal leaves nothing behind
         locks = claim_run_folders(cfg)
-        teacher = build_teacher(cfg)
-        prompts = build_prompts(cfg, teacher)
-        trainer = Trainer(cfg, teacher, prompts, latent_geometry(teacher, prompts))
+        start_from = resume_point(cfg)  # checked against this run's config before the teacher loads
+        trainer = Trainer(cfg, build_teacher(cfg), inputs.prompts, inputs.geometry)
         log.info(
             "training %s: %d phases, %d iterations, %d processes (TP %d, Ulysses %d, DP %d)",
             cfg.phases.method,
@@ -488,7 +496,7 @@ def train(cfg: Config) -> int:
             layout.ulysses_parallel,
             layout.data_parallel,
         )
-        trainer.run()
+        trainer.run(start_from)
     finally:
         release_run_folders(locks)
         parallel.destroy()

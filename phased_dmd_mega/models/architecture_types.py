@@ -96,6 +96,7 @@ class Architecture:
     experts: Optional[ExpertPairs] = None
 
     synthetic_prompt_tokens: int = 16  # length of the random prompt embeddings of smoke tests
+    max_frames: Optional[int] = None  # frames one sample may have (None: any video; 1: images only)
 
     # ------------------------------------------------------------------ tokens
 

@@ -195,4 +195,5 @@ QWEN_IMAGE = Architecture(
     block_activations=block_activations,
     prompt_tokens=512,  # QwenImagePipeline's max_sequence_length
     joint_text=True,
+    max_frames=1,  # an image model
 )

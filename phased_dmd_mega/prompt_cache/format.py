@@ -32,6 +32,7 @@ VERSION = 1
 NEGATIVE_FILE = "negative.safetensors"
 CONTEXT = "context"  # shard tensor: the trimmed rows, one after the other
 OFFSETS = "offsets"  # shard tensor: where each row starts in CONTEXT, and where the last ends
+FINGERPRINT = "fingerprint"  # the metadata stamp of a written file: the inputs it was encoded from
 
 # --dtype names -> the dtype the embeddings are stored in.
 DTYPES = {
@@ -42,6 +43,9 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+
+# The index's dtype names -> safetensors' names of the stored tensors' dtypes.
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 _SHARD_PREFIX, _SHARD_SUFFIX = "shard-", ".safetensors"
 

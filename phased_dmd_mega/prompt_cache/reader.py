@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import bisect
-import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,12 +12,16 @@ import torch
 from phased_dmd_mega.data import ImageConditions, ImageConditionSpec, PromptSource
 from phased_dmd_mega.distill.roles import Condition
 from phased_dmd_mega.errors import DamagedFileError
+from phased_dmd_mega.files import read_json
 from phased_dmd_mega.prompt_cache.format import (
     CONTEXT,
+    FINGERPRINT,
     INDEX_FILE,
     OFFSETS,
+    SAFETENSORS_DTYPES,
     RowLayout,
     format_mismatch,
+    index_fingerprint,
     is_complete,
     negative_file,
     shard_files,
@@ -33,7 +36,7 @@ def read_prompt_cache_index(folder) -> dict:
         raise FileNotFoundError(
             f"{folder} is not a prompt cache: {INDEX_FILE} is missing (write one with `phased-dmd encode-prompts`)"
         )
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     mismatch = format_mismatch(index)
     if mismatch is not None:
         raise ValueError(f"{index_file} {mismatch}")
@@ -44,17 +47,63 @@ def read_prompt_cache_index(folder) -> dict:
     return index
 
 
-def _check_files(folder: Path, files: List[Path]) -> None:
-    """Every shard the index names is there, with a readable safetensors header (a truncated or
-    corrupt one is refused now, not when its rows are first read)."""
+@dataclass(frozen=True)
+class ExpectedShard:
+    """What the index says one safetensors file of the cache holds."""
+
+    path: Path
+    count: int  # rows
+    fingerprint: Optional[str]  # the stamp of the encoding it belongs to
+    tokens: Optional[int] = None  # the length of its context (recorded by encode-prompts)
+    images: Tuple[ImageConditionSpec, ...] = ()  # the first-frame latents of its rows
+
+
+def check_shards(index_file: Path, shards: Sequence[ExpectedShard], layout: RowLayout, dtype: Optional[str]) -> None:
+    """Every file the index names is there, readable, and holds what the index says: its stamp,
+    its row count, offsets that cut its context into those rows, the text width and dtype, the
+    first-frame latents. A damaged cache, or one mixed with another encoding's files, is refused
+    when it is opened, naming the file, not when a row of it is first read hours into a run."""
+    absent = sorted(shard.path.name for shard in shards if not shard.path.is_file())
+    if absent:
+        raise DamagedFileError(f"{index_file} names shards that are not in {index_file.parent}: {absent}")
+    for shard in shards:
+        problem = _shard_problem(shard, layout, dtype)
+        if problem is not None:
+            raise DamagedFileError(
+                f"{shard.path} {problem}, which {index_file} does not describe: the cache is damaged or mixed with "
+                "another one's files; encode it again (`phased-dmd encode-prompts ... --overwrite`)"
+            )
+
+
+def _shard_problem(shard: ExpectedShard, layout: RowLayout, dtype: Optional[str]) -> Optional[str]:
     from phased_dmd_mega.models.weights import open_safetensors
 
-    absent = sorted(path.name for path in files if not path.is_file())
-    if absent:
-        raise DamagedFileError(f"{folder / INDEX_FILE} names shards that are not in {folder}: {absent}")
-    for path in files:
-        with open_safetensors(path):
-            pass
+    with open_safetensors(shard.path) as handle:
+        stamp = (handle.metadata() or {}).get(FINGERPRINT)
+        if shard.fingerprint is not None and stamp != shard.fingerprint:
+            return f"was encoded from other inputs (stamp {str(stamp)[:12]}, the index's {shard.fingerprint[:12]})"
+        names = set(handle.keys())
+        missing = [name for name in (CONTEXT, OFFSETS, *(spec.tensor for spec in shard.images)) if name not in names]
+        if missing:
+            return f"lacks the tensors {missing}"
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+        offsets_shape, context_shape = shapes[OFFSETS], shapes[CONTEXT]
+        if offsets_shape != (shard.count + 1,):
+            return f"holds offsets {offsets_shape} (the index says {shard.count} rows: ({shard.count + 1},))"
+        if len(context_shape) != 2 or context_shape[1] != layout.dim:
+            return f"holds context {context_shape} (the index says [tokens, {layout.dim}])"
+        stored = handle.get_slice(CONTEXT).get_dtype()
+        if dtype in SAFETENSORS_DTYPES and stored != SAFETENSORS_DTYPES[dtype]:
+            return f"holds {stored} embeddings (the index says {dtype})"
+        if shard.tokens is not None and context_shape[0] != shard.tokens:
+            return f"holds {context_shape[0]} context tokens (the index says {shard.tokens})"
+        offsets = handle.get_tensor(OFFSETS)
+        if offsets[0] != 0 or offsets[-1] != context_shape[0] or bool((offsets.diff() < 0).any()):
+            return f"holds offsets that do not cut its {context_shape[0]} context tokens into rows"
+        for spec in shard.images:
+            if shapes[spec.tensor] != (shard.count, *spec.latent_shape):
+                return f"holds {spec.tensor} {shapes[spec.tensor]} (the index says {(shard.count, *spec.latent_shape)})"
+    return None
 
 
 class PromptCache(PromptSource):
@@ -75,16 +124,37 @@ class PromptCache(PromptSource):
         self.starts = [0]
         for _, count in self.shards:
             self.starts.append(self.starts[-1] + count)
+        self._check_count(index)
         self._negative = self._negative_file(index, negative_from)
-        _check_files(self.folder, [path for path, _ in self.shards] + ([self._negative] if self._negative else []))
+        self._check_shards(index)
         self._readers: Dict[Path, object] = {}
         self._offsets: Dict[Path, List[int]] = {}
+
+    def _check_count(self, index: dict) -> None:
+        if "count" in index and int(index["count"]) != len(self):
+            raise DamagedFileError(
+                f"{self.folder / INDEX_FILE} says {index['count']} prompts, and its shards hold {len(self)}"
+            )
+
+    def _check_shards(self, index: dict) -> None:
+        fingerprint = index_fingerprint(index)
+        tokens = [entry.get("tokens") for entry in index["shards"]]
+        images = self.image_conditions.specs.values() if self.image_conditions is not None else ()
+        shards = [
+            ExpectedShard(path, count, fingerprint, length, tuple(images))
+            for (path, count), length in zip(self.shards, tokens)
+        ]
+        if self._negative is not None:  # the negative prompt: one row, stamped by its own cache
+            shards.append(ExpectedShard(self._negative, 1, self._negative_fingerprint))
+        check_shards(self.folder / INDEX_FILE, shards, self.layout, index.get("dtype"))
 
     def _negative_file(self, index: dict, negative_from) -> Optional[Path]:
         if negative_from is None:
             name = negative_file(index)
+            self._negative_fingerprint = index_fingerprint(index)
             return None if name is None else self.folder / name
         other = PromptCache(negative_from)
+        self._negative_fingerprint = other._negative_fingerprint
         if other.layout != self.layout:
             raise ValueError(
                 f"negative prompt cache {other.folder} ({other.family}, width {other.dim}) does not "

@@ -22,6 +22,7 @@ from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.format import (
     CONTEXT,
+    FINGERPRINT,
     INDEX_FILE,
     NEGATIVE_FILE,
     OFFSETS,
@@ -36,8 +37,6 @@ from phased_dmd_mega.prompt_cache.format import (
 )
 
 log = get_logger(__name__)
-
-FINGERPRINT = "fingerprint"  # the metadata stamp of a written file: the inputs it was encoded from
 
 
 @dataclass(frozen=True)

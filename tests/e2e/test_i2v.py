@@ -332,8 +332,8 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
     try:
         teacher = build_teacher(cfg)
         assert teacher.boundary == BOUNDARY and teacher.high.dims.in_channels == 36
-        prompts = build_prompts(cfg, teacher)
-        geometry = latent_geometry(teacher, prompts)
+        prompts = build_prompts(cfg, teacher.high.dims)
+        geometry = latent_geometry(teacher.high.dims, prompts)
         assert geometry.channels == 16
         trainer = Trainer(cfg, teacher, prompts, geometry)
         models = role_models(trainer, teacher)
@@ -417,13 +417,13 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
             match=r"takes 36 input channels for 16 output channels: its 20 extra channels "
             r"are an image condition .* the prompt source has none; .*--vae",
         ):
-            latent_geometry(teacher, SyntheticPrompts(2, 4, 16))
+            latent_geometry(teacher.high.dims, SyntheticPrompts(2, 4, 16))
         with pytest.raises(
             ValueError,
             match=r"image condition has 20 channels \(4 mask \+ 16 latent\); the teacher "
             r"takes 16 input channels .* it takes no image condition",
         ):
-            latent_geometry(build_teacher(t2v), cache)
+            latent_geometry(build_teacher(t2v).high.dims, cache)
         wrong = load_config(
             i2v_config(tmp_path, cache.folder),
             [f"model.teacher_path={assets['teacher']}", "data.resolutions=[{frames: 1, height: 16, width: 32}]"],
@@ -434,7 +434,7 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
             rf"whose first-frame latents were encoded at {RESOLUTION} \(frames x "
             rf"height x width\) only: remove them .* or encode",
         ):
-            Trainer(wrong, teacher, cache, latent_geometry(teacher, cache))
+            Trainer(wrong, teacher, cache, latent_geometry(teacher.high.dims, cache))
     finally:
         parallel.destroy()
 

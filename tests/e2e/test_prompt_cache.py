@@ -6,6 +6,7 @@ the CLI, several ranks, and a tiny training run on an encoded cache."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -400,6 +401,70 @@ def test_a_damaged_or_missing_shard_is_refused_up_front_and_fails_train_in_one_l
     assert not (tmp_path / "run").exists()
 
 
+def rewrite_shard(path: Path, change) -> None:
+    """Rewrite a shard with ``change(tensors)`` applied, keeping its stamp (metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = handle.metadata()
+    save_file(change(tensors), str(path), metadata=metadata)
+
+
+def drop_last_row(tensors):
+    offsets = tensors["offsets"]
+    return {"context": tensors["context"][: offsets[-2]].clone(), "offsets": offsets[:-1].clone()}
+
+
+def offsets_past_the_end(tensors):
+    offsets = tensors["offsets"].clone()
+    offsets[-1] += 5
+    return {**tensors, "offsets": offsets}
+
+
+def mix_in_another_encoding(encoders, tmp_path, folder: Path) -> None:
+    other = encode(encoders, "wan", tmp_path, out="other", prompts=str(write_prompts(tmp_path, PROMPTS[::-1], "b.txt")))
+    shutil.copyfile(other / "shard-00001.safetensors", folder / "shard-00001.safetensors")
+
+
+SHARD_MISMATCHES = {
+    "another_encodings_shard": r"shard-00001\.safetensors was encoded from other inputs \(stamp \w+, the index's \w+\)",
+    "a_row_short": r"shard-00001\.safetensors holds offsets \(3,\) \(the index says 3 rows: \(4,\)\)",
+    "offsets_past_the_end": r"shard-00001\.safetensors holds offsets that do not cut its \d+ context tokens into rows",
+    "index_count": r"prompts\.json says 8 prompts, and its shards hold 7",
+}
+
+
+@pytest.mark.parametrize("how", SHARD_MISMATCHES)
+def test_a_shard_that_disagrees_with_the_index_is_refused_at_open_and_fails_train_in_one_line(
+    encoders, tmp_path, capsys, how
+):
+    from phased_dmd_mega import cli
+
+    from helpers.tiny_runs import write_config
+
+    folder = encode(encoders, "wan", tmp_path)
+    shard, index_file = folder / "shard-00001.safetensors", folder / "prompts.json"
+    if how == "another_encodings_shard":
+        mix_in_another_encoding(encoders, tmp_path, folder)
+    elif how == "a_row_short":
+        rewrite_shard(shard, drop_last_row)
+    elif how == "offsets_past_the_end":
+        rewrite_shard(shard, offsets_past_the_end)
+    else:
+        index = json.loads(index_file.read_text())
+        index_file.write_text(json.dumps({**index, "count": index["count"] + 1}))
+    file = index_file if how == "index_count" else shard
+    with pytest.raises(DamagedFileError, match=SHARD_MISMATCHES[how]):
+        PromptCache(folder)
+    config = write_config(tmp_path, data={"prompt_cache": str(folder), "synthetic_prompts": 0})
+    capsys.readouterr()
+    err = assert_failed_on(cli.main(["train", "--config", str(config)]), capsys.readouterr().err, file)
+    assert re.search(SHARD_MISMATCHES[how], err), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_prompt_files(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n\n"a dog"\n{"text": "x", "prompt": "a fox"}\n')
     assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog", "a fox"]
@@ -536,11 +601,11 @@ def test_the_trainer_trains_on_an_encoded_cache(encoders, tmp_path):
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
-        prompts = build_prompts(cfg, teacher)
+        prompts = build_prompts(cfg, teacher.high.dims)
         assert isinstance(prompts, PromptCache) and len(prompts) == len(PROMPTS)
-        assert Trainer(cfg, teacher, prompts, latent_geometry(teacher)).run() == 2
+        assert Trainer(cfg, teacher, prompts, latent_geometry(teacher.high.dims)).run() == 2
         with pytest.raises(ValueError, match=r"holds wan embeddings of width 16; the model \(wan\) takes text"):
-            build_prompts(load_config(tmp_path / "run.yaml", [f"data.prompt_cache={narrow}"]), teacher)
+            build_prompts(load_config(tmp_path / "run.yaml", [f"data.prompt_cache={narrow}"]), teacher.high.dims)
     finally:
         parallel.destroy()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

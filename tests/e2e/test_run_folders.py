@@ -13,18 +13,8 @@ import textwrap
 import pytest
 
 from phased_dmd_mega import cli, files
-from phased_dmd_mega.distill import trainer
 
-from helpers.tiny_runs import save_wan_teacher, write_config
-
-
-def forbid_loading(monkeypatch):
-    """From now on, the test fails if a run gets as far as loading the teacher."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the teacher was loaded before the refusal")
-
-    monkeypatch.setattr(trainer, "build_teacher", refuse)
+from helpers.tiny_runs import forbid_loading, save_wan_teacher, write_config
 
 
 def _train(config, *overrides):
@@ -131,7 +121,7 @@ def test_seeds_out_of_range_are_refused_naming_the_key(tmp_path, capsys, monkeyp
     assert key in err and "must be in [0, 2**62 - 1]" in err
 
 
-def test_resuming_onto_another_teacher_is_refused_unless_it_moved(tmp_path, capsys):
+def test_resuming_onto_another_teacher_is_refused_before_it_loads_unless_it_moved(tmp_path, capsys, monkeypatch):
     teacher = save_wan_teacher(tmp_path / "teacher")
     other = tmp_path / "other_teacher"
     shutil.copytree(teacher, other)
@@ -140,7 +130,9 @@ def test_resuming_onto_another_teacher_is_refused_unless_it_moved(tmp_path, caps
     )
     assert _train(config) == 0
     capsys.readouterr()
-    assert _train(config, f"model.teacher_path={other}") == 2
+    with monkeypatch.context() as patch:
+        forbid_loading(patch)
+        assert _train(config, f"model.teacher_path={other}") == 2
     err = capsys.readouterr().err
     assert "model.teacher_path (checkpoint" in err and "allow_teacher_path_change=true" in err
     # Through another spelling of the same folder: no conflict.

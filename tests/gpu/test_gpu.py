@@ -322,7 +322,7 @@ def _train(tmp_path: Path, name: str, overrides):
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher = build_teacher(cfg)
-        trainer = Trainer(cfg, teacher, build_prompts(cfg, teacher), latent_geometry(teacher))
+        trainer = Trainer(cfg, teacher, build_prompts(cfg, teacher.high.dims), latent_geometry(teacher.high.dims))
         modules = [teacher, *(role.model for role in trainer.roles().values())]
         devices = {t.device.type for m in modules for t in (*m.parameters(), *m.buffers())}
         devices |= {d for role in trainer.roles().values() for d in _optimizer_state_devices(role)}

@@ -17,6 +17,7 @@ import yaml
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config, load_config
+from phased_dmd_mega.distill import trainer as trainer_module
 from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
 from phased_dmd_mega.distill.trainer import Trainer
 
@@ -49,6 +50,15 @@ def write_config(tmp_path: Path, name="run", **sections) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def forbid_loading(monkeypatch):
+    """From now on, the test fails if a run gets as far as loading the teacher."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the refusal")
+
+    monkeypatch.setattr(trainer_module, "build_teacher", refuse)
 
 
 # Fewer iterations than test_trainer's run; the generators still move away from the teacher.
@@ -142,7 +152,9 @@ def train_tiny(
     parallel.initialize(seed=cfg.run.seed)
     try:
         teacher_model = build_teacher(cfg)
-        trainer = Trainer(cfg, teacher_model, build_prompts(cfg, teacher_model), latent_geometry(teacher_model))
+        trainer = Trainer(
+            cfg, teacher_model, build_prompts(cfg, teacher_model.high.dims), latent_geometry(teacher_model.high.dims)
+        )
         trainer.run()
         inputs = velocity_inputs(teacher_model.high.dims)
         outputs = {f"generator{k}": velocity(role.model.high, inputs) for k, role in enumerate(trainer.generators)}

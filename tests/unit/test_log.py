@@ -24,3 +24,20 @@ def test_setup_twice_does_not_duplicate_lines(monkeypatch, capsys):
     assert capsys.readouterr().err.count("once") == 1
     ours = [h for h in logging.getLogger("phased_dmd_mega").handlers if h.get_name() == "phased_dmd_mega"]
     assert len(ours) == 1
+
+
+def test_lines_go_to_the_stderr_of_the_moment_not_the_one_at_setup(monkeypatch):
+    """A caller that swaps sys.stderr and closes the old one (pytest's capture between tests,
+    a tool's redirection) must not leave the logger writing to a closed file."""
+    import io
+    import sys
+
+    monkeypatch.setenv("RANK", "0")
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    get_logger("phased_dmd_mega.x").warning("after the swap")
+    assert "after the swap" in second.getvalue() and "Logging error" not in second.getvalue()
