@@ -48,6 +48,16 @@ log = get_logger(__name__)
 __all__ = ["LATEST", "checkpoint_name", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 CONFIG_FILE = "config.yaml"  # the resolved run configuration, inside every checkpoint the trainer writes
+# A checkpoint's metadata key for an iteration stopped between sub-updates (absent: whole
+# iterations): {"fake_updates_done": n, "logs": {...}, "seconds": s} (the trainer's StoppedIteration).
+PARTIAL = "partial_iteration"
+
+
+def generators_iteration(metadata: Mapping[str, Any]) -> int:
+    """The last iteration whose generator update a checkpoint holds: its own, or the one before
+    when it was saved inside an iteration (whose generator update had not run; -1: none yet)."""
+    iteration = int(metadata["iteration"])
+    return iteration - 1 if metadata.get(PARTIAL) is not None else iteration
 
 
 def _sharded(tensor: torch.Tensor, key: str, like: nn.Parameter):

@@ -53,7 +53,7 @@ class DistilledGenerators:
     base_experts: List[str]  # per phase: the teacher expert its generator started from: "high", "low", or "model"
     teacher: Optional[Experts]  # LoRA: the frozen base the adapters sit on; None for a full fine-tune
     teacher_boundary: Optional[float]  # the teacher's expert boundary (two experts, Wan2.2 A14B), else None
-    iteration: int
+    iteration: int  # the last iteration whose generator update the weights hold
     ema: bool
 
     @property
@@ -105,14 +105,18 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     roles = {f"generator{k}{suffix}": WeightsOnly(generator) for k, generator in enumerate(generators)}
     metadata = checkpoint.load_checkpoint(folder, roles)
     generators = [generator.to(device).requires_grad_(False).eval() for generator in generators]
+    iteration = checkpoint.generators_iteration(metadata)
     log.info(
-        "opened %d %s generator%s (%s) of %s, iteration %d",
+        "opened %d %s generator%s (%s) of %s, as of iteration %d%s",
         len(generators),
         "LoRA" if lora else "full",
         "s" if len(generators) > 1 else "",
         ", ".join(roles),
         folder,
-        metadata["iteration"],
+        iteration,
+        f" (saved inside iteration {metadata['iteration']}, before its generator update)"
+        if iteration != metadata["iteration"]
+        else "",
     )
     return DistilledGenerators(
         path=folder,
@@ -122,7 +126,7 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
         base_experts=[_expert_name(teacher, base) for base in bases],
         teacher=teacher if lora else None,
         teacher_boundary=teacher.boundary,
-        iteration=int(metadata["iteration"]),
+        iteration=iteration,
         ema=ema,
     )
 

@@ -50,9 +50,10 @@ from phased_dmd_mega.sample import PeriodicSamples
 
 log = get_logger(__name__)
 
-# A checkpoint's metadata key for an iteration stopped between sub-updates (absent: whole
-# iterations): {"fake_updates_done": n, "logs": {...}, "seconds": s} (a StoppedIteration).
-PARTIAL = "partial_iteration"
+PARTIAL = checkpoint.PARTIAL  # in a checkpoint saved inside an iteration: a StoppedIteration
+# A checkpoint's metadata key for the non-finite steps in a row up to it: a resumed run stops
+# where the uninterrupted one would have.
+NONFINITE_STREAK = "nonfinite_streak"
 
 
 # What a checkpoint's roles and schedule were built from: a resumed run must agree on these
@@ -242,6 +243,7 @@ class Trainer:
             self.samples = PeriodicSamples.for_run(cfg, prompts, geometry, teacher.high.dims)
         self._stop_requested = False
         self._stopped_within: Optional[StoppedIteration] = None  # from a checkpoint saved mid-iteration
+        self._nonfinite = 0  # non-finite steps in a row
         self._tensorboard = self._open_tensorboard()
 
     def _open_tensorboard(self):
@@ -304,6 +306,7 @@ class Trainer:
     def _next_step(self, metadata: Dict[str, Any]) -> int:
         """The step a checkpoint continues at: the one after it, or its own when it was saved
         inside an iteration (which then runs from its next sub-update)."""
+        self._nonfinite = int(metadata.get(NONFINITE_STREAK, 0))
         partial = metadata.get(PARTIAL)
         if partial is None:
             return metadata["iteration"] + 1
@@ -313,7 +316,6 @@ class Trainer:
 
     def _loop(self, start: int) -> int:
         cfg = self.cfg
-        nonfinite = 0
         total = len(self.schedule)
         for step in range(start, total):
             self._set_learning_rates(step, total)
@@ -326,12 +328,12 @@ class Trainer:
                 phase = self.schedule[step]
                 update_ema(self.ema[phase], self.generators[phase].model, cfg.optimizer.ema_decay)
             finite = all(math.isfinite(v) for v in logs.values())
-            nonfinite = 0 if finite else nonfinite + 1
+            self._nonfinite = 0 if finite else self._nonfinite + 1
             self._record(step, logs, tokens, finite)
-            if nonfinite >= cfg.run.max_consecutive_nonfinite:
+            if self._nonfinite >= cfg.run.max_consecutive_nonfinite:
                 self.save(step)
                 raise NonFiniteLossError(
-                    f"{nonfinite} non-finite steps in a row (up to iteration {step}); "
+                    f"{self._nonfinite} non-finite steps in a row (up to iteration {step}); "
                     f"stopped with a checkpoint in {cfg.checkpoint.dir}"
                 )
             stop = self._stop_everywhere()  # every step, on every rank: they must agree
@@ -365,7 +367,7 @@ class Trainer:
 
     def save(self, step: int, stopped: Optional[StoppedIteration] = None) -> None:
         """A checkpoint after iteration ``step``, or within it (``stopped``)."""
-        metadata: Dict[str, Any] = {"phase": self.schedule[step]}
+        metadata: Dict[str, Any] = {"phase": self.schedule[step], NONFINITE_STREAK: self._nonfinite}
         if stopped is not None:
             metadata[PARTIAL] = dataclasses.asdict(stopped)
         checkpoint.save_checkpoint(

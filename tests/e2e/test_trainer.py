@@ -229,6 +229,47 @@ def test_sigterm_inside_an_iteration_checkpoints_it_and_the_resume_finishes_it_e
     assert metrics(tmp_path / "interrupted") == metrics(tmp_path / "reference")
 
 
+def test_a_checkpoint_saved_inside_an_iteration_opens_as_the_generators_of_the_one_before(tmp_path):
+    """Stopped inside iteration 1, before its generator update: export and sampling get the
+    generators of iteration 0, and say so."""
+    from phased_dmd_mega.distill.generators import open_generators
+
+    cfg = load_config(write_config(tmp_path), ["phases.fake_updates_per_generator_update=2"])
+    assert _train_in_process(cfg, lambda trainer: _sigterm_after_fake_update(trainer, 1, 0)) == 1
+    folder = tmp_path / "run" / "checkpoints"
+    parallel.initialize(seed=0)
+    try:
+        whole, partial = (open_generators(folder / name) for name in ("iter_0000000", "iter_0000001"))
+    finally:
+        parallel.destroy()
+    assert (whole.iteration, partial.iteration) == (0, 0)
+    for k in range(2):
+        mine, theirs = (dict(g.generators[k].high.named_parameters()) for g in (whole, partial))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in mine)
+
+
+def test_a_resumed_run_stops_on_non_finite_steps_where_the_uninterrupted_one_does(tmp_path):
+    """Non-finite steps in a row are counted across a preemption: NaN in iterations 0 to 3 and a
+    limit of 3 stop the uninterrupted run at iteration 2, and a run preempted inside iteration 2
+    (after two non-finite iterations) stops there too once resumed."""
+    overrides = ["phases.iterations_per_phase=3", "checkpoint.save_every=100", "run.max_consecutive_nonfinite=3"]
+    stop = "3 non-finite steps in a row \\(up to iteration 2\\)"
+    reference = load_config(write_config(tmp_path, "reference"), overrides)
+    with pytest.raises(NonFiniteLossError, match=stop):
+        _train_in_process(reference, lambda trainer: _nan_teacher_until(trainer, 4))
+    cfg = load_config(write_config(tmp_path, "interrupted"), overrides)
+
+    def nan_then_sigterm(trainer):
+        _nan_teacher_until(trainer, 4)
+        _sigterm_after_fake_update(trainer, 2, 0)
+
+    assert _train_in_process(cfg, nan_then_sigterm) == 2
+    with pytest.raises(NonFiniteLossError, match=stop):
+        _train_in_process(cfg, lambda trainer: _nan_teacher_until(trainer, 4))
+    same = json.dumps(metrics(tmp_path / "interrupted")) == json.dumps(metrics(tmp_path / "reference"))
+    assert same  # NaN included
+
+
 @pytest.mark.slow
 def test_sigkill_then_automatic_resume_gives_the_uninterrupted_losses(tmp_path):
     reference = launch(write_config(tmp_path, "reference"), 2, "parallel.tensor_parallel=2")
