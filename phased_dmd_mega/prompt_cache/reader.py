@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from phased_dmd_mega.condition import Condition
 from phased_dmd_mega.data import ImageConditions, ImageConditionSpec, PromptSource
-from phased_dmd_mega.distill.roles import Condition
 from phased_dmd_mega.errors import DamagedFileError
 from phased_dmd_mega.files import read_json
 from phased_dmd_mega.prompt_cache.format import (

@@ -128,6 +128,7 @@ def test_only_the_command_line_imports_the_training_loop():
         ("phased_dmd_mega.parallel", "phased_dmd_mega.models"),
         ("phased_dmd_mega.models", "phased_dmd_mega.distill"),
         ("phased_dmd_mega.config", "phased_dmd_mega.models"),
+        ("phased_dmd_mega.prompt_cache", "phased_dmd_mega.distill"),
     ],
 )
 def test_lower_layers_do_not_import_higher_ones(module, below):
