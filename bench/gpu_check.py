@@ -688,7 +688,17 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     return [last[i] for i in sorted(last)]
 
 
-METRIC_KEYS = ("iteration", "phase", "step_seconds", "peak_memory_gib", "tokens_per_second", "dmd_loss", "fake_loss")
+METRIC_KEYS = (
+    "iteration",
+    "phase",
+    "step_seconds",
+    "peak_memory_gib",
+    "tokens_per_second",
+    "tflops_per_second",
+    "mfu",
+    "dmd_loss",
+    "fake_loss",
+)
 
 
 def summarize_training(run_dir: Path, outcome: Outcome) -> Verdict:
@@ -988,13 +998,14 @@ def training_section(d: Dict[str, Any]) -> List[str]:
         f"{TRAINING_RESOLUTION['frames']}x{TRAINING_RESOLUTION['height']}x{TRAINING_RESOLUTION['width']}, "
         "one GPU.",
         "",
-        "| iteration | phase | step (s) | peak memory (GiB) | tokens/s | dmd loss | fake loss |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| iteration | phase | step (s) | peak memory (GiB) | tokens/s | TFLOP/s | MFU | dmd loss | fake loss |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in d.get("iterations", []):
         lines.append(
             f"| {r['iteration']} | {r['phase']} | {fmt(r['step_seconds'], 2)} | {fmt(r['peak_memory_gib'])} | "
-            f"{fmt(r['tokens_per_second'], 0)} | {fmt(r['dmd_loss'], 4)} | {fmt(r['fake_loss'], 4)} |"
+            f"{fmt(r['tokens_per_second'], 0)} | {fmt(r.get('tflops_per_second'), 1)} | {fmt(r.get('mfu'), 3)} | "
+            f"{fmt(r['dmd_loss'], 4)} | {fmt(r['fake_loss'], 4)} |"
         )
     return lines
 

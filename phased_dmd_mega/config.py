@@ -280,9 +280,13 @@ class LoggingConfig:
     sample_every: int = 0  # > 0: write samples to run.output_dir/samples/iter_N every this many iterations
     sample_count: int = 4  # prompts sampled each time (the first ones of the prompt source)
     sample_vae: Optional[str] = None  # diffusers VAE folder (or pipeline root): also decode the samples
+    # The per-GPU peak that MFU is measured against, TFLOP/s. None: the dense peak of the
+    # detected GPU for the run's matmul precision (flops.PEAK_TFLOPS); on CPU no MFU is logged.
+    peak_tflops: Optional[float] = None
 
     def validate(self, check):
         check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
         check(self.sample_every >= 0, "sample_every", "must be >= 0 (0 turns samples off)")
         check(self.sample_count >= 1, "sample_count", "must be >= 1")
 

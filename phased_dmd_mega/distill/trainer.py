@@ -44,8 +44,10 @@ from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, set_le
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, StoppedIteration
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
 from phased_dmd_mega.files import sweep_debris
+from phased_dmd_mega.flops import FlopCounter, Flops, matmul_precision, peak_tflops
 from phased_dmd_mega.locks import FolderLock
 from phased_dmd_mega.log import get_logger, process_memory_mib
+from phased_dmd_mega.models.architectures import architecture_of
 from phased_dmd_mega.sample import PeriodicSamples
 
 log = get_logger(__name__)
@@ -201,6 +203,7 @@ def peak_memory_gib() -> float:
 class Trainer:
     def __init__(self, cfg: Config, teacher: Experts, prompts: PromptSource, geometry: LatentGeometry):
         self.cfg, self.prompts, self.geometry = cfg, prompts, geometry
+        self.dims = teacher.high.dims
         if prompts.image_conditions is not None:  # I2V: each resolution needs its first-frame latents
             prompts.image_conditions.check_resolutions(cfg.data.resolutions)
         self.layout = phase_layout(cfg)
@@ -245,6 +248,11 @@ class Trainer:
         self._stopped_within: Optional[StoppedIteration] = None  # from a checkpoint saved mid-iteration
         self._nonfinite = 0  # non-finite steps in a row
         self._tensorboard = self._open_tensorboard()
+        # Every DiT's matmuls and attention, counted per call (flops.py) for TFLOP/s and MFU.
+        self.flops = FlopCounter().attach(teacher, *(role.model for role in self.generators + self.fakes))
+        self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(
+            matmul_precision(cfg.model.dtype, cfg.run.tf32, cfg.model.fp8_recipe is not None)
+        )
 
     def _open_tensorboard(self):
         folder = self.cfg.logging.tensorboard_dir
@@ -280,7 +288,7 @@ class Trainer:
         condition, negative = self.prompts.sample(
             cfg.data.batch_size, step_generator(cfg.data.seed, step, layout.data_parallel_rank), resolution.pixels
         )
-        tokens = shape[0] * shape[2] * shape[3] * shape[4]
+        tokens = shape[0] * architecture_of(self.dims).dit_tokens(self.dims, shape[2:])  # after patching
         return Batch(condition.to(layout.device), negative.to(layout.device), shape), tokens
 
     # -------------------------------------------------------------- run
@@ -321,15 +329,17 @@ class Trainer:
             self._set_learning_rates(step, total)
             batch, tokens = self.batch(step)
             resume, self._stopped_within = self._stopped_within, None
+            self.flops.take()  # what ran between iterations (samples, a resume) is not the iteration's
             logs = self.phased.iteration(self.schedule[step], batch, step, stop=self._stop_everywhere, resume=resume)
             if isinstance(logs, StoppedIteration):  # SIGTERM inside the iteration
-                return self._stop_inside(step, logs)
+                return self._stop_inside(step, self._with_flops(logs))
+            flops = self._iteration_flops(logs)
             if self.ema is not None and math.isfinite(logs["generator_grad_norm"]):
                 phase = self.schedule[step]
                 update_ema(self.ema[phase], self.generators[phase].model, cfg.optimizer.ema_decay)
             finite = all(math.isfinite(v) for v in logs.values())
             self._nonfinite = 0 if finite else self._nonfinite + 1
-            self._record(step, logs, tokens, finite)
+            self._record(step, logs, tokens, flops, finite)
             if self._nonfinite >= cfg.run.max_consecutive_nonfinite:
                 self.save(step)
                 raise NonFiniteLossError(
@@ -354,6 +364,19 @@ class Trainer:
                 log.warning("SIGTERM: stopped after iteration %d with a checkpoint", step)
                 return step + 1
         return total
+
+    def _with_flops(self, stopped: StoppedIteration) -> StoppedIteration:
+        """The stopped part's FLOPs go into its logs, and with them into the checkpoint."""
+        counted = self.flops.take()
+        return dataclasses.replace(
+            stopped, logs={**stopped.logs, "model_flops": counted.model, "hardware_flops": counted.hardware}
+        )
+
+    def _iteration_flops(self, logs: Dict[str, float]) -> Flops:
+        """What the iteration ran: since it started, and before a stop inside it (its logs)."""
+        counted = self.flops.take()
+        earlier = Flops(logs.pop("model_flops", 0.0), logs.pop("hardware_flops", 0.0))
+        return Flops(counted.model + earlier.model, counted.hardware + earlier.hardware)
 
     def _stop_inside(self, step: int, stopped: StoppedIteration) -> int:
         self.save(step, stopped)
@@ -403,16 +426,22 @@ class Trainer:
         self._stop_requested = not all_ranks_agree(not self._stop_requested)
         return self._stop_requested
 
-    def _record(self, step: int, logs: Dict[str, float], tokens: int, finite: bool) -> None:
+    def _record(self, step: int, logs: Dict[str, float], tokens: int, flops: Flops, finite: bool) -> None:
         if not finite:
             log.warning("iteration %d: non-finite loss or gradient, update skipped (%s)", step, logs)
         if parallel.layout().rank != 0:
             return
+        seconds = logs["step_seconds"]
+        tflops = flops.model / seconds / 1e12
         entry = {
             "iteration": step,
             "phase": self.schedule[step],
             **logs,
-            "tokens_per_second": tokens / logs["step_seconds"],
+            "tokens_per_second": tokens / seconds,  # DiT tokens of the generated batch, this rank's
+            "model_flops": flops.model,  # this rank's, forward and backward (flops.py)
+            "hardware_flops": flops.hardware,  # and the forwards activation recompute repeats
+            "tflops_per_second": tflops,
+            "mfu": None if self.peak_tflops is None else tflops / self.peak_tflops,
             "peak_memory_gib": peak_memory_gib(),
         }
         self.output.mkdir(parents=True, exist_ok=True)
@@ -420,19 +449,22 @@ class Trainer:
             handle.write(json.dumps(entry) + "\n")
         if self._tensorboard is not None:
             for key, value in entry.items():
-                if key != "iteration" and math.isfinite(value):
+                if key != "iteration" and value is not None and math.isfinite(value):
                     self._tensorboard.add_scalar(f"train/{key}", value, step)
             self._tensorboard.flush()
         if step % self.cfg.logging.log_every == 0 or step == len(self.schedule) - 1:
+            mfu = "" if entry["mfu"] is None else f"  MFU {100 * entry['mfu']:.1f}%"
             log.info(
-                "iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  peak %.2f GiB",
+                "iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  %.3g TFLOP/s%s  peak %.2f GiB",
                 step + 1,
                 len(self.schedule),
                 self.schedule[step],
                 logs["dmd_loss"],
                 logs["fake_loss"],
-                logs["step_seconds"],
+                seconds,
                 entry["tokens_per_second"],
+                tflops,
+                mfu,
                 entry["peak_memory_gib"],
             )
 

@@ -34,6 +34,15 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(sinusoid.to(self.linear_1.weight.dtype))))
 
 
+class PatchEmbedding(nn.Conv3d):
+    """A patch embedding whose stride is its kernel (Wan's Conv3d: diffusers' layout and keys),
+    applied as the linear map it is to tokens of flattened patches [..., C * prod(patch)]: to
+    this rank's tokens only, and seen by the FLOP counter as the linear layer it is."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.linear(patches, self.weight.flatten(1), self.bias)
+
+
 def grid_positions(index: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
     """Integer (f, h, w) positions [S, 3] of flat token indices in (f, h, w) order; indices
     past the grid (sharding padding) get position 0."""

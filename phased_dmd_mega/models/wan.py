@@ -18,6 +18,7 @@ from torch import nn
 
 from phased_dmd_mega.models.attention import AttentionCore, KeyMask, attention_backend
 from phased_dmd_mega.models.embeddings import (
+    PatchEmbedding,
     TimestepEmbedding,
     apply_rope_interleaved,
     grid_positions,
@@ -239,7 +240,7 @@ class WanModel(nn.Module):
         context_config = model_parallel_config(False, dtype, par.initialize)
         self.sequence_parallel = config.sequence_parallel
 
-        self.patch_embedding = nn.Conv3d(dims.in_channels, dims.dim, dims.patch_size, dims.patch_size, dtype=dtype)
+        self.patch_embedding = PatchEmbedding(dims.in_channels, dims.dim, dims.patch_size, dims.patch_size, dtype=dtype)
         self.time_embedding = TimestepEmbedding(dims.freq_dim, dims.dim, dtype)
         self.time_projection = nn.Linear(dims.dim, 6 * dims.dim, dtype=dtype)
         self.text_embedding = nn.ModuleDict(
@@ -300,9 +301,7 @@ class WanModel(nn.Module):
         """This rank's tokens [S_local, B, D] of [B, C, F, H, W] latents. The patch embedding is a
         convolution whose stride is its kernel, i.e. one linear map per patch: applied to this
         rank's patches only, no rank holds the whole sequence at model width."""
-        patches = sharding.local_slice(latent_tokens(latents, self.token_patch).transpose(0, 1))
-        conv = self.patch_embedding
-        return F.linear(patches, conv.weight.flatten(1), conv.bias)
+        return self.patch_embedding(sharding.local_slice(latent_tokens(latents, self.token_patch).transpose(0, 1)))
 
     def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
         """[L, B, out * prod(patch)] (channel fastest) -> [B, out, F, H, W]."""

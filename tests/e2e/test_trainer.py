@@ -31,15 +31,17 @@ from phased_dmd_mega.parallel import state as parallel_state
 from helpers import REPO_ROOT
 from helpers.tiny_runs import TINY_RUN, write_config
 
+# Metrics of time and memory, and of work: a resumed iteration repeats its rollouts.
+UNREPEATABLE = ("step_seconds", "tokens_per_second", "peak_memory_gib", "tflops_per_second", "mfu")
+UNREPEATABLE += ("model_flops", "hardware_flops")
+
 
 def metrics(folder: Path):
     """The last record of each iteration (a killed run may have logged one it did not save)."""
     last = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        last[entry["iteration"]] = {
-            k: v for k, v in entry.items() if k not in ("step_seconds", "tokens_per_second", "peak_memory_gib")
-        }
+        last[entry["iteration"]] = {k: v for k, v in entry.items() if k not in UNREPEATABLE}
     return [last[i] for i in sorted(last)]
 
 

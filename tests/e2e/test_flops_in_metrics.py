@@ -1,0 +1,71 @@
+"""TFLOP/s and MFU in every metrics line: the trainer's per-iteration FLOP count against torch's
+FlopCounterMode over the same iterations (attention through SDPA's math kernel), for full
+fine-tuning, LoRA, and activation recompute (model FLOPs without it, hardware FLOPs with it);
+tokens counted after patching; MFU against logging.peak_tflops, none on CPU without it."""
+
+import json
+
+import pytest
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from phased_dmd_mega import parallel
+from phased_dmd_mega.config import load_config
+from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
+from phased_dmd_mega.distill.build import build_teacher
+from phased_dmd_mega.distill.trainer import Trainer
+
+from helpers.tiny_runs import write_config
+
+BATCH, TOKENS = 2, 1 * 2 * 3  # 1x32x48 pixels -> 1x4x6 latents -> 1x2x3 tokens of 1x2x2
+
+
+def _train_measuring(cfg):
+    """The run's metrics, and FlopCounterMode's count of each of its iterations."""
+    measured = []
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        trainer = Trainer(cfg, build_teacher(cfg), SyntheticPrompts(4, 16, 32), LatentGeometry())
+        iteration = trainer.phased.iteration
+
+        def measuring(*args, **kwargs):
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as mode:
+                logs = iteration(*args, **kwargs)
+            measured.append(mode.get_total_flops())
+            return logs
+
+        trainer.phased.iteration = measuring
+        trainer.run()
+    finally:
+        parallel.destroy()
+    lines = (trainer.output / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], measured
+
+
+@pytest.mark.parametrize(
+    "overrides, counted",
+    [([], "model_flops"), (["model.lora.rank=4"], "model_flops"), (["model.recompute=full"], "hardware_flops")],
+    ids=["full", "lora", "recompute"],
+)
+def test_the_logged_flops_are_what_the_iterations_ran(tmp_path, overrides, counted):
+    cfg = load_config(write_config(tmp_path), ["phases.iterations_per_phase=1", *overrides])
+    records, measured = _train_measuring(cfg)
+    assert len(records) == len(measured) == 2
+    for record, flops in zip(records, measured):
+        assert record[counted] == pytest.approx(flops, rel=0.02)
+        assert record["tflops_per_second"] == pytest.approx(record["model_flops"] / record["step_seconds"] / 1e12)
+        assert record["tokens_per_second"] == pytest.approx(BATCH * TOKENS / record["step_seconds"])
+        assert record["mfu"] is None  # CPU, no logging.peak_tflops
+        if "model.recompute=full" in overrides:  # recompute is hardware work, not model work
+            assert record["model_flops"] < record["hardware_flops"]
+        else:
+            assert record["model_flops"] == record["hardware_flops"]
+
+
+def test_mfu_is_against_the_given_peak_and_the_console_shows_it(tmp_path, caplog):
+    cfg = load_config(write_config(tmp_path), ["phases.iterations_per_phase=1", "logging.peak_tflops=0.001"])
+    with caplog.at_level("INFO", logger="phased_dmd_mega.distill.trainer"):
+        records, _ = _train_measuring(cfg)
+    for record in records:
+        assert record["mfu"] == pytest.approx(record["tflops_per_second"] / 0.001)
+    assert "TFLOP/s  MFU " in caplog.text
