@@ -1,6 +1,6 @@
-"""Timing on a CUDA device, for the benchmark scripts and bench/gpu_check.py: wall-clock seconds
-between synchronisations, and the device's own dense matrix-multiply and copy rates that
-achieved figures are compared with."""
+"""Timing for the benchmark scripts and bench/gpu_check.py: wall-clock seconds between
+synchronisations (of the CUDA device, where there is one), and the device's own dense
+matrix-multiply and copy rates that achieved figures are compared with."""
 
 from __future__ import annotations
 
@@ -14,17 +14,24 @@ def seconds_per_call(fn: Callable[[], object], warmup: int = 3, iters: int = 10)
     """Mean seconds of ``fn`` after ``warmup`` calls, the device synchronised around the timed ones."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    _synchronize()
     return (time.perf_counter() - start) / iters
 
 
-def dense_matmul_tflops(size: int = 8192, iters: int = 20, dtype: torch.dtype = torch.bfloat16) -> float:
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def dense_matmul_tflops(
+    size: int = 8192, iters: int = 20, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
+) -> float:
     """A size^3 matrix multiply's rate on random data (TFLOP/s)."""
-    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty_like(a)
     return 2 * size**3 / seconds_per_call(lambda: torch.mm(a, b, out=out), warmup=5, iters=iters) / 1e12
 
