@@ -178,6 +178,48 @@ def instrumented(trainer: Trainer, timer: PartTimer):
                 setattr(owner, name, own)
 
 
+def _read_by_torch_optim() -> bool:
+    """torch.optim keeps its step counts on the host: reading them is no device sync."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if "/torch/optim/" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: Dict[str, int]):
+    """Count the reads of tensor values into Python (``.item()``, ``bool()``, ``float()``,
+    ``.tolist()``) outside torch.optim: on a GPU each read of a device tensor waits for the
+    device (a host sync). On CPU host tensors count too (noise draws on CPU generators, the
+    prompt source): an upper bound of a GPU run's syncs."""
+    names = ("item", "__bool__", "__float__", "tolist")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    own = {name for name in names if name in vars(torch.Tensor)}  # the rest come from TensorBase
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            if not _read_by_torch_optim():
+                counts[name] = counts.get(name, 0) + 1
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            if name in own:
+                setattr(torch.Tensor, name, original)
+            else:
+                delattr(torch.Tensor, name)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -218,8 +260,10 @@ def build(args) -> Trainer:
 def measure_iterations(trainer: Trainer, iterations: int) -> Dict[str, object]:
     timer = PartTimer(parallel.layout().device)
     counter: FlopCounter = trainer.flops
+    reads: Dict[str, int] = {}
     with instrumented(trainer, timer):
-        trainer.phased.iteration(trainer.schedule[0], trainer.batch(0)[0], 0)  # warm-up
+        with counting_host_reads(reads):  # counted in the warm-up, which the timing leaves out
+            trainer.phased.iteration(trainer.schedule[0], trainer.batch(0)[0], 0)
         counter.take()
         timer.reset()
         start = timer._now()
@@ -236,6 +280,7 @@ def measure_iterations(trainer: Trainer, iterations: int) -> Dict[str, object]:
         "seconds_per_iteration": seconds / iterations,
         "parts": {part: timer.seconds.get(part, 0.0) / iterations for part in PARTS},
         "dit_share": timer.dit_seconds / seconds,
+        "host_reads_per_iteration": sum(reads.values()),
         "model_flops": flops.model / iterations,
         "hardware_flops": flops.hardware / iterations,
         "tflops_per_second": flops.model / seconds / 1e12,
@@ -334,6 +379,7 @@ def report(args, figures: Dict[str, object]) -> List[str]:
         f"{it['tflops_per_second']:.4f} TFLOP/s = {it['tflops_per_second'] / gemm:.2f} x the measured dense GEMM "
         f"rate ({gemm:.4f} TFLOP/s, {args.dtype})",
         f"- DiT share: {100 * it['dit_share']:.1f}% of the iteration inside DiT calls (forwards and backwards)",
+        f"- host reads of tensor values per iteration (GPU syncs at most): {it['host_reads_per_iteration']:.0f}",
         f"- checkpoint save: {it['checkpoint_seconds']:.2f} s",
     ]
     if "diffusers" in figures:

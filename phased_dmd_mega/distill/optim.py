@@ -277,8 +277,9 @@ class DistributedRoleOptimizer:
         parallel.all_reduce(self._touched, self._dp_group, op=dist.ReduceOp.MAX)
 
     def _drop_untouched(self) -> None:
+        touched = self._touched.tolist()  # one read, not one per parameter (each a host sync on a GPU)
         for param, shard, _ in self._pairs():
-            if not self._touched[self._index[param]]:
+            if not touched[self._index[param]]:
                 shard.grad = None
 
     def step(self) -> float:
@@ -331,7 +332,8 @@ class DistributedRoleOptimizer:
             counts[self._index[param]] = float(sub.optimizer.state[shard]["step"])
         # a parameter's slices may all be on other ranks
         parallel.all_reduce(counts, self._dp_group, op=dist.ReduceOp.MAX)
-        return {name: float(counts[self._index[p]]) for p, name in self._names.items()}
+        counts = counts.tolist()
+        return {name: counts[self._index[p]] for p, name in self._names.items()}
 
     def set_steps(self, steps: Dict[str, float]) -> None:
         self.ensure_state()

@@ -251,16 +251,18 @@ class PhasedDMD:
         one step; logged values are batch means. Anything watched non-finite on any rank skips
         the whole update on every rank (no step at all, NaN gradient norm reported)."""
         slices = self._micro_batches(batch)
-        totals: Dict[str, float] = {}
+        totals: Dict[str, torch.Tensor] = {}
         for rows in slices:
             loss, watched, logged = micro_loss(rows)
-            if not all_ranks_agree(all(bool(torch.isfinite(v).all()) for v in watched)):
+            finite = torch.stack([torch.isfinite(v).all() for v in watched]).all()
+            if not all_ranks_agree(bool(finite)):  # one host read per micro-batch
                 role.zero_grad()
                 return {key: float("nan") for key in logged}, float("nan")
             (loss / len(slices)).backward()
             for key, value in logged.items():
-                totals[key] = totals.get(key, 0.0) + value.item() / len(slices)
-        return totals, role.step()
+                totals[key] = totals.get(key, 0.0) + value.detach() / len(slices)
+        norm = role.step()
+        return dict(zip(totals, torch.stack(list(totals.values())).tolist())), norm  # one read for the logs
 
     def iteration(
         self,
