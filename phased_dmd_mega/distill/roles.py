@@ -72,11 +72,18 @@ class GuidedTeacher(nn.Module):
             high, torch.full_like(t, self.guidance_scale), torch.full_like(t, self.guidance_scale_low_noise)
         )
 
+    def _unguided(self, t: torch.Tensor) -> bool:
+        """Every sample's scale is 1 (no unconditional branch): told by the settings when the
+        experts share a scale, without reading ``t`` back from the device."""
+        if self.experts.boundary is None or self.guidance_scale == self.guidance_scale_low_noise:
+            return self.guidance_scale == 1
+        return bool((self.scales(t) == 1).all())
+
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, negative: Condition) -> torch.Tensor:
-        scale = self.scales(t).reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
-        if bool((scale == 1).all()):
+        if self._unguided(t):
             return self.experts(x_t, t, condition)
+        scale = self.scales(t).reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
         both = self.experts(torch.cat([x_t, x_t]), torch.cat([t, t]), Condition.cat(condition, negative))
         conditional, unconditional = both.chunk(2)
         return unconditional + scale * (conditional - unconditional)

@@ -101,6 +101,32 @@ def test_guided_teacher_uses_each_experts_scale():
     torch.testing.assert_close(teacher(x, t, cond, negative), torch.tensor([[4.0] * 3, [3.0] * 3]))
 
 
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_a_shared_guidance_scale_is_applied_without_reading_the_times_back(monkeypatch, scale):
+    """One scale for every sample (one expert, or experts with the same scale): whether to run
+    the unconditional branch follows from the settings; no tensor value is read into Python (a
+    host sync per teacher call on a GPU)."""
+
+    class Calls(nn.Module):
+        batches = []
+
+        def forward(self, x, timestep, context, **kwargs):
+            self.batches.append(x.shape[0])
+            return x + context.mean(dim=(1, 2)).reshape(-1, 1)
+
+    teacher = GuidedTeacher(Experts(Calls()), guidance_scale=scale)
+    x, t = torch.zeros(2, 3), torch.tensor([0.9, 0.2])
+
+    def no_reads(self):
+        raise AssertionError("a tensor value was read")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_reads)
+    out = teacher(x, t, Condition(torch.ones(2, 1, 1)), Condition(torch.zeros(2, 1, 1)))
+    monkeypatch.undo()
+    assert Calls.batches == ([2] if scale == 1.0 else [4])  # both CFG branches in one batch
+    torch.testing.assert_close(out, torch.full((2, 3), scale))
+
+
 # ----------------------------------------------------------------------------- rollout
 
 LAYOUT = PhaseLayout.build(4, num_phases=2, shift=5.0)  # t = 1, .9375, .8333, .625, 0
