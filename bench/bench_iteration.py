@@ -394,6 +394,7 @@ def report(args, figures: Dict[str, object]) -> List[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--family", choices=("wan", "qwen_image"), help="default: qwen_image for qwen-* presets")
     parser.add_argument("--num-layers", type=int, default=0, help="fewer blocks than the preset (0: all)")
     parser.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA)")
     parser.add_argument("--lora-rank", type=int, default=32)
@@ -413,7 +414,7 @@ def parse_args(argv=None):
     args.resolution = parse_resolution(args.resolution)
     if args.resolution is None:
         parser.error("--resolution must be FRAMESxHEIGHTxWIDTH")
-    args.family = "qwen_image" if args.preset.startswith("qwen") else "wan"
+    args.family = args.family or ("qwen_image" if args.preset.startswith("qwen") else "wan")
     return args
 
 

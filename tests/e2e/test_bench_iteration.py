@@ -16,10 +16,12 @@ def load_bench():
     return module
 
 
-def test_the_parts_add_up_to_the_iteration(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["wan", "qwen_image"])
+def test_the_parts_add_up_to_the_iteration(tmp_path, capsys, family):
     bench = load_bench()
     out = tmp_path / "figures.json"
-    argv = ["--preset", "tiny", "--resolution", "1x64x64", "--iterations", "1", "--repeats", "1", "--json", str(out)]
+    argv = ["--family", family, "--preset", "tiny", "--resolution", "1x64x64", "--iterations", "1", "--repeats", "1"]
+    argv += ["--json", str(out)]
     assert bench.main(argv) == 0
     figures = json.loads(out.read_text())
     iteration = figures["iteration"]
