@@ -718,6 +718,10 @@ def summarize_training(run_dir: Path, outcome: Outcome) -> Verdict:
             f"{len(iterations)} iterations, {details['mean_step_seconds']:.1f} s per step "
             f"after the first, peak {details['peak_memory_gib']:.1f} GiB"
         )
+        mfus = [r["mfu"] for r in steady if isinstance(r.get("mfu"), (int, float))]
+        if mfus:  # model FLOPs over the GPU's dense peak (phased_dmd_mega/flops.py)
+            details["mean_mfu"] = sum(mfus) / len(mfus)
+            details["summary"] += f", MFU {100 * details['mean_mfu']:.1f}%"
     if outcome.returncode != 0:
         return Verdict(FAILED, details, f"exit status {outcome.returncode}\n{outcome.tail()}")
     if len(iterations) != TRAINING_ITERATIONS:
