@@ -192,6 +192,7 @@ class Row:
     ms: Optional[float] = None
     tflops: Optional[float] = None
     fraction_of_matmul: Optional[float] = None
+    mfu: Optional[float] = None  # against the GPU's dense peak (phased_dmd_mega/flops.py), where known
     error: Optional[str] = None
 
 
@@ -216,20 +217,25 @@ def measure(row: Row, make_step, args, flops: float, peak: float) -> Row:
     row.ms = seconds * 1e3
     row.tflops = flops / seconds / 1e12
     row.fraction_of_matmul = row.tflops / peak
+    from phased_dmd_mega.flops import peak_tflops
+
+    dense_peak = peak_tflops("fp8" if row.fp8 else "bfloat16")
+    row.mfu = None if dense_peak is None else row.tflops / dense_peak
     return row
 
 
 def print_table(rows, described: str, peak: float) -> None:
     print(f"device: {torch.cuda.get_device_name()}, {described}, dense bf16 matmul {peak:.0f} TFLOP/s\n")
-    print("| attention | layers | fp8 | ms / fwd+bwd | TFLOP/s | of matmul rate |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | layers | fp8 | ms / fwd+bwd | TFLOP/s | of matmul rate | MFU |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         if row.status != "ok":
-            print(f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.status} | - | - |")
+            print(f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.status} | - | - | - |")
             continue
+        mfu = "-" if row.mfu is None else f"{100 * row.mfu:.0f}%"
         print(
             f"| {row.backend} | {row.layers} | {row.fp8 or '-'} | {row.ms:.1f} | {row.tflops:.0f} | "
-            f"{100 * row.fraction_of_matmul:.0f}% |"
+            f"{100 * row.fraction_of_matmul:.0f}% | {mfu} |"
         )
     for row in rows:
         if row.error:

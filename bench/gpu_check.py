@@ -616,7 +616,11 @@ def summarize_blocks(path: Path, outcome: Outcome) -> Verdict:
     ran = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] == "failed"]
     not_run = [row_label(r) for r in rows if r["status"] == NOT_RUN]
-    parts = [f"{row_label(r)} {fmt(r['tflops'], 0)} TFLOP/s" for r in ran]
+    parts = [
+        f"{row_label(r)} {fmt(r['tflops'], 0)} TFLOP/s"
+        + (f" (MFU {100 * r['mfu']:.0f}%)" if isinstance(r.get("mfu"), (int, float)) else "")
+        for r in ran
+    ]
     summary = "; ".join(
         parts + [f"{row_label(r)} failed" for r in failed] + ([f"not run: {', '.join(not_run)}"] if not_run else [])
     )
