@@ -19,6 +19,7 @@ backward). Elementwise work (norms, RoPE, losses) is not counted, as Megatron's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,7 +131,7 @@ class FlopCounter:
         x, out, weight = _first_tensor(args), _first_tensor(output), module.weight
         if x is None or out is None:
             return
-        in_features, out_features = weight[0].numel(), weight.shape[0]
+        in_features, out_features = math.prod(weight.shape[1:]), weight.shape[0]  # shapes only (FP8 weights too)
         tokens = max(x.numel() // in_features, out.numel() // out_features)  # the gathered ones under SP
         flops = 2.0 * tokens * in_features * out_features
         trainable = weight.requires_grad
