@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import platform
 import sys
@@ -434,6 +435,9 @@ def main(argv=None) -> int:
     figures["threads"] = torch.get_num_threads()
     size = 8192 if device.type == "cuda" else 1024
     figures["gemm_tflops"] = dense_matmul_tflops(size, iters=5, dtype=getattr(torch, args.dtype), device=args.device)
+    if not args.no_diffusers and importlib.util.find_spec("diffusers") is None:
+        print("diffusers is not installed: no comparison with its model (--no-diffusers to silence)", file=sys.stderr)
+        args.no_diffusers = True
     if not args.no_diffusers:
         parallel.initialize(seed=0)
         try:
