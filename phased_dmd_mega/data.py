@@ -42,8 +42,11 @@ class LatentGeometry:
         for size, name in ((height, "height"), (width, "width")):
             if size % self.spatial:
                 raise ValueError(f"{name} {size} is not divisible by the spatial compression {self.spatial}")
-        latent_frames = 1 if frames == 1 else (frames - 1) // self.temporal + 1
-        return self.channels, latent_frames, height // self.spatial, width // self.spatial
+        return self.channels, self.latent_frames(frames), height // self.spatial, width // self.spatial
+
+    def latent_frames(self, frames: int) -> int:
+        """Wan's VAE: the first frame alone, then ``temporal`` frames per latent frame."""
+        return 1 if frames == 1 else (frames - 1) // self.temporal + 1
 
     def unfit(self, resolution: Sequence[int], token_patch: Sequence[int], max_frames: Optional[int] = None):
         """Why a (frames, height, width) video does not make latents of whole tokens
@@ -57,7 +60,7 @@ class LatentGeometry:
                 f"frames {frames} is not 1 or {step}k+1 (the VAE compresses {step} frames into one latent frame "
                 f"after the first): {_nearest(frames - 1, step, 1)}"
             )
-        latent_frames = 1 if frames == 1 else (frames - 1) // self.temporal + 1
+        latent_frames = self.latent_frames(frames)
         if latent_frames % token_patch[0]:
             return f"frames {frames} make {latent_frames} latent frames: not whole tokens of {token_patch[0]} frames"
         for size, name, patch in ((height, "height", token_patch[1]), (width, "width", token_patch[2])):

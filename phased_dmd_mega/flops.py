@@ -89,10 +89,10 @@ class FlopCounter:
 
     def __init__(self):
         self._attached = set()
+        self._megatron_local = local_linear_classes()  # they compute input gradients unconditionally
         self._forward = self._backward = self._recompute = 0.0
 
     def attach(self, *models: nn.Module) -> "FlopCounter":
-        megatron_local = local_linear_classes()
         for model in models:
             for module in model.modules():
                 if id(module) in self._attached:
@@ -103,7 +103,6 @@ class FlopCounter:
                     module.register_forward_hook(self._on_adapter)
                 elif isinstance(module, (nn.Linear, nn.Conv3d)) or parallel_linear_kind(module) is not None:
                     module.register_forward_hook(self._on_linear)
-                    module._flops_dgrad_always = isinstance(module, megatron_local)
                 else:
                     continue
                 self._attached.add(id(module))
@@ -135,7 +134,7 @@ class FlopCounter:
         tokens = max(x.numel() // in_features, out.numel() // out_features)  # the gathered ones under SP
         flops = 2.0 * tokens * in_features * out_features
         trainable = weight.requires_grad
-        dgrad = x.requires_grad or (trainable and module._flops_dgrad_always)
+        dgrad = x.requires_grad or (trainable and isinstance(module, self._megatron_local))
         self._add(flops, flops * (int(dgrad) + int(trainable)), out)
 
     def _on_adapter(self, module: nn.Module, args, output) -> None:

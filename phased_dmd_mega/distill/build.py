@@ -229,8 +229,8 @@ def latent_geometry(dims, prompts: Optional[PromptSource] = None) -> LatentGeome
 
 
 def check_resolutions(cfg: Config, dims, geometry: LatentGeometry) -> None:
-    """Every resolution of the mixture makes latents of whole tokens, and an I2V cache holds its
-    first frames at each."""
+    """Every resolution of the mixture makes latents of whole tokens (``latent_geometry``'s VAE
+    compression, the teacher's token patch and frame limit)."""
     max_frames = architecture_of(dims).max_frames
     for i, resolution in enumerate(cfg.data.resolutions):
         problem = geometry.unfit(resolution.pixels, dims.token_patch, max_frames)
@@ -245,7 +245,6 @@ def check_resolutions(cfg: Config, dims, geometry: LatentGeometry) -> None:
 class RunInputs:
     """What a run reads besides weights."""
 
-    dims: object  # the teacher's (WanDims, QwenImageDims)
     prompts: PromptSource
     geometry: LatentGeometry
 
@@ -262,4 +261,4 @@ def open_inputs(cfg: Config) -> RunInputs:
     check_resolutions(cfg, dims, geometry)
     if prompts.image_conditions is not None:
         prompts.image_conditions.check_resolutions(cfg.data.resolutions)
-    return RunInputs(dims, prompts, geometry)
+    return RunInputs(prompts, geometry)

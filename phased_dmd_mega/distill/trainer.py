@@ -143,9 +143,10 @@ def resume_point(cfg: Config) -> Optional[Path]:
         problem = checkpoint_folder.damage(path)
         if problem is not None:
             raise checkpoint_folder.CheckpointFolderError(f"checkpoint.resume={path}: {problem}")
-    if path is not None:
-        check_resumable(Path(path), cfg)
-    return None if path is None else Path(path)
+    if path is None:
+        return None
+    check_resumable(Path(path), cfg)
+    return Path(path)
 
 
 class NonFiniteLossError(RuntimeError):

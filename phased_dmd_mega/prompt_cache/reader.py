@@ -126,7 +126,7 @@ class PromptCache(PromptSource):
             self.starts.append(self.starts[-1] + count)
         self._check_count(index)
         self._negative = self._negative_file(index, negative_from)
-        self._check_shards(index)
+        self._check_shards(index, own_negative=negative_from is None)
         self._readers: Dict[Path, object] = {}
         self._offsets: Dict[Path, List[int]] = {}
 
@@ -136,7 +136,7 @@ class PromptCache(PromptSource):
                 f"{self.folder / INDEX_FILE} says {index['count']} prompts, and its shards hold {len(self)}"
             )
 
-    def _check_shards(self, index: dict) -> None:
+    def _check_shards(self, index: dict, own_negative: bool) -> None:
         fingerprint = index_fingerprint(index)
         tokens = [entry.get("tokens") for entry in index["shards"]]
         images = self.image_conditions.specs.values() if self.image_conditions is not None else ()
@@ -144,17 +144,15 @@ class PromptCache(PromptSource):
             ExpectedShard(path, count, fingerprint, length, tuple(images))
             for (path, count), length in zip(self.shards, tokens)
         ]
-        if self._negative is not None:  # the negative prompt: one row, stamped by its own cache
-            shards.append(ExpectedShard(self._negative, 1, self._negative_fingerprint))
+        if own_negative and self._negative is not None:  # another cache's was checked when it opened
+            shards.append(ExpectedShard(self._negative, 1, fingerprint))
         check_shards(self.folder / INDEX_FILE, shards, self.layout, index.get("dtype"))
 
     def _negative_file(self, index: dict, negative_from) -> Optional[Path]:
         if negative_from is None:
             name = negative_file(index)
-            self._negative_fingerprint = index_fingerprint(index)
             return None if name is None else self.folder / name
         other = PromptCache(negative_from)
-        self._negative_fingerprint = other._negative_fingerprint
         if other.layout != self.layout:
             raise ValueError(
                 f"negative prompt cache {other.folder} ({other.family}, width {other.dim}) does not "
