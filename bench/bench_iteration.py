@@ -297,9 +297,9 @@ def against_diffusers(args) -> Dict[str, float]:
         dims = replace(dims, num_layers=args.num_layers)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     frames, height, width = args.resolution
-    channels, latent_frames = getattr(dims, "in_channels", 16), 1 if frames == 1 else (frames - 1) // 4 + 1
+    shape = LatentGeometry(channels=getattr(dims, "in_channels", 16)).latent_shape(frames, height, width)
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(args.batch, channels, latent_frames, height // 8, width // 8, generator=gen)
+    latents = torch.randn(args.batch, *shape, generator=gen)
     context = torch.randn(args.batch, architecture.synthetic_prompt_tokens, dims.text_dim, generator=gen)
     timestep = torch.full((args.batch,), 500.0)
     latents, context, timestep = latents.to(device, dtype), context.to(device, dtype), timestep.to(device)
