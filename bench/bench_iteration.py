@@ -238,6 +238,8 @@ def build(args) -> Trainer:
         f"model.recompute={args.recompute}",
         f"model.lora.rank={0 if args.full else args.lora_rank}",
         f"phases.fake_updates_per_generator_update={args.fake_updates}",
+        f"optimizer.distributed={str(args.optimizer == 'distributed').lower()}",
+        f"optimizer.fused={str(args.adamw == 'fused').lower()}",
         f"phases.guidance_scale={args.guidance}",
         "phases.iterations_per_phase=100",
         f"data.batch_size={args.batch}",
@@ -365,7 +367,7 @@ def report(args, figures: Dict[str, object]) -> List[str]:
     lines = [
         f"{args.preset}{layers}, {mode}, {args.dtype}, batch {args.batch} at {'x'.join(map(str, args.resolution))}, "
         f"{args.fake_updates} fake update(s) per generator update, guidance {args.guidance}, "
-        f"recompute {args.recompute}, on {figures['device']}",
+        f"recompute {args.recompute}, {args.optimizer} optimizer ({args.adamw} AdamW), on {figures['device']}",
         "",
         "| part | seconds per iteration | share |",
         "|---|---:|---:|",
@@ -403,6 +405,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--fake-updates", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--optimizer", choices=("distributed", "per-rank"), default="distributed")
+    parser.add_argument("--adamw", choices=("fused", "for-loop"), default="fused", help="optimizer.fused")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--recompute", default="none")

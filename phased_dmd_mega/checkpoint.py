@@ -272,10 +272,9 @@ def load_checkpoint(path, roles: Mapping[str, Any]) -> Dict[str, Any]:
                 _load_distributed_optimizer(role_name, role, loaded, states[role_name])
                 continue
             steps = loaded[f"{role_name}.optimizer_steps"]
+            role.set_steps(steps)
             for name, param in role.model.named_parameters():
                 if name in steps:
-                    state = optimizer.state[param]
                     for state_name in ADAM_STATES:
-                        state[state_name].copy_(loaded[f"{role_name}.optimizer.{name}.{state_name}"])
-                    state["step"] = torch.tensor(steps[name], dtype=torch.float32)
+                        optimizer.state[param][state_name].copy_(loaded[f"{role_name}.optimizer.{name}.{state_name}"])
     return loaded["metadata"]

@@ -123,7 +123,9 @@ def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
 
 def role_optimizer(model: nn.Module, adam, opt):
     """The role's AdamW (``adam``: its settings) with the run's clipping and optimizer kind."""
-    return make_role_optimizer(model, adam.lr, adam.betas, adam.eps, adam.weight_decay, opt.grad_clip, opt.distributed)
+    return make_role_optimizer(
+        model, adam.lr, adam.betas, adam.eps, adam.weight_decay, opt.grad_clip, opt.distributed, opt.fused
+    )
 
 
 # ----------------------------------------------------------------------------- the teacher and the data

@@ -42,8 +42,30 @@ def trainable_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(trainable_parameters(model), lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+def make_adamw(
+    model: nn.Module, lr: float, betas, eps: float, weight_decay: float, fused: bool = True
+) -> torch.optim.AdamW:
+    """torch's AdamW; ``fused``: its one-pass kernel (CPU and CUDA), else the for-loop one."""
+    params = trainable_parameters(model)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+def use_fused_adamw(optimizer: torch.optim.AdamW, fused: bool) -> None:
+    """Switch an AdamW built elsewhere (megatron-core passes no such option) to the fused kernel:
+    torch reads ``fused`` from each group at every step. Same updates, one pass over each state
+    instead of one per arithmetic operation."""
+    for group in (optimizer.defaults, *optimizer.param_groups):
+        group["fused"], group["foreach"] = fused, False if fused else group.get("foreach")
+
+
+def step_counter(value: float, param: torch.Tensor, fused: bool) -> torch.Tensor:
+    """AdamW's step count of one parameter, where torch keeps it: the fused kernel reads it on
+    the parameter's device, the for-loop AdamW on the CPU (a CUDA one would cost a sync per step)."""
+    return torch.tensor(float(value), dtype=torch.float32, device=param.device if fused else "cpu")
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused"))
 
 
 def sum_partial_gradients_over_tp(params_and_grads: Iterable[Tuple[nn.Parameter, torch.Tensor]]) -> None:
@@ -76,17 +98,29 @@ def finalize_gradients(model: nn.Module) -> None:
 def gradient_norm(model: nn.Module) -> float:
     """The L2 norm of the whole (unsharded) gradient."""
     params = [p for p in trainable_parameters(model) if p.grad is not None]
-    sharded = torch.zeros((), dtype=torch.float64, device=parallel.device())
-    replicated = torch.zeros((), dtype=torch.float64, device=parallel.device())
-    for p in params:
-        square = p.grad.detach().double().square().sum().to(sharded.device)
-        if getattr(p, "tensor_model_parallel", False):
-            sharded += square
-        else:
-            replicated += square
+    sharded = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
+    replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
+    sharded_square = sum_of_squares(sharded)
     if parallel.is_initialized():
-        parallel.all_reduce(sharded, parallel.tensor_parallel_group())
-    return math.sqrt(float(sharded + replicated))
+        parallel.all_reduce(sharded_square, parallel.tensor_parallel_group())
+    return math.sqrt(float(sharded_square + sum_of_squares(replicated)))
+
+
+def sum_of_squares(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Sum of the squares of every element, in float64, on this rank's device. Each tensor's norm
+    is taken in one pass with float32 accumulation (no float64 copies of the gradients), and only
+    those norms are squared and summed in float64."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=parallel.device())
+    norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
+    return torch.stack(norms).to(parallel.device(), torch.float64).square().sum()
+
+
+def clip_gradients(grads: List[torch.Tensor], norm: float, grad_clip: Optional[float]) -> None:
+    """Scale the gradients whose whole norm is ``norm`` down to ``grad_clip`` (if above it)."""
+    scale = 1.0 if grad_clip is None else grad_clip / (norm + 1e-6)
+    if scale < 1.0 and grads:
+        torch._foreach_mul_(grads, scale)  # one multi-tensor kernel on a GPU, not one per tensor
 
 
 def all_ranks_agree(ok: bool) -> bool:
@@ -129,11 +163,7 @@ class RoleOptimizer:
         if not math.isfinite(norm):
             self.zero_grad()
             return norm
-        if self.grad_clip is not None and norm > self.grad_clip:
-            scale = self.grad_clip / (norm + 1e-6)
-            for p in trainable_parameters(self.model):
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        clip_gradients([p.grad for p in trainable_parameters(self.model) if p.grad is not None], norm, self.grad_clip)
         self.optimizer.step()
         self.zero_grad()
         return norm
@@ -144,9 +174,17 @@ class RoleOptimizer:
             for param in group["params"]:
                 state = self.optimizer.state[param]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = step_counter(0, param, is_fused(self.optimizer))
                     for name in ADAM_STATES:
                         state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def set_steps(self, steps: Dict[str, float]) -> None:
+        """AdamW step counts by parameter name (a checkpoint's); parameters not named keep theirs."""
+        self.ensure_state()
+        fused = is_fused(self.optimizer)
+        for name, param in self.model.named_parameters():
+            if name in steps:
+                self.optimizer.state[param]["step"] = step_counter(steps[name], param, fused)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (AdamW moments and step counters)."""
@@ -217,7 +255,14 @@ class DistributedRoleOptimizer:
     AdamW groups (the trainer sets ``lr`` there each step)."""
 
     def __init__(
-        self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float, grad_clip: Optional[float] = None
+        self,
+        model: nn.Module,
+        lr: float,
+        betas,
+        eps: float,
+        weight_decay: float,
+        grad_clip: Optional[float] = None,
+        fused: bool = True,
     ):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import get_megatron_optimizer
@@ -235,6 +280,10 @@ class DistributedRoleOptimizer:
             self.optimizer = get_megatron_optimizer(
                 config, [self.ddp], config_overrides={}, use_gloo_process_groups=False
             )
+        self.fused = fused
+        for sub in self.optimizer.chained_optimizers:
+            if sub.optimizer is not None:
+                use_fused_adamw(sub.optimizer, fused)
         self._names = {param: name for name, param in model.named_parameters() if param.requires_grad}
         self._index = {param: i for i, param in enumerate(self._names)}
         self._touched = torch.zeros(len(self._names), device=parallel.device())
@@ -285,8 +334,6 @@ class DistributedRoleOptimizer:
     def step(self) -> float:
         """Finalise, clip and apply the gradients; returns the gradient norm before clipping.
         A non-finite norm skips the update (the caller logs and counts it)."""
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
         self._finish_gradients()
         self.optimizer.prepare_grads()  # the reduced slice of the buffer -> .grad of the main shards
         self._drop_untouched()
@@ -294,9 +341,12 @@ class DistributedRoleOptimizer:
         if not math.isfinite(norm):
             self.zero_grad()
             return norm
-        if self.grad_clip is not None:
-            for sub in self.optimizer.chained_optimizers:
-                clip_grad_by_total_norm_fp32(sub.get_parameters(), self.grad_clip, norm)
+        # megatron's clip_grad_by_total_norm_fp32 scales with a per-tensor copy where neither TE
+        # nor apex is installed; the main shards' gradients are scaled in place here instead.
+        grads = [
+            p.grad for sub in self.optimizer.chained_optimizers for p in sub.get_parameters() if p.grad is not None
+        ]
+        clip_gradients(grads, norm, self.grad_clip)
         self.optimizer.step_with_ready_grads()  # AdamW on the slices, then all-gather the weights
         self.zero_grad()
         return norm
@@ -309,8 +359,9 @@ class DistributedRoleOptimizer:
             if sub.optimizer is None:
                 continue
             sub.init_state_fn(sub.optimizer, sub.config)
-            for state in sub.optimizer.state.values():
-                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+            for shard, state in sub.optimizer.state.items():
+                if "step" not in state:
+                    state["step"] = step_counter(0, shard, self.fused)
 
     def owned_slices(self) -> Dict[str, OwnedSlice]:
         """Parameter name -> the slice of its optimizer state that this rank holds."""
@@ -338,8 +389,7 @@ class DistributedRoleOptimizer:
     def set_steps(self, steps: Dict[str, float]) -> None:
         self.ensure_state()
         for param, shard, sub in self._pairs():
-            step = steps[self._names[param]]
-            sub.optimizer.state[shard]["step"] = torch.tensor(step, dtype=torch.float32)
+            sub.optimizer.state[shard]["step"] = step_counter(steps[self._names[param]], shard, self.fused)
 
     def reload_main_params(self) -> None:
         """After the weights were overwritten (a checkpoint load): main shards from the weights."""
@@ -368,9 +418,16 @@ def _pairs_of(sub):
 
 
 def make_role_optimizer(
-    model: nn.Module, lr: float, betas, eps: float, weight_decay: float, grad_clip: Optional[float], distributed: bool
+    model: nn.Module,
+    lr: float,
+    betas,
+    eps: float,
+    weight_decay: float,
+    grad_clip: Optional[float],
+    distributed: bool,
+    fused: bool = True,
 ) -> Union[RoleOptimizer, DistributedRoleOptimizer]:
     """The role's optimizer: megatron's distributed optimizer, or torch AdamW on every rank."""
     if distributed:
-        return DistributedRoleOptimizer(model, lr, betas, eps, weight_decay, grad_clip)
-    return RoleOptimizer(model, make_adamw(model, lr, betas, eps, weight_decay), grad_clip)
+        return DistributedRoleOptimizer(model, lr, betas, eps, weight_decay, grad_clip, fused)
+    return RoleOptimizer(model, make_adamw(model, lr, betas, eps, weight_decay, fused), grad_clip)

@@ -376,10 +376,21 @@ def test_the_run_config_chooses_the_optimizer(one_rank):
         opt = load_config(None, ["optimizer.fake.betas=[0.5,0.99]", "optimizer.grad_clip=2.5", *overrides]).optimizer
         role = role_optimizer(Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))), opt.fake, opt)
         assert isinstance(role, kind) and role.grad_clip == 2.5
+        assert _adamw_groups_fused(role) == [True]
         assert all(
             g["betas"] == (0.5, 0.99) and g["lr"] == opt.fake.lr and g["weight_decay"] == opt.fake.weight_decay
             for g in role.optimizer.param_groups
         )
+
+    opt = load_config(None, ["optimizer.fused=false", "optimizer.distributed=false"]).optimizer
+    role = role_optimizer(Experts(WanModel(ARCH, ModelParallelOptions(attention_backend="sdpa"))), opt.fake, opt)
+    assert _adamw_groups_fused(role) == [False]
+
+
+def _adamw_groups_fused(role) -> list:
+    """The distinct ``fused`` settings of the torch AdamW groups under a role's optimizer."""
+    adams = [sub.optimizer for sub in role.optimizer.chained_optimizers] if hasattr(role, "ddp") else [role.optimizer]
+    return sorted({bool(group["fused"]) for adam in adams for group in adam.param_groups})
 
 
 # ----------------------------------------------------------------------------- with Transformer Engine
@@ -458,6 +469,39 @@ def test_the_distributed_optimizer_counts_steps_per_parameter_with_transformer_e
     assert role.steps() == expected
     for (name, got), want in zip(model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("distributed", [True, False])
+def test_the_fused_adamw_kernel_gives_the_for_loop_updates_and_step_counts(one_rank, monkeypatch, distributed):
+    """Both optimizers run torch's fused AdamW by default (the kernel is called, once per step),
+    with the for-loop AdamW's updates and per-parameter step counts, a part without gradient
+    on some steps included; ``fused=False`` keeps the for-loop one."""
+    kernel_calls = []
+    fused_kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: kernel_calls.append(1) or fused_kernel(*a, **k))
+    torch.manual_seed(0)
+    models = {fused: TwoParts() for fused in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, grad_clip=None, distributed=distributed)
+    roles = {fused: make_role_optimizer(model, **settings, fused=fused) for fused, model in models.items()}
+    uses_low = [True, False, False, True, False]
+    for step, use_low in enumerate(uses_low):
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
+        for fused, role in roles.items():
+            calls_before = len(kernel_calls)
+            role.model(x, use_low).square().sum().backward()
+            role.step()
+            assert len(kernel_calls) - calls_before == (1 if fused else 0)
+    for (name, got), want in zip(models[True].named_parameters(), models[False].parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+    steps = {fused: _step_counts(role) for fused, role in roles.items()}
+    assert steps[True] == steps[False] and steps[True]["low.weight"] == sum(uses_low) < steps[True]["high.weight"]
+
+
+def _step_counts(role):
+    if isinstance(role, DistributedRoleOptimizer):
+        return role.steps()
+    return {name: float(role.optimizer.state[p]["step"]) for name, p in role.model.named_parameters()}
 
 
 # ----------------------------------------------------------------------------- layout
