@@ -42,7 +42,10 @@ def teacher_samplers(path, steps: int, guidance: Optional[float] = None, overrid
     guided = GuidedTeacher(teacher, high, low)
     # One phase of `steps` steps on the run's shifted table, walked by the few-step sampler.
     layout = PhaseLayout.build(steps, num_phases=1, shift=phases.shift)
-    unguided = guided.guidance_scale == 1 and guided.guidance_scale_low_noise == 1
+    scales = (
+        {guided.guidance_scale} if teacher.low is None else {guided.guidance_scale, guided.guidance_scale_low_noise}
+    )
+    unguided = scales == {1}
     source = {
         "checkpoint": str(folder),
         "teacher": True,

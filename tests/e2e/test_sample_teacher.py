@@ -20,7 +20,8 @@ from phased_dmd_mega import cli
 from phased_dmd_mega.prompt_cache.writer import write_embeddings_cache
 
 from helpers import rel_error
-from helpers.tiny_runs import save_a14b_teacher, save_wan_teacher, train_tiny
+from helpers.parity import qwen_diffusers_velocity
+from helpers.tiny_runs import save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
 
 RESOLUTION = (5, 32, 48)  # pixels: 5 frames -> 2 latent frames of 4 x 6
 LATENT_SHAPE = (4, 2, 4, 6)
@@ -166,6 +167,42 @@ def test_a_two_expert_teacher_runs_the_expert_that_owns_each_step(run, a14b, pro
         assert rel_error(saved, euler_cfg(always(one), noise, rows, negative, 6, 3.0)) > 1e-2
     record = read_record(tmp_path / "t")
     assert record["experts"] == 2 and record["boundary"] == BOUNDARY and record["teacher_path"] == str(a14b)
+
+
+def test_a_qwen_image_teacher_pads_both_branches_to_one_masked_length(run, tmp_path):
+    """Prompts of 5 and 7 tokens and a negative of 3 are padded to 7 and masked (one CFG batch);
+    the reference feeds each unpadded. The Wan run's config is pointed at a tiny Qwen-Image teacher."""
+    from diffusers import QwenImageTransformer2DModel
+
+    teacher = save_qwen_teacher(tmp_path / "qwen")
+    gen = torch.Generator().manual_seed(6)
+    rows, negative = [torch.randn(n, 24, generator=gen) for n in (5, 7)], torch.randn(3, 24, generator=gen)
+    cache = write_embeddings_cache(tmp_path / "cache", rows, negative, family="qwen_image", masked=True)
+    qwen = ["model.family=qwen_image", f"model.teacher_path={teacher}", "phases.shift=3"]
+    args = ["--indices", "1,0", "--seed", SEED, "--steps", 4, "--guidance", 4, "--prompts", cache, "--batch-size", 2]
+    out = tmp_path / "t"
+    assert (
+        run_sample("--checkpoint", run.checkpoints, "--teacher", "-o", out, "--resolution", "32x48", *args, *qwen) == 0
+    )
+    model = QwenImageTransformer2DModel.from_pretrained(teacher).eval()
+
+    def velocity(x, t, context):
+        return qwen_diffusers_velocity(
+            model, x, torch.tensor([1000.0 * t]), context, torch.ones(context.shape[:2], dtype=torch.long)
+        )
+
+    times = [3 * u / (1 + 2 * u) for u in (1, 0.75, 0.5, 0.25, 0)]
+    expected = []
+    for i, row in enumerate((1, 0)):
+        x = torch.randn(16, 1, 4, 6, generator=torch.Generator().manual_seed(SEED + i))[None, :, 0]
+        with torch.no_grad():
+            for t, t_next in zip(times[:-1], times[1:]):
+                cond, uncond = velocity(x, t, rows[row][None]), velocity(x, t, negative[None])
+                x = x + (t_next - t) * (uncond + 4 * (cond - uncond))
+        expected.append(x[:, :, None])
+    saved = read_latents(out)["latents"]
+    assert saved.shape == (2, 16, 1, 4, 6) and rel_error(saved, torch.cat(expected)) < TOLERANCE
+    assert read_record(out)["shift"] == 3.0
 
 
 def test_teacher_options_are_refused_where_they_do_not_apply(run, tmp_path, capsys):
