@@ -15,6 +15,7 @@ from phased_dmd_mega.config import ConfigError, dump_yaml, load_config
 
 EXIT_USAGE = 2  # bad arguments, options or configuration (as argparse reports its own)
 EXIT_FAILURE = 1  # the command ran and failed
+TEACHER_STEPS = 40  # `sample --teacher`'s default number of steps
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -285,6 +286,20 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", "-o", required=True, help="folder for the samples (must not exist without --overwrite)"
     )
     parser.add_argument("--ema", action="store_true", help="--checkpoint: sample with the generators' EMA copies")
+    teacher = parser.add_argument_group(
+        "teacher reference samples",
+        "--checkpoint --teacher: the run's teacher (model.teacher_path; override it to name another) samples "
+        "the same prompts and seeds as the generators, with a many-step Euler ODE sampler and "
+        "classifier-free guidance, into the same folder format",
+    )
+    teacher.add_argument("--teacher", action="store_true", help="sample with the run's teacher, not its generators")
+    teacher.add_argument("--steps", type=_positive_int, help=f"--teacher: Euler steps (default {TEACHER_STEPS})")
+    teacher.add_argument(
+        "--guidance",
+        type=float,
+        help="--teacher: classifier-free guidance scale g, uncond + g (cond - uncond), for every expert; "
+        "1 is the conditional teacher alone (default: the run's phases.guidance_scale, 4 unless it set another)",
+    )
     parser.add_argument(
         "--prompts",
         help="prompt-embedding cache folder (default: the run's own prompts); for an "
@@ -325,6 +340,12 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism inside TP")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_checkpoint_overrides(parser)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _indices(text: str) -> List[int]:
@@ -371,6 +392,9 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     if args.exported and args.overrides:
         return _usage_error("sample", "key=value overrides change a checkpoint's config; --exported has none")
+    refused = _teacher_options_refused(args)
+    if refused:
+        return _usage_error("sample", refused)
     request = SampleRequest(
         output=args.output,
         prompts=args.prompts,
@@ -387,13 +411,34 @@ def _run_sample(args: argparse.Namespace) -> int:
     )
 
     def draw():
-        if args.checkpoint:
+        if args.teacher:
+            from phased_dmd_mega.teacher_sampling import teacher_samplers
+
+            steps = args.steps or TEACHER_STEPS
+            samplers = teacher_samplers(args.checkpoint, steps, args.guidance, overrides=args.overrides)
+        elif args.checkpoint:
             samplers = Samplers.from_checkpoint(args.checkpoint, ema=args.ema, overrides=args.overrides)
         else:
             samplers = Samplers.from_export(args.exported, args.dtype, args.attention_backend)
         return sample_to_folder(samplers, request)
 
     return _with_models("sample", draw, args.tp, args.ulysses, args.sequence_parallel, args.seed)
+
+
+def _teacher_options_refused(args: argparse.Namespace) -> Optional[str]:
+    """Why the teacher's options do not go with the others (None when they do)."""
+    if not args.teacher:
+        given = [name for name in ("steps", "guidance") if getattr(args, name) is not None]
+        if given:
+            return f"--{given[0]} sets the teacher's sampler: add --teacher (the generators' steps are their phases')"
+        return None
+    if args.exported:
+        return "--teacher samples the teacher of a training run: give --checkpoint (an export records no teacher)"
+    if args.ema:
+        return "--ema picks the generators' EMA copies; --teacher samples the teacher"
+    if args.guidance is not None and args.guidance < 0:
+        return f"--guidance must be >= 0, got {args.guidance:g}"
+    return None
 
 
 def _with_models(command: str, work: Callable[[], object], *parallel_sizes) -> int:
@@ -435,7 +480,12 @@ class Command:
 
 COMMANDS = (
     Command("train", "distill a teacher into a few-step generator with Phased DMD", _add_config_arguments, _run_train),
-    Command("sample", "few-step sampling with distilled experts", _add_sample_arguments, _run_sample),
+    Command(
+        "sample",
+        "few-step sampling with distilled experts (or the teacher's reference samples)",
+        _add_sample_arguments,
+        _run_sample,
+    ),
     Command(
         "convert",
         "convert weights between Hugging Face formats and the trainer's own",

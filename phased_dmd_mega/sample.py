@@ -15,11 +15,15 @@ installed (otherwise the frames only, and the log says so).
 
 Under tensor or Ulysses parallelism every rank of the model-parallel group runs the generators
 (they return full outputs on every rank); rank 0 alone decodes and writes.
+
+``teacher_sampling`` makes the run's teacher a sampler of the same kind (many steps, guided), so
+that its reference samples come from the same prompts, noise and folder code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -66,10 +70,12 @@ def generate(
     step_rule: str = "euler",
     batch_size: Optional[int] = None,
     seeds: Optional[Sequence[int]] = None,
+    negative: Optional[Condition] = None,
 ) -> torch.Tensor:
     """Run the few-step MoE sampler over ``noise`` [N, ...] and ``condition`` (batched like it)
     in batches; returns the latents in float32 on the CPU. ``seeds`` (per sample): a stochastic
-    step rule's draws for a batch come from its first sample's seed."""
+    step rule's draws for a batch come from its first sample's seed. ``negative`` (batched like
+    ``condition``): the generators are guided teachers, called with the batch's negative prompts."""
     device = parallel.device(noise.device)
     batch_size = batch_size or noise.shape[0]
     out = []
@@ -78,8 +84,11 @@ def generate(
         stochastic = None
         if step_rule == "stochastic":
             stochastic = torch.Generator(device=device).manual_seed(int(seeds[start]) if seeds is not None else start)
+        velocities = generators
+        if negative is not None:
+            velocities = [partial(g, negative=negative.select(index).to(device)) for g in generators]
         latents = few_step_sample(
-            generators, layout, noise[index].to(device), condition.select(index).to(device), step_rule, stochastic
+            velocities, layout, noise[index].to(device), condition.select(index).to(device), step_rule, stochastic
         )
         out.append(latents.float().cpu())
         log.info("sampled %d/%d", int(index[-1]) + 1, noise.shape[0])
@@ -308,41 +317,42 @@ class PeriodicSamples:
 
 @dataclass
 class Samplers:
-    """What sampling needs from a training checkpoint or an export."""
+    """What sampling needs from a training checkpoint or an export (or, ``teacher_sampling``,
+    the teacher of a checkpoint's run)."""
 
-    generators: List[Experts]
+    generators: List[Any]  # velocity models (x_t, t, condition): one per phase
     layout: PhaseLayout
     step_rule: str
     default_prompts: Optional[PromptSource]  # the run's own prompts (checkpoints)
     default_resolution: Optional[Tuple[int, int, int]]  # the run's first resolution (checkpoints)
     source: Dict[str, Any]  # recorded in samples.json
-
-    @property
-    def dims(self):
-        return self.generators[0].high.dims
+    dims: Any  # the models' (a two-expert model's high-noise expert's)
+    guided: bool = False  # the generators are GuidedTeachers, which also take the negative prompts
 
     @classmethod
     def from_checkpoint(cls, path, ema: bool = False, overrides: Sequence[str] = ()) -> "Samplers":
         opened = open_generators(path, ema=ema, overrides=overrides)
         cfg = opened.config
-        prompts = (
-            build_prompts(cfg, opened.generators[0].high.dims)
-            if (cfg.data.prompt_cache or cfg.data.synthetic_prompts)
-            else None
-        )
         return cls(
             opened.generators,
             opened.layout,
             cfg.phases.step_rule,
-            prompts,
+            run_prompts(cfg, opened.dims),
             cfg.data.resolutions[0].pixels,
             {"checkpoint": str(opened.path), "iteration": opened.iteration, "ema": ema},
+            opened.dims,
         )
 
     @classmethod
     def from_export(cls, path, dtype: Optional[str] = None, attention_backend: str = "auto") -> "Samplers":
         generators, layout, info = open_export(path, dtype, attention_backend)
-        return cls(generators, layout, info["step_rule"], None, None, {"exported": str(Path(path).resolve())})
+        source = {"exported": str(Path(path).resolve())}
+        return cls(generators, layout, info["step_rule"], None, None, source, generators[0].high.dims)
+
+
+def run_prompts(cfg, dims) -> Optional[PromptSource]:
+    """The prompts a run trained on (with its negative prompt), or None when it names none."""
+    return build_prompts(cfg, dims) if (cfg.data.prompt_cache or cfg.data.synthetic_prompts) else None
 
 
 @dataclass
@@ -389,14 +399,20 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
     # An image-to-video generator takes its first frames from the prompt cache, at this resolution.
     shape = latent_geometry(samplers.dims, prompts).latent_shape(*resolution)
     seeds = [request.seed + i for i in range(len(indices))]
+    # Guidance's negative prompts come with the prompts, padded to one length (both CFG branches
+    # run in one batch), as the trainer draws them.
+    condition, negative = (
+        prompts.conditions(indices, resolution) if samplers.guided else (prompts.rows(indices, resolution), None)
+    )
     latents = generate(
         samplers.generators,
         samplers.layout,
-        prompts.rows(indices, resolution),
+        condition,
         sample_noise(shape, seeds),
         samplers.step_rule,
         request.batch_size,
         seeds,
+        negative,
     )
     if layout.rank != 0:
         return output

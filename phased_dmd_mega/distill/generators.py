@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config, load_config
@@ -84,15 +84,22 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
+def open_run_config(path, overrides: Sequence[str] = ()) -> Tuple[Path, Config]:
+    """The checkpoint folder at ``path`` and its run configuration (with ``overrides``), for the
+    current parallel state; the run's float32 precision is set (the caller set up the device
+    before the run's config was known)."""
+    folder = resolve_checkpoint(path)
+    cfg = _for_this_layout(load_config(folder / checkpoint.CONFIG_FILE, overrides))
+    use_tf32(cfg.run.tf32)
+    return folder, cfg
+
+
 def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -> DistilledGenerators:
     """Rebuild and load the generators of the checkpoint at ``path`` (see the module docstring).
     ``overrides``: dotted ``key=value`` changes to the stored configuration (e.g.
     ``model.teacher_path=...`` when the teacher moved, ``model.attention_backend=sdpa``)."""
     device = parallel.layout("open_generators builds models for the parallel state").device
-    folder = resolve_checkpoint(path)
-    cfg = _for_this_layout(load_config(folder / checkpoint.CONFIG_FILE, overrides))
-    # The caller set up the device before the run's config was known: its float32 precision now.
-    use_tf32(cfg.run.tf32)
+    folder, cfg = open_run_config(path, overrides)
     if ema and cfg.optimizer.ema_decay is None:
         raise RequestError(f"{folder} holds no generator EMA (the run had optimizer.ema_decay unset); drop --ema")
     lora = cfg.model.lora.rank > 0

@@ -10,6 +10,8 @@
 - a cache encoded at several resolutions holds the pipeline's condition at each; the trainer draws
   the resolution mixture from it, and `phased-dmd sample` samples an I2V checkpoint at any of them;
   a cache of the older one-resolution layout still reads;
+- `phased-dmd sample --teacher` of an I2V run gives both CFG branches of each expert the row's
+  first-frame condition (against an Euler loop on the diffusers experts);
 - refusals: a teacher and a prompt source that disagree about the image condition, a resolution
   that the cache lacks, and bad encoder inputs;
 - (slow) an I2V training step at tensor parallel 2 with sequence parallelism gives the losses and
@@ -395,6 +397,55 @@ def test_a_two_expert_i2v_teacher_trains_on_a_resolution_mixture_and_every_role_
     torch.testing.assert_close(
         load_file(str(tmp_path / "s" / "latents.safetensors"))["latents"], in_process, rtol=1e-5, atol=1e-5
     )
+
+
+def test_teacher_samples_of_an_i2v_run_feed_both_cfg_branches_the_first_frame(assets, cache, tmp_path):
+    """``sample --teacher`` reads only a checkpoint's config.yaml, so the run is its config alone.
+    The reference: the two diffusers experts (by t >= 0.9) in an Euler loop over shift(1 - i/3),
+    [latents, the row's condition] in both branches, the cache's negative prompt in the other."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from phased_dmd_mega.cli import main
+    from phased_dmd_mega.config import dump_yaml, load_config
+
+    checkpoint = tmp_path / "iter_0000001"
+    checkpoint.mkdir()
+    cfg = load_config(i2v_config(tmp_path, cache.folder), [f"model.teacher_path={assets['teacher']}"])
+    (checkpoint / "config.yaml").write_text(dump_yaml(cfg))
+    args = [
+        "--checkpoint",
+        checkpoint,
+        "--teacher",
+        "--steps",
+        3,
+        "--indices",
+        "1,2",
+        "--seed",
+        5,
+        "-o",
+        tmp_path / "s",
+    ]
+    assert main(["sample", *map(str, args)]) == 0
+    high, low = (
+        WanTransformer3DModel.from_pretrained(assets["teacher"] / s).eval() for s in ("transformer", "transformer_2")
+    )
+    times = [5 * u / (1 + 4 * u) for u in (1, 2 / 3, 1 / 3, 0)]  # 1 and 0.909: high; 0.714: low
+    expected = []
+    for i, row in enumerate((1, 2)):
+        positive, negative = cache.conditions([row])
+        x = torch.randn(1, 16, 2, 2, 4, generator=torch.Generator().manual_seed(5 + i))
+        with torch.no_grad():
+            for t, t_next in zip(times[:-1], times[1:]):
+                model, timestep = (high if t >= BOUNDARY else low), torch.tensor([1000.0 * t])
+                inputs = torch.cat([x, positive.concat_latents], 1)
+                cond, uncond = (model(inputs, timestep, c.context, return_dict=False)[0] for c in (positive, negative))
+                x = x + (t_next - t) * (uncond + 3.0 * (cond - uncond))  # the run's phases.guidance_scale
+        expected.append(x)
+    saved = load_file(str(tmp_path / "s" / "latents.safetensors"))["latents"]
+    torch.testing.assert_close(saved, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert record["experts"] == 2 and record["boundary"] == BOUNDARY and record["guidance"] == 3.0
 
 
 # ----------------------------------------------------------------------------- refusals
