@@ -62,15 +62,20 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="video frames DINO and LPIPS compare: the middle one (default) or every frame",
     )
     models.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda when available)")
-    models.add_argument("--batch-size", type=_positive, default=16, help="images per model call (default 16)")
+    models.add_argument(
+        "--batch-size", type=_positive, default=16, metavar="N", help="images per model call (default 16)"
+    )
     grid = parser.add_argument_group("grid.png")
     grid.add_argument(
         "--grid-frames",
         type=_positive,
+        metavar="K",
         default=1,
         help="frames per video tile: 1, the middle frame (default), or a strip",
     )
-    grid.add_argument("--tile-height", type=_positive, default=128, help="tile height in pixels (default 128)")
+    grid.add_argument(
+        "--tile-height", type=_positive, default=128, metavar="PX", help="tile height in pixels (default 128)"
+    )
 
 
 @dataclass(frozen=True)

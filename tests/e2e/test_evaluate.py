@@ -11,7 +11,9 @@ from PIL import Image
 
 from phased_dmd_mega import cli
 from phased_dmd_mega.evaluation.arguments import DEFAULT_DYNAMIC_THRESHOLD
+from phased_dmd_mega.evaluation.errors import EvaluationError
 from phased_dmd_mega.evaluation.grid import LABEL, PAD, TITLE
+from phased_dmd_mega.evaluation.samples import set_names
 from phased_dmd_mega.files import write_json
 from phased_dmd_mega.sample import write_frames, write_latents
 
@@ -163,7 +165,28 @@ def test_a_missing_dino_path_is_refused_naming_the_option_and_nothing_is_written
         out,
         message="--lpips-weights",
     )  # the backbone file has no linear layers
+    refused(
+        capsys,
+        "--samples",
+        inputs["teacher"],
+        "--lpips-weights",
+        inputs["weights"],
+        "--out",
+        out,
+        message="--lpips-weights needs --lpips-backbone",
+    )
     assert list(out.iterdir()) == []
+
+
+def test_sets_are_named_by_their_folders_or_by_name(tmp_path):
+    paths = [tmp_path / "a" / "samples", tmp_path / "b" / "samples"]
+    assert set_names(paths) == ["a/samples", "b/samples"]
+    assert set_names([tmp_path / "x", tmp_path / "y"]) == ["x", "y"]
+    assert set_names(paths, ["teacher", "student"]) == ["teacher", "student"]
+    with pytest.raises(EvaluationError, match="--name was given 1 times for 2"):
+        set_names(paths, ["teacher"])
+    with pytest.raises(EvaluationError, match="two sets are named '.*/x': name them with --name"):
+        set_names([tmp_path / "x", tmp_path / "x"])
 
 
 def test_bad_sample_folders_are_refused_naming_the_file(inputs, capsys, tmp_path):
