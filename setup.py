@@ -37,9 +37,14 @@ EXTRAS_REQUIRE = {
         "tensorboard>=2.16,<3",
         "peft>=0.21,<0.22",  # diffusers' load_lora_weights, for the LoRA export tests
         "ruff>=0.17,<0.18",  # lint and format check, run by `make test` before the tests
+        "opencv-python-headless>=4.13,<5",  # `phased-dmd evaluate --flow farneback` (as the evaluate extra)
     ],
     # Decoding samples to frames (`phased-dmd sample --vae`, logging.sample_vae): diffusers' VAEs.
     "sample": ["diffusers>=0.42.1,<0.43"],
+    # `phased-dmd evaluate`: Farneback optical flow (--flow farneback) and its plots. 4.13 and later
+    # ask for numpy >= 2 only, so they keep the installed numpy; --flow raft:PATH needs torchvision,
+    # which is not listed (install the build that matches your torch).
+    "evaluate": ["opencv-python-headless>=4.13,<5", "matplotlib>=3.8,<4"],
     # TensorBoard scalars during training (logging.tensorboard_dir).
     "tensorboard": ["tensorboard>=2.16,<3"],
 }

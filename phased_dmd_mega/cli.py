@@ -1,4 +1,4 @@
-"""The ``phased-dmd`` command: train | sample | convert | export | encode-prompts.
+"""The ``phased-dmd`` command: train | sample | convert | export | encode-prompts | evaluate.
 
 Exit status 2 reports bad usage (arguments, options, configuration), as argparse does; 1 a
 command that ran and failed, with one ``error:`` line and no traceback."""
@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 from phased_dmd_mega import __version__
 from phased_dmd_mega.config import ConfigError, dump_yaml, load_config
+from phased_dmd_mega.evaluation.arguments import add_evaluate_arguments
 
 EXIT_USAGE = 2  # bad arguments, options or configuration (as argparse reports its own)
 EXIT_FAILURE = 1  # the command ran and failed
@@ -242,6 +243,12 @@ def _run_encode(args: argparse.Namespace) -> int:
         return _usage_error("encode-prompts", str(err))
     print(folder)
     return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from phased_dmd_mega.evaluation.command import run_from_arguments
+
+    return run_from_arguments(args)
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -494,6 +501,12 @@ COMMANDS = (
     ),
     Command("export", "export distilled experts and LoRAs to Hugging Face formats", _add_export_arguments, _run_export),
     Command("encode-prompts", "encode prompts into a prompt-embedding cache", _add_encode_arguments, _run_encode),
+    Command(
+        "evaluate",
+        "diversity and motion of sample folders (DINO, LPIPS, optical flow, model-free statistics)",
+        add_evaluate_arguments,
+        _run_evaluate,
+    ),
 )
 _BY_NAME = {command.name: command for command in COMMANDS}
 

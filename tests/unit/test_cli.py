@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["train", "sample", "convert", "export", "encode-prompts"]
+SUBCOMMANDS = ["train", "sample", "convert", "export", "encode-prompts", "evaluate"]
 
 
 def phased_dmd(*args):
