@@ -286,9 +286,33 @@ class LoggingConfig:
     # The per-GPU peak that MFU is measured against, TFLOP/s. None: the dense peak of the
     # detected GPU for the run's matmul precision (flops.PEAK_TFLOPS); on CPU no MFU is logged.
     peak_tflops: Optional[float] = None
+    # The collapse monitor (distill/monitor.py): every eval_every iterations (0: off) the
+    # generators sample eval_prompts x eval_seeds fixed prompts and noise; their diversity and
+    # motion figures are compared with the teacher's (eval_teacher_steps guided steps, measured
+    # once). A figure below collapse_fraction of the teacher's, or saturated samples, is
+    # reported; stop_on_collapse also stops the run with a checkpoint.
+    eval_every: int = 0
+    eval_prompts: int = 2
+    eval_seeds: int = 4
+    eval_teacher_steps: int = 40
+    eval_dino: Optional[str] = None  # a transformers DINOv2/DINOv3 folder: the DINO cosine too (needs sample_vae)
+    collapse_fraction: float = 0.5
+    saturation_limit: float = 0.25  # share of clipped decoded pixel values (needs sample_vae)
+    stop_on_collapse: bool = False
 
     def validate(self, check):
         check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.eval_every >= 0, "eval_every", "must be >= 0 (0 turns the collapse monitor off)")
+        check(self.eval_prompts >= 1, "eval_prompts", "must be >= 1")
+        check(self.eval_seeds >= 2, "eval_seeds", "must be >= 2 (diversity is measured across seeds)")
+        check(self.eval_teacher_steps >= 1, "eval_teacher_steps", "must be >= 1")
+        check(0 < self.collapse_fraction < 1, "collapse_fraction", "must be in (0, 1)")
+        check(0 < self.saturation_limit <= 1, "saturation_limit", "must be in (0, 1]")
+        check(
+            self.eval_dino is None or self.sample_vae is not None,
+            "eval_dino",
+            "needs logging.sample_vae (DINO reads decoded frames)",
+        )
         check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be > 0")
         check(self.sample_every >= 0, "sample_every", "must be >= 0 (0 turns samples off)")
         check(self.sample_count >= 1, "sample_count", "must be >= 1")

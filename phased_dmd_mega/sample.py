@@ -297,7 +297,7 @@ class PeriodicSamples:
 
     def write(self, generators: List[Experts], layout: PhaseLayout, folder, iteration: int) -> torch.Tensor:
         if self.vae_path is not None and self._vae is None and parallel.layout().rank == 0:
-            self._vae = load_vae(self.vae_path, _family_of(self.dims), device=parallel.layout().device)
+            self._vae = load_vae(self.vae_path, family_of(self.dims), device=parallel.layout().device)
         return write_samples(
             generators,
             layout,
@@ -418,7 +418,7 @@ def sample_to_folder(samplers: Samplers, request: SampleRequest) -> Path:
         return output
     vae = None
     if request.vae is not None:
-        family = _family_of(samplers.dims)
+        family = family_of(samplers.dims)
         vae = load_vae(request.vae, family, getattr(torch, request.vae_dtype), layout.device)
     info = {**samplers.source, "resolution": list(resolution), "seed": request.seed}
     with staging_folder(output, request.overwrite, CheckpointError) as staging:
@@ -441,5 +441,5 @@ def _prompt_source(request: SampleRequest, samplers: Samplers) -> PromptSource:
     raise RequestError("no prompts: give --prompts CACHE_FOLDER (or --synthetic-prompts N for a smoke test)")
 
 
-def _family_of(dims) -> str:
+def family_of(dims) -> str:
     return architecture_of(dims).name

@@ -40,9 +40,11 @@ from phased_dmd_mega.distill.build import (
     phase_layout,
     role_optimizer,
 )
+from phased_dmd_mega.distill.monitor import CollapseError, CollapseMonitor, collapse_message
 from phased_dmd_mega.distill.optim import RoleOptimizer, all_ranks_agree, set_learning_rate
 from phased_dmd_mega.distill.phased import Batch, PhasedDMD, StoppedIteration
 from phased_dmd_mega.distill.roles import Experts, GuidedTeacher
+from phased_dmd_mega.errors import RunStopped
 from phased_dmd_mega.files import sweep_debris
 from phased_dmd_mega.flops import FlopCounter, Flops, matmul_precision, peak_tflops
 from phased_dmd_mega.locks import FolderLock
@@ -149,7 +151,7 @@ def resume_point(cfg: Config) -> Optional[Path]:
     return Path(path)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """Too many non-finite steps in a row (the run stops with a checkpoint)."""
 
 
@@ -245,6 +247,9 @@ class Trainer:
         self.samples = None
         if cfg.logging.sample_every:
             self.samples = PeriodicSamples.for_run(cfg, prompts, geometry, teacher.high.dims)
+        self.monitor = (
+            CollapseMonitor(cfg, prompts, geometry, self.dims, self.output) if cfg.logging.eval_every else None
+        )
         self._stop_requested = False
         self._stopped_within: Optional[StoppedIteration] = None  # from a checkpoint saved mid-iteration
         self._nonfinite = 0  # non-finite steps in a row
@@ -299,6 +304,8 @@ class Trainer:
         ``resume_from``: the checkpoint to continue (None: start afresh; "find": the one
         ``resume_point`` finds)."""
         start = self.resume(resume_point(self.cfg) if resume_from == "find" else resume_from)
+        if self.monitor is not None:
+            self.monitor.measure_teacher(self.phased.teacher)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._loop(start)
@@ -348,7 +355,8 @@ class Trainer:
                     f"stopped with a checkpoint in {cfg.checkpoint.dir}"
                 )
             stop = self._stop_everywhere()  # every step, on every rank: they must agree
-            if (step + 1) % cfg.checkpoint.save_every == 0 or step == total - 1 or stop:
+            saved = (step + 1) % cfg.checkpoint.save_every == 0 or step == total - 1 or stop
+            if saved:
                 self.save(step)
             if (
                 self.samples is not None
@@ -361,10 +369,26 @@ class Trainer:
                     self.output / "samples" / checkpoint.checkpoint_name(step),
                     step,
                 )
+            if (
+                self.monitor is not None
+                and not stop
+                and ((step + 1) % cfg.logging.eval_every == 0 or step == total - 1)
+            ):
+                self._watch(step, saved)
             if stop:
                 log.warning("SIGTERM: stopped after iteration %d with a checkpoint", step)
                 return step + 1
         return total
+
+    def _watch(self, step: int, saved: bool) -> None:
+        """The collapse monitor's evaluation after iteration ``step``; a collapse stops the run
+        (with a checkpoint, unless ``saved`` already) under ``logging.stop_on_collapse``."""
+        verdict = self.monitor.check(self.sampling_generators(), self.layout, step, self._tensorboard)
+        if verdict.healthy or not self.cfg.logging.stop_on_collapse:
+            return
+        if not saved:
+            self.save(step)
+        raise CollapseError(collapse_message(verdict, self.cfg.checkpoint.dir, self.monitor.last_healthy))
 
     def _with_flops(self, stopped: StoppedIteration) -> StoppedIteration:
         """The stopped part's FLOPs go into its logs, and with them into the checkpoint."""

@@ -32,6 +32,10 @@ METRICS: Dict[str, Metric] = {
     "latent_spread": Metric(
         "latent spread", "mean pairwise RMS distance between the seeds' latents", "higher = more diverse"
     ),
+    "latent_rms": Metric("latent RMS", "RMS of each sample's latents", "a scale: far above the teacher's = blown up"),
+    "latent_frame_change": Metric(
+        "latent frame change", "mean absolute difference of consecutive latent frames", "higher = more change"
+    ),
     "pixel_spread": Metric(
         "pixel spread",
         "mean pairwise RMS distance between the seeds' frames, pixels in [0, 1]",

@@ -23,7 +23,10 @@ The statistics, with the units they are in:
 - ``clipped_fraction``: the share of pixel values (all channels, all frames) at the range's ends,
   0 or 255 (floats: <= 0 or >= 1): saturation by clipping, 1 for an image of pure 0s and 255s;
 - ``hsv_saturation``: mean HSV saturation (max - min) / max over the pixels (0 where max is 0);
-- ``frame_change``: mean absolute difference of consecutive frames, [0, 1] units (videos only).
+- ``frame_change``: mean absolute difference of consecutive frames, [0, 1] units (videos only);
+- ``latent_rms``: each sample's RMS over its latent elements (a scale, for blown-up samples);
+- ``latent_frame_change``: mean absolute difference of consecutive latent frames (motion without
+  a VAE; latent videos only);
 """
 
 from __future__ import annotations
@@ -171,6 +174,23 @@ def _frames_rms_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.sqrt(total / a.numel())
 
 
+def latent_rms(latents: torch.Tensor, prompt_index) -> PerPrompt:
+    """Each sample's RMS over all its latent elements, averaged per prompt (a scale: samples
+    blown up by a diverging generator have many times the teacher's)."""
+    _check_count("latents", latents, prompt_index)
+    return per_sample_per_prompt([sample.double().square().mean().sqrt().item() for sample in latents], prompt_index)
+
+
+def latent_frame_change(latents: torch.Tensor, prompt_index) -> PerPrompt:
+    """Mean absolute difference of consecutive latent frames (dimension 2), per prompt: motion
+    without a VAE (videos only; single-frame latents give none)."""
+    _check_count("latents", latents, prompt_index)
+    if latents.shape[2] < 2:
+        return {}
+    change = [(s[:, 1:].double() - s[:, :-1].double()).abs().mean().item() for s in latents]
+    return per_sample_per_prompt(change, prompt_index)
+
+
 def latent_spread(latents: torch.Tensor, prompt_index) -> PerPrompt:
     """Mean pairwise RMS distance between the latents of each prompt's seeds."""
     _check_count("latents", latents, prompt_index)
@@ -205,6 +225,9 @@ def model_free_statistics(
     out: Dict[str, PerPrompt] = {}
     if latents is not None:
         out["latent_spread"] = latent_spread(latents, prompt_index)
+        out["latent_rms"] = latent_rms(latents, prompt_index)
+        if latents.shape[2] > 1:
+            out["latent_frame_change"] = latent_frame_change(latents, prompt_index)
     if frames is not None:
         out["pixel_spread"] = pixel_spread(frames, prompt_index)
         out["clipped_fraction"] = clipped_fraction(frames, prompt_index)

@@ -101,8 +101,9 @@ def test_the_report_has_one_object_per_set_with_means_and_per_prompt_values(eval
     # The diverse, moving set: 1, 2 and 3 pixels per frame for the seeds of each prompt.
     assert teacher["metrics"]["dino_cosine"]["mean"] < 1 - 1e-4 and teacher["metrics"]["lpips"]["mean"] > 0
     assert teacher["metrics"]["flow_magnitude"]["per_prompt"]["0"] == pytest.approx(2.0, rel=0.05)
-    # Latents only: the latent spread, the rest skipped with the reason.
-    assert set(latents_only["metrics"]) == {"latent_spread"} and latents_only["frames"] is None
+    # Latents only: the latent statistics, the rest skipped with the reason.
+    latent_metrics = {"latent_spread", "latent_rms", "latent_frame_change"}
+    assert set(latents_only["metrics"]) == latent_metrics and latents_only["frames"] is None
     assert {"dino_cosine", "lpips", "flow_magnitude", "clipped_fraction"} <= set(latents_only["skipped"])
     assert "latents only" in latents_only["skipped"]["dino_cosine"]
     used = report["used"]
@@ -115,7 +116,7 @@ def test_the_markdown_plots_and_grid(evaluated, inputs):
     table = (out / "evaluation.md").read_text()
     for name in ("teacher", "student", "latents_only"):
         assert f"| {name} |" in table
-    assert "| set | latent spread | pixel spread | DINO cosine | LPIPS |" in table
+    assert "| set | latent spread | latent RMS | latent frame change | pixel spread | DINO cosine | LPIPS |" in table
     assert "latents_only: `dino_cosine`: latents only" in table
     for name in report["metrics"]:
         with Image.open(out / "plots" / f"{name}.png") as plot:

@@ -82,7 +82,9 @@ def test_pairwise_cosine_identities():
 
 def test_model_free_statistics_names_what_the_inputs_allow():
     latents = torch.randn(4, 2, 1, 3, 3)
-    assert set(statistics.model_free_statistics(latents, None, [0, 0, 1, 1])) == {"latent_spread"}
+    assert set(statistics.model_free_statistics(latents, None, [0, 0, 1, 1])) == {"latent_spread", "latent_rms"}
+    latent_videos = torch.randn(4, 2, 3, 3, 3)
+    assert "latent_frame_change" in statistics.model_free_statistics(latent_videos, None, [0, 0, 1, 1])
     images = torch.rand(4, 1, 5, 5, 3)
     assert "frame_change" not in statistics.model_free_statistics(latents, images, [0, 0, 1, 1])
     videos = torch.rand(4, 3, 5, 5, 3)
@@ -113,3 +115,18 @@ def test_grid_is_prompts_by_seeds_per_set_and_shows_the_middle_frame():
     assert "latents" in blocks[1].title
     tile = grid[TITLE + 20 : TITLE + 30, 72 + 30 : 72 + 60]  # below the seed label
     assert (tile == 200).all()
+
+
+def test_latent_rms_and_latent_frame_change_against_float64_formulas():
+    latents = torch.randn(4, 2, 3, 3, 5, dtype=torch.float64)
+    prompts = [0, 0, 1, 1]
+    rms = [latents[i].square().mean().sqrt().item() for i in range(4)]
+    assert statistics.latent_rms(latents.float(), prompts) == pytest.approx(
+        {0: (rms[0] + rms[1]) / 2, 1: (rms[2] + rms[3]) / 2}, rel=1e-6
+    )
+    change = [(latents[i][:, 1:] - latents[i][:, :-1]).abs().mean().item() for i in range(4)]
+    got = statistics.latent_frame_change(latents.float(), prompts)
+    assert got == pytest.approx({0: (change[0] + change[1]) / 2, 1: (change[2] + change[3]) / 2}, rel=1e-6)
+    static = latents[:, :, :1].expand(-1, -1, 3, -1, -1)
+    assert statistics.latent_frame_change(static, prompts) == {0: 0.0, 1: 0.0}
+    assert statistics.latent_frame_change(latents[:, :, :1], prompts) == {}  # images: undefined
