@@ -12,7 +12,9 @@ from phased_dmd_mega.distill import trainer as trainer_module
 from phased_dmd_mega.distill.monitor import TEACHER_FILE, MonitorSettings, problems_of
 from phased_dmd_mega.distill.optim import set_learning_rate
 
-from helpers.tiny_runs import write_config
+from helpers.evaluation_models import save_tiny_dino
+from helpers.tiny_models import save_tiny_wan_vae
+from helpers.tiny_runs import save_wan_teacher, write_config
 
 MONITORED = ["logging.eval_every=2", "logging.eval_teacher_steps=8", "checkpoint.save_every=2"]
 
@@ -111,3 +113,22 @@ def test_a_resumed_run_keeps_the_teachers_figures_of_its_start(tmp_path, monkeyp
     monkeypatch.setattr(trainer_module.CollapseMonitor, "check", lambda *a, **k: pytest.fail("no evaluation left"))
     assert cli.main([*args[:-1], "phases.iterations_per_phase=2"]) == 0  # resumes at the end: nothing to run
     assert json.loads((tmp_path / "run" / TEACHER_FILE).read_text()) == stored
+
+
+def test_with_a_vae_and_dino_the_decoded_figures_are_monitored_too(tmp_path):
+    teacher, vae, dino = save_wan_teacher(tmp_path / "teacher"), tmp_path / "vae", tmp_path / "dino"
+    save_tiny_wan_vae(vae), save_tiny_dino(dino)
+    config = write_config(tmp_path)
+    extra = [
+        f"model.teacher_path={teacher}",
+        "model.preset=null",
+        f"logging.sample_vae={vae}",
+        f"logging.eval_dino={dino}",
+    ]
+    args = ["train", "--config", str(config), *MONITORED, *extra, "phases.iterations_per_phase=1"]
+    assert cli.main(args) == 0
+    teacher_figures = json.loads((tmp_path / "run" / TEACHER_FILE).read_text())["figures"]
+    decoded = {"pixel_spread", "clipped_fraction", "hsv_saturation", "dino_cosine"}
+    assert decoded <= set(teacher_figures) and 0 < teacher_figures["dino_cosine"] <= 1
+    (line,) = monitor_lines(tmp_path)
+    assert decoded <= set(line["figures"]) and line["problems"] == []

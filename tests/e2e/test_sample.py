@@ -37,6 +37,7 @@ from helpers.damaged_files import (
     last_file,
     written_in_staging,
 )
+from helpers.tiny_models import save_tiny_wan_vae
 from helpers.tiny_runs import save_wan_teacher, train_tiny
 
 RESOLUTION = (5, 32, 48)  # pixels: 5 frames -> 2 latent frames of 4 x 6
@@ -91,20 +92,7 @@ def wan_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wan_vae(tmp_path_factory):
-    """A tiny random AutoencoderKLWan for the tiny Wan's 4 latent channels (8x spatial, 4x temporal)."""
-    from diffusers import AutoencoderKLWan
-
-    folder = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(3)
-    AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.7, 2.0, 1.1],
-    ).save_pretrained(folder)
-    return folder
+    return save_tiny_wan_vae(tmp_path_factory.mktemp("vae"))
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -63,3 +63,20 @@ def randomize_(model, seed: int = 0, noise: float = 0.1):
                     value = noise * draw
                 param.copy_(value.to(param.dtype))
     return model
+
+
+def save_tiny_wan_vae(folder):
+    """A tiny random AutoencoderKLWan for the tiny Wan's 4 latent channels (8x spatial, 4x temporal)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(3)
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.7, 2.0, 1.1],
+    ).save_pretrained(folder)
+    return folder
