@@ -33,7 +33,8 @@ RUN if [ -f /etc/pip/constraint.txt ]; then set -- -c /etc/pip/constraint.txt; f
         "safetensors>=0.6,<0.9" \
         "numpy>=1.26,<3" \
         "pyyaml>=6.0,<7" \
-        "einops>=0.8,<0.9"
+        "einops>=0.8,<0.9" \
+        "tqdm>=4.66,<5"
 
 WORKDIR /opt/phased-dmd-mega
 COPY . .

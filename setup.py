@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "pyyaml>=6.0,<7",
     "einops>=0.8,<0.9",
+    # Progress bars on a terminal (phased_dmd_mega/progress.py).
+    "tqdm>=4.66,<5",
     # Text encoders and tokenizers of `phased-dmd encode-prompts` (umT5, Qwen2.5-VL).
     "transformers>=5.23,<5.24",
 ]

@@ -39,6 +39,7 @@ from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.distill.trainer import Trainer, learning_rate_factor
 from phased_dmd_mega.log import get_logger, setup_logging
 from phased_dmd_mega.models import WAN_PRESETS, ModelParallelOptions, WanModel
+from phased_dmd_mega.progress import Progress, announce_stage
 from phased_dmd_mega.schedule import PhaseLayout, shift
 
 log = get_logger("demo")
@@ -125,21 +126,25 @@ def pretrain_teacher(
     teacher (fewer blended samples) than a constant rate."""
     role = RoleOptimizer(teacher, make_adamw(teacher, lr, (0.9, 0.999), 1e-8, 0.0), grad_clip=1.0)
     loss_value = math.nan
-    for step in range(steps):
-        set_learning_rate(role, lr * learning_rate_factor(step, steps, 0, "cosine"))
-        gen = torch.Generator().manual_seed(seed * 100003 + step)  # identical on every TP rank
-        labels = torch.randint(0, data.classes, (batch,), generator=gen)
-        x0 = data.draw(labels, gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        t = shift(torch.rand(batch, generator=gen).clamp(1e-3, 1.0), shift_s)
-        x_t = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * eps
-        velocity = teacher(x_t, t, data.condition(labels))
-        loss = (velocity - (eps - x0)).pow(2).mean()
-        loss.backward()
-        role.step()
-        loss_value = loss.item()
-        if step % 200 == 0 or step == steps - 1:
-            log.info("teacher step %d/%d  flow-matching loss %.4f", step + 1, steps, loss_value)
+    with Progress(steps, "teacher", "step", log_every_s=None) as progress:  # a bar on a terminal
+        for step in range(steps):
+            set_learning_rate(role, lr * learning_rate_factor(step, steps, 0, "cosine"))
+            gen = torch.Generator().manual_seed(seed * 100003 + step)  # identical on every TP rank
+            labels = torch.randint(0, data.classes, (batch,), generator=gen)
+            x0 = data.draw(labels, gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            t = shift(torch.rand(batch, generator=gen).clamp(1e-3, 1.0), shift_s)
+            x_t = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * eps
+            velocity = teacher(x_t, t, data.condition(labels))
+            loss = (velocity - (eps - x0)).pow(2).mean()
+            loss.backward()
+            role.step()
+            loss_value = loss.item()
+            progress.update(1, {"loss": loss_value})
+            if step % 200 == 0 or step == steps - 1:
+                log.info(
+                    "teacher step %d/%d  flow-matching loss %.4f  ETA %s", step + 1, steps, loss_value, progress.eta()
+                )
     return loss_value
 
 
@@ -235,6 +240,10 @@ def save_grid(path: Path, rows: Dict[str, torch.Tensor], data: Patterns, per_cla
     fig.savefig(path, dpi=110)
 
 
+STAGES = 4  # the teacher, its samples, Phased DMD, DMD + SGTS (announce_stage numbers them)
+METHOD_NAMES = {"phased_dmd": "Phased DMD", "dmd_sgts": "DMD + SGTS"}
+
+
 def demo_parser(description: str) -> argparse.ArgumentParser:
     """The demo's options (shared with bench/demo_regression_oracle.py, which must find the same
     cached teacher)."""
@@ -301,9 +310,10 @@ def set_up(args) -> DemoSetup:
     }
     cache = teacher_cache_path(out, {**teacher_settings, **data_settings, **model_size})
     if cache.exists():
+        announce_stage(1, STAGES, f"teacher: reusing {cache}")
         teacher.load_state_dict(torch.load(cache))
-        log.info("teacher: reusing %s", cache)
     else:
+        announce_stage(1, STAGES, f"teacher pretraining ({args.teacher_steps} flow-matching steps)")
         pretrain_teacher(teacher, data, args.teacher_steps, args.teacher_batch, 1e-3, cfg.phases.shift, cfg.run.seed)
         torch.save(teacher.state_dict(), cache)
     teacher.requires_grad_(False)
@@ -322,11 +332,13 @@ def main() -> int:
         **data.score(data.draw(labels, torch.Generator().manual_seed(98)), labels),
         "seconds": 0.0,
     }
+    announce_stage(2, STAGES, f"sampling the teacher at 40 and {cfg.phases.num_steps} steps")
     for name, steps in (("teacher_40_steps", 40), ("teacher_4_steps", cfg.phases.num_steps)):
         teacher_layout = PhaseLayout.build(steps, num_phases=1, shift=cfg.phases.shift)
         samples, _, summary[name] = evaluate([teacher], teacher_layout, data, args.eval_per_class)
         rows[name] = samples
-    for method in ("phased_dmd", "dmd_sgts"):
+    for number, method in enumerate(("phased_dmd", "dmd_sgts"), start=3):
+        announce_stage(number, STAGES, f"{METHOD_NAMES[method]}: {args.iterations} generator updates, then sampling")
         start = time.perf_counter()
         generators, method_layout = distill(method, teacher, data, setup.geometry, cfg, args.iterations)
         train_seconds = time.perf_counter() - start

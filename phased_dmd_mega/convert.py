@@ -158,7 +158,7 @@ def write_model(folder: Path, files: ModelFiles, to: str, tensor_parallel: int, 
         entries, tensors = _mega_tensors(files)
     else:
         entries, tensors = _hf_tensors(files, to)
-    write_sharded(folder, SHARD_PREFIX[to], entries, tensors, max_shard_bytes, progress=log.info)
+    write_sharded(folder, SHARD_PREFIX[to], entries, tensors, max_shard_bytes, report=log.info)
     config = _mega_config(files, tensor_parallel) if to == "mega" else _hf_config(files, to)
     write_json(folder / "config.json", config)
 

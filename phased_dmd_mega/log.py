@@ -1,4 +1,5 @@
-"""Logging with the rank in every line; only rank 0 prints unless asked otherwise."""
+"""Logging with the rank in every line; only rank 0 prints unless asked otherwise. Lines are
+written above an open progress bar (progress.py), not into it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 import os
 import sys
 from typing import Optional
+
+from tqdm import tqdm
 
 _HANDLER_NAME = "phased_dmd_mega"
 
@@ -46,6 +49,11 @@ class _CurrentStderr(logging.StreamHandler):
     @stream.setter
     def stream(self, _):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # tqdm clears its bars on this stream, the line is written, the bars are drawn again.
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
 
 
 def setup_logging(level: str = "INFO", all_ranks: bool = False) -> logging.Logger:

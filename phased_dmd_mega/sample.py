@@ -42,6 +42,7 @@ from phased_dmd_mega.export import open_export
 from phased_dmd_mega.files import check_destination, staging_folder, write_json
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models.architectures import CheckpointError, architecture_of, registry
+from phased_dmd_mega.progress import Progress
 from phased_dmd_mega.schedule import PhaseLayout
 from phased_dmd_mega.vae import find_vae_folder
 
@@ -79,19 +80,23 @@ def generate(
     device = parallel.device(noise.device)
     batch_size = batch_size or noise.shape[0]
     out = []
-    for start in range(0, noise.shape[0], batch_size):
-        index = torch.arange(start, min(start + batch_size, noise.shape[0]))
-        stochastic = None
-        if step_rule == "stochastic":
-            stochastic = torch.Generator(device=device).manual_seed(int(seeds[start]) if seeds is not None else start)
-        velocities = generators
-        if negative is not None:
-            velocities = [partial(g, negative=negative.select(index).to(device)) for g in generators]
-        latents = few_step_sample(
-            velocities, layout, noise[index].to(device), condition.select(index).to(device), step_rule, stochastic
-        )
-        out.append(latents.float().cpu())
-        log.info("sampled %d/%d", int(index[-1]) + 1, noise.shape[0])
+    with Progress(noise.shape[0], "sampling", "sample", log_every_s=None) as progress:
+        for start in range(0, noise.shape[0], batch_size):
+            index = torch.arange(start, min(start + batch_size, noise.shape[0]))
+            stochastic = None
+            if step_rule == "stochastic":
+                seed = int(seeds[start]) if seeds is not None else start
+                stochastic = torch.Generator(device=device).manual_seed(seed)
+            velocities = generators
+            if negative is not None:
+                velocities = [partial(g, negative=negative.select(index).to(device)) for g in generators]
+            latents = few_step_sample(
+                velocities, layout, noise[index].to(device), condition.select(index).to(device), step_rule, stochastic
+            )
+            out.append(latents.float().cpu())
+            progress.update(len(index))
+            if not progress.drawing:  # the bar shows the count
+                log.info("sampled %d/%d", int(index[-1]) + 1, noise.shape[0])
     return torch.cat(out)
 
 

@@ -50,6 +50,7 @@ from phased_dmd_mega.flops import FlopCounter, Flops, matmul_precision, peak_tfl
 from phased_dmd_mega.locks import FolderLock
 from phased_dmd_mega.log import get_logger, process_memory_mib
 from phased_dmd_mega.models.architectures import architecture_of
+from phased_dmd_mega.progress import Progress
 from phased_dmd_mega.sample import PeriodicSamples
 
 log = get_logger(__name__)
@@ -331,6 +332,11 @@ class Trainer:
         return metadata["iteration"]
 
     def _loop(self, start: int) -> int:
+        # On a terminal, a bar; elsewhere the log lines of ``logging.log_every`` only.
+        with Progress(len(self.schedule), self.cfg.phases.method, initial=start, log_every_s=None) as progress:
+            return self._steps(start, progress)
+
+    def _steps(self, start: int, progress: Progress) -> int:
         cfg = self.cfg
         total = len(self.schedule)
         for step in range(start, total):
@@ -347,7 +353,7 @@ class Trainer:
                 update_ema(self.ema[phase], self.generators[phase].model, cfg.optimizer.ema_decay)
             finite = all(math.isfinite(v) for v in logs.values())
             self._nonfinite = 0 if finite else self._nonfinite + 1
-            self._record(step, logs, tokens, flops, finite)
+            self._record(step, logs, tokens, flops, finite, progress)
             if self._nonfinite >= cfg.run.max_consecutive_nonfinite:
                 self.save(step)
                 raise NonFiniteLossError(
@@ -451,7 +457,9 @@ class Trainer:
         self._stop_requested = not all_ranks_agree(not self._stop_requested)
         return self._stop_requested
 
-    def _record(self, step: int, logs: Dict[str, float], tokens: int, flops: Flops, finite: bool) -> None:
+    def _record(
+        self, step: int, logs: Dict[str, float], tokens: int, flops: Flops, finite: bool, progress: Progress
+    ) -> None:
         if not finite:
             log.warning("iteration %d: non-finite loss or gradient, update skipped (%s)", step, logs)
         if parallel.layout().rank != 0:
@@ -477,10 +485,13 @@ class Trainer:
                 if key != "iteration" and value is not None and math.isfinite(value):
                     self._tensorboard.add_scalar(f"train/{key}", value, step)
             self._tensorboard.flush()
+        figures = {"phase": entry["phase"], "dmd": logs["dmd_loss"], "fake": logs["fake_loss"], "TFLOP/s": tflops}
+        progress.update(1, figures)
         if step % self.cfg.logging.log_every == 0 or step == len(self.schedule) - 1:
             mfu = "" if entry["mfu"] is None else f"  MFU {100 * entry['mfu']:.1f}%"
             log.info(
-                "iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  %.3g TFLOP/s%s  peak %.2f GiB",
+                "iter %d/%d phase %d  dmd %.4g  fake %.4g  %.2fs/it  %.0f tokens/s  %.3g TFLOP/s%s  peak %.2f GiB"
+                "  ETA %s",
                 step + 1,
                 len(self.schedule),
                 self.schedule[step],
@@ -491,6 +502,7 @@ class Trainer:
                 tflops,
                 mfu,
                 entry["peak_memory_gib"],
+                progress.eta(),
             )
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 import torch
 
 from phased_dmd_mega.files import write_json
+from phased_dmd_mega.progress import Progress
 
 SAFETENSORS_DTYPES: Dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -92,17 +93,20 @@ def write_sharded(
     entries: Sequence[TensorEntry],
     tensors: Iterable[Tuple[str, torch.Tensor]],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: Callable[[str], None] = lambda message: None,
+    report: Callable[[str], None] = lambda message: None,
 ) -> List[str]:
     """Write ``tensors`` (yielded in the order of ``entries``) as safetensors shards in
-    ``folder``, plus an index when there is more than one; returns the file names."""
+    ``folder``, plus an index when there is more than one; returns the file names. ``report``
+    gets a line per file written; a progress bar counts the bytes."""
     shards = plan_shards(entries, max_shard_bytes)
     names = shard_file_names(prefix, len(shards))
     stream = iter(tensors)
-    for number, (name, shard) in enumerate(zip(names, shards), start=1):
-        _write_file(Path(folder) / name, shard, stream)
-        megabytes = sum(e.nbytes for e in shard) / 1e6
-        progress(f"wrote {name} ({number}/{len(shards)}, {len(shard)} tensors, {megabytes:.1f} MB)")
+    total = sum(e.nbytes for e in entries)
+    with Progress(total, f"writing {Path(folder).name}", "B", unit_scale=True) as progress:
+        for number, (name, shard) in enumerate(zip(names, shards), start=1):
+            _write_file(Path(folder) / name, shard, stream, progress)
+            megabytes = sum(e.nbytes for e in shard) / 1e6
+            report(f"wrote {name} ({number}/{len(shards)}, {len(shard)} tensors, {megabytes:.1f} MB)")
     leftover = next(stream, None)
     if leftover is not None:
         raise ValueError(f"tensor {leftover[0]!r} is not in the shard plan")
@@ -127,7 +131,9 @@ def _header(shard: Sequence[TensorEntry]) -> bytes:
     return encoded + b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
 
 
-def _write_file(path: Path, shard: Sequence[TensorEntry], stream: Iterator[Tuple[str, torch.Tensor]]) -> None:
+def _write_file(
+    path: Path, shard: Sequence[TensorEntry], stream: Iterator[Tuple[str, torch.Tensor]], progress: Progress
+) -> None:
     header = _header(shard)
     with open(path, "wb") as file:
         file.write(len(header).to_bytes(8, "little"))
@@ -136,6 +142,7 @@ def _write_file(path: Path, shard: Sequence[TensorEntry], stream: Iterator[Tuple
             name, tensor = next(stream, (None, None))
             _check_matches_plan(entry, name, tensor)
             file.write(_tensor_bytes(tensor))
+            progress.update(entry.nbytes)
 
 
 def _check_matches_plan(entry: TensorEntry, name, tensor) -> None:

@@ -15,12 +15,12 @@ tensors on the CPU and gives CPU parameters their CUDA type names; nothing else 
 from __future__ import annotations
 
 import functools
-import logging
-import warnings
 from typing import Callable, Dict, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from phased_dmd_mega import known_noise
 
 _CPU = torch.device("cpu")
 _applied = False
@@ -41,15 +41,6 @@ def _cpu_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False) -> 
 
 def _no_sync(device=None) -> None:
     return None
-
-
-class _SameGeneratorFilter(logging.Filter):
-    """On CPU, megatron's "CUDA" RNG states and the CPU state are one generator, so its
-    warning that the CPU state changed inside a forked RNG context is always true and means
-    nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 # The type names megatron's optimizer checks parameters against, for their CPU twins.
@@ -155,9 +146,7 @@ def apply() -> bool:
     for name, (owner, attr, replacement) in patches.items():
         setattr(owner, attr, replacement)
         PATCHES[name] = replacement
-    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_SameGeneratorFilter())
-    # A CUDA stream setting, advised by megatron's linears on their first call: no stream here.
-    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
+    known_noise.install_without_cuda()  # what megatron says that is untrue or moot without CUDA
     _applied = True
     return True
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from phased_dmd_mega import parallel
 from phased_dmd_mega.data import ImageConditionSpec
 from phased_dmd_mega.log import get_logger
+from phased_dmd_mega.progress import Progress
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.first_frames import FirstFrameEncoder, parse_resolutions
 from phased_dmd_mega.prompt_cache.format import (
@@ -49,35 +49,6 @@ from phased_dmd_mega.prompt_cache.writer import (
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-class Progress:
-    """A tqdm bar on a terminal, else a log line every ``every`` seconds; both with prompts/s."""
-
-    def __init__(self, total: int, enabled: bool, every: float = 30.0):
-        self.total, self.done, self.enabled, self.every = total, 0, enabled, every
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if enabled and os.isatty(2):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="prompt", desc="encoding", dynamic_ncols=True)
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if self.bar is not None:
-            self.bar.update(count)
-        elif self.enabled and time.perf_counter() - self.last >= self.every:
-            self.last = time.perf_counter()
-            log.info("encoded %d/%d prompts (%.1f prompts/s)", self.done, self.total, self.rate)
-
-    @property
-    def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- the command
@@ -284,7 +255,7 @@ def _encode_missing(
         images.load(device)
     if need_negative:
         write_rows(folder / NEGATIVE_FILE, encoder.encode([negative_prompt(index)]), fingerprint)
-    progress = Progress(sum(s.count for s in todo), enabled=rank == 0)
+    progress = Progress(sum(s.count for s in todo), "encoding", "prompt", rank=rank)
     try:
         for shard in todo:
             embeddings, first_frames = _encode_shard(encoder, images, opts, rows, shard, dtype, progress)
