@@ -37,6 +37,8 @@ from phased_dmd_mega.distill.optim import RoleOptimizer, make_adamw, set_learnin
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.distill.trainer import Trainer, learning_rate_factor
+from phased_dmd_mega.evaluation import statistics
+from phased_dmd_mega.evaluation.grid import GridBlock, grid_image
 from phased_dmd_mega.log import get_logger, setup_logging
 from phased_dmd_mega.models import WAN_PRESETS, ModelParallelOptions, WanModel
 from phased_dmd_mega.progress import Progress, announce_stage
@@ -104,7 +106,13 @@ class Patterns:
             mine = nearest[labels == k]
             counts = torch.bincount(mine, minlength=self.means.shape[1]).float()
             covered.append(float((counts >= 0.05 * max(len(mine), 1)).float().mean()))
-        return {"distance_to_data": float(distance.mean()), "mode_coverage": sum(covered) / len(covered)}
+        return {
+            "distance_to_data": float(distance.mean()),
+            "mode_coverage": sum(covered) / len(covered),
+            # Model-free diversity: the mean pairwise RMS distance of one prompt's samples
+            # (evaluation.statistics, what `phased-dmd evaluate` and the collapse monitor report).
+            "diversity": statistics.mean_over_prompts(statistics.latent_spread(samples, labels)),
+        }
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -148,10 +156,37 @@ def pretrain_teacher(
     return loss_value
 
 
-def teacher_cache_path(out: Path, settings: Dict) -> Path:
+# The demo's default teacher, pretrained once and kept in the repository (`make demo-teacher`
+# writes it again), so that `make demo` starts distilling at once; `make demo-full` pretrains.
+SHIPPED_TEACHERS = Path(__file__).resolve().parent / "demo_teacher"
+
+
+def teacher_file(folder: Path, settings: Dict, rank: int) -> Path:
+    """This rank's shard of the teacher pretrained with ``settings``, in ``folder``."""
     # A content hash: Python's hash() of a string changes from process to process.
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return out / f"teacher-{key}-rank{parallel.layout().rank}.pt"
+    return folder / f"teacher-{key}-rank{rank}.safetensors"
+
+
+def teacher_tensors(teacher: Experts) -> Dict[str, torch.Tensor]:
+    """The teacher's state as tensors (its layers' empty ``_extra_state`` entries left out)."""
+    return {name: value.contiguous() for name, value in teacher.state_dict().items() if torch.is_tensor(value)}
+
+
+def save_teacher(teacher: Experts, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(teacher_tensors(teacher), str(path))
+
+
+def load_teacher(teacher: Experts, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    missing, unexpected = teacher.load_state_dict(load_file(str(path)), strict=False)
+    wrong = unexpected + [name for name in missing if not name.endswith("_extra_state")]
+    if wrong:
+        raise ValueError(f"{path} does not fit the demo's teacher: {', '.join(wrong[:5])}")
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -214,30 +249,25 @@ def evaluate(generators, layout, data: Patterns, per_class: int, seed: int = EVA
     return samples, labels, {**data.score(samples, labels), "seconds": time.perf_counter() - start}
 
 
-def save_grid(path: Path, rows: Dict[str, torch.Tensor], data: Patterns, per_class: int, shown: int = 4) -> None:
-    import matplotlib
+def save_grid(path: Path, rows: Dict[str, torch.Tensor], data: Patterns, per_class: int, shown: int = 8) -> None:
+    """One block per method: a row per prompt, its first ``shown`` seeds side by side (a method
+    that collapsed onto fewer modes shows it as repeats along the row); first the data's modes."""
+    from PIL import Image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = data.classes * shown
-    fig, axes = plt.subplots(len(rows) + 1, columns, figsize=(columns * 0.6, (len(rows) + 1) * 0.7))
-    for k in range(data.classes):
-        for j in range(shown):
-            axes[0, k * shown + j].imshow(
-                data.means[k, j % data.means.shape[1], 0, 0], cmap="gray", vmin=-1.5, vmax=1.5
-            )
-    axes[0, 0].set_ylabel("data", rotation=0, ha="right", fontsize=7)
-    for r, (name, samples) in enumerate(rows.items(), start=1):
-        for k in range(data.classes):
-            for j in range(shown):
-                axes[r, k * shown + j].imshow(samples[k * per_class + j, 0, 0], cmap="gray", vmin=-1.5, vmax=1.5)
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    modes = data.means.shape[1]
+    blocks = [
+        GridBlock.of(
+            "data: the modes of each prompt",
+            torch.arange(data.classes).repeat_interleave(modes),
+            list(range(modes)) * data.classes,
+            latents=data.means.flatten(0, 1),
+        )
+    ]
+    for name, samples in rows.items():
+        picked = torch.cat([torch.arange(k * per_class, k * per_class + shown) for k in range(data.classes)])
+        labels = eval_labels(data, per_class)[picked]
+        blocks.append(GridBlock.of(name, labels, picked.tolist(), latents=samples[picked]))
+    Image.fromarray(grid_image(blocks, tile_height=40)).save(path)
 
 
 STAGES = 4  # the teacher, its samples, Phased DMD, DMD + SGTS (announce_stage numbers them)
@@ -250,6 +280,9 @@ def demo_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="examples/configs/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the teacher even where one is stored")
+    parser.add_argument("--save-teacher", type=Path, help="also write the teacher into this folder")
+    parser.add_argument("--teacher-only", action="store_true", help="stop once the teacher is ready")
     parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--teacher-batch", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=200, help="generator updates per method")
@@ -274,6 +307,30 @@ class DemoSetup:
     out: Path
 
 
+GEOMETRY = LatentGeometry(channels=4, temporal=1, spatial=8)
+
+
+def pattern_settings(args, cfg) -> Dict:
+    channels, _, size, _ = GEOMETRY.latent_shape(*cfg.data.resolutions[0].pixels)
+    return {"classes": args.classes, "modes": args.modes, "channels": channels, "size": size, "noise": args.data_noise}
+
+
+def model_size_of(args) -> Dict[str, int]:
+    return {"dim": args.model_dim, "ffn_dim": args.model_ffn, "layers": args.model_layers}
+
+
+def teacher_settings(args, cfg, tensor_parallel: int) -> Dict:
+    """Everything the pretrained teacher depends on (its files are named by their hash)."""
+    pretraining = {
+        "steps": args.teacher_steps,
+        "batch": args.teacher_batch,
+        "lr_schedule": "cosine",
+        "seed": cfg.run.seed,
+        "tp": tensor_parallel,
+    }
+    return {**pretraining, **pattern_settings(args, cfg), **model_size_of(args)}
+
+
 def set_up(args) -> DemoSetup:
     """Processes, data and the frozen teacher: pretrained here, or reused from the cache that an
     earlier run with the same settings wrote."""
@@ -283,41 +340,60 @@ def set_up(args) -> DemoSetup:
     torch.set_num_threads(1)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = cfg.data.resolutions[0]
-    geometry = LatentGeometry(channels=4, temporal=1, spatial=8)
-    channels, _, size, _ = geometry.latent_shape(*res.pixels)
-    data_settings = {
-        "classes": args.classes,
-        "modes": args.modes,
-        "channels": channels,
-        "size": size,
-        "noise": args.data_noise,
-    }
+    geometry = GEOMETRY
+    data_settings = pattern_settings(args, cfg)
     data = Patterns.make(**data_settings, text_dim=WAN_PRESETS["tiny"].text_dim)
     options = ModelParallelOptions(
         attention_backend=cfg.model.attention_backend, sequence_parallel=cfg.parallel.sequence_parallel
     )
     log.info("tiny demo: %d processes, tensor parallel %d", layout.world_size, layout.tensor_parallel)
 
-    model_size = {"dim": args.model_dim, "ffn_dim": args.model_ffn, "layers": args.model_layers}
+    model_size = model_size_of(args)
     teacher = build_model(options, **model_size)
-    teacher_settings = {
-        "steps": args.teacher_steps,
-        "batch": args.teacher_batch,
-        "lr_schedule": "cosine",
-        "seed": cfg.run.seed,
-        "tp": layout.tensor_parallel,
-    }
-    cache = teacher_cache_path(out, {**teacher_settings, **data_settings, **model_size})
-    if cache.exists():
-        announce_stage(1, STAGES, f"teacher: reusing {cache}")
-        teacher.load_state_dict(torch.load(cache))
+    settings = teacher_settings(args, cfg, layout.tensor_parallel)
+    cached, shipped = (teacher_file(folder, settings, layout.rank) for folder in (out, SHIPPED_TEACHERS))
+    found = next((path for path in (cached, shipped) if path.exists() and not args.pretrain), None)
+    if found is not None:
+        announce_stage(1, STAGES, f"teacher: reusing {found}")
+        load_teacher(teacher, found)
     else:
         announce_stage(1, STAGES, f"teacher pretraining ({args.teacher_steps} flow-matching steps)")
         pretrain_teacher(teacher, data, args.teacher_steps, args.teacher_batch, 1e-3, cfg.phases.shift, cfg.run.seed)
-        torch.save(teacher.state_dict(), cache)
+        save_teacher(teacher, cached)
+    if args.save_teacher is not None:
+        save_teacher(teacher, teacher_file(args.save_teacher, settings, layout.rank))
     teacher.requires_grad_(False)
     return DemoSetup(cfg, layout, data, geometry, teacher, model_size, out)
+
+
+ROWS = ("data_samples", "teacher_40_steps", "teacher_4_steps", "phased_dmd", "dmd_sgts")
+
+
+def against_teacher(summary: Dict, name: str) -> Dict[str, float]:
+    """A method's distance against the 4-step teacher's: raw (d / d4), and above the data floor
+    ((d - d_data) / (d4 - d_data): the share of the 4-step teacher's excess error left)."""
+    d, d4 = summary[name]["distance_to_data"], summary["teacher_4_steps"]["distance_to_data"]
+    floor = summary["data_samples"]["distance_to_data"]
+    return {"raw": d / d4, "above_floor": (d - floor) / (d4 - floor)}
+
+
+def print_table(summary: Dict) -> None:
+    print(
+        "\n| method | distance to data (lower is better) | / 4-step teacher | above the floor | mode coverage |"
+        " diversity (spread across seeds) | sampling s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in ROWS:
+        r, ratio = summary[name], against_teacher(summary, name)
+        print(
+            f"| {name} | {r['distance_to_data']:.4f} | {ratio['raw']:.2f} | {ratio['above_floor']:.2f} | "
+            f"{r['mode_coverage']:.2f} | {r['diversity']:.4f} | {r['seconds']:.2f} |"
+        )
+    ratio = against_teacher(summary, "phased_dmd")
+    print(
+        f"\nPhased DMD distance / teacher 4-step distance: {ratio['raw']:.2f} raw, "
+        f"{ratio['above_floor']:.2f} above the data floor"
+    )
 
 
 def main() -> int:
@@ -325,6 +401,9 @@ def main() -> int:
     started = time.perf_counter()
     setup = set_up(args)
     cfg, layout, data, teacher, out = setup.cfg, setup.layout, setup.data, setup.teacher, setup.out
+    if args.teacher_only:
+        parallel.destroy()
+        return 0
 
     summary, rows = {}, {}
     labels = eval_labels(data, args.eval_per_class)  # the reference: true samples, the metric's floor
@@ -356,15 +435,11 @@ def main() -> int:
             "tensor_parallel": layout.tensor_parallel,
             "total_seconds": time.perf_counter() - started,
         }
+        for name in ROWS:
+            summary[name]["against_teacher_4_steps"] = against_teacher(summary, name)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         save_grid(out / "samples.png", rows, data, args.eval_per_class)
-        print("\n| method | distance to data (lower is better) | mode coverage | sampling s |")
-        print("|---|---|---|---|")
-        for name in ("data_samples", "teacher_40_steps", "teacher_4_steps", "phased_dmd", "dmd_sgts"):
-            r = summary[name]
-            print(f"| {name} | {r['distance_to_data']:.4f} | {r['mode_coverage']:.2f} | {r['seconds']:.2f} |")
-        ratio = summary["phased_dmd"]["distance_to_data"] / summary["teacher_4_steps"]["distance_to_data"]
-        print(f"\nPhased DMD distance / teacher 4-step distance: {ratio:.2f} (acceptance: <= 0.5)")
+        print_table(summary)
         print(f"wrote {out / 'summary.json'} and {out / 'samples.png'}")
     parallel.destroy()
     return 0

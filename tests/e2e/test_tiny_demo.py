@@ -46,13 +46,18 @@ def test_tiny_demo_runs_every_stage_and_reuses_its_teacher(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for method in METHODS:
-        assert set(summary[method]) >= {"distance_to_data", "mode_coverage", "seconds"}
+        assert set(summary[method]) >= {"distance_to_data", "mode_coverage", "seconds", "diversity"}
+        assert summary[method]["diversity"] > 0
         assert math.isfinite(summary[method]["distance_to_data"]) and 0 <= summary[method]["mode_coverage"] <= 1
     # True data samples (the reference row) sit at the data noise: the RMS of N(0, 0.05^2) over 256 values.
     assert summary["data_samples"]["distance_to_data"] == pytest.approx(0.05, abs=0.003)
     assert summary["settings"]["tensor_parallel"] == 2
     assert (tmp_path / "samples.png").stat().st_size > 0
-    assert "Phased DMD distance / teacher 4-step distance" in first.stdout
+    assert "teacher pretraining (20 flow-matching steps)" in first.stderr  # not the shipped teacher's settings
+    assert "raw," in first.stdout and "above the data floor" in first.stdout and "acceptance" not in first.stdout
+    against = summary["phased_dmd"]["against_teacher_4_steps"]
+    d, d4, floor = (summary[k]["distance_to_data"] for k in ("phased_dmd", "teacher_4_steps", "data_samples"))
+    assert against == pytest.approx({"raw": d / d4, "above_floor": (d - floor) / (d4 - floor)})
     # A quiet console: megatron's advice for TE, Apex and CUDA streams means nothing on a CPU run.
     assert "Warning" not in first.stderr, [line for line in first.stderr.splitlines() if "Warning" in line]
     second = run_demo(tmp_path)
@@ -83,3 +88,34 @@ def test_oracle_fine_grid_is_the_samplers_spacing():
     stretch = fine_times(1.0, 0.8333333333333334, 30, 5.0)
     assert stretch[0] == pytest.approx(1.0, abs=1e-12) and stretch[-1] == pytest.approx(0.8333333333333334, abs=1e-12)
     assert all(a > b for a, b in zip(stretch, stretch[1:]))
+
+
+def test_the_shipped_teacher_is_the_default_demos_and_fits_its_model():
+    """`make demo` finds its teacher in examples/demo_teacher/ (no pretraining): the files are
+    named by the default settings, and hold the demo model's tensors (TP 2 shards)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import tiny_demo
+    from safetensors import safe_open
+
+    from phased_dmd_mega import parallel
+    from phased_dmd_mega.config import load_config
+    from phased_dmd_mega.models import ModelParallelOptions
+
+    args = tiny_demo.demo_parser("demo").parse_args([])
+    cfg = load_config(ROOT / args.config, [])
+    settings = tiny_demo.teacher_settings(args, cfg, cfg.parallel.tensor_parallel)
+    parallel.initialize(seed=0)
+    try:
+        whole = tiny_demo.build_model(ModelParallelOptions(attention_backend="sdpa"), **tiny_demo.model_size_of(args))
+        shapes = {name: tuple(t.shape) for name, t in tiny_demo.teacher_tensors(whole).items()}
+    finally:
+        parallel.destroy()
+    for rank in range(cfg.parallel.tensor_parallel):
+        path = tiny_demo.teacher_file(tiny_demo.SHIPPED_TEACHERS, settings, rank)
+        assert path.is_file(), f"{path} missing: run `make demo-teacher`"
+        with safe_open(str(path), "pt") as shard:
+            assert set(shard.keys()) == set(shapes)
+            for name in shard.keys():
+                got, full = shard.get_slice(name).get_shape(), shapes[name]
+                halves = [tuple(n // 2 if i == d else n for i, n in enumerate(full)) for d in range(len(full))]
+                assert tuple(got) in [full, *halves], name
