@@ -368,8 +368,9 @@ def markdown_row(est: Estimate, source: str) -> str:
     roles = f"LoRA r{lora.rank}" if lora.rank else "full"
     static = est.total - est.item("activations") - est.item("working")
     par = cfg.parallel
+    model = cfg.model.preset if role_preset(cfg) == cfg.model.preset else f"{cfg.model.preset} -> {role_preset(cfg)}"
     return (
-        f"| `{source}` | {cfg.model.preset} | {roles} | {par.tensor_parallel} x {par.ulysses_parallel} "
+        f"| `{source}` | {model} | {roles} | {par.tensor_parallel} x {par.ulysses_parallel} "
         f"({'on' if par.sequence_parallel else 'off'}) | {cfg.model.recompute} | {cfg.data.batch_size}, "
         f"{est.shape} | {static / GIB:.1f} GiB "
         f"| {(est.item('activations') + est.item('working')) / GIB:.1f} GiB | {est.total / GIB:.1f} GiB |"
