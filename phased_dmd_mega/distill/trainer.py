@@ -1,7 +1,7 @@
 """The Phased DMD training loop behind ``phased-dmd train``.
 
-Reads top to bottom: build the roles from the teacher, then for each step of the schedule
-(phase by phase, or alternating) draw a batch, run one iteration (fake updates, then the
+Reads top to bottom: build the roles from the teacher (or the student), then for each step of
+the schedule (phase by phase, or alternating) draw a batch, run one iteration (fake updates, then the
 generator update), log, and checkpoint. A run resumes from ``checkpoint.dir/latest`` by itself;
 non-finite steps are skipped and counted; SIGTERM (cluster preemption) checkpoints and exits.
 
