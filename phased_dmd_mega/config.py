@@ -38,7 +38,7 @@ def check_seed(check, seed: int) -> None:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters on the frozen teacher's weights; rank 0 trains full weights."""
+    """LoRA adapters on the frozen teacher's (or student's) weights; rank 0 trains full weights."""
 
     rank: int = 0
     alpha: float = 0.0  # 0 means alpha = rank (scale 1)
@@ -57,6 +57,11 @@ class ModelConfig:
     family: Literal["wan", "qwen_image"] = "wan"  # the model family (an architecture's name)
     preset: Optional[str] = None  # a named architecture, e.g. "wan2.2-t2v-a14b" or "tiny"
     teacher_path: Optional[str] = None  # Hugging Face folder (diffusers or original layout)
+    # Another model of the family and latent space (e.g. Wan2.1-T2V-1.3B under a 14B teacher):
+    # the generators, fake models and EMA copies start from it (LoRA: adapters on it); the
+    # teacher stays teacher_path. A folder as teacher_path takes; one model, not two experts.
+    student_path: Optional[str] = None
+    student_preset: Optional[str] = None  # the student is checked against it; the memory estimate uses it
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     attention_backend: Literal["auto", "flash", "te", "sdpa"] = "auto"
     transformer_impl: Literal["local", "transformer_engine"] = "local"
@@ -266,7 +271,8 @@ class CheckpointConfig:
     # A run that does not resume, in a dir that holds checkpoints: refuse (the default), or move
     # them (and `latest`) into dir/superseded-<time>/ first.
     on_existing: Literal["refuse", "move_aside"] = "refuse"
-    # Resume although model.teacher_path differs from the checkpoint's (the teacher folder moved).
+    # Resume although model.teacher_path (or model.student_path) differs from the checkpoint's
+    # (the folder moved).
     allow_teacher_path_change: bool = False
 
     def validate(self, check):

@@ -15,7 +15,10 @@ Full weights follow ``--layout``; LoRA files are diffusers' PEFT files, or in th
 the Wan-Video / ComfyUI keys.
 
 Every export also holds ``phased_dmd.json``: the step table (timesteps, shift), which folder or
-LoRA file serves which steps, the teacher expert each LoRA sits on, and where the weights came from.
+LoRA file serves which steps, the base expert each LoRA sits on, and where the weights came from.
+A run with a student (``model.student_path``) exports at the student's size: its folders are
+student-sized diffusers transformers, its config.json fields come from the student's, and its
+LoRA files sit on the student (``lora.base`` in phased_dmd.json), not the teacher.
 ``phased-dmd sample --exported`` reads it; a diffusers user reads the timesteps from it.
 
 Two transformers and ``boundary_ratio``: diffusers' Wan pipelines run a step at timestep t (0..1000)
@@ -160,7 +163,7 @@ def export_generators(
                 architecture,
                 distilled.dims,
                 pipeline_boundary_ratio(distilled.layout),
-                _teacher_pipeline_index(distilled),
+                _base_pipeline_index(distilled),
             )
             write_json(staging / "model_index.json", index)
         elif not as_lora and slots[0].pipeline_expert is not None:
@@ -192,26 +195,27 @@ def _model_files(distilled: DistilledGenerators, phase: int, tensors: Dict[str, 
     reader = StateDictReader(tensors, f"{distilled.path} generator{phase}")
     view = CheckpointView(reader, "mega", architecture, dims)
     check_weights(view, dims, str(reader.folder))
-    # The teacher's config goes along as the source: fields that do not shape the weights
-    # (rope_max_seq_len, _diffusers_version, ...) are kept in the exported config.json.
-    config = {"provenance": _teacher_provenance(distilled, distilled.base_experts[phase])}
+    # The base's config (the student's, or the teacher's) goes along as the source: fields that
+    # do not shape the weights (rope_max_seq_len, _diffusers_version, ...) are kept in the
+    # exported config.json.
+    config = {"provenance": _base_provenance(distilled, distilled.base_experts[phase])}
     return ModelFiles(reader.folder, "mega", dims, config, view)
 
 
-def _teacher_provenance(distilled: DistilledGenerators, expert: str) -> Dict[str, Any]:
-    path = distilled.config.model.teacher_path
+def _base_provenance(distilled: DistilledGenerators, expert: str) -> Dict[str, Any]:
+    path = distilled.base_path
     if path is None:
         return {}
-    teacher = inspect_checkpoint(path)
-    folder = teacher.model_folder(expert if teacher.has_experts else None)  # expert: "model" for one
+    base = inspect_checkpoint(path)
+    folder = base.model_folder(expert if base.has_experts else None)  # expert: "model" for one
     config = read_json(folder / "config.json", CheckpointError)
-    if teacher.layout == "mega":
+    if base.layout == "mega":
         return config.get("provenance", {})
-    return {"source": str(folder.resolve()), "source_layout": teacher.layout, "source_config": config}
+    return {"source": str(folder.resolve()), "source_layout": base.layout, "source_config": config}
 
 
-def _teacher_pipeline_index(distilled: DistilledGenerators) -> Optional[Dict[str, Any]]:
-    path = distilled.config.model.teacher_path
+def _base_pipeline_index(distilled: DistilledGenerators) -> Optional[Dict[str, Any]]:
+    path = distilled.base_path
     return None if path is None else convert.pipeline_source_index(inspect_checkpoint(path))
 
 
@@ -326,6 +330,7 @@ def export_info(
             "iteration": distilled.iteration,
             "ema": distilled.ema,
             "teacher_path": distilled.config.model.teacher_path,
+            "student_path": distilled.config.model.student_path,
         },
         "exporter": f"phased-dmd-mega {__version__}",
     }
@@ -333,7 +338,7 @@ def export_info(
         info["boundary_ratio"] = pipeline_boundary_ratio(steps)
     if as_lora:
         lora = distilled.config.model.lora
-        info["lora"] = {"rank": lora.rank, "alpha": lora.alpha or lora.rank}
+        info["lora"] = {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "base": distilled.base_path}
     return info
 
 

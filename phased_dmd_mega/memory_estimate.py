@@ -7,7 +7,9 @@ An estimate, not a measurement. It counts, per GPU, what the trainer holds today
 - the frozen teacher, one model per expert, in ``model.dtype``;
 - every trainable role (a generator per phase, a fake model per phase and teacher expert it
   reaches): a full copy of its expert, or with ``model.lora.rank`` > 0 only its adapters on the
-  teacher's shared weights, in ``model.dtype``;
+  teacher's shared weights, in ``model.dtype``. With a student (``model.student_path``, whose
+  size ``model.student_preset`` names) the roles are counted at the student's size, and with
+  LoRA the student's frozen shared weights once;
 - the optimizer, for every role (states stay once a role has stepped, so the last phase holds
   all of them). With ``optimizer.distributed`` (megatron's DistributedOptimizer, the default):
   fp32 AdamW moments, and for bf16/fp16 weights an fp32 main copy, split over the
@@ -17,7 +19,7 @@ An estimate, not a measurement. It counts, per GPU, what the trainer holds today
   the gradients of the largest role (set to None after each step);
 - the generator EMA copies (``optimizer.ema_decay``);
 - activations: what the DiT blocks of one forward with gradient keep for the backward (a
-  generator's exit step or a fake update), for ``data.micro_batch_size`` samples (else
+  generator's exit step or a fake update: the roles' size), for ``data.micro_batch_size`` samples (else
   ``data.batch_size``) at the largest resolution (``block_activations`` gives the bytes per
   token; tests/unit/test_memory_estimate.py checks them against the tensors autograd saves); with
   recompute a block keeps its input only and one block at a time is recomputed in the backward;
@@ -198,13 +200,13 @@ def roles_of(cfg: Config) -> Roles:
     return Roles(layout.num_phases, sum(fakes), ema, max(fakes))
 
 
-def check_heads(cfg: Config, dims) -> None:
+def check_heads(cfg: Config, dims, preset: str) -> None:
     """Heads are split over tensor-parallel ranks, then over Ulysses ranks."""
     par = cfg.parallel
     split = par.tensor_parallel * par.ulysses_parallel
     if dims.num_heads % split:
         raise ConfigError(
-            f"parallel: {cfg.model.preset} has {dims.num_heads} attention heads, not divisible by "
+            f"parallel: {preset} has {dims.num_heads} attention heads, not divisible by "
             f"tensor_parallel {par.tensor_parallel} x ulysses_parallel {par.ulysses_parallel} = {split}"
         )
 
@@ -233,6 +235,19 @@ def optimizer_items(cfg: Config, trainable: int, largest: int, per_role: float, 
     ]
 
 
+def role_preset(cfg: Config) -> str:
+    """The preset the roles are counted at: the student's, or the teacher's."""
+    model_cfg = cfg.model
+    if model_cfg.student_path is None and model_cfg.student_preset is None:
+        return model_cfg.preset
+    if model_cfg.student_preset is None:
+        raise ConfigError(
+            "model.student_preset: the memory estimate needs the student's preset name (model.student_path is "
+            f"{model_cfg.student_path!r})"
+        )
+    return model_cfg.student_preset
+
+
 def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     from phased_dmd_mega.models.architectures import registry
 
@@ -244,43 +259,64 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
         )
     architecture = registry()[model_cfg.family]
     dims = architecture.presets.get(model_cfg.preset)
-    model, adapters = parameter_counts(
-        model_cfg.family, model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
+    student = role_preset(cfg) if role_preset(cfg) != model_cfg.preset else None
+    model, _ = parameter_counts(model_cfg.family, model_cfg.preset)
+    role_model, adapters = parameter_counts(
+        model_cfg.family, student or model_cfg.preset, model_cfg.lora.rank, tuple(model_cfg.lora.target_modules)
     )
-    check_heads(cfg, dims)
+    role_dims = architecture.presets[student or model_cfg.preset]
+    check_heads(cfg, dims, model_cfg.preset)
+    check_heads(cfg, role_dims, student or model_cfg.preset)
     tp, ulysses, sp = par.tensor_parallel, par.ulysses_parallel, par.sequence_parallel
     weight = DTYPE_BYTES[model_cfg.dtype]
     experts = 2 if cfg.phases.expert_boundary is not None else 1
     roles = roles_of(cfg)
     lora = model_cfg.lora.rank > 0
     per_model = model.per_rank(tp)
-    per_role = adapters.per_rank(tp) if lora else per_model
+    per_role = adapters.per_rank(tp) if lora else role_model.per_rank(tp)
     trainable = roles.generators + roles.fakes
 
     resolution, tokens, text_tokens = max(
         ((r, *tokens_of(architecture, dims, r)) for r in cfg.data.resolutions), key=lambda row: row[1]
     )
-    blocks = architecture.block_activations(dims, weight)
     micro = cfg.data.micro_batch_size or cfg.data.batch_size  # gradient accumulation: one micro-batch at a time
-    kept, working = activation_bytes(
-        blocks,
-        dims.num_layers,
-        micro,
-        tokens,
-        text_tokens,
-        architecture.prompt_tokens,
-        tp,
-        ulysses,
-        sp,
-        model_cfg.recompute,
-        model_cfg.recompute_num_blocks,
-    )
+
+    def activations(of):  # (kept, working) of a forward with gradient of a model of dims ``of``
+        return activation_bytes(
+            architecture.block_activations(of, weight),
+            of.num_layers,
+            micro,
+            tokens,
+            text_tokens,
+            architecture.prompt_tokens,
+            tp,
+            ulysses,
+            sp,
+            model_cfg.recompute,
+            model_cfg.recompute_num_blocks,
+        )
+
+    kept, working = activations(role_dims)
+    working = max(working, activations(dims)[1])  # the teacher's guided pass: its own blocks
     role_kind = f"LoRA rank {model_cfg.lora.rank} adapters" if lora else "full copies"
+    if student:
+        role_kind += f" at {student}"
+    shared_student = (
+        [
+            (
+                f"student weights ({student}, {model_cfg.dtype}, frozen, shared by the LoRA roles)",
+                role_model.per_rank(tp) * weight,
+            )
+        ]
+        if student and lora
+        else []
+    )
     items = [
         (
             f"teacher weights ({experts} expert{'s' * (experts > 1)}, {model_cfg.dtype}, frozen)",
             experts * per_model * weight,
         ),
+        *shared_student,
         (
             f"trainable roles: {roles.generators} generators + {roles.fakes} fakes, {role_kind}",
             trainable * per_role * weight,
@@ -293,7 +329,9 @@ def estimate(cfg: Config, data_parallel: int = 1) -> Estimate:
     shape = f"{resolution.frames}x{resolution.height}x{resolution.width}"
     summary = (
         f"{model_cfg.preset} ({model.total / 1e9:.2f}B parameters per expert, {model.replicated / 1e9:.2f}B of them "
-        f"not split by TP), TP {tp} x Ulysses {ulysses}, sequence parallel {'on' if sp else 'off'}, "
+        f"not split by TP), "
+        f"{f'student {student} ({role_model.total / 1e9:.2f}B parameters), ' if student else ''}"
+        f"TP {tp} x Ulysses {ulysses}, sequence parallel {'on' if sp else 'off'}, "
         f"{data_parallel} data-parallel replica{'s' * (data_parallel > 1)}, "
         f"batch {cfg.data.batch_size} per data-parallel rank"
         f"{f' in micro-batches of {micro}' if micro != cfg.data.batch_size else ''} at {shape} ({tokens} latent tokens"
@@ -330,8 +368,9 @@ def markdown_row(est: Estimate, source: str) -> str:
     roles = f"LoRA r{lora.rank}" if lora.rank else "full"
     static = est.total - est.item("activations") - est.item("working")
     par = cfg.parallel
+    model = cfg.model.preset if role_preset(cfg) == cfg.model.preset else f"{cfg.model.preset} -> {role_preset(cfg)}"
     return (
-        f"| `{source}` | {cfg.model.preset} | {roles} | {par.tensor_parallel} x {par.ulysses_parallel} "
+        f"| `{source}` | {model} | {roles} | {par.tensor_parallel} x {par.ulysses_parallel} "
         f"({'on' if par.sequence_parallel else 'off'}) | {cfg.model.recompute} | {cfg.data.batch_size}, "
         f"{est.shape} | {static / GIB:.1f} GiB "
         f"| {(est.item('activations') + est.item('working')) / GIB:.1f} GiB | {est.total / GIB:.1f} GiB |"

@@ -1,7 +1,8 @@
 """Everything a run is built from, read from its config: the teacher, the prompt source, the
 latent geometry, and the roles (generators, fake score models, EMA copies, their optimizers)
-made from the teacher. The trainer, the generator loader, sampling, export and the memory
-estimate all build through here, so a role is made the same way wherever it is made."""
+made from the teacher, or from a student of another size (``model.student_path``). The trainer,
+the generator loader, sampling, export and the memory estimate all build through here, so a
+role is made the same way wherever it is made."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from phased_dmd_mega.distill.optim import make_role_optimizer
 from phased_dmd_mega.distill.roles import Experts
 from phased_dmd_mega.log import get_logger
 from phased_dmd_mega.models import load_pretrained
-from phased_dmd_mega.models.architectures import architecture_of, registry
+from phased_dmd_mega.models.architectures import CheckpointError, architecture_of, registry
 from phased_dmd_mega.models.checkpoints import (
     check_tensor_parallel,
     expert_boundary_ratio,
@@ -56,8 +57,8 @@ def trainable_copy(model: nn.Module) -> nn.Module:
 
 
 def role_model(expert: nn.Module, name: str, lora) -> nn.Module:
-    """A trainable role initialised from a teacher expert: a full copy, or, with LoRA, an
-    adapter on the teacher's own (frozen, shared) weights."""
+    """A trainable role initialised from a base expert (the teacher's or the student): a full
+    copy, or, with LoRA, an adapter on the base's own (frozen, shared) weights."""
     if lora.rank > 0:
         return add_adapter(expert, name, lora.rank, lora.alpha, lora.target_modules)
     return trainable_copy(expert)
@@ -85,17 +86,17 @@ def phase_layout(cfg: Config) -> PhaseLayout:
     return PhaseLayout.build(phases.num_steps, num_phases=1, shift=phases.shift)
 
 
-def teacher_expert_for_phase(teacher: Experts, layout: PhaseLayout, phase: int) -> nn.Module:
-    """The teacher expert whose noise range holds the phase (its generator starts from it; a
-    LoRA generator stays an adapter on it)."""
-    if teacher.low is None or layout.phase_is_high_noise(phase, teacher.boundary):
-        return teacher.high
-    return teacher.low
+def teacher_expert_for_phase(bases: Experts, layout: PhaseLayout, phase: int) -> nn.Module:
+    """The base expert (``role_bases``: the teacher's, or the student in its place) whose noise
+    range holds the phase (its generator starts from it; a LoRA generator stays an adapter on it)."""
+    if bases.low is None or layout.phase_is_high_noise(phase, bases.boundary):
+        return bases.high
+    return bases.low
 
 
-def generator_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
-    """Initialised from the teacher expert for the phase's noise range."""
-    return Experts(role_model(teacher_expert_for_phase(teacher, layout, phase), f"generator{phase}", cfg.model.lora))
+def generator_for_phase(bases: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
+    """Initialised from the base expert for the phase's noise range."""
+    return Experts(role_model(teacher_expert_for_phase(bases, layout, phase), f"generator{phase}", cfg.model.lora))
 
 
 def fake_experts(layout: PhaseLayout, phase: int, cfg: Config, boundary) -> Tuple[str, ...]:
@@ -107,13 +108,14 @@ def fake_experts(layout: PhaseLayout, phase: int, cfg: Config, boundary) -> Tupl
     return ("high",) if low_t >= boundary else ("high", "low")
 
 
-def fake_for_phase(teacher: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
-    """One fake model per teacher expert that the phase's re-noise times reach."""
+def fake_for_phase(bases: Experts, layout: PhaseLayout, phase: int, cfg: Config) -> Experts:
+    """One fake model per teacher expert that the phase's re-noise times reach, each started
+    from its base expert."""
     lora = cfg.model.lora
-    high = role_model(teacher.high, f"fake{phase}_high", lora)
-    if fake_experts(layout, phase, cfg, teacher.boundary) == ("high",):
+    high = role_model(bases.high, f"fake{phase}_high", lora)
+    if fake_experts(layout, phase, cfg, bases.boundary) == ("high",):
         return Experts(high)
-    return Experts(high, role_model(teacher.low, f"fake{phase}_low", lora), teacher.boundary)
+    return Experts(high, role_model(bases.low, f"fake{phase}_low", lora), bases.boundary)
 
 
 def ema_of(generator: Experts, phase: int, cfg: Config) -> Experts:
@@ -128,14 +130,14 @@ def role_optimizer(model: nn.Module, adam, opt):
     )
 
 
-# ----------------------------------------------------------------------------- the teacher and the data
+# ----------------------------------------------------------------------------- the teacher
 
 
-def build_teacher(cfg: Config, weights: bool = True) -> Experts:
-    """The frozen teacher: a Hugging Face or converted checkpoint (two experts for Wan2.2-A14B),
-    or, without ``model.teacher_path``, a randomly initialised preset (smoke tests only).
-    ``weights=False``: the models' shapes only, no weights read (sampling and export of full
-    fine-tunes, whose generators' weights come from the training checkpoint)."""
+def build_model(cfg: Config, path: Optional[str], preset: Optional[str], weights: bool = True) -> Experts:
+    """A frozen model of the run (the teacher, or the student) from ``path``: a Hugging Face or
+    converted checkpoint (two experts for Wan2.2-A14B), or, with no path, a randomly
+    initialised preset (smoke tests only). With ``preset`` set (the recipes), the checkpoint
+    must be that architecture. ``weights=False``: the models' shapes only, no weights read."""
     model_cfg = cfg.model
     options = dict(
         attention_backend=model_cfg.attention_backend,
@@ -145,31 +147,33 @@ def build_teacher(cfg: Config, weights: bool = True) -> Experts:
         recompute_num_blocks=model_cfg.recompute_num_blocks,
     )
     dtype = getattr(torch, model_cfg.dtype)
-    if model_cfg.teacher_path is None:
+    if path is None:
         architecture = registry()[model_cfg.family]
-        preset = model_cfg.preset or "tiny"
+        preset = preset or "tiny"
         log.warning("no model.teacher_path: using a randomly initialised %s preset %r", model_cfg.family, preset)
         par = ModelParallelOptions(
             sequence_parallel=cfg.parallel.sequence_parallel, dtype=dtype, initialize=weights, **options
         )
-        teacher = Experts(architecture.model_class(architecture.presets[preset], par))
-    elif inspect_checkpoint(model_cfg.teacher_path).has_experts:
-        found = inspect_checkpoint(model_cfg.teacher_path)
+        model = Experts(architecture.model_class(architecture.presets[preset], par))
+    elif inspect_checkpoint(path).has_experts:
+        found = inspect_checkpoint(path)
         high, low = (
-            load_pretrained(
-                model_cfg.teacher_path, expect=model_cfg.preset, expert=e, dtype=dtype, weights=weights, **options
-            )
+            load_pretrained(path, expect=preset, expert=e, dtype=dtype, weights=weights, **options)
             for e in ("high", "low")
         )
-        teacher = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.dims))
+        model = Experts(high, low, cfg.phases.expert_boundary or expert_boundary_ratio(found, high.dims))
     else:
-        # With model.preset set (the recipes), the checkpoint must be that architecture.
-        teacher = Experts(
-            load_pretrained(model_cfg.teacher_path, expect=model_cfg.preset, dtype=dtype, weights=weights, **options)
-        )
+        model = Experts(load_pretrained(path, expect=preset, dtype=dtype, weights=weights, **options))
     if not weights:  # a shell: left on the CPU, where its untouched pages cost no memory
-        return teacher.requires_grad_(False)
-    return teacher.to(parallel.layout().device).requires_grad_(False)
+        return model.requires_grad_(False)
+    return model.to(parallel.layout().device).requires_grad_(False)
+
+
+def build_teacher(cfg: Config, weights: bool = True) -> Experts:
+    """The frozen teacher (``build_model`` of ``model.teacher_path``). ``weights=False``: a
+    shell (sampling and export of full fine-tunes, whose generators' weights come from the
+    training checkpoint)."""
+    return build_model(cfg, cfg.model.teacher_path, cfg.model.preset, weights)
 
 
 def teacher_dims(cfg: Config):
@@ -179,8 +183,92 @@ def teacher_dims(cfg: Config):
     if model_cfg.teacher_path is None:
         return registry()[model_cfg.family].presets[model_cfg.preset or "tiny"]
     found = inspect_checkpoint(model_cfg.teacher_path, expect=model_cfg.preset)
-    folder = found.model_folder("high" if found.has_experts else None)
-    return open_model(folder, found.layout, model_cfg.preset, found.architecture).dims
+    return model_dims(found, model_cfg.preset, "high" if found.has_experts else None)
+
+
+def model_dims(found, preset: Optional[str], expert: Optional[str] = None):
+    """A checkpoint's dims (``expert``'s of two), from its config and safetensors headers."""
+    folder = found.model_folder(expert)
+    return open_model(folder, found.layout, preset, found.architecture).dims
+
+
+# ----------------------------------------------------------------------------- the student
+
+# What the student must share with the teacher: the latents it makes and reads (channels, token
+# patch), the prompt embeddings it reads (text width; Wan I2V's CLIP image width).
+SHARED_WITH_TEACHER = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
+
+
+def student_checkpoint(cfg: Config):
+    """The student's checkpoint, inspected (configs only), or None without ``model.student_path``."""
+    model_cfg = cfg.model
+    if model_cfg.student_path is None:
+        if model_cfg.student_preset is not None:
+            raise ConfigError(
+                f"model.student_preset is {model_cfg.student_preset!r} but model.student_path is not set: name the "
+                "student's Hugging Face folder or converted checkpoint (model.student_path=PATH)"
+            )
+        return None
+    try:
+        found = inspect_checkpoint(model_cfg.student_path, expect=model_cfg.family)
+    except CheckpointError as err:
+        raise ConfigError(f"model.student_path ({model_cfg.student_path}): {err}") from err
+    if found.has_experts:
+        raise ConfigError(
+            f"model.student_path ({model_cfg.student_path}) holds two experts (high and low noise): a student is one "
+            "model (every expert role of a two-expert teacher starts from it)"
+        )
+    return found
+
+
+def student_dims(cfg: Config):
+    """The student's dims from its config and headers (no weight read), or None without one."""
+    found = student_checkpoint(cfg)
+    if found is None:
+        return None
+    try:
+        return model_dims(found, cfg.model.student_preset)
+    except CheckpointError as err:
+        raise ConfigError(f"model.student_path ({cfg.model.student_path}): {err}") from err
+
+
+def check_student(cfg: Config, student, teacher) -> None:
+    """The student makes the teacher's latents from the teacher's prompts, and splits over this
+    run's ranks."""
+    path = cfg.model.student_path
+    for field_name in SHARED_WITH_TEACHER:
+        mine, theirs = getattr(student, field_name, None), getattr(teacher, field_name, None)
+        if mine != theirs:
+            raise ConfigError(
+                f"model.student_path ({path}): the student's {field_name} is {mine}, the teacher's "
+                f"(model.teacher_path) is {theirs}: a student must share the teacher's latent channels, patch size "
+                "and text width"
+            )
+    try:
+        check_tensor_parallel(student, cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel)
+    except CheckpointError as err:
+        raise ConfigError(f"model.student_path ({path}): {err}") from err
+
+
+def build_student(cfg: Config, weights: bool = True) -> Optional[Experts]:
+    """The frozen student (``build_model`` of ``model.student_path``), or None without one."""
+    if student_checkpoint(cfg) is None:
+        return None
+    return build_model(cfg, cfg.model.student_path, cfg.model.student_preset, weights)
+
+
+def role_bases(teacher: Experts, student: Optional[Experts]) -> Experts:
+    """What the roles start from, expert by expert: the teacher's, or the student in the place
+    of each (a one-model student under a two-expert teacher: every expert role, generator or
+    fake, starts from the same student weights, routed at the teacher's boundary)."""
+    if student is None:
+        return teacher
+    if teacher.low is None:
+        return student
+    return Experts(student.high, student.high, teacher.boundary)
+
+
+# ----------------------------------------------------------------------------- the data
 
 
 def build_prompts(cfg: Config, dims) -> PromptSource:
@@ -255,9 +343,13 @@ def open_inputs(cfg: Config) -> RunInputs:
     """Everything but the weights, opened and checked before any model loads (bad input is
     refused in seconds, not after minutes of loading 14B weights at every requeue): the
     teacher's config and headers, the layout against its heads, the prompt source with every
-    shard against its index, the latent geometry, every resolution of the mixture."""
+    shard against its index, the latent geometry, every resolution of the mixture; the
+    student's config and headers against the teacher's and the layout."""
     dims = teacher_dims(cfg)
     check_tensor_parallel(dims, cfg.parallel.tensor_parallel, cfg.parallel.ulysses_parallel)
+    student = student_dims(cfg)
+    if student is not None:
+        check_student(cfg, student, dims)
     prompts = build_prompts(cfg, dims)
     geometry = latent_geometry(dims, prompts)
     check_resolutions(cfg, dims, geometry)

@@ -9,7 +9,9 @@ dist_checkpointing loads the keys asked for and ignores the others).
 
 A full fine-tune needs no teacher weights (the generators' own replace them): the teacher is built
 as a shell of the right shapes and never read. LoRA generators are adapters on the teacher's
-frozen weights, which are loaded from ``model.teacher_path`` as in training.
+frozen weights, which are loaded from ``model.teacher_path`` as in training. A run with a student
+(``model.student_path``) rebuilds its generators at the student's size, from the student: a
+shell for a full fine-tune, its weights for LoRA (the teacher is then a shell either way).
 
 The models are built for the current parallel state (call ``parallel.initialize`` first):
 checkpoints are stored by global layout, so a run trained at TP 8 opens at TP 1 for export, or at
@@ -26,9 +28,11 @@ from phased_dmd_mega import checkpoint, parallel
 from phased_dmd_mega.config import Config, load_config
 from phased_dmd_mega.distill.build import (
     WeightsOnly,
+    build_student,
     build_teacher,
     generator_for_phase,
     phase_layout,
+    role_bases,
     teacher_expert_for_phase,
 )
 from phased_dmd_mega.distill.roles import Experts
@@ -50,15 +54,21 @@ class DistilledGenerators:
     config: Config  # the run's configuration (with the overrides given when opening)
     layout: PhaseLayout
     generators: List[Experts]  # generators[k] serves the steps of phase k
-    base_experts: List[str]  # per phase: the teacher expert its generator started from: "high", "low", or "model"
+    base_experts: List[str]  # per phase: the base expert its generator started from: "high", "low", or "model"
     teacher: Optional[Experts]  # LoRA: the frozen base the adapters sit on; None for a full fine-tune
-    teacher_boundary: Optional[float]  # the teacher's expert boundary (two experts, Wan2.2 A14B), else None
+    teacher_boundary: Optional[float]  # the LoRA base's expert boundary (a two-expert teacher), else None
     iteration: int  # the last iteration whose generator update the weights hold
     ema: bool
 
     @property
     def lora(self) -> bool:
         return self.config.model.lora.rank > 0
+
+    @property
+    def base_path(self) -> Optional[str]:
+        """The folder the generators started from (and LoRA adapters sit on): the student's, or the teacher's."""
+        model = self.config.model
+        return model.student_path or model.teacher_path
 
     @property
     def dims(self):
@@ -103,11 +113,14 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
     if ema and cfg.optimizer.ema_decay is None:
         raise RequestError(f"{folder} holds no generator EMA (the run had optimizer.ema_decay unset); drop --ema")
     lora = cfg.model.lora.rank > 0
-    # A LoRA generator runs on the teacher's weights; a full fine-tune brings its own.
-    teacher = build_teacher(cfg, weights=lora)
+    # A LoRA generator runs on its base's weights (the student's, or the teacher's); a full
+    # fine-tune brings its own.
+    student = build_student(cfg, weights=lora)
+    teacher = build_teacher(cfg, weights=lora and student is None)
+    base = role_bases(teacher, student)
     layout = phase_layout(cfg)
-    bases = [teacher_expert_for_phase(teacher, layout, k) for k in range(layout.num_phases)]
-    generators = [generator_for_phase(teacher, layout, k, cfg) for k in range(layout.num_phases)]
+    bases = [teacher_expert_for_phase(base, layout, k) for k in range(layout.num_phases)]
+    generators = [generator_for_phase(base, layout, k, cfg) for k in range(layout.num_phases)]
     suffix = "_ema" if ema else ""
     roles = {f"generator{k}{suffix}": WeightsOnly(generator) for k, generator in enumerate(generators)}
     metadata = checkpoint.load_checkpoint(folder, roles)
@@ -130,9 +143,9 @@ def open_generators(path, *, ema: bool = False, overrides: Sequence[str] = ()) -
         config=cfg,
         layout=layout,
         generators=generators,
-        base_experts=[_expert_name(teacher, base) for base in bases],
-        teacher=teacher if lora else None,
-        teacher_boundary=teacher.boundary,
+        base_experts=[_expert_name(teacher if student is None else student, model) for model in bases],
+        teacher=base if lora else None,
+        teacher_boundary=teacher.boundary if student is None else None,
         iteration=iteration,
         ema=ema,
     )

@@ -1,7 +1,7 @@
 """The Phased DMD training loop behind ``phased-dmd train``.
 
-Reads top to bottom: build the roles from the teacher, then for each step of the schedule
-(phase by phase, or alternating) draw a batch, run one iteration (fake updates, then the
+Reads top to bottom: build the roles from the teacher (or the student), then for each step of
+the schedule (phase by phase, or alternating) draw a batch, run one iteration (fake updates, then the
 generator update), log, and checkpoint. A run resumes from ``checkpoint.dir/latest`` by itself;
 non-finite steps are skipped and counted; SIGTERM (cluster preemption) checkpoints and exits.
 
@@ -32,12 +32,14 @@ from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
 from phased_dmd_mega.distill.build import (
     WeightsOnly,
+    build_student,
     build_teacher,
     ema_of,
     fake_for_phase,
     generator_for_phase,
     open_inputs,
     phase_layout,
+    role_bases,
     role_optimizer,
 )
 from phased_dmd_mega.distill.monitor import CollapseError, CollapseMonitor, collapse_message
@@ -70,6 +72,8 @@ RESUME_FIXED_KEYS = (
     "model.lora.alpha",
     "model.lora.target_modules",
     "model.teacher_path",  # a LoRA resumed onto another base model would be silently wrong
+    "model.student_path",  # the roles' base, of its own size
+    "model.student_preset",
     "phases.method",
     "phases.num_steps",
     "phases.num_phases",
@@ -83,10 +87,13 @@ RESUME_FIXED_KEYS = (
 )
 
 
+MODEL_FOLDERS = ("model.teacher_path", "model.student_path")
+
+
 def resume_conflicts(saved: Config, current: Config) -> List[str]:
     """``key (checkpoint X, now Y)`` for every RESUME_FIXED_KEYS entry on which they differ
-    (the teacher's folder compared as a resolved path, and not at all when
-    ``checkpoint.allow_teacher_path_change`` says it moved)."""
+    (the teacher's and the student's folders compared as resolved paths, and not at all when
+    ``checkpoint.allow_teacher_path_change`` says they moved)."""
 
     def value(cfg, key):
         for part in key.split("."):
@@ -95,13 +102,13 @@ def resume_conflicts(saved: Config, current: Config) -> List[str]:
 
     def same(key):
         old, new = value(saved, key), value(current, key)
-        if key == "model.teacher_path":
+        if key in MODEL_FOLDERS:
             if current.checkpoint.allow_teacher_path_change:
                 return True
             return (old and str(Path(old).resolve())) == (new and str(Path(new).resolve()))
         return old == new
 
-    hint = {"model.teacher_path": " [if the teacher folder moved: checkpoint.allow_teacher_path_change=true]"}
+    hint = dict.fromkeys(MODEL_FOLDERS, " [if the folder moved: checkpoint.allow_teacher_path_change=true]")
     conflicts = [
         f"{key} (checkpoint {value(saved, key)!r}, now {value(current, key)!r}){hint.get(key, '')}"
         for key in RESUME_FIXED_KEYS
@@ -205,7 +212,14 @@ def peak_memory_gib() -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, teacher: Experts, prompts: PromptSource, geometry: LatentGeometry):
+    def __init__(
+        self,
+        cfg: Config,
+        teacher: Experts,
+        prompts: PromptSource,
+        geometry: LatentGeometry,
+        student: Optional[Experts] = None,
+    ):
         self.cfg, self.prompts, self.geometry = cfg, prompts, geometry
         self.dims = teacher.high.dims
         if prompts.image_conditions is not None:  # I2V: each resolution needs its first-frame latents
@@ -214,15 +228,16 @@ class Trainer:
         opt = cfg.optimizer
         # Every role lives on the training device, and is put there before its optimizer exists
         # (an optimizer holds its parameters, and creates its states beside them). The roles are
-        # copies of (or LoRA adapters on) the teacher, made on the teacher's device.
+        # copies of (or LoRA adapters on) the teacher, or the student, made on its device.
         device = parallel.layout().device
         teacher.to(device)  # build_teacher put it there; a teacher built elsewhere moves now
+        bases = role_bases(teacher, None if student is None else student.to(device))
         self.generators = [
-            role_optimizer(generator_for_phase(teacher, self.layout, k, cfg).to(device), opt.generator, opt)
+            role_optimizer(generator_for_phase(bases, self.layout, k, cfg).to(device), opt.generator, opt)
             for k in range(self.layout.num_phases)
         ]
         self.fakes = [
-            role_optimizer(fake_for_phase(teacher, self.layout, k, cfg).to(device), opt.fake, opt)
+            role_optimizer(fake_for_phase(bases, self.layout, k, cfg).to(device), opt.fake, opt)
             for k in range(self.layout.num_phases)
         ]
         phases = cfg.phases
@@ -556,7 +571,7 @@ def train(cfg: Config) -> int:
         inputs = open_inputs(cfg)  # read-only: a refusal leaves nothing behind
         locks = claim_run_folders(cfg)
         start_from = resume_point(cfg)  # checked against this run's config before the teacher loads
-        trainer = Trainer(cfg, build_teacher(cfg), inputs.prompts, inputs.geometry)
+        trainer = Trainer(cfg, build_teacher(cfg), inputs.prompts, inputs.geometry, build_student(cfg))
         log.info(
             "training %s: %d phases, %d iterations, %d processes (TP %d, Ulysses %d, DP %d)",
             cfg.phases.method,

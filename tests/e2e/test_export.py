@@ -290,7 +290,11 @@ def test_wan_lora_files_load_through_the_pipeline_and_reproduce_the_lora_generat
     dst = tmp_path / "lora"
     assert export("--checkpoint", wan_lora.checkpoints, "--dst", dst) == 0
     info = read_info(dst)
-    assert info["weights"] == "lora" and info["lora"] == {"rank": 4, "alpha": 8.0}
+    assert info["weights"] == "lora" and info["lora"] == {
+        "rank": 4,
+        "alpha": 8.0,
+        "base": str(wan_lora.config.model.teacher_path),
+    }
     with safe_open(str(dst / "transformer_lora.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])

@@ -12,20 +12,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import load_config
 from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts
-from phased_dmd_mega.distill.build import build_teacher
+from phased_dmd_mega.distill.build import build_student, build_teacher
 from phased_dmd_mega.distill.trainer import Trainer
 
-from helpers.tiny_runs import write_config
+from helpers.tiny_runs import save_wan_student, save_wan_teacher, write_config
 
 BATCH, TOKENS = 2, 1 * 2 * 3  # 1x32x48 pixels -> 1x4x6 latents -> 1x2x3 tokens of 1x2x2
 
 
-def _train_measuring(cfg):
+def _train_measuring(cfg, text_dim=32, channels=16):
     """The run's metrics, and FlopCounterMode's count of each of its iterations."""
     measured = []
     parallel.initialize(seed=cfg.run.seed)
     try:
-        trainer = Trainer(cfg, build_teacher(cfg), SyntheticPrompts(4, 16, 32), LatentGeometry())
+        prompts, geometry = SyntheticPrompts(4, 16, text_dim), LatentGeometry(channels=channels)
+        trainer = Trainer(cfg, build_teacher(cfg), prompts, geometry, build_student(cfg))
         iteration = trainer.phased.iteration
 
         def measuring(*args, **kwargs):
@@ -70,3 +71,15 @@ def test_the_logged_flops_are_what_the_iterations_ran(tmp_path, caplog, override
         else:
             assert record["model_flops"] == record["hardware_flops"]
     assert ("TFLOP/s  MFU " in caplog.text) == (peak is not None)  # the console shows it when there is one
+
+
+def test_a_students_roles_are_counted_at_its_size(tmp_path):
+    """A student of half the teacher's width (model.student_path): each DiT call counted at its
+    own model's size, which FlopCounterMode measures directly."""
+    teacher, student = save_wan_teacher(tmp_path / "teacher"), save_wan_student(tmp_path / "student")
+    paths = [f"model.teacher_path={teacher}", f"model.student_path={student}", "model.preset=null"]
+    cfg = load_config(write_config(tmp_path), ["phases.iterations_per_phase=1", *paths])
+    records, measured = _train_measuring(cfg, text_dim=16, channels=4)
+    assert len(records) == len(measured) == 2
+    for record, flops in zip(records, measured):
+        assert record["model_flops"] == pytest.approx(flops, rel=0.02)

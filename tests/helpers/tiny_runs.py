@@ -17,8 +17,9 @@ import yaml
 
 from phased_dmd_mega import parallel
 from phased_dmd_mega.config import Config, load_config
+from phased_dmd_mega.distill import build as build_module
 from phased_dmd_mega.distill import trainer as trainer_module
-from phased_dmd_mega.distill.build import build_prompts, build_teacher, latent_geometry
+from phased_dmd_mega.distill.build import build_prompts, build_student, build_teacher, latent_geometry
 from phased_dmd_mega.distill.trainer import Trainer
 
 from helpers.tiny_models import QWEN_TINY, WAN_TINY
@@ -53,12 +54,15 @@ def write_config(tmp_path: Path, name="run", **sections) -> Path:
 
 
 def forbid_loading(monkeypatch):
-    """From now on, the test fails if a run gets as far as loading the teacher."""
+    """From now on, the test fails if a run gets as far as loading the teacher (or a student,
+    or any model through the builders)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the refusal")
 
     monkeypatch.setattr(trainer_module, "build_teacher", refuse)
+    monkeypatch.setattr(trainer_module, "build_student", refuse)
+    monkeypatch.setattr(build_module, "load_pretrained", refuse)
 
 
 # Fewer iterations than test_trainer's run; the generators still move away from the teacher.
@@ -71,6 +75,15 @@ def save_wan_teacher(folder: Path, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     WanTransformer3DModel(**{**WAN_TINY, **overrides}).save_pretrained(folder, max_shard_size="40KB")
     return folder
+
+
+# A student of the tiny teacher's family and latent space, half its width (2 heads of 12: dim 24
+# against 48) and a narrower MLP: the same channels, patch and text width.
+WAN_STUDENT = dict(num_attention_heads=2, ffn_dim=20)
+
+
+def save_wan_student(folder: Path, seed: int = 5, **overrides) -> Path:
+    return save_wan_teacher(folder, seed, **{**WAN_STUDENT, **overrides})
 
 
 def save_a14b_teacher(root: Path, boundary_ratio: float) -> Path:
@@ -142,19 +155,20 @@ def train_tiny(
     overrides: Sequence[str] = (),
     family: str = "wan",
     extra: Optional[Callable[[Trainer], Any]] = None,
+    student: Optional[Path] = None,
 ) -> TinyRun:
-    """Train on ``teacher`` (of family ``family``) in this process, one rank, and record
-    the references."""
+    """Train on ``teacher`` (of family ``family``; with ``student``, from that student) in this
+    process, one rank, and record the references."""
+    students = [] if student is None else [f"model.student_path={student}"]
     cfg = load_config(
         write_config(tmp, name),
-        [f"model.teacher_path={teacher}", f"model.family={family}", "model.preset=null", *SHORT, *overrides],
+        [f"model.teacher_path={teacher}", f"model.family={family}", "model.preset=null", *SHORT, *students, *overrides],
     )
     parallel.initialize(seed=cfg.run.seed)
     try:
-        teacher_model = build_teacher(cfg)
-        trainer = Trainer(
-            cfg, teacher_model, build_prompts(cfg, teacher_model.high.dims), latent_geometry(teacher_model.high.dims)
-        )
+        teacher_model, student_model = build_teacher(cfg), build_student(cfg)
+        dims = teacher_model.high.dims
+        trainer = Trainer(cfg, teacher_model, build_prompts(cfg, dims), latent_geometry(dims), student_model)
         trainer.run()
         inputs = velocity_inputs(teacher_model.high.dims)
         outputs = {f"generator{k}": velocity(role.model.high, inputs) for k, role in enumerate(trainer.generators)}

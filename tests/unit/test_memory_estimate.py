@@ -38,7 +38,14 @@ from phased_dmd_mega.testing import run_distributed, with_parallel_state
 from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
-RECIPES = ["wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"]
+RECIPES = [
+    "wan22_t2v_a14b",
+    "wan22_i2v_a14b",
+    "wan21_t2v_14b",
+    "wan21_t2v_1_3b",
+    "wan21_14b_to_1_3b",
+    "qwen_image",
+]
 LORA_TARGETS = ("linear_qkv", "linear_q", "linear_kv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -338,3 +345,31 @@ def test_command_line_prints_the_breakdown_and_reports_errors():
     assert split.returncode == 0, split.stderr
     assert "4 data-parallel replicas" in split.stdout and "split over 8 DP x Ulysses ranks" in split.stdout
     assert run("--config", "examples/qwen_image.yaml", "--data-parallel", "0").returncode == 2
+
+
+def test_a_students_roles_are_counted_at_its_size_and_the_teacher_at_its_own():
+    student = load_config(ROOT / "examples/wan21_14b_to_1_3b.yaml")
+    alone = estimate(load_config(ROOT / "examples/wan21_14b_to_1_3b.yaml", ["model.student_preset=null"]))
+    with_student = estimate(student)
+    tp = student.parallel.tensor_parallel
+    small, _ = parameter_counts("wan", "wan2.1-t2v-1.3b")
+    large, _ = parameter_counts("wan", "wan2.1-t2v-14b")
+    assert with_student.item("teacher weights") == alone.item("teacher weights") == large.per_rank(tp) * 2
+    assert with_student.item("trainable roles") == 4 * small.per_rank(tp) * 2  # 2 generators + 2 fakes, bf16
+    assert alone.item("trainable roles") == 4 * large.per_rank(tp) * 2
+    assert with_student.item("generator EMA") == 2 * small.per_rank(tp) * 2
+    assert with_student.item("activations") < alone.item("activations")  # the student's blocks keep less
+    assert with_student.item("working") == alone.item("working")  # the teacher's guided block
+    assert "wan2.1-t2v-14b -> wan2.1-t2v-1.3b" in markdown_table(["examples/wan21_14b_to_1_3b.yaml"])
+
+
+def test_a_lora_student_counts_its_shared_weights_and_a_student_needs_its_preset():
+    lora = estimate(load_config(ROOT / "examples/wan21_14b_to_1_3b.yaml", ["model.lora.rank=64"]))
+    small, adapters = parameter_counts("wan", "wan2.1-t2v-1.3b", 64, tuple(lora.config.model.lora.target_modules))
+    assert lora.item("student weights") == small.per_rank(4) * 2
+    assert lora.item("trainable roles") == 4 * adapters.per_rank(4) * 2
+    unnamed = ["model.student_preset=null", "model.student_path=/somewhere/Wan2.1-T2V-1.3B"]
+    with pytest.raises(ConfigError, match=r"model\.student_preset: .*student's preset name"):
+        estimate(load_config(ROOT / "examples/wan21_14b_to_1_3b.yaml", unnamed))
+    with pytest.raises(ConfigError, match=r"parallel: wan2\.1-t2v-1\.3b has 12 attention heads"):
+        estimate(load_config(ROOT / "examples/wan21_14b_to_1_3b.yaml", ["parallel.tensor_parallel=8"]))

@@ -18,7 +18,14 @@ from phased_dmd_mega.testing import with_parallel_state
 from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
-RECIPES = ["wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"]
+RECIPES = [
+    "wan22_t2v_a14b",
+    "wan22_i2v_a14b",
+    "wan21_t2v_14b",
+    "wan21_t2v_1_3b",
+    "wan21_14b_to_1_3b",
+    "qwen_image",
+]
 GPUS_PER_NODE = 8
 
 # Spec section 7.
@@ -77,14 +84,15 @@ def test_recipe_uses_the_published_settings(name):
 def test_model_specific_settings():
     assert recipe("wan22_t2v_a14b").phases.expert_boundary == 0.875
     assert recipe("wan22_i2v_a14b").phases.expert_boundary == 0.9
-    for name in ("wan21_t2v_14b", "wan21_t2v_1_3b", "qwen_image"):
+    for name in ("wan21_t2v_14b", "wan21_t2v_1_3b", "wan21_14b_to_1_3b", "qwen_image"):
         assert recipe(name).phases.expert_boundary is None
-    for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b"):
+    for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "wan21_14b_to_1_3b"):
         assert recipe(name).phases.shift == 5.0
     assert recipe("qwen_image").phases.shift == 3.0
     for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b"):
         assert resolutions(recipe(name)) == WAN_VIDEO
-    assert resolutions(recipe("wan21_t2v_1_3b")) == [(81, 480, 832, 0.5), (81, 832, 480, 0.5)]
+    for name in ("wan21_t2v_1_3b", "wan21_14b_to_1_3b"):
+        assert resolutions(recipe(name)) == [(81, 480, 832, 0.5), (81, 832, 480, 0.5)]
     qwen = resolutions(recipe("qwen_image"))
     assert [r[:3] for r in qwen] == QWEN_IMAGE
     assert all(abs(r[3] - 1 / 7) < 1e-6 for r in qwen)
@@ -103,10 +111,11 @@ def test_every_resolution_makes_whole_patches(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_parallel_sizes_fit_an_eight_gpu_node(name):
     cfg = recipe(name)
-    dims = registry()[cfg.model.family].presets[cfg.model.preset]
+    presets = registry()[cfg.model.family].presets
     replica = cfg.parallel.tensor_parallel * cfg.parallel.ulysses_parallel
     assert GPUS_PER_NODE % replica == 0
-    assert dims.num_heads % replica == 0
+    for preset in filter(None, (cfg.model.preset, cfg.model.student_preset)):  # the teacher's and the student's
+        assert presets[preset].num_heads % replica == 0, preset
     assert cfg.parallel.sequence_parallel and cfg.model.recompute == "full"
 
 
@@ -159,3 +168,16 @@ def test_teacher_must_be_the_recipes_preset(tiny_wan_folder):
     assert _teacher_dims(config_from_dict({"model": model})).dim == 48  # no preset: the folder decides
     with pytest.raises(CheckpointError, match=r"is not preset 'wan2.1-t2v-1.3b': dim 48 \(preset 1536\)"):
         _teacher_dims(config_from_dict({"model": {**model, "preset": "wan2.1-t2v-1.3b"}}))
+
+
+def test_the_student_recipe_distils_14b_into_1_3b_of_the_same_latent_space():
+    from phased_dmd_mega.distill.build import SHARED_WITH_TEACHER
+
+    cfg = recipe("wan21_14b_to_1_3b")
+    presets = registry()["wan"].presets
+    assert (cfg.model.preset, cfg.model.student_preset) == ("wan2.1-t2v-14b", "wan2.1-t2v-1.3b")
+    teacher, student = presets[cfg.model.preset], presets[cfg.model.student_preset]
+    assert student.dim < teacher.dim
+    for field in SHARED_WITH_TEACHER:
+        assert getattr(student, field) == getattr(teacher, field), field
+    assert cfg.model.lora.rank == 0 and cfg.data.batch_size % cfg.data.micro_batch_size == 0
