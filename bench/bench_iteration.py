@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from phased_dmd_mega import losses, parallel  # noqa: E402
-from phased_dmd_mega.benchmarking import dense_matmul_tflops, seconds_per_call  # noqa: E402
+from phased_dmd_mega.benchmarking import alternating_seconds, dense_matmul_tflops  # noqa: E402
 from phased_dmd_mega.config import load_config  # noqa: E402
 from phased_dmd_mega.data import LatentGeometry, SyntheticPrompts, parse_resolution  # noqa: E402
 from phased_dmd_mega.distill import phased as phased_module  # noqa: E402
@@ -307,23 +307,30 @@ def against_diffusers(args) -> Dict[str, float]:
     latents, context, timestep = latents.to(device, dtype), context.to(device, dtype), timestep.to(device)
     options = ModelParallelOptions(dtype=dtype, attention_backend=args.attention)
     with torch.device(device):
-        models = {"ours": architecture.model_class(dims, options)}
-
-    def ours_step():
-        models["ours"](latents, timestep, context).float().square().mean().backward()
-
-    result = {"ours_seconds": seconds_per_call(ours_step, warmup=1, iters=args.repeats)}
-    del models["ours"]  # one large model in memory at a time
-    models["reference"] = diffusers_model(args.family, dims, dtype, device)
+        ours = architecture.model_class(dims, options)
+    reference = diffusers_model(args.family, dims, dtype, device)
     if args.family == "qwen_image":
         reference_args = qwen_reference_inputs(latents, context, timestep, dims)
     else:
         reference_args = dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=context)
 
-    def reference_step():
-        models["reference"](**reference_args, return_dict=False)[0].float().square().mean().backward()
+    def step(model, loss_of):
+        def run():
+            loss_of(model).float().square().mean().backward()
+            model.zero_grad(set_to_none=True)  # one model's gradients in memory at a time
 
-    result["diffusers_seconds"] = seconds_per_call(reference_step, warmup=1, iters=args.repeats)
+        return run
+
+    # In turns, so that a machine slower for a while slows both alike.
+    seconds = alternating_seconds(
+        {
+            "ours": step(ours, lambda m: m(latents, timestep, context)),
+            "diffusers": step(reference, lambda m: m(**reference_args, return_dict=False)[0]),
+        },
+        warmup=1,
+        iters=args.repeats,
+    )
+    result = {"ours_seconds": seconds["ours"], "diffusers_seconds": seconds["diffusers"]}
     result["ours_over_diffusers"] = result["ours_seconds"] / result["diffusers_seconds"]
     return result
 

@@ -5,7 +5,7 @@ matrix-multiply and copy rates that achieved figures are compared with."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 
@@ -20,6 +20,23 @@ def seconds_per_call(fn: Callable[[], object], warmup: int = 3, iters: int = 10)
         fn()
     _synchronize()
     return (time.perf_counter() - start) / iters
+
+
+def alternating_seconds(fns: Dict[str, Callable[[], object]], warmup: int = 1, iters: int = 3) -> Dict[str, float]:
+    """Mean seconds per call of each of ``fns``, timed in turns (one call of each per round), so
+    that a machine that slows down for a while slows all of them alike: a ratio side by side."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds = dict.fromkeys(fns, 0.0)
+    for _ in range(iters):
+        for name, fn in fns.items():
+            _synchronize()
+            start = time.perf_counter()
+            fn()
+            _synchronize()
+            seconds[name] += (time.perf_counter() - start) / iters
+    return seconds
 
 
 def _synchronize() -> None:
