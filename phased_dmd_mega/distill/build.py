@@ -303,7 +303,7 @@ def latent_geometry(dims, prompts: Optional[PromptSource] = None) -> LatentGeome
                 "the prompt source has none; encode the prompts with their first frames (`phased-dmd encode-prompts "
                 "--vae VAE --resolution FxHxW` on rows with an image) and set data.prompt_cache to that cache"
             )
-        return LatentGeometry(channels=out_channels)
+        return architecture_of(dims).latent_geometry(dims)
     if extra != image.channels or image.latent_shape[0] != out_channels:
         needs = (
             f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)"

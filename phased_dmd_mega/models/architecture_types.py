@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from phased_dmd_mega.data import LatentGeometry
+
 Shape = Tuple[int, ...]
 Config = Mapping[str, Any]
 MEGA_FORMAT = "phased-dmd-mega"  # config.json "format" of the trainer's own checkpoints
@@ -96,6 +98,8 @@ class Architecture:
     experts: Optional[ExpertPairs] = None
 
     synthetic_prompt_tokens: int = 16  # length of the random prompt embeddings of smoke tests
+    # dims -> (temporal, spatial) compression of the family's VAE for a DiT of these latent channels
+    vae_compression: Callable[[Any], Tuple[int, int]] = lambda dims: (4, 8)
     max_frames: Optional[int] = None  # frames one sample may have (None: any video; 1: images only)
 
     # ------------------------------------------------------------------ tokens
@@ -110,6 +114,11 @@ class Architecture:
     def text_tokens_in_blocks(self) -> int:
         """The prompt tokens that run through every block beside the latent tokens."""
         return self.prompt_tokens if self.joint_text else 0
+
+    def latent_geometry(self, dims) -> LatentGeometry:
+        """The latents of a DiT of ``dims``: its output channels, its family's VAE compression."""
+        temporal, spatial = self.vae_compression(dims)
+        return LatentGeometry(channels=dims.out_channels, temporal=temporal, spatial=spatial)
 
     # ------------------------------------------------------------------ layouts and configs
 

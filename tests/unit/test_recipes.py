@@ -122,12 +122,12 @@ def test_parallel_sizes_fit_an_eight_gpu_node(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_resolution_of_a_recipe_fits_its_vae_and_token_patch(name):
     """No false refusal: the recipes' mixtures pass the check run before the teacher loads."""
-    from phased_dmd_mega.data import LatentGeometry
     from phased_dmd_mega.distill.build import check_resolutions
 
     cfg = recipe(name)
-    dims = registry()[cfg.model.family].presets[cfg.model.preset]
-    check_resolutions(cfg, dims, LatentGeometry(channels=getattr(dims, "out_channels", 16)))
+    architecture = registry()[cfg.model.family]
+    dims = architecture.presets[cfg.model.preset]
+    check_resolutions(cfg, dims, architecture.latent_geometry(dims))
 
 
 def test_i2v_recipe_is_refused_without_image_conditions():
