@@ -44,6 +44,8 @@ class ExpertPairs:
 
     default_boundary_ratio: Callable[[Any], Optional[float]]  # when the checkpoint stores none
     pipeline_class: Callable[[Any], str]  # model_index.json's _class_name when none is kept
+    # dims -> model_index.json settings the pipeline needs for these experts (Wan2.2-TI2V-5B: expand_timesteps)
+    pipeline_settings: Callable[[Any], Dict[str, Any]] = lambda dims: {}
 
 
 FP32_BYTES = 4  # norms and adaLN modulation run in fp32 whatever the model's dtype

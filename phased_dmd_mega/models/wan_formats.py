@@ -398,6 +398,11 @@ def vae_compression(dims: WanDims) -> Tuple[int, int]:
     return vae.temporal, vae.spatial
 
 
+def pipeline_settings(dims: WanDims) -> Dict[str, Any]:
+    """A DiT of the Wan2.2 VAE's latents runs with per-token timesteps (``expand_timesteps``)."""
+    return {"expand_timesteps": True} if wan_vae(dims.out_channels).image_condition == "first_frame" else {}
+
+
 def pipeline_class(dims: WanDims) -> str:
     return "WanImageToVideoPipeline" if dims.in_channels == 36 else "WanPipeline"
 
@@ -451,5 +456,9 @@ WAN = Architecture(
         names=original_names,
         config=original_config,
     ),
-    experts=ExpertPairs(default_boundary_ratio=default_boundary_ratio, pipeline_class=pipeline_class),
+    experts=ExpertPairs(
+        default_boundary_ratio=default_boundary_ratio,
+        pipeline_class=pipeline_class,
+        pipeline_settings=pipeline_settings,
+    ),
 )

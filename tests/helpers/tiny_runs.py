@@ -180,3 +180,15 @@ def train_tiny(
     finally:
         parallel.destroy()
     return TinyRun(tmp / name, Path(cfg.checkpoint.dir), cfg, inputs, outputs, teacher_outputs, result)
+
+
+def table_scheduler(sigmas):
+    """diffusers' Euler flow-matching scheduler on a fixed step table (phased_dmd.json's sigmas,
+    already shifted: shift 1 keeps them)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class ExportedSteps(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=list(sigmas[:-1]), device=device)
+
+    return ExportedSteps(shift=1.0)
