@@ -308,7 +308,8 @@ def latent_geometry(dims, prompts: Optional[PromptSource] = None) -> LatentGeome
         needs = (
             f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)"
             if extra
-            else "it takes no image condition (a text-to-video teacher)"
+            else "it takes no extra channels (a text-to-video teacher, or Wan2.2-TI2V-5B, whose image replaces the "
+            "first latent frame: encode its first frames with its own 48-channel Wan2.2 VAE)"
         )
         raise ValueError(
             f"the prompt cache's image condition has {image.channels} channels ({image.mask_channels} mask + "
