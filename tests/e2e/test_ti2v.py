@@ -300,7 +300,9 @@ def record_inputs(trainer, calls):
         model.register_forward_pre_hook(lambda m, args: calls.append((args[0].detach(), args[1].detach())))
 
 
-def test_a_ti2v_run_gives_every_role_the_clean_first_frame_at_timestep_0_and_samples_keep_it(assets, cache, tmp_path):
+@pytest.fixture(scope="module")
+def ti2v_run(assets, cache, tmp_path_factory):
+    """A TI2V run on the cache: the roles' inputs recorded, the samples of rows 0 and 1 (seeds 5, 6)."""
     calls = []
     overrides = [
         RESOLUTIONS,
@@ -309,7 +311,7 @@ def test_a_ti2v_run_gives_every_role_the_clean_first_frame_at_timestep_0_and_sam
         "phases.guidance_scale=3.0",
     ]
     run = train_tiny(
-        tmp_path,
+        tmp_path_factory.mktemp("ti2v_run"),
         "run",
         assets["teacher"],
         overrides,
@@ -318,6 +320,11 @@ def test_a_ti2v_run_gives_every_role_the_clean_first_frame_at_timestep_0_and_sam
             trainer.sampling_generators(), trainer.layout, sample_noise(LATENT, [5, 6]), cache.rows([0, 1])
         ),
     )
+    return run, calls
+
+
+def test_a_ti2v_run_gives_every_role_the_clean_first_frame_at_timestep_0_and_samples_keep_it(cache, ti2v_run, tmp_path):
+    run, calls = ti2v_run
     assert all(r["dmd_loss"] > 0 and r["fake_loss"] > 0 for r in metrics(run.root))
     images = [cache.image_latents(i) for i in range(len(cache))]
     calls = [call for call in calls if call[0].shape[2:] == LATENT[1:]]  # not train_tiny's own velocity probes
@@ -334,3 +341,45 @@ def test_a_ti2v_run_gives_every_role_the_clean_first_frame_at_timestep_0_and_sam
     args = ["sample", "--checkpoint", run.checkpoints, "-o", tmp_path / "s", "--indices", "0,1", "--seed", "5"]
     assert cli.main(list(map(str, args))) == 0
     torch.testing.assert_close(read_latents(tmp_path / "s"), samples, rtol=1e-5, atol=1e-5)
+
+
+def test_the_ti2v_export_runs_in_diffusers_image_to_video_pipeline_to_the_samplers_latents(
+    assets, cache, ti2v_run, tmp_path
+):
+    """WanImageToVideoPipeline with expand_timesteps encodes the image itself, replaces the first
+    latent frame at every step and at the end: on the exported transformers and the distilled step
+    table it gives our sampler's latents."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+
+    run, _ = ti2v_run
+    dst = tmp_path / "out"
+    assert cli.main(["export", "--checkpoint", str(run.checkpoints), "--dst", str(dst)]) == 0
+    index = json.loads((dst / "model_index.json").read_text())
+    info = json.loads((dst / "phased_dmd.json").read_text())
+    assert index["expand_timesteps"] is True
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=AutoencoderKLWan.from_pretrained(assets["vae"]),
+        scheduler=table_scheduler(info["sigmas"]),
+        transformer=WanTransformer3DModel.from_pretrained(dst / "transformer").eval(),
+        transformer_2=WanTransformer3DModel.from_pretrained(dst / "transformer_2").eval(),
+        boundary_ratio=index["boundary_ratio"],
+        expand_timesteps=True,
+    )
+    from diffusers.utils import load_image
+
+    for k in (0, 1):
+        with torch.no_grad():
+            latents = pipe(
+                image=load_image(assets["rows"][k]["image"]),
+                prompt_embeds=cache.rows([k]).context,
+                latents=sample_noise(LATENT, [5 + k]),
+                guidance_scale=1.0,
+                num_inference_steps=4,
+                num_frames=FRAMES,
+                height=HEIGHT,
+                width=WIDTH,
+                output_type="latent",
+            ).frames
+        assert rel_error(latents, run.extra[k : k + 1]) < 1e-4, k  # the VAE's encoding in the pipeline vs the cache's
