@@ -283,4 +283,5 @@ def model_index(
         index["_diffusers_version"] = source["_diffusers_version"]
     transformer = ["diffusers", architecture.diffusers_class]
     index.update(boundary_ratio=ratio, transformer=transformer, transformer_2=transformer)
+    index.update(architecture.experts.pipeline_settings(dims))
     return index

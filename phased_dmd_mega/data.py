@@ -12,7 +12,7 @@ Image-to-video rows also bring their first frame's latents (``ImageConditionSpec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -98,18 +98,26 @@ def parse_resolution(text: str, frames_optional: bool = False) -> Optional[Tuple
     return tuple(numbers) if len(numbers) == 3 else (1, *numbers)
 
 
+CHANNELS, FIRST_FRAME = "channels", "first_frame"  # the kinds of image condition (vae.WanVAE)
+
+
 @dataclass(frozen=True)
 class ImageConditionSpec:
     """The image condition of an I2V prompt cache, as WanImageToVideoPipeline.prepare_latents
-    builds it (no last frame, ``expand_timesteps`` off): a mask of ``mask_channels`` (the VAE's
-    temporal compression) that is one on the first latent frame, then the VAE latents of
-    [first frame, black frames...], normalised with the VAE's latents_mean/latents_std."""
+    builds it (no last frame). ``kind`` "channels" (``expand_timesteps`` off, Wan2.2-I2V-A14B): a
+    mask of ``mask_channels`` (the VAE's temporal compression) that is one on the first latent
+    frame, then the VAE latents of [first frame, black frames...], concatenated to the noisy
+    latents. ``kind`` "first_frame" (``expand_timesteps`` on, Wan2.2-TI2V-5B): the VAE latents of
+    the image alone [C, 1, h, w], which replace the first latent frame (``Condition.first_frame``).
+    Both normalised with the VAE's latents_mean/latents_std."""
 
     resolution: Tuple[int, int, int]  # pixels: frames, height, width
     latent_shape: Tuple[int, int, int, int]  # the stored latents: channels, frames, height, width
-    mask_channels: int = 4
+    mask_channels: int = 4  # "first_frame": 0
     spatial: int = 8  # the VAE's spatial compression
     tensor: str = IMAGE_LATENTS  # the shard tensor holding these latents
+    kind: str = CHANNELS
+    temporal: int = 4  # the VAE's temporal compression
 
     @staticmethod
     def tensor_name(resolution: Sequence[int]) -> str:
@@ -117,12 +125,12 @@ class ImageConditionSpec:
 
     @property
     def channels(self) -> int:
-        """Input channels the condition adds to the DiT's noisy latents (Wan2.2 I2V: 4 + 16)."""
-        return self.mask_channels + self.latent_shape[0]
+        """Input channels the condition adds to the DiT's noisy latents (Wan2.2 I2V: 4 + 16; TI2V: none)."""
+        return 0 if self.kind == FIRST_FRAME else self.mask_channels + self.latent_shape[0]
 
     @property
     def geometry(self) -> LatentGeometry:
-        return LatentGeometry(self.latent_shape[0], self.mask_channels, self.spatial)
+        return LatentGeometry(self.latent_shape[0], self.temporal, self.spatial)
 
     def describe(self) -> str:
         return resolution_text(self.resolution) + " (frames x height x width)"
@@ -134,6 +142,8 @@ class ImageConditionSpec:
             "mask_channels": self.mask_channels,
             "spatial": self.spatial,
             "tensor": self.tensor,
+            "kind": self.kind,
+            "temporal": self.temporal,
         }
 
     @classmethod
@@ -144,6 +154,8 @@ class ImageConditionSpec:
             int(entry["mask_channels"]),
             int(entry["spatial"]),
             entry.get("tensor", IMAGE_LATENTS),
+            entry.get("kind", CHANNELS),  # caches before TI2V: channels, the mask as long as the compression
+            int(entry.get("temporal", entry["mask_channels"])),
         )
 
     @staticmethod
@@ -166,6 +178,16 @@ class ImageConditionSpec:
         mask[:, 0] = 1
         return mask
 
+    def condition(self, condition: Condition, latents: torch.Tensor) -> Condition:
+        """``condition`` given the first-frame latents [B, C, F, h, w] as this kind conditions on them."""
+        if self.kind == FIRST_FRAME:
+            if tuple(latents.shape[1:]) != self.latent_shape:
+                raise ValueError(
+                    f"first-frame latents of shape {tuple(latents.shape[1:])}, expected {self.latent_shape}"
+                )
+            return replace(condition, first_frame=latents)
+        return replace(condition, concat_latents=self.concat_latents(latents))
+
     def concat_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, F, h, w] first-frame latents -> the DiT's extra input channels [B, mask + C, F, h, w]."""
         if tuple(latents.shape[1:]) != self.latent_shape:
@@ -181,7 +203,7 @@ class ImageConditions:
     def __init__(self, specs: Sequence[ImageConditionSpec], where: str):
         self.specs = {tuple(spec.resolution): spec for spec in specs}
         self.where = where
-        layouts = {(spec.mask_channels, spec.latent_shape[0], spec.spatial) for spec in specs}
+        layouts = {(spec.kind, spec.mask_channels, spec.latent_shape[0], spec.spatial) for spec in specs}
         if len(layouts) > 1:
             raise ValueError(f"{where} mixes image conditions of different channel layouts: {sorted(layouts)}")
         if len(self.specs) != len(specs):

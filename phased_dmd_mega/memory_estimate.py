@@ -126,9 +126,7 @@ def parameter_counts(
 
 def tokens_of(architecture, dims, resolution) -> Tuple[int, int]:
     """(latent tokens, prompt tokens that run through the blocks) of one sample."""
-    from phased_dmd_mega.data import LatentGeometry
-
-    _, *grid = LatentGeometry(channels=16).latent_shape(*resolution.pixels)
+    _, *grid = architecture.latent_geometry(dims).latent_shape(*resolution.pixels)
     return architecture.dit_tokens(dims, tuple(grid)), architecture.text_tokens_in_blocks()
 
 

@@ -303,12 +303,13 @@ def latent_geometry(dims, prompts: Optional[PromptSource] = None) -> LatentGeome
                 "the prompt source has none; encode the prompts with their first frames (`phased-dmd encode-prompts "
                 "--vae VAE --resolution FxHxW` on rows with an image) and set data.prompt_cache to that cache"
             )
-        return LatentGeometry(channels=out_channels)
+        return architecture_of(dims).latent_geometry(dims)
     if extra != image.channels or image.latent_shape[0] != out_channels:
         needs = (
             f"it needs {extra} extra channels ({extra - out_channels} mask + {out_channels} latent)"
             if extra
-            else "it takes no image condition (a text-to-video teacher)"
+            else "it takes no extra channels (a text-to-video teacher, or Wan2.2-TI2V-5B, whose image replaces the "
+            "first latent frame: encode its first frames with its own 48-channel Wan2.2 VAE)"
         )
         raise ValueError(
             f"the prompt cache's image condition has {image.channels} channels ({image.mask_channels} mask + "

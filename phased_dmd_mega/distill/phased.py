@@ -98,7 +98,7 @@ class PhasedDMD:
 
     def _loss_shard(self, batch: Batch) -> LossShard:
         """This rank's tokens of each sample in the losses (all roles share one token split)."""
-        return LossShard.for_model(self.teacher.experts.high, batch.latent_shape)
+        return LossShard.for_model(self.teacher.experts.high, batch.latent_shape, batch.condition.given_frames)
 
     def _noise(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return flow.host_to_device(torch.randn(batch.latent_shape, generator=generator), self.device)

@@ -17,14 +17,20 @@ from phased_dmd_mega.schedule import expert_for_t
 
 
 def call_dit(model: Callable, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-    """One DiT evaluation on the 0..1000 timestep scale; extra channels (the I2V image condition)
-    are concatenated after the noisy latents, as WanImageToVideoPipeline does."""
+    """One DiT evaluation on the 0..1000 timestep scale, the image condition given as the Wan
+    pipelines give it: extra channels concatenated after the noisy latents (I2V), or the first
+    latent frame replaced by the image's, its tokens at timestep 0 (TI2V)."""
+    latents = condition.pin_first_frame(x_t)
     extra = condition.concat_latents
-    latents = x_t if extra is None else torch.cat([x_t, extra.to(x_t.device, x_t.dtype)], dim=1)
+    if extra is not None:
+        latents = torch.cat([latents, extra.to(x_t.device, x_t.dtype)], dim=1)
     kwargs = dict(condition.model_kwargs)
     if condition.context_mask is not None:
         kwargs["context_mask"] = condition.context_mask
-    out = model(latents, 1000.0 * t, condition.context, **kwargs)
+    timestep = 1000.0 * t
+    if condition.first_frame is not None:
+        timestep = condition.token_timesteps(timestep, x_t.shape, model.dims.token_patch)
+    out = model(latents, timestep, condition.context, **kwargs)
     return out.to(x_t.dtype)
 
 

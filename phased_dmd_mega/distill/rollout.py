@@ -78,11 +78,11 @@ def rollout_to_phase_end(
     if exit_step is not None and not 1 <= exit_step <= len(steps):
         raise ValueError(f"exit step {exit_step} is outside 1..{len(steps)} for phase {phase}")
     times, s = layout.times, layout.phase_end(phase)
-    x = noise
+    x = condition.pin_first_frame(noise)  # TI2V: the given first frame stays the image's, at every step
     with torch.no_grad():
         for index in range(steps.start):  # earlier phases: frozen experts, no gradient
             velocity = generators[layout.phase_of_step[index]](x, _timestep(times[index], x), condition)
-            x = step(x, velocity, times[index], times[index + 1], step_rule, noise_generator)
+            x = condition.pin_first_frame(step(x, velocity, times[index], times[index + 1], step_rule, noise_generator))
     if exit_step is None:
         return _through_every_step(
             generators[phase], steps, times, x, condition, step_rule, with_grad, noise_generator, s
@@ -90,12 +90,12 @@ def rollout_to_phase_end(
     with torch.no_grad():
         for index in steps[: exit_step - 1]:
             velocity = generators[phase](x, _timestep(times[index], x), condition)
-            x = step(x, velocity, times[index], times[index + 1], step_rule, noise_generator)
+            x = condition.pin_first_frame(step(x, velocity, times[index], times[index + 1], step_rule, noise_generator))
     exit_index = steps[exit_step - 1]
     x_exit = x.detach()
     with torch.set_grad_enabled(with_grad):
         velocity = generators[phase](x_exit, _timestep(times[exit_index], x_exit), condition)
-        x_s = step(x_exit, velocity, times[exit_index], s, step_rule, noise_generator)
+        x_s = condition.pin_first_frame(step(x_exit, velocity, times[exit_index], s, step_rule, noise_generator))
     return Anchor(x_s, s, x_exit, times[exit_index], velocity)
 
 
@@ -104,5 +104,7 @@ def _through_every_step(generator, steps, times, x, condition, step_rule, with_g
         for index in steps:
             x_in = x
             velocity = generator(x_in, _timestep(times[index], x_in), condition)
-            x = step(x_in, velocity, times[index], times[index + 1], step_rule, noise_generator)
+            x = condition.pin_first_frame(
+                step(x_in, velocity, times[index], times[index + 1], step_rule, noise_generator)
+            )
     return Anchor(x, s, x_in.detach(), times[steps[-1]], velocity)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from phased_dmd_mega.data import LatentGeometry
+
 Shape = Tuple[int, ...]
 Config = Mapping[str, Any]
 MEGA_FORMAT = "phased-dmd-mega"  # config.json "format" of the trainer's own checkpoints
@@ -42,6 +44,8 @@ class ExpertPairs:
 
     default_boundary_ratio: Callable[[Any], Optional[float]]  # when the checkpoint stores none
     pipeline_class: Callable[[Any], str]  # model_index.json's _class_name when none is kept
+    # dims -> model_index.json settings the pipeline needs for these experts (Wan2.2-TI2V-5B: expand_timesteps)
+    pipeline_settings: Callable[[Any], Dict[str, Any]] = lambda dims: {}
 
 
 FP32_BYTES = 4  # norms and adaLN modulation run in fp32 whatever the model's dtype
@@ -96,6 +100,8 @@ class Architecture:
     experts: Optional[ExpertPairs] = None
 
     synthetic_prompt_tokens: int = 16  # length of the random prompt embeddings of smoke tests
+    # dims -> (temporal, spatial) compression of the family's VAE for a DiT of these latent channels
+    vae_compression: Callable[[Any], Tuple[int, int]] = lambda dims: (4, 8)
     max_frames: Optional[int] = None  # frames one sample may have (None: any video; 1: images only)
 
     # ------------------------------------------------------------------ tokens
@@ -110,6 +116,11 @@ class Architecture:
     def text_tokens_in_blocks(self) -> int:
         """The prompt tokens that run through every block beside the latent tokens."""
         return self.prompt_tokens if self.joint_text else 0
+
+    def latent_geometry(self, dims) -> LatentGeometry:
+        """The latents of a DiT of ``dims``: its output channels, its family's VAE compression."""
+        temporal, spatial = self.vae_compression(dims)
+        return LatentGeometry(channels=dims.out_channels, temporal=temporal, spatial=spatial)
 
     # ------------------------------------------------------------------ layouts and configs
 

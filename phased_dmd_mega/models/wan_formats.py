@@ -29,6 +29,7 @@ from phased_dmd_mega.models.architecture_types import (
 )
 from phased_dmd_mega.models.wan import WAN_PRESETS, WanDims, WanModel
 from phased_dmd_mega.models.weights import COLUMN, ROW, linear_rules, tensor_rules
+from phased_dmd_mega.vae import wan_vae
 
 __all__ = ["CheckpointError", "Shape", "WAN"]  # the first two are re-exported for existing imports
 
@@ -390,6 +391,18 @@ def default_boundary_ratio(dims: WanDims) -> Optional[float]:
     return DEFAULT_BOUNDARY_RATIO.get(dims.in_channels)
 
 
+def vae_compression(dims: WanDims) -> Tuple[int, int]:
+    """The VAE a Wan DiT's latents come from, by their channels (Wan2.2-TI2V-5B: the 48-channel
+    Wan2.2 VAE, 16x spatial)."""
+    vae = wan_vae(dims.out_channels)
+    return vae.temporal, vae.spatial
+
+
+def pipeline_settings(dims: WanDims) -> Dict[str, Any]:
+    """A DiT of the Wan2.2 VAE's latents runs with per-token timesteps (``expand_timesteps``)."""
+    return {"expand_timesteps": True} if wan_vae(dims.out_channels).image_condition == "first_frame" else {}
+
+
 def pipeline_class(dims: WanDims) -> str:
     return "WanImageToVideoPipeline" if dims.in_channels == 36 else "WanPipeline"
 
@@ -431,6 +444,7 @@ WAN = Architecture(
     diffusers_non_dims_fields=DIFFUSERS_NON_ARCH_FIELDS,
     summary=summary,
     vae_class="AutoencoderKLWan",
+    vae_compression=vae_compression,
     text_encoder_class="UMT5EncoderModel",
     block_activations=block_activations,
     prompt_tokens=512,  # the Wan pipelines pad every prompt to 512 tokens
@@ -442,5 +456,9 @@ WAN = Architecture(
         names=original_names,
         config=original_config,
     ),
-    experts=ExpertPairs(default_boundary_ratio=default_boundary_ratio, pipeline_class=pipeline_class),
+    experts=ExpertPairs(
+        default_boundary_ratio=default_boundary_ratio,
+        pipeline_class=pipeline_class,
+        pipeline_settings=pipeline_settings,
+    ),
 )

@@ -5,7 +5,9 @@ as in Wan2.2-I2V-A14B, which has no CLIP image encoder): the image is resized by
 followed by black frames to the resolution's frame count, encoded by ``AutoencoderKLWan`` (the
 distribution's mode) and normalised with the VAE's ``latents_mean``/``latents_std``; the latents
 [C, F, h, w] of each resolution are stored with the row, the mask channels are rebuilt by the
-reader (data.ImageConditionSpec).
+reader (data.ImageConditionSpec). The Wan2.2 VAE's pipeline (Wan2.2-TI2V-5B, ``expand_timesteps``
+on) encodes the image alone instead: its latents [C, 1, h, w] replace the first latent frame
+(``vae.WanVAE.image_condition``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from phased_dmd_mega.data import ImageConditionSpec, parse_resolution, resolution_text
+from phased_dmd_mega.data import FIRST_FRAME, ImageConditionSpec, parse_resolution, resolution_text
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.text_encoders import encoder_digest
-from phased_dmd_mega.vae import find_vae_folder, normalize
+from phased_dmd_mega.vae import find_vae_folder, normalize, wan_vae
 
 RESIZE_MODES = ("default", "crop", "fill")  # diffusers VaeImageProcessor's; the pipeline uses "default"
 
@@ -77,18 +79,17 @@ class FirstFrameEncoder:
                 f"{temporal} and space by {spatial}, so frames must be {temporal}k + 1 and height and width "
                 f"multiples of {spatial}"
             )
-        latent_shape = (
-            int(self.config.get("z_dim", 16)),
-            (frames - 1) // temporal + 1,
-            height // spatial,
-            width // spatial,
-        )
+        channels = int(self.config.get("z_dim", 16))
+        kind = wan_vae(channels).image_condition
+        latent_frames = 1 if kind == FIRST_FRAME else (frames - 1) // temporal + 1
         return ImageConditionSpec(
             resolution,
-            latent_shape,
-            mask_channels=temporal,
+            (channels, latent_frames, height // spatial, width // spatial),
+            mask_channels=0 if kind == FIRST_FRAME else temporal,
             spatial=spatial,
             tensor=ImageConditionSpec.tensor_name(resolution),
+            kind=kind,
+            temporal=temporal,
         )
 
     def describe(self) -> str:
@@ -118,14 +119,16 @@ class FirstFrameEncoder:
             picture = load_image(str(image))  # EXIF orientation applied, RGB
         except Exception as err:  # PIL raises several kinds for files it cannot read
             raise PromptEncodingError(f"{where}: cannot read image {image} ({type(err).__name__}: {err})") from err
-        return {spec.tensor: self._encode_at(picture, spec.resolution) for spec in self.specs}
+        return {spec.tensor: self._encode_at(picture, spec) for spec in self.specs}
 
     @torch.inference_mode()
-    def _encode_at(self, picture, resolution: Tuple[int, int, int]) -> torch.Tensor:
-        frames, height, width = resolution
+    def _encode_at(self, picture, spec: ImageConditionSpec) -> torch.Tensor:
+        frames, height, width = spec.resolution
         device = next(self.vae.parameters()).device
         pixels = self.processor.preprocess(picture, height=height, width=width, resize_mode=self.resize_mode)
         pixels = pixels.to(device, torch.float32).unsqueeze(2)  # [1, 3, 1, H, W]
-        video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+        video = pixels  # the first frame alone ("first_frame"), or followed by black frames
+        if spec.kind != FIRST_FRAME:
+            video = torch.cat([pixels, pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
         latents = self.vae.encode(video).latent_dist.mode().float()
         return normalize(self.vae.config, latents)[0].to("cpu", copy=True)

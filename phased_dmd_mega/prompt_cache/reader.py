@@ -245,12 +245,13 @@ class PromptCache(PromptSource):
             return condition
         spec = self.image_conditions.at(resolution)
         latents = torch.stack([self._latents_row(i, spec) for i in indices])
-        return replace(condition, concat_latents=spec.concat_latents(latents))
+        return spec.condition(condition, latents)
 
     def conditions(self, indices, resolution=None):
         # Both CFG branches run in one batch (Condition.cat): they share one padded length.
-        # WanImageToVideoPipeline feeds the unconditional branch the same image condition.
+        # WanImageToVideoPipeline feeds the unconditional branch the same image condition (either kind).
         rows, negative = [self.row(i) for i in indices], self.negative_row()
         length = max(r.shape[0] for r in rows + [negative])
         positive = self._with_images(self._padded(rows, length), indices, resolution)
-        return positive, replace(self.negative(len(indices), length), concat_latents=positive.concat_latents)
+        negative = self.negative(len(indices), length)
+        return positive, replace(negative, concat_latents=positive.concat_latents, first_frame=positive.first_frame)

@@ -37,7 +37,7 @@ from helpers.damaged_files import (
     written_in_staging,
 )
 from helpers.parity import qwen_diffusers_velocity
-from helpers.tiny_runs import save_a14b_teacher, save_qwen_teacher, save_wan_teacher, train_tiny
+from helpers.tiny_runs import save_a14b_teacher, save_qwen_teacher, save_wan_teacher, table_scheduler, train_tiny
 
 TOLERANCE = 1e-5  # fp32, a different implementation of the same maths
 TRAINED = 1e-4  # an exported generator must be this far (10x TOLERANCE) from its teacher: training moved it
@@ -82,18 +82,6 @@ def wan_pipeline(transformer, transformer_2, boundary_ratio, scheduler=None):
         transformer_2=transformer_2,
         boundary_ratio=boundary_ratio,
     )
-
-
-def table_scheduler(sigmas):
-    """diffusers' Euler flow-matching scheduler on a fixed step table (phased_dmd.json's sigmas,
-    already shifted: shift 1 keeps them)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    class ExportedSteps(FlowMatchEulerDiscreteScheduler):
-        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-            super().set_timesteps(sigmas=list(sigmas[:-1]), device=device)
-
-    return ExportedSteps(shift=1.0)
 
 
 # ----------------------------------------------------------------------------- tiny runs

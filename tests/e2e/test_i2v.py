@@ -28,7 +28,8 @@ from phased_dmd_mega.prompt_cache.command import EncodeOptions, encode_prompts
 from phased_dmd_mega.prompt_cache.errors import PromptEncodingError
 from phased_dmd_mega.prompt_cache.reader import PromptCache
 
-from helpers.tiny_models import WAN_TINY
+from helpers.tiny_models import WAN_TINY, save_image
+from helpers.tiny_runs import run_image_pipeline
 from helpers.tiny_text_encoders import save_wan_text_encoder
 
 FRAMES, HEIGHT, WIDTH = 5, 16, 32  # -> latents 2 x 2 x 4 (4 tokens of the tiny DiT)
@@ -36,16 +37,6 @@ RESOLUTION = f"{FRAMES}x{HEIGHT}x{WIDTH}"
 PORTRAIT = (FRAMES, WIDTH, HEIGHT)  # the mixture's second resolution: latents 2 x 4 x 2
 BOUNDARY = 0.9  # Wan2.2-I2V-A14B
 I2V_TINY = {**WAN_TINY, "in_channels": 36, "out_channels": 16}  # 16 noisy + 4 mask + 16 first-frame latents
-
-
-def save_image(path: Path, seed: int, size=(40, 24)) -> Path:
-    """A random RGB picture of another size and aspect than the resolution (it gets resized)."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy()
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def save_vae(folder: Path) -> Path:
@@ -139,7 +130,6 @@ def pipeline_transformer_inputs(assets, row, guidance_scale=3.0, height=HEIGHT, 
         WanImageToVideoPipeline,
         WanTransformer3DModel,
     )
-    from diffusers.utils import load_image
 
     experts = [
         WanTransformer3DModel.from_pretrained(assets["teacher"] / sub) for sub in ("transformer", "transformer_2")
@@ -159,20 +149,7 @@ def pipeline_transformer_inputs(assets, row, guidance_scale=3.0, height=HEIGHT, 
         expert.register_forward_pre_hook(
             lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True
         )
-    gen = torch.Generator().manual_seed(0)
-    text = torch.randn(1, 16, 16, generator=gen)
-    with torch.no_grad():
-        pipe(
-            image=load_image(str(assets["root"] / assets["rows"][row]["image"])),
-            prompt_embeds=text,
-            negative_prompt_embeds=torch.zeros_like(text),
-            height=height,
-            width=width,
-            num_frames=FRAMES,
-            num_inference_steps=2,
-            guidance_scale=guidance_scale,
-            output_type="latent",
-        )
+    run_image_pipeline(pipe, assets["root"] / assets["rows"][row]["image"], FRAMES, height, width, guidance_scale)
     return seen
 
 
@@ -203,6 +180,8 @@ def test_bf16_rows_round_the_pipelines_condition(assets, cache, tmp_path):
             "mask_channels": 4,
             "spatial": 8,
             "tensor": f"image_latents.{RESOLUTION}",
+            "kind": "channels",
+            "temporal": 4,
         }
     ]
 
@@ -472,7 +451,7 @@ def test_the_teacher_and_the_prompt_source_must_agree_on_the_image_condition(ass
         with pytest.raises(
             ValueError,
             match=r"image condition has 20 channels \(4 mask \+ 16 latent\); the teacher "
-            r"takes 16 input channels .* it takes no image condition",
+            r"takes 16 input channels .* it takes no extra channels \(a text-to-video teacher",
         ):
             latent_geometry(build_teacher(t2v).high.dims, cache)
         wrong = load_config(

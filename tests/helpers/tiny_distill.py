@@ -17,6 +17,7 @@ from phased_dmd_mega.schedule import PhaseLayout
 ARCH = replace(WAN_PRESETS["tiny"], in_channels=4, out_channels=4)
 SHAPE = (2, 4, 1, 6, 8)  # 12 tokens: split evenly over 2 ranks
 PADDED_SHAPE = (2, 4, 1, 6, 6)  # 9 tokens: the second of 2 ranks holds 4 real tokens and padding
+TI2V_SHAPE = (2, 4, 3, 4, 2)  # 6 tokens, the first frame's 2 given (TI2V): rank 0 of 2 has 1 token in the losses
 
 
 def _model(options, state=None):
@@ -34,8 +35,11 @@ def _roles(teacher_state, options, count, lr, clip):
     return roles
 
 
-def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SHAPE, **settings_overrides):
-    """A tiny two-phase Phased DMD set-up, the same at any TP size (CPU initialisation)."""
+def build_trainer(
+    tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SHAPE, first_frame=False, **settings_overrides
+):
+    """A tiny two-phase Phased DMD set-up, the same at any TP size (CPU initialisation);
+    ``first_frame``: conditioned on a given first latent frame (TI2V)."""
     parallel.initialize(tensor_parallel=tp, ulysses_parallel=ulysses, sequence_parallel=sequence_parallel, seed=3)
     options = ModelParallelOptions(attention_backend="sdpa", sequence_parallel=sequence_parallel)
     teacher = _model(options)
@@ -50,8 +54,9 @@ def build_trainer(tp, sequence_parallel=False, guidance=3.0, ulysses=1, shape=SH
         layout, GuidedTeacher(teacher, guidance), generators, fakes, phases, seed=5, micro_batch_size=micro_batch_size
     )
     gen = torch.Generator().manual_seed(0)
-    cond = Condition(torch.randn(shape[0], 4, ARCH.text_dim, generator=gen))
-    batch = Batch(cond, Condition(torch.zeros_like(cond.context)), shape)
+    image = torch.randn(shape[0], shape[1], 1, *shape[3:], generator=gen) if first_frame else None
+    cond = Condition(torch.randn(shape[0], 4, ARCH.text_dim, generator=gen), first_frame=image)
+    batch = Batch(cond, Condition(torch.zeros_like(cond.context), first_frame=image), shape)
     return trainer, batch
 
 

@@ -80,3 +80,38 @@ def save_tiny_wan_vae(folder):
         latents_std=[1.5, 0.7, 2.0, 1.1],
     ).save_pretrained(folder)
     return folder
+
+
+def save_tiny_wan22_vae(folder):
+    """A tiny random Wan2.2 VAE (AutoencoderKLWan as Wan2.2-TI2V-5B's: 48 latent channels, pixels
+    patchified 2x2, 16x spatial and 4x temporal compression), with non-trivial latent statistics."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=48,
+        in_channels=12,
+        out_channels=12,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        is_residual=True,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=(0.2 * torch.randn(48, generator=gen)).tolist(),
+        latents_std=(0.5 + torch.rand(48, generator=gen)).tolist(),
+    ).save_pretrained(folder)
+    return folder
+
+
+def save_image(path, seed: int, size=(40, 24)):
+    """A random RGB picture of another size and aspect than the resolutions (it gets resized)."""
+    import torch
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path

@@ -156,9 +156,10 @@ def train_tiny(
     family: str = "wan",
     extra: Optional[Callable[[Trainer], Any]] = None,
     student: Optional[Path] = None,
+    before_run: Optional[Callable[[Trainer], Any]] = None,
 ) -> TinyRun:
     """Train on ``teacher`` (of family ``family``; with ``student``, from that student) in this
-    process, one rank, and record the references."""
+    process, one rank, and record the references; ``before_run`` sees the trainer before it runs."""
     students = [] if student is None else [f"model.student_path={student}"]
     cfg = load_config(
         write_config(tmp, name),
@@ -168,7 +169,10 @@ def train_tiny(
     try:
         teacher_model, student_model = build_teacher(cfg), build_student(cfg)
         dims = teacher_model.high.dims
-        trainer = Trainer(cfg, teacher_model, build_prompts(cfg, dims), latent_geometry(dims), student_model)
+        prompts = build_prompts(cfg, dims)
+        trainer = Trainer(cfg, teacher_model, prompts, latent_geometry(dims, prompts), student_model)
+        if before_run is not None:
+            before_run(trainer)
         trainer.run()
         inputs = velocity_inputs(teacher_model.high.dims)
         outputs = {f"generator{k}": velocity(role.model.high, inputs) for k, role in enumerate(trainer.generators)}
@@ -180,3 +184,35 @@ def train_tiny(
     finally:
         parallel.destroy()
     return TinyRun(tmp / name, Path(cfg.checkpoint.dir), cfg, inputs, outputs, teacher_outputs, result)
+
+
+def table_scheduler(sigmas):
+    """diffusers' Euler flow-matching scheduler on a fixed step table (phased_dmd.json's sigmas,
+    already shifted: shift 1 keeps them)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class ExportedSteps(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=list(sigmas[:-1]), device=device)
+
+    return ExportedSteps(shift=1.0)
+
+
+@torch.no_grad()
+def run_image_pipeline(pipe, image, frames: int, height: int, width: int, guidance_scale: float = 3.0):
+    """A diffusers image-to-video pipeline run for 2 steps on ``image`` (a path), random prompt
+    embeddings and zero negative ones, to latents (its transformers' hooks record what they see)."""
+    from diffusers.utils import load_image
+
+    text = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return pipe(
+        image=load_image(str(image)),
+        prompt_embeds=text,
+        negative_prompt_embeds=torch.zeros_like(text),
+        height=height,
+        width=width,
+        num_frames=frames,
+        num_inference_steps=2,
+        guidance_scale=guidance_scale,
+        output_type="latent",
+    )

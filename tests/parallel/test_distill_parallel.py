@@ -9,11 +9,13 @@ from phased_dmd_mega import parallel
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.testing import run_distributed
 
-from helpers.tiny_distill import PADDED_SHAPE, SHAPE, build_trainer, run_iterations
+from helpers.tiny_distill import PADDED_SHAPE, SHAPE, TI2V_SHAPE, build_trainer, run_iterations
 
 
-def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE, micro_batch_size=None):
-    trainer, batch = build_trainer(tp, sequence_parallel, guidance, ulysses, shape, micro_batch_size=micro_batch_size)
+def _distill(tp, sequence_parallel, guidance, ulysses=1, shape=SHAPE, micro_batch_size=None, first_frame=False):
+    trainer, batch = build_trainer(
+        tp, sequence_parallel, guidance, ulysses, shape, first_frame, micro_batch_size=micro_batch_size
+    )
     logs = run_iterations(trainer, batch, ((0, 0), (0, 1), (1, 2)))
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     out = sample([g.model for g in trainer.generators], trainer.layout, noise, batch.condition)
@@ -42,6 +44,19 @@ def test_split_distillation_reproduces_one_process(tp, sequence_parallel, ulysse
                 assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
         torch.testing.assert_close(out, reference_out, rtol=1e-4, atol=1e-5)
     # The run did something: the losses are real numbers and the generator moved.
+    assert all(log["dmd_loss"] > 0 and log["fake_loss"] > 0 for log in reference_logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, ulysses", [(2, 1), (1, 2)], ids=["tp2_sp", "ulysses2"])
+def test_split_ti2v_distillation_leaves_the_given_frame_out_of_every_ranks_losses(tp, ulysses):
+    """The given first frame's tokens lie on rank 0 only: its share of the losses is smaller."""
+    reference_logs, reference_out = run_distributed(_distill, 1, 1, False, 3.0, 1, TI2V_SHAPE, None, True)[0]
+    for logs, out in run_distributed(_distill, 2, tp, tp > 1, 3.0, ulysses, TI2V_SHAPE, None, True):
+        for ref, got in zip(reference_logs, logs):
+            for key in ref:
+                assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
+        torch.testing.assert_close(out, reference_out, rtol=1e-4, atol=1e-5)
     assert all(log["dmd_loss"] > 0 and log["fake_loss"] > 0 for log in reference_logs)
 
 

@@ -41,6 +41,7 @@ ROOT = REPO_ROOT
 RECIPES = [
     "wan22_t2v_a14b",
     "wan22_i2v_a14b",
+    "wan22_ti2v_5b",
     "wan21_t2v_14b",
     "wan21_t2v_1_3b",
     "wan21_14b_to_1_3b",

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from phased_dmd_mega.config import config_from_dict, load_config
-from phased_dmd_mega.data import LatentGeometry
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import with_parallel_state
 
@@ -21,6 +20,7 @@ ROOT = REPO_ROOT
 RECIPES = [
     "wan22_t2v_a14b",
     "wan22_i2v_a14b",
+    "wan22_ti2v_5b",
     "wan21_t2v_14b",
     "wan21_t2v_1_3b",
     "wan21_14b_to_1_3b",
@@ -84,10 +84,12 @@ def test_recipe_uses_the_published_settings(name):
 def test_model_specific_settings():
     assert recipe("wan22_t2v_a14b").phases.expert_boundary == 0.875
     assert recipe("wan22_i2v_a14b").phases.expert_boundary == 0.9
-    for name in ("wan21_t2v_14b", "wan21_t2v_1_3b", "wan21_14b_to_1_3b", "qwen_image"):
+    for name in ("wan21_t2v_14b", "wan21_t2v_1_3b", "wan21_14b_to_1_3b", "wan22_ti2v_5b", "qwen_image"):
         assert recipe(name).phases.expert_boundary is None
     for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b", "wan21_t2v_1_3b", "wan21_14b_to_1_3b"):
         assert recipe(name).phases.shift == 5.0
+    # The 5B's 720p in both orientations, multiples of 32 pixels (its 16x VAE, 2x2 token patch).
+    assert resolutions(recipe("wan22_ti2v_5b")) == [(121, 704, 1280, 0.5), (121, 1280, 704, 0.5)]
     assert recipe("qwen_image").phases.shift == 3.0
     for name in ("wan22_t2v_a14b", "wan22_i2v_a14b", "wan21_t2v_14b"):
         assert resolutions(recipe(name)) == WAN_VIDEO
@@ -103,8 +105,9 @@ def test_every_resolution_makes_whole_patches(name):
     cfg = recipe(name)
     dims = registry()[cfg.model.family].presets[cfg.model.preset]
     patch = dims.patch_size if cfg.model.family == "wan" else (1, dims.patch_size, dims.patch_size)
+    geometry = registry()[cfg.model.family].latent_geometry(dims)
     for r in cfg.data.resolutions:
-        _, frames, height, width = LatentGeometry().latent_shape(r.frames, r.height, r.width)
+        _, frames, height, width = geometry.latent_shape(r.frames, r.height, r.width)
         assert frames % patch[0] == 0 and height % patch[1] == 0 and width % patch[2] == 0, r
 
 
@@ -122,12 +125,12 @@ def test_parallel_sizes_fit_an_eight_gpu_node(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_resolution_of_a_recipe_fits_its_vae_and_token_patch(name):
     """No false refusal: the recipes' mixtures pass the check run before the teacher loads."""
-    from phased_dmd_mega.data import LatentGeometry
     from phased_dmd_mega.distill.build import check_resolutions
 
     cfg = recipe(name)
-    dims = registry()[cfg.model.family].presets[cfg.model.preset]
-    check_resolutions(cfg, dims, LatentGeometry(channels=getattr(dims, "out_channels", 16)))
+    architecture = registry()[cfg.model.family]
+    dims = architecture.presets[cfg.model.preset]
+    check_resolutions(cfg, dims, architecture.latent_geometry(dims))
 
 
 def test_i2v_recipe_is_refused_without_image_conditions():
