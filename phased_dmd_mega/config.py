@@ -202,6 +202,10 @@ class OptimizerConfig:
     warmup_iterations: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     ema_decay: Optional[float] = None  # generator EMA; None disables it
+    # Implicit distribution alignment (SenseFlow's IDA, distill/alignment.py): after each generator
+    # update, the phase's fake model moves to decay * fake + (1 - decay) * generator. None: off;
+    # the official recipes use 0.97.
+    ida_decay: Optional[float] = None
     # megatron-core's distributed optimizer: AdamW states (and fp32 main weights of bf16/fp16
     # models) split over the data-parallel ranks, gradients reduce-scattered in fp32. false: torch
     # AdamW on every rank, with whole states in the weights' dtype. Checkpoints load either way.
@@ -214,6 +218,7 @@ class OptimizerConfig:
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0")
         check(self.warmup_iterations >= 0, "warmup_iterations", "must be >= 0")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be in (0, 1)")
+        check(self.ida_decay is None or 0 < self.ida_decay <= 1, "ida_decay", "must be in (0, 1]")
 
 
 @dataclass

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
-from torch import nn
 
 from phased_dmd_mega import checkpoint, checkpoint_folder, parallel
 from phased_dmd_mega.config import Config, ConfigError, dump_yaml, load_config
 from phased_dmd_mega.data import LatentGeometry, PromptSource, pick_resolution, step_generator
+from phased_dmd_mega.distill.alignment import pull_fake_toward_generator, update_ema
 from phased_dmd_mega.distill.build import (
     WeightsOnly,
     build_student,
@@ -74,6 +74,7 @@ RESUME_FIXED_KEYS = (
     "model.teacher_path",  # a LoRA resumed onto another base model would be silently wrong
     "model.student_path",  # the roles' base, of its own size
     "model.student_preset",
+    "optimizer.ida_decay",  # the fakes' weights were pulled with it
     "phases.method",
     "phases.num_steps",
     "phases.num_phases",
@@ -161,12 +162,6 @@ def resume_point(cfg: Config) -> Optional[Path]:
 
 class NonFiniteLossError(RunStopped):
     """Too many non-finite steps in a row (the run stops with a checkpoint)."""
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for shadow, param in zip(ema.parameters(), model.parameters()):
-        shadow.lerp_(param.detach(), 1.0 - decay)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -363,9 +358,7 @@ class Trainer:
             if isinstance(logs, StoppedIteration):  # SIGTERM inside the iteration
                 return self._stop_inside(step, self._with_flops(logs))
             flops = self._iteration_flops(logs)
-            if self.ema is not None and math.isfinite(logs["generator_grad_norm"]):
-                phase = self.schedule[step]
-                update_ema(self.ema[phase], self.generators[phase].model, cfg.optimizer.ema_decay)
+            self._follow_generator(self.schedule[step], logs)
             finite = all(math.isfinite(v) for v in logs.values())
             self._nonfinite = 0 if finite else self._nonfinite + 1
             self._record(step, logs, tokens, flops, finite, progress)
@@ -400,6 +393,17 @@ class Trainer:
                 log.warning("SIGTERM: stopped after iteration %d with a checkpoint", step)
                 return step + 1
         return total
+
+    def _follow_generator(self, phase: int, logs: Dict[str, float]) -> None:
+        """After a generator update that was applied (a finite one): its EMA copy, and with IDA
+        the phase's fake model, move toward it."""
+        if not math.isfinite(logs["generator_grad_norm"]):
+            return
+        opt, generator = self.cfg.optimizer, self.generators[phase].model
+        if self.ema is not None:
+            update_ema(self.ema[phase], generator, opt.ema_decay)
+        if opt.ida_decay is not None:
+            pull_fake_toward_generator(self.fakes[phase], generator, self.layout, phase, opt.ida_decay)
 
     def _watch(self, step: int, saved: bool) -> None:
         """The collapse monitor's evaluation after iteration ``step``; a collapse stops the run
