@@ -77,6 +77,9 @@ class FarnebackFlow:
         return [cv2.calcOpticalFlowFarneback(a, b, None, **FARNEBACK) for a, b in zip(grey[:-1], grey[1:])]
 
 
+RAFT_MIN_SIDE = 128  # RAFT's correlation pyramid wants feature maps of 16+ at 1/8 resolution
+
+
 class RaftFlow:
     name = "raft"
 
@@ -104,16 +107,22 @@ class RaftFlow:
 
     @torch.no_grad()
     def pairs(self, video: torch.Tensor) -> List[np.ndarray]:
+        """[F, H, W, 3] -> F - 1 flows [H, W, 2] (pixels of the given frames). RAFT needs sides of
+        at least RAFT_MIN_SIDE pixels, in multiples of 8: smaller frames are upsampled to that,
+        and the flow is resampled back to the frames and divided by the scale."""
         pixels = unit_frames(video).permute(0, 3, 1, 2) * 2 - 1  # [F, 3, H, W] in [-1, 1]
         height, width = pixels.shape[-2:]
-        pad = (0, (-width) % 8, 0, (-height) % 8)
+        size = [max(side, RAFT_MIN_SIDE) for side in (height, width)]
+        size = [side + (-side) % 8 for side in size]
+        resized = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
         flows = []
         for start in range(0, pixels.shape[0] - 1, self.batch_size):
             stop = min(start + self.batch_size, pixels.shape[0] - 1)
-            first = torch.nn.functional.pad(pixels[start:stop], pad, mode="replicate").to(self.device)
-            second = torch.nn.functional.pad(pixels[start + 1 : stop + 1], pad, mode="replicate").to(self.device)
-            flow = self.model(first, second)[-1][:, :, :height, :width]
-            flows.extend(flow.permute(0, 2, 3, 1).float().cpu().numpy())
+            first, second = (resized[a:b].to(self.device) for a, b in ((start, stop), (start + 1, stop + 1)))
+            flow = self.model(first, second)[-1].float()  # [n, 2 (x, y), h', w']
+            flow = torch.nn.functional.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False)
+            flow = flow * torch.tensor([width / size[1], height / size[0]], device=flow.device)[None, :, None, None]
+            flows.extend(flow.permute(0, 2, 3, 1).cpu().numpy())
         return flows
 
 

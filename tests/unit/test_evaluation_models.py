@@ -183,7 +183,11 @@ def test_lpips_matches_the_lpips_package(lpips_files):
 
     theirs = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
     ours = load_lpips(*lpips_files)
-    theirs.net.load_state_dict({key.removeprefix("net."): v for key, v in ours.state_dict().items() if "net." in key})
+    slices = {0: 1, 1: 1, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 3, 8: 4, 9: 4, 10: 5, 11: 5}  # lpips' alexnet slices
+    backbone = {key: v for key, v in ours.state_dict().items() if key.startswith("net.features.")}
+    theirs.net.load_state_dict(
+        {f"slice{slices[int(k.split('.')[2])]}.{'.'.join(k.split('.')[2:])}": v for k, v in backbone.items()}
+    )
     for k in range(5):
         getattr(theirs, f"lin{k}").model[1].weight.data.copy_(lin_state()[f"lin{k}.model.1.weight"])
     images = random_images(2, 7, (64, 64))
