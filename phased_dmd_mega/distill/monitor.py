@@ -46,6 +46,7 @@ SEED_OFFSET = 1_000_003  # the monitor's noise is its own, apart from the period
 # Figures that fall as a run collapses, and the figure they are judged by (1 - cosine for DINO).
 FALLING = ("latent_spread", "pixel_spread", "frame_change", "latent_frame_change")
 DINO = "dino_cosine"
+STRIP = 4  # frames per video in the TensorBoard grid
 
 
 @dataclass
@@ -202,10 +203,13 @@ class CollapseMonitor:
         return Verdict(step, evaluation.figures, problems), evaluation
 
     def grid(self, evaluation: Evaluation, title: str):
-        """The samples as a picture (prompts x seeds): uint8 [H, W, 3]."""
+        """The samples as a picture (prompts x seeds; a video as a strip of STRIP frames from
+        its first to its last): uint8 [H, W, 3]."""
         from phased_dmd_mega.evaluation.grid import GridBlock, grid_image
 
-        block = GridBlock.of(title, self.prompt_index, self.seeds, evaluation.frames, evaluation.latents)
+        frames = evaluation.latents.shape[2] if evaluation.frames is None else evaluation.frames.shape[1]
+        strip = STRIP if frames > 1 else 1
+        block = GridBlock.of(title, self.prompt_index, self.seeds, evaluation.frames, evaluation.latents, strip)
         return grid_image([block], tile_height=64)
 
     def check(self, generators, layout: PhaseLayout, step: int, tensorboard=None) -> Verdict:

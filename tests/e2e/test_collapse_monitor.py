@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from phased_dmd_mega import cli
 from phased_dmd_mega.distill import trainer as trainer_module
@@ -132,3 +133,18 @@ def test_with_a_vae_and_dino_the_decoded_figures_are_monitored_too(tmp_path):
     assert decoded <= set(teacher_figures) and 0 < teacher_figures["dino_cosine"] <= 1
     (line,) = monitor_lines(tmp_path)
     assert decoded <= set(line["figures"]) and line["problems"] == []
+
+
+def test_the_grid_shows_a_video_as_a_strip_of_frames(tmp_path):
+    """TensorBoard's picture of video samples: STRIP frames side by side per sample."""
+    from phased_dmd_mega.distill.monitor import STRIP, CollapseMonitor, Evaluation
+    from phased_dmd_mega.evaluation.grid import GridBlock, grid_size
+
+    monitor = CollapseMonitor.__new__(CollapseMonitor)
+    monitor.prompt_index, monitor.seeds = [0, 0, 1, 1], [5, 6, 5, 6]
+    video, image = torch.randn(4, 3, 5, 8, 8), torch.randn(4, 3, 1, 8, 8)
+    for latents, strip in ((video, STRIP), (image, 1)):
+        picture = monitor.grid(Evaluation({}, latents), "t")
+        expected = grid_size([GridBlock.of("t", [0, 0, 1, 1], [5, 6, 5, 6], latents=latents, strip=strip)], 64)
+        assert picture.shape[:2] == expected
+    assert monitor.grid(Evaluation({}, video), "t").shape[1] > monitor.grid(Evaluation({}, image), "t").shape[1]
