@@ -261,12 +261,13 @@ def save_grid(path: Path, rows: Dict[str, torch.Tensor], data: Patterns, per_cla
             torch.arange(data.classes).repeat_interleave(modes),
             list(range(modes)) * data.classes,
             latents=data.means.flatten(0, 1),
+            label="mode",
         )
     ]
     for name, samples in rows.items():
         picked = torch.cat([torch.arange(k * per_class, k * per_class + shown) for k in range(data.classes)])
         labels = eval_labels(data, per_class)[picked]
-        blocks.append(GridBlock.of(name, labels, picked.tolist(), latents=samples[picked]))
+        blocks.append(GridBlock.of(name, labels, picked.tolist(), latents=samples[picked], label="sample"))
     Image.fromarray(grid_image(blocks, tile_height=40)).save(path)
 
 

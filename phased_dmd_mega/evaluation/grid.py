@@ -61,15 +61,17 @@ class GridBlock:
     tiles: np.ndarray
     prompt_index: Sequence[int]
     seeds: Sequence[int]
+    label: str = "seed"  # what the numbers on the tiles are (the demo's: "sample", "mode")
 
     @classmethod
-    def of(cls, title, prompt_index, seeds, frames=None, latents=None, strip: int = 1) -> "GridBlock":
+    def of(
+        cls, title, prompt_index, seeds, frames=None, latents=None, strip: int = 1, label: str = "seed"
+    ) -> "GridBlock":
         """From frames when given, else from latents (the title then says so)."""
         if frames is not None:
-            return cls(title, frame_tiles(frames, strip), prompt_list(prompt_index), list(seeds))
-        return cls(
-            f"{title} (latents, channels 0-2)", latent_tiles(latents, strip), prompt_list(prompt_index), list(seeds)
-        )
+            return cls(title, frame_tiles(frames, strip), prompt_list(prompt_index), list(seeds), label)
+        tiles = latent_tiles(latents, strip)
+        return cls(f"{title} (latents, channels 0-2)", tiles, prompt_list(prompt_index), list(seeds), label)
 
     def columns(self) -> int:
         return max(len(members) for members in group_by_prompt(self.prompt_index).values())
@@ -122,7 +124,7 @@ def grid_image(blocks: Sequence[GridBlock], tile_height: int = 128, title_font: 
                 x = LABEL + column * (tile_w + PAD)
                 tile = Image.fromarray(block.tiles[sample]).resize((tile_w, tile_height), Image.BILINEAR)
                 canvas.paste(tile, (x, y))
-                label = f"seed {block.seeds[sample]}"
+                label = f"{block.label} {block.seeds[sample]}"
                 box = draw.textbbox((x + 2, y + 1), label, font=small)
                 draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=INK)
                 draw.text((x + 2, y + 1), label, fill=BACKGROUND, font=small)

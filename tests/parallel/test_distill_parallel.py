@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from phased_dmd_mega import parallel
+from phased_dmd_mega.distill.alignment import pull_fake_toward_generator
 from phased_dmd_mega.distill.phased import sample
 from phased_dmd_mega.testing import run_distributed
 
@@ -58,6 +59,31 @@ def test_split_ti2v_distillation_leaves_the_given_frame_out_of_every_ranks_losse
                 assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
         torch.testing.assert_close(out, reference_out, rtol=1e-4, atol=1e-5)
     assert all(log["dmd_loss"] > 0 and log["fake_loss"] > 0 for log in reference_logs)
+
+
+def _distill_with_ida(tp, sequence_parallel, decay):
+    """As ``_distill``, each applied generator update followed by the IDA pull of its fake."""
+    trainer, batch = build_trainer(tp, sequence_parallel, 3.0)
+    logs = []
+    for phase, it in ((0, 0), (0, 1), (1, 2)):
+        logs += run_iterations(trainer, batch, ((phase, it),))
+        if decay is not None:
+            role = trainer.generators[phase]
+            pull_fake_toward_generator(trainer.fakes[phase], role.model, trainer.layout, phase, decay)
+    fakes = [p.detach().clone() for f in trainer.fakes for p in f.model.parameters()]
+    parallel.destroy()
+    return logs, fakes
+
+
+@pytest.mark.slow
+def test_split_distillation_with_ida_reproduces_one_process():
+    reference_logs, _ = run_distributed(_distill_with_ida, 1, 1, False, 0.5)[0]
+    without_logs, _ = run_distributed(_distill_with_ida, 1, 1, False, None)[0]
+    assert reference_logs[1]["fake_loss"] != without_logs[1]["fake_loss"]  # IDA acted (deterministic runs)
+    for logs, _ in run_distributed(_distill_with_ida, 2, 2, True, 0.5):
+        for ref, got in zip(reference_logs, logs):
+            for key in ref:
+                assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-7), key
 
 
 def _distill_counting_dit_calls(batched):
