@@ -130,6 +130,11 @@ class PhasesConfig:
     batch_fake_rollouts: bool = False
     guidance_scale: float = 4.0
     guidance_scale_low_noise: Optional[float] = None  # Wan2.2: the low-noise expert's own scale
+    # After the guidance, the official recipes' cfg_norm (distill/roles.py normalize_guidance):
+    # "layer_norm" rescales each row along the last axis to the conditional velocity's norm,
+    # "scalar" scales the whole velocity down to it; "none" (here and in the official Phased DMD
+    # configs) leaves it.
+    cfg_norm: Literal["none", "layer_norm", "scalar"] = "none"
     weight_clamp: Optional[float] = None  # w_max of the subinterval loss; None means no clamp
     norm_min: float = 1e-4
 

@@ -39,7 +39,7 @@ def teacher_samplers(path, steps: int, guidance: Optional[float] = None, overrid
     phases = cfg.phases
     high, low = (phases.guidance_scale, phases.guidance_scale_low_noise) if guidance is None else (guidance, None)
     teacher = build_teacher(cfg).eval()
-    guided = GuidedTeacher(teacher, high, low)
+    guided = GuidedTeacher(teacher, high, low, phases.cfg_norm)  # the guidance the run distilled
     # One phase of `steps` steps on the run's shifted table, walked by the few-step sampler.
     layout = PhaseLayout.build(steps, num_phases=1, shift=phases.shift)
     scales = (

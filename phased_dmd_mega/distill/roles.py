@@ -60,15 +60,43 @@ class Experts(nn.Module):
         return out
 
 
+CFG_NORMS = ("none", "layer_norm", "scalar")
+
+
+def normalize_guidance(guided: torch.Tensor, conditional: torch.Tensor, mode: str) -> torch.Tensor:
+    """The official recipes' ``cfg_norm`` of a guided velocity (docs/official_recipes.md 3.4):
+    ``layer_norm`` rescales every row along the last axis (the latent width) to the conditional
+    velocity's norm there, up or down; ``scalar`` scales the whole tensor down (never up) to the
+    conditional's norm. Norms in float32; no value is read to the host."""
+    if mode == "none":
+        return guided
+    g, c = guided.float(), conditional.float()
+    if mode == "layer_norm":
+        factor = c.norm(dim=-1, keepdim=True) / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    elif mode == "scalar":
+        factor = (c.norm() / g.norm().clamp_min(1e-12)).clamp(max=1.0)
+    else:
+        raise ValueError(f"cfg_norm {mode!r} is not one of {', '.join(CFG_NORMS)}")
+    return (g * factor).to(guided.dtype)
+
+
 class GuidedTeacher(nn.Module):
     """The frozen teacher with classifier-free guidance:
-    psi = psi(x, t, null) + g * (psi(x, t, c) - psi(x, t, null)), with its own scale per expert."""
+    psi = psi(x, t, null) + g * (psi(x, t, c) - psi(x, t, null)), with its own scale per expert,
+    then ``cfg_norm`` (``normalize_guidance``; "none" by default)."""
 
-    def __init__(self, experts: Experts, guidance_scale: float, guidance_scale_low_noise: Optional[float] = None):
+    def __init__(
+        self,
+        experts: Experts,
+        guidance_scale: float,
+        guidance_scale_low_noise: Optional[float] = None,
+        cfg_norm: str = "none",
+    ):
         super().__init__()
         self.experts = experts
         self.guidance_scale = guidance_scale
         self.guidance_scale_low_noise = guidance_scale if guidance_scale_low_noise is None else guidance_scale_low_noise
+        self.cfg_norm = cfg_norm
 
     def scales(self, t: torch.Tensor) -> torch.Tensor:
         if self.experts.boundary is None:
@@ -92,4 +120,4 @@ class GuidedTeacher(nn.Module):
         scale = self.scales(t).reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
         both = self.experts(torch.cat([x_t, x_t]), torch.cat([t, t]), Condition.cat(condition, negative))
         conditional, unconditional = both.chunk(2)
-        return unconditional + scale * (conditional - unconditional)
+        return normalize_guidance(unconditional + scale * (conditional - unconditional), conditional, self.cfg_norm)

@@ -236,7 +236,7 @@ class Trainer:
             for k in range(self.layout.num_phases)
         ]
         phases = cfg.phases
-        guided = GuidedTeacher(teacher, phases.guidance_scale, phases.guidance_scale_low_noise)
+        guided = GuidedTeacher(teacher, phases.guidance_scale, phases.guidance_scale_low_noise, phases.cfg_norm)
         self.phased = PhasedDMD(
             self.layout,
             guided,

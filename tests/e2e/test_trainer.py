@@ -503,3 +503,13 @@ def test_every_role_and_its_optimizer_state_live_on_the_training_device(tmp_path
             placed.update((f"{role_name}.optimizer.{name}", t.device) for name, t in states.items())
     misplaced = {key: device for key, device in placed.items() if device != training}
     assert not misplaced, misplaced
+
+
+def test_the_runs_cfg_norm_reaches_the_guided_teacher(tmp_path):
+    cfg = load_config(write_config(tmp_path), ["phases.cfg_norm=scalar"])
+    parallel.initialize(seed=cfg.run.seed)
+    try:
+        trainer = Trainer(cfg, build_teacher(cfg), SyntheticPrompts(4, 16, 32), LatentGeometry())
+        assert trainer.phased.teacher.cfg_norm == "scalar"
+    finally:
+        parallel.destroy()

@@ -101,6 +101,36 @@ def test_guided_teacher_uses_each_experts_scale():
     torch.testing.assert_close(teacher(x, t, cond, negative), torch.tensor([[4.0] * 3, [3.0] * 3]))
 
 
+@pytest.mark.parametrize("mode", ["none", "layer_norm", "scalar"])
+def test_cfg_norm_rescales_the_guided_velocity_as_the_official_recipes_define_it(mode):
+    class RandomFlow(nn.Module):  # conditional and unconditional velocities of different sizes
+        def forward(self, x, timestep, context, **kwargs):
+            gen = torch.Generator().manual_seed(int(context.sum().item() * 7) % 1000)
+            return torch.randn(x.shape, generator=gen) * (1 + context.mean())
+
+    teacher = GuidedTeacher(Experts(RandomFlow()), guidance_scale=4.0, cfg_norm=mode)
+    x, t = torch.zeros(2, 3, 1, 2, 5), torch.tensor([0.9, 0.2])
+    cond, negative = Condition(torch.ones(2, 1, 1)), Condition(torch.zeros(2, 1, 1))
+    both = RandomFlow()(torch.cat([x, x]), None, torch.cat([cond.context, negative.context])).double()
+    c, u = both.chunk(2)
+    p = u + 4.0 * (c - u)
+    if mode == "layer_norm":  # each row along the last axis (W) to the conditional's norm
+        want = p * c.norm(dim=-1, keepdim=True) / p.norm(dim=-1, keepdim=True)
+    elif mode == "scalar":  # the whole tensor, down only
+        want = p * min(1.0, (c.norm() / p.norm()).item())
+    else:
+        want = p
+    torch.testing.assert_close(teacher(x, t, cond, negative).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cfg_norm_comes_from_the_run_config_and_bad_values_are_refused(tmp_path):
+    from phased_dmd_mega.config import ConfigError, load_config
+
+    assert load_config(None, ["phases.cfg_norm=layer_norm"]).phases.cfg_norm == "layer_norm"
+    with pytest.raises(ConfigError, match="cfg_norm"):
+        load_config(None, ["phases.cfg_norm=rms"])
+
+
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 def test_a_shared_guidance_scale_is_applied_without_reading_the_times_back(monkeypatch, scale):
     """One scale for every sample (one expert, or experts with the same scale): whether to run
