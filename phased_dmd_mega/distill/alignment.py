@@ -62,7 +62,8 @@ def pull_fake_toward_generator(fake_role, generator: Experts, layout: PhaseLayou
     pairs = paired_parameters(fake_expert, generator.high)
     for _, fake_param, generator_param in pairs:
         fake_param.lerp_(generator_param.to(fake_param.dtype), 1.0 - decay)
-    if isinstance(fake_role, DistributedRoleOptimizer):
+    # fp32 weights are their own main copy (megatron's shards are views of them)
+    if isinstance(fake_role, DistributedRoleOptimizer) and pairs and pairs[0][1].dtype != torch.float32:
         targets = {f"{expert_name}.{name}": generator_param for name, _, generator_param in pairs}
         _pull_main_shards(fake_role, targets, decay)
 

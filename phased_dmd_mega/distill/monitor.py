@@ -50,30 +50,6 @@ STRIP = 4  # frames per video in the TensorBoard grid
 
 
 @dataclass
-class MonitorSettings:
-    prompts: int
-    seeds: int
-    teacher_steps: int
-    collapse_fraction: float
-    saturation_limit: float
-    dino: Optional[str]
-    vae: Optional[str]
-
-    @classmethod
-    def of(cls, cfg) -> "MonitorSettings":
-        lg = cfg.logging
-        return cls(
-            lg.eval_prompts,
-            lg.eval_seeds,
-            lg.eval_teacher_steps,
-            lg.collapse_fraction,
-            lg.saturation_limit,
-            lg.eval_dino,
-            lg.sample_vae,
-        )
-
-
-@dataclass
 class Evaluation:
     """One evaluation: the mean over prompts of each figure, and the samples behind them."""
 
@@ -104,9 +80,10 @@ def figures_of(latents: torch.Tensor, frames: Optional[torch.Tensor], prompt_ind
     return {name: value for name, value in means.items() if value is not None}
 
 
-def problems_of(figures: Dict[str, float], teacher: Dict[str, float], settings: MonitorSettings) -> List[str]:
-    """What is wrong with ``figures`` against the teacher's (empty: nothing)."""
-    fraction = settings.collapse_fraction
+def problems_of(figures: Dict[str, float], teacher: Dict[str, float], logging) -> List[str]:
+    """What is wrong with ``figures`` against the teacher's (empty: nothing), by the run's
+    ``logging`` settings (``collapse_fraction``, ``saturation_limit``)."""
+    fraction = logging.collapse_fraction
     found = [f"{name} is {value}" for name, value in sorted(figures.items()) if not math.isfinite(value)]
     for name in FALLING:
         if name in figures and teacher.get(name, 0) > 0 and figures[name] < fraction * teacher[name]:
@@ -118,8 +95,8 @@ def problems_of(figures: Dict[str, float], teacher: Dict[str, float], settings: 
             f"latent_rms {figures['latent_rms']:.4g} > the teacher's {teacher['latent_rms']:.4g} / {fraction:g}"
         )
     clipped = figures.get("clipped_fraction")
-    if clipped is not None and clipped > settings.saturation_limit and clipped > teacher.get("clipped_fraction", 0):
-        found.append(f"clipped_fraction {clipped:.4g} > saturation_limit {settings.saturation_limit:g}")
+    if clipped is not None and clipped > logging.saturation_limit and clipped > teacher.get("clipped_fraction", 0):
+        found.append(f"clipped_fraction {clipped:.4g} > saturation_limit {logging.saturation_limit:g}")
     return found
 
 
@@ -127,10 +104,10 @@ class CollapseMonitor:
     """The fixed prompts and noise, the teacher's figures, and the verdict of each evaluation."""
 
     def __init__(self, cfg, prompts: PromptSource, geometry, dims, output: Path):
-        self.settings = MonitorSettings.of(cfg)
-        count = min(self.settings.prompts, len(prompts))
-        self.prompt_index = [p for p in range(count) for _ in range(self.settings.seeds)]
-        self.seeds = [cfg.run.seed + SEED_OFFSET + s for _ in range(count) for s in range(self.settings.seeds)]
+        self.logging = cfg.logging
+        count = min(self.logging.eval_prompts, len(prompts))
+        self.prompt_index = [p for p in range(count) for _ in range(self.logging.eval_seeds)]
+        self.seeds = [cfg.run.seed + SEED_OFFSET + s for _ in range(count) for s in range(self.logging.eval_seeds)]
         resolution = cfg.data.resolutions[0].pixels
         self.condition, self.negative = prompts.conditions(self.prompt_index, resolution)
         self.noise = sample_noise(geometry.latent_shape(*resolution), self.seeds)
@@ -153,12 +130,12 @@ class CollapseMonitor:
 
     def _load_models(self) -> None:
         device = parallel.layout().device
-        if self.settings.vae is not None and self._vae is None:
-            self._vae = load_vae(self.settings.vae, family_of(self.dims), device=device)
-        if self.settings.dino is not None and self._dino is None:
+        if self.logging.sample_vae is not None and self._vae is None:
+            self._vae = load_vae(self.logging.sample_vae, family_of(self.dims), device=device)
+        if self.logging.eval_dino is not None and self._dino is None:
             from phased_dmd_mega.evaluation.dino import DinoEmbedder
 
-            self._dino = DinoEmbedder.load(self.settings.dino, device)
+            self._dino = DinoEmbedder.load(self.logging.eval_dino, device)
 
     def measure_teacher(self, guided_teacher) -> Dict[str, float]:
         """The teacher's figures: read back from the run folder, or sampled now and stored."""
@@ -168,7 +145,7 @@ class CollapseMonitor:
             if stored.get("settings") == self._identity():
                 self.teacher = stored["figures"]
                 return self.teacher
-        layout = PhaseLayout.build(self.settings.teacher_steps, num_phases=1, shift=self.shift)
+        layout = PhaseLayout.build(self.logging.eval_teacher_steps, num_phases=1, shift=self.shift)
         self.teacher = self._sample([guided_teacher], layout, self.negative).figures
         if parallel.layout().rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -181,10 +158,10 @@ class CollapseMonitor:
         return {
             "prompt_index": self.prompt_index,
             "seeds": self.seeds,
-            "teacher_steps": self.settings.teacher_steps,
+            "teacher_steps": self.logging.eval_teacher_steps,
             "latent_shape": list(self.noise.shape[1:]),
-            "vae": self.settings.vae,
-            "dino": self.settings.dino,
+            "vae": self.logging.sample_vae,
+            "dino": self.logging.eval_dino,
         }
 
     # -------------------------------------------------------------- evaluating
@@ -193,7 +170,7 @@ class CollapseMonitor:
         """Sample with the generators and judge the figures against the teacher's. Every rank
         returns rank 0's verdict (decoded and DINO figures exist there only)."""
         evaluation = self._sample(generators, layout)
-        problems = problems_of(evaluation.figures, self.teacher or {}, self.settings)
+        problems = problems_of(evaluation.figures, self.teacher or {}, self.logging)
         healthy = all_ranks_agree(not problems or parallel.layout().rank != 0)
         if healthy:
             self.last_healthy = step

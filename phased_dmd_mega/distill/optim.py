@@ -55,7 +55,9 @@ def use_fused_adamw(optimizer: torch.optim.AdamW, fused: bool) -> None:
     torch reads ``fused`` from each group at every step. Same updates, one pass over each state
     instead of one per arithmetic operation."""
     for group in (optimizer.defaults, *optimizer.param_groups):
-        group["fused"], group["foreach"] = fused, False if fused else group.get("foreach")
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = False  # torch refuses both at once
 
 
 def step_counter(value: float, param: torch.Tensor, fused: bool) -> torch.Tensor:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from phased_dmd_mega import cli
+from phased_dmd_mega.config import LoggingConfig
 from phased_dmd_mega.distill import trainer as trainer_module
-from phased_dmd_mega.distill.monitor import TEACHER_FILE, MonitorSettings, problems_of
+from phased_dmd_mega.distill.monitor import TEACHER_FILE, problems_of
 from phased_dmd_mega.distill.optim import set_learning_rate
 
 from helpers.evaluation_models import save_tiny_dino
@@ -21,7 +22,7 @@ MONITORED = ["logging.eval_every=2", "logging.eval_teacher_steps=8", "checkpoint
 
 
 def settings(fraction=0.5, saturation=0.25):
-    return MonitorSettings(2, 4, 8, fraction, saturation, None, None)
+    return LoggingConfig(collapse_fraction=fraction, saturation_limit=saturation)
 
 
 def test_figures_are_judged_against_the_teachers():

@@ -35,18 +35,9 @@ from phased_dmd_mega.models import ModelParallelOptions, QwenImageDims, QwenImag
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import run_distributed, with_parallel_state
 
-from helpers import REPO_ROOT
+from helpers import RECIPES, REPO_ROOT
 
 ROOT = REPO_ROOT
-RECIPES = [
-    "wan22_t2v_a14b",
-    "wan22_i2v_a14b",
-    "wan22_ti2v_5b",
-    "wan21_t2v_14b",
-    "wan21_t2v_1_3b",
-    "wan21_14b_to_1_3b",
-    "qwen_image",
-]
 LORA_TARGETS = ("linear_qkv", "linear_q", "linear_kv", "linear_proj", "linear_fc1", "linear_fc2")
 
 

@@ -14,18 +14,9 @@ from phased_dmd_mega.config import config_from_dict, load_config
 from phased_dmd_mega.models.architectures import registry
 from phased_dmd_mega.testing import with_parallel_state
 
-from helpers import REPO_ROOT
+from helpers import RECIPES, REPO_ROOT
 
 ROOT = REPO_ROOT
-RECIPES = [
-    "wan22_t2v_a14b",
-    "wan22_i2v_a14b",
-    "wan22_ti2v_5b",
-    "wan21_t2v_14b",
-    "wan21_t2v_1_3b",
-    "wan21_14b_to_1_3b",
-    "qwen_image",
-]
 GPUS_PER_NODE = 8
 
 # Spec section 7.
